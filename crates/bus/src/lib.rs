@@ -1,0 +1,19 @@
+//! NATS JetStream for taskfleet: connecting (with a server version check), declaring the
+//! streams and durable consumers every component relies on, and publishing many messages with
+//! their acknowledgements awaited together.
+//!
+//! Topology (names from [`taskfleet_proto::Subjects`]):
+//!
+//! | stream | subjects | retention | consumers |
+//! |---|---|---|---|
+//! | `<P>_SUBMIT` | `<p>.submit.>` | work queue, dedup window | `coordinator` |
+//! | `<P>_DISPATCH` | `<p>.dispatch.>` | work queue | `dispatch-<queue>-<priority>`, shared by workers |
+//! | `<P>_EVENTS` | `<p>.events.>` | limits (max age) | `coordinator`, `aggregator` |
+
+mod error;
+mod publish;
+mod topology;
+
+pub use error::BusError;
+pub use publish::{Outgoing, publish_all};
+pub use topology::{Topology, connect};

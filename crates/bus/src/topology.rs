@@ -1,0 +1,220 @@
+//! Connecting and declaring streams and consumers.
+
+use crate::BusError;
+use async_nats::jetstream::{
+    self,
+    consumer::{AckPolicy, DeliverPolicy, pull},
+    stream::{self, RetentionPolicy, StorageType},
+};
+use std::time::Duration;
+use taskfleet_config::{NatsConfig, StorageKind};
+use taskfleet_proto::{Priority, Subjects};
+
+/// Connects to NATS, retrying for up to `patience`, and checks that the server runs JetStream.
+/// Servers older than 2.10.23 are accepted with a warning (production should run a newer one).
+pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result<async_nats::Client, BusError> {
+    let deadline = tokio::time::Instant::now() + patience;
+    let mut delay = Duration::from_millis(100);
+    let client = loop {
+        let attempt = async_nats::ConnectOptions::new()
+            .name(name)
+            .connection_timeout(Duration::from_secs(5))
+            // Keep retrying reconnects forever once connected: a restarted nats-server must
+            // not take the service down with it.
+            .max_reconnects(None)
+            .event_callback(|event| async move {
+                match event {
+                    async_nats::Event::Disconnected => tracing::warn!("disconnected from NATS"),
+                    async_nats::Event::Connected => tracing::info!("connected to NATS"),
+                    other => tracing::debug!(%other, "NATS connection event"),
+                }
+            })
+            .connect(cfg.url.as_str())
+            .await;
+        match attempt {
+            Ok(client) => break client,
+            Err(e) if tokio::time::Instant::now() + delay < deadline => {
+                tracing::warn!(url = %cfg.url, error = %e, "NATS not reachable yet, retrying");
+                tokio::time::sleep(delay).await;
+                delay = (delay * 2).min(Duration::from_secs(2));
+            }
+            Err(e) => return Err(BusError::Connect { url: cfg.url.clone(), message: e.to_string() }),
+        }
+    };
+    let info = client.server_info();
+    if !info.jetstream {
+        return Err(BusError::Unsuitable {
+            url: cfg.url.clone(),
+            message: format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version),
+        });
+    }
+    let version = parse_version(&info.version);
+    if version < (2, 9, 0) {
+        return Err(BusError::Unsuitable {
+            url: cfg.url.clone(),
+            message: format!("nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)", info.version),
+        });
+    }
+    if version < (2, 10, 23) {
+        tracing::warn!(
+            version = %info.version,
+            "nats-server older than 2.10.23: fine for development, but production should run 2.10.23 or later"
+        );
+    }
+    Ok(client)
+}
+
+fn parse_version(v: &str) -> (u32, u32, u32) {
+    let mut parts = v.trim_start_matches('v').split(|c: char| !c.is_ascii_digit()).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+}
+
+/// The fleet's streams and consumers, declared idempotently by whichever component starts.
+#[derive(Debug, Clone)]
+pub struct Topology {
+    /// JetStream context.
+    pub js: jetstream::Context,
+    /// Subject and stream names.
+    pub subjects: Subjects,
+    cfg: NatsConfig,
+}
+
+/// Name of the coordinator's durable consumers (on the submit and event streams).
+pub const COORDINATOR_CONSUMER: &str = "coordinator";
+
+impl Topology {
+    /// A topology on `client` for the fleet described by `cfg`.
+    pub fn new(client: async_nats::Client, cfg: &NatsConfig) -> Self {
+        let js = jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_ack_inflight(10_000)
+            .build(client);
+        Topology { js, subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix), cfg: cfg.clone() }
+    }
+
+    /// Creates the three streams, or updates them to this configuration.
+    pub async fn ensure_streams(&self) -> Result<(), BusError> {
+        let storage = match self.cfg.storage {
+            StorageKind::File => StorageType::File,
+            StorageKind::Memory => StorageType::Memory,
+        };
+        let s = &self.subjects;
+        let streams = [
+            stream::Config {
+                name: s.submit_stream(),
+                subjects: vec![s.submit_all()],
+                retention: RetentionPolicy::WorkQueue,
+                duplicate_window: self.cfg.dedup_window,
+                storage,
+                num_replicas: self.cfg.replicas,
+                ..Default::default()
+            },
+            stream::Config {
+                name: s.dispatch_stream(),
+                subjects: vec![s.dispatch_all()],
+                retention: RetentionPolicy::WorkQueue,
+                duplicate_window: self.cfg.dedup_window,
+                storage,
+                num_replicas: self.cfg.replicas,
+                ..Default::default()
+            },
+            stream::Config {
+                name: s.events_stream(),
+                subjects: vec![s.events_all()],
+                retention: RetentionPolicy::Limits,
+                max_age: self.cfg.events_max_age,
+                duplicate_window: Duration::from_secs(60).min(self.cfg.events_max_age),
+                storage,
+                num_replicas: self.cfg.replicas,
+                ..Default::default()
+            },
+        ];
+        for config in streams {
+            let name = config.name.clone();
+            self.js
+                .create_or_update_stream(config)
+                .await
+                .map_err(|e| BusError::Topology { what: format!("stream {name}"), message: e.to_string() })?;
+        }
+        Ok(())
+    }
+
+    /// The coordinator's consumer of submissions. `max_deliver` is unlimited on purpose: while
+    /// Postgres is down the coordinator hands submissions back, and none may be dropped.
+    pub async fn submit_consumer(&self, max_ack_pending: i64) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.durable(
+            &self.subjects.submit_stream(),
+            COORDINATOR_CONSUMER,
+            self.subjects.submit_all(),
+            -1,
+            max_ack_pending,
+        )
+        .await
+    }
+
+    /// A durable consumer of every task event, for one reader (`coordinator`, `aggregator`).
+    /// Unlimited deliveries, like submissions: an event that cannot be recorded yet is retried.
+    pub async fn events_consumer(&self, name: &str, max_ack_pending: i64) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.durable(&self.subjects.events_stream(), name, self.subjects.events_all(), -1, max_ack_pending).await
+    }
+
+    /// The consumer that every worker of `queue` shares for `priority`.
+    pub async fn dispatch_consumer(&self, queue: &str, priority: Priority) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.durable(
+            &self.subjects.dispatch_stream(),
+            &self.subjects.dispatch_consumer(queue, priority),
+            self.subjects.dispatch(queue, priority),
+            self.cfg.max_deliver,
+            self.cfg.max_ack_pending,
+        )
+        .await
+    }
+
+    async fn durable(
+        &self,
+        stream: &str,
+        name: &str,
+        filter: String,
+        max_deliver: i64,
+        max_ack_pending: i64,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        let what = || format!("consumer {name} on {stream}");
+        let config = pull::Config {
+            durable_name: Some(name.to_string()),
+            filter_subject: filter,
+            ack_policy: AckPolicy::Explicit,
+            deliver_policy: DeliverPolicy::All,
+            ack_wait: self.cfg.ack_wait,
+            max_deliver,
+            max_ack_pending,
+            // Large pulls of small messages: allow many waiting pull requests.
+            max_waiting: 512,
+            ..Default::default()
+        };
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        match stream.create_consumer(config.clone()).await {
+            Ok(c) => Ok(c),
+            Err(create_err) => stream.update_consumer(config).await.map_err(|update_err| BusError::Topology {
+                what: what(),
+                message: format!("create: {create_err}; update: {update_err}"),
+            }),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_version;
+
+    #[test]
+    fn versions() {
+        assert_eq!(parse_version("2.9.10"), (2, 9, 10));
+        assert_eq!(parse_version("v2.15.1-beta"), (2, 15, 1));
+        assert!(parse_version("2.10.22") < (2, 10, 23));
+        assert_eq!(parse_version("garbage"), (0, 0, 0));
+    }
+}

@@ -1,0 +1,335 @@
+//! The per-component sections of [`crate::Config`]. The doc comment of each field is its
+//! reference documentation; defaults are the `Default` impls.
+
+use crate::ConfigError;
+use serde::{Deserialize, Serialize};
+use std::time::Duration;
+use taskfleet_proto::validate_name;
+
+/// JetStream storage backend for taskfleet's streams.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum StorageKind {
+    /// Disk (the default): survives a nats-server restart.
+    File,
+    /// Memory: faster, lost on restart. For benchmarks and throwaway fleets.
+    Memory,
+}
+
+/// NATS connection, subject names and JetStream limits.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NatsConfig {
+    /// Server URL(s), comma-separated.
+    pub url: String,
+    /// Prefix of every subject (`<prefix>.submit.<queue>` …). Fleets or tests sharing a server
+    /// use different prefixes.
+    pub subject_prefix: String,
+    /// Prefix of every stream name (`<prefix>_SUBMIT`, `_DISPATCH`, `_EVENTS`).
+    pub stream_prefix: String,
+    /// Stream storage: `file` or `memory`.
+    pub storage: StorageKind,
+    /// Stream replicas (3 in production clusters).
+    pub replicas: usize,
+    /// Window in which JetStream drops a resubmission with the same `Nats-Msg-Id`.
+    #[serde(with = "humantime_serde")]
+    pub dedup_window: Duration,
+    /// How long JetStream waits for a worker's ack (or heartbeat) before redelivering a task.
+    /// Workers heartbeat every third of it, so it can stay short.
+    #[serde(with = "humantime_serde")]
+    pub ack_wait: Duration,
+    /// Deliveries of one dispatch message before JetStream gives up on it (a safety net above
+    /// every task's `max_attempts`; the worker enforces `max_attempts` itself).
+    pub max_deliver: i64,
+    /// Dispatched tasks of one queue and priority that may be delivered and unacknowledged at
+    /// once, across the whole fleet.
+    pub max_ack_pending: i64,
+    /// How long task events are kept in their stream (for consumers that were down).
+    #[serde(with = "humantime_serde")]
+    pub events_max_age: Duration,
+}
+
+impl Default for NatsConfig {
+    fn default() -> Self {
+        NatsConfig {
+            url: "nats://127.0.0.1:4222".into(),
+            subject_prefix: "taskfleet".into(),
+            stream_prefix: "TASKFLEET".into(),
+            storage: StorageKind::File,
+            replicas: 1,
+            dedup_window: Duration::from_secs(120),
+            ack_wait: Duration::from_secs(30),
+            max_deliver: 20,
+            max_ack_pending: 20_000,
+            events_max_age: Duration::from_secs(24 * 3600),
+        }
+    }
+}
+
+impl NatsConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let token_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        if !self.subject_prefix.split('.').all(token_ok) {
+            return invalid("nats.subject_prefix", format!("{:?} must be dot-separated tokens of [A-Za-z0-9_-]", self.subject_prefix));
+        }
+        if !token_ok(&self.stream_prefix) {
+            return invalid("nats.stream_prefix", format!("{:?} must be [A-Za-z0-9_-]+", self.stream_prefix));
+        }
+        if self.ack_wait < Duration::from_secs(1) {
+            return invalid("nats.ack_wait", "must be at least 1s".into());
+        }
+        if self.max_deliver < 1 || self.max_ack_pending < 1 {
+            return invalid("nats.max_deliver", "max_deliver and max_ack_pending must be positive".into());
+        }
+        if !(1..=5).contains(&self.replicas) {
+            return invalid("nats.replicas", format!("{} is outside 1..=5", self.replicas));
+        }
+        Ok(())
+    }
+}
+
+/// Postgres connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct DatabaseConfig {
+    /// Connection URL.
+    pub url: String,
+    /// Schema that holds taskfleet's tables (created if missing).
+    pub schema: String,
+    /// Connections in the pool.
+    pub max_connections: u32,
+}
+
+impl Default for DatabaseConfig {
+    fn default() -> Self {
+        DatabaseConfig { url: "postgres://postgres@127.0.0.1:5432/test".into(), schema: "taskfleet".into(), max_connections: 8 }
+    }
+}
+
+impl DatabaseConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let ok = !self.schema.is_empty()
+            && self.schema.len() <= 63
+            && self.schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && !self.schema.starts_with(|c: char| c.is_ascii_digit());
+        if !ok {
+            return invalid("database.schema", format!("{:?} must be a lowercase SQL identifier", self.schema));
+        }
+        if self.max_connections == 0 {
+            return invalid("database.max_connections", "must be at least 1".into());
+        }
+        Ok(())
+    }
+}
+
+/// Redis connection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct RedisConfig {
+    /// Connection URL.
+    pub url: String,
+    /// Prefix of every key taskfleet writes.
+    pub key_prefix: String,
+}
+
+impl Default for RedisConfig {
+    fn default() -> Self {
+        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "taskfleet:".into() }
+    }
+}
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Text,
+    /// One JSON object per line.
+    Json,
+}
+
+/// Logs and traces. Trace export follows the OpenTelemetry variables
+/// (`OTEL_EXPORTER_OTLP_ENDPOINT`, `OTEL_SERVICE_NAME`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct TelemetryConfig {
+    /// Log filter in `tracing_subscriber::EnvFilter` syntax, e.g. `info,taskfleet_worker=debug`.
+    pub log: String,
+    /// `text` or `json`.
+    pub log_format: LogFormat,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig { log: "info".into(), log_format: LogFormat::Text }
+    }
+}
+
+/// The coordinator service.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct CoordinatorConfig {
+    /// Address of the HTTP API (`/healthz`, `/readyz`, `/metrics`, `/v1/tasks`).
+    pub http_addr: String,
+    /// Task kinds accepted at intake; empty accepts any kind (workers then reject kinds they do
+    /// not know).
+    pub kinds: Vec<String>,
+    /// Largest accepted submission body (and payload), in bytes.
+    pub max_body_bytes: usize,
+    /// Most submissions taken from JetStream and written to Postgres in one batch.
+    pub submit_batch_size: usize,
+    /// Most events written to Postgres in one batch.
+    pub event_batch_size: usize,
+    /// How long a batch fetch waits for messages before handing over what it has.
+    #[serde(with = "humantime_serde")]
+    pub batch_wait: Duration,
+}
+
+impl Default for CoordinatorConfig {
+    fn default() -> Self {
+        CoordinatorConfig {
+            http_addr: "0.0.0.0:8080".into(),
+            kinds: Vec::new(),
+            max_body_bytes: 512 * 1024,
+            submit_batch_size: 1000,
+            event_batch_size: 1000,
+            batch_wait: Duration::from_millis(200),
+        }
+    }
+}
+
+impl CoordinatorConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        for kind in &self.kinds {
+            validate_name("kinds", kind, true).map_err(|e| ConfigError::Invalid { field: "coordinator.kinds", message: e.to_string() })?;
+        }
+        if !(1..=10_000).contains(&self.submit_batch_size) || !(1..=10_000).contains(&self.event_batch_size) {
+            return invalid("coordinator.submit_batch_size", "batch sizes must be in 1..=10000".into());
+        }
+        if self.max_body_bytes < 256 {
+            return invalid("coordinator.max_body_bytes", "must be at least 256".into());
+        }
+        Ok(())
+    }
+}
+
+/// How strongly a worker prefers each priority when several have work: out of
+/// `critical + high + normal + low` consecutive picks, each priority gets its weight's share.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PriorityWeights {
+    /// Weight of critical tasks.
+    pub critical: u32,
+    /// Weight of high tasks.
+    pub high: u32,
+    /// Weight of normal tasks.
+    pub normal: u32,
+    /// Weight of low tasks.
+    pub low: u32,
+}
+
+impl PriorityWeights {
+    /// Weights indexed by `Priority::index`.
+    pub fn as_array(&self) -> [u32; 4] {
+        [self.critical, self.high, self.normal, self.low]
+    }
+}
+
+impl Default for PriorityWeights {
+    fn default() -> Self {
+        PriorityWeights { critical: 16, high: 8, normal: 4, low: 1 }
+    }
+}
+
+/// Worker processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkerConfig {
+    /// Address of the worker's HTTP endpoints (`/healthz`, `/readyz`, `/metrics`).
+    pub http_addr: String,
+    /// Queues this worker takes tasks from.
+    pub queues: Vec<String>,
+    /// Handlers running at once in this process.
+    pub max_concurrent_tasks: usize,
+    /// Tasks of each queue and priority pulled ahead of free slots; 0 means the same as
+    /// `max_concurrent_tasks`. Prefetched tasks are held by this worker, so keep it modest
+    /// when tasks are slow.
+    pub prefetch: usize,
+    /// Share of picks each priority gets when several have work.
+    pub priority_weights: PriorityWeights,
+    /// On SIGTERM, how long running tasks may finish before the rest are handed back.
+    #[serde(with = "humantime_serde")]
+    pub drain_timeout: Duration,
+    /// Most events in one published batch.
+    pub event_batch_size: usize,
+    /// How long an event waits for others to share its batch.
+    #[serde(with = "humantime_serde")]
+    pub event_linger: Duration,
+    /// A `started` event is sent only for attempts still running after this long; shorter
+    /// attempts report start and end in their final event.
+    #[serde(with = "humantime_serde")]
+    pub started_event_delay: Duration,
+    /// This worker's id in events; empty means `<hostname>-<pid>`.
+    pub id: String,
+}
+
+impl Default for WorkerConfig {
+    fn default() -> Self {
+        WorkerConfig {
+            http_addr: "0.0.0.0:8081".into(),
+            queues: vec!["default".into()],
+            max_concurrent_tasks: 64,
+            prefetch: 0,
+            priority_weights: PriorityWeights::default(),
+            drain_timeout: Duration::from_secs(30),
+            event_batch_size: 500,
+            event_linger: Duration::from_millis(2),
+            started_event_delay: Duration::from_secs(1),
+            id: String::new(),
+        }
+    }
+}
+
+impl WorkerConfig {
+    pub(crate) fn validate(&self, _nats: &NatsConfig) -> Result<(), ConfigError> {
+        if self.queues.is_empty() {
+            return invalid("worker.queues", "name at least one queue".into());
+        }
+        for q in &self.queues {
+            validate_name("queues", q, false).map_err(|e| ConfigError::Invalid { field: "worker.queues", message: e.to_string() })?;
+        }
+        if !(1..=100_000).contains(&self.max_concurrent_tasks) {
+            return invalid("worker.max_concurrent_tasks", format!("{} is outside 1..=100000", self.max_concurrent_tasks));
+        }
+        if self.priority_weights.as_array().contains(&0) {
+            return invalid("worker.priority_weights", "every weight must be at least 1, or that priority would starve".into());
+        }
+        if !(1..=10_000).contains(&self.event_batch_size) {
+            return invalid("worker.event_batch_size", "must be in 1..=10000".into());
+        }
+        Ok(())
+    }
+
+    /// Effective prefetch per queue and priority.
+    pub fn effective_prefetch(&self) -> usize {
+        if self.prefetch == 0 { self.max_concurrent_tasks } else { self.prefetch }
+    }
+}
+
+/// The metrics aggregator.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct AggregatorConfig {
+    /// Address of the aggregator's HTTP endpoints (`/metrics`, `/v1/stats`, dashboard).
+    pub http_addr: String,
+}
+
+impl Default for AggregatorConfig {
+    fn default() -> Self {
+        AggregatorConfig { http_addr: "0.0.0.0:9090".into() }
+    }
+}
+
+fn invalid(field: &'static str, message: String) -> Result<(), ConfigError> {
+    Err(ConfigError::Invalid { field, message })
+}

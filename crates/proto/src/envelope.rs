@@ -1,0 +1,189 @@
+//! The task envelope: one unit of work as submitted and dispatched.
+
+use crate::{DecodeError, PROTOCOL_VERSION, Priority};
+use serde::{Deserialize, Serialize};
+use std::time::{SystemTime, UNIX_EPOCH};
+use uuid::Uuid;
+
+/// A task's identity: a UUIDv7, so ids sort by creation time.
+pub type TaskId = Uuid;
+
+/// Queue a task lands in when it names none.
+pub const DEFAULT_QUEUE: &str = "default";
+/// Attempts a task gets when it names no limit.
+pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
+/// Per-attempt timeout when a task names none: five minutes, long enough for an LLM call.
+pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
+/// Longest allowed queue name, kind and idempotency key.
+pub const MAX_ID_LEN: usize = 128;
+/// Most dependencies one task may name.
+pub const MAX_DEPENDENCIES: usize = 1_000;
+
+/// One task, as a client submits it and as a worker receives it.
+///
+/// Only `kind` is required on submission; every other field has a default, and a missing `id`
+/// is filled with a fresh UUIDv7 by the decoder. Unknown fields are rejected so that a typo
+/// (`paylod`) is an error, not a silently empty payload; new fields come with a new `v`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TaskEnvelope {
+    /// Wire format version; see [`PROTOCOL_VERSION`].
+    #[serde(default = "default_version")]
+    pub v: u16,
+    /// Task id (UUIDv7). Used as the JetStream `Nats-Msg-Id` unless an idempotency key is set.
+    #[serde(default = "Uuid::now_v7")]
+    pub id: TaskId,
+    /// Handler name, e.g. `echo`, `http`, `llm.chat`.
+    pub kind: String,
+    /// Queue name; workers subscribe by queue.
+    #[serde(default = "default_queue")]
+    pub queue: String,
+    /// Scheduling priority.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Handler input, any JSON value.
+    #[serde(default)]
+    pub payload: serde_json::Value,
+    /// Attempts before the task is declared dead (at least 1).
+    #[serde(default = "default_max_attempts")]
+    pub max_attempts: u32,
+    /// Per-attempt timeout in milliseconds.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// Client key that makes resubmission idempotent: a second task with the same key is not
+    /// created again.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub idempotency_key: Option<String>,
+    /// Tasks that must succeed before this one runs.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub depends_on: Vec<TaskId>,
+    /// Creation time, Unix epoch milliseconds; filled at intake when zero.
+    #[serde(default)]
+    pub created_at: u64,
+}
+
+fn default_version() -> u16 {
+    PROTOCOL_VERSION
+}
+fn default_queue() -> String {
+    DEFAULT_QUEUE.to_string()
+}
+fn default_max_attempts() -> u32 {
+    DEFAULT_MAX_ATTEMPTS
+}
+fn default_timeout_ms() -> u64 {
+    DEFAULT_TIMEOUT_MS
+}
+
+impl TaskEnvelope {
+    /// A new envelope of `kind` with `payload` and every other field at its default.
+    pub fn new(kind: impl Into<String>, payload: serde_json::Value) -> Self {
+        TaskEnvelope {
+            v: PROTOCOL_VERSION,
+            id: Uuid::now_v7(),
+            kind: kind.into(),
+            queue: DEFAULT_QUEUE.to_string(),
+            priority: Priority::Normal,
+            payload,
+            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            timeout_ms: DEFAULT_TIMEOUT_MS,
+            idempotency_key: None,
+            depends_on: Vec::new(),
+            created_at: now_ms(),
+        }
+    }
+
+    /// Sets the queue.
+    pub fn with_queue(mut self, queue: impl Into<String>) -> Self {
+        self.queue = queue.into();
+        self
+    }
+
+    /// Sets the priority.
+    pub fn with_priority(mut self, priority: Priority) -> Self {
+        self.priority = priority;
+        self
+    }
+
+    /// The key JetStream deduplicates submissions by: the idempotency key when there is one,
+    /// else the task id.
+    pub fn dedup_key(&self) -> String {
+        match &self.idempotency_key {
+            Some(k) => format!("key:{k}"),
+            None => self.id.to_string(),
+        }
+    }
+
+    /// Checks every field against the contract. `max_payload_bytes` bounds the encoded
+    /// payload (JSON length).
+    pub fn validate(&self, max_payload_bytes: usize) -> Result<(), DecodeError> {
+        if self.v == 0 || self.v > PROTOCOL_VERSION {
+            return Err(DecodeError::UnsupportedVersion { found: self.v, supported: PROTOCOL_VERSION });
+        }
+        validate_name("kind", &self.kind, true)?;
+        validate_name("queue", &self.queue, false)?;
+        if self.id.is_nil() {
+            return Err(DecodeError::Invalid { field: "id", reason: "must not be the nil UUID".into() });
+        }
+        if self.max_attempts == 0 || self.max_attempts > 1_000 {
+            return Err(DecodeError::Invalid {
+                field: "max_attempts",
+                reason: format!("{} is outside 1..=1000", self.max_attempts),
+            });
+        }
+        if self.timeout_ms == 0 || self.timeout_ms > 7 * 24 * 3_600_000 {
+            return Err(DecodeError::Invalid {
+                field: "timeout_ms",
+                reason: format!("{} is outside 1 ms ..= 7 days", self.timeout_ms),
+            });
+        }
+        if let Some(key) = &self.idempotency_key
+            && (key.is_empty() || key.len() > MAX_ID_LEN)
+        {
+            return Err(DecodeError::Invalid {
+                field: "idempotency_key",
+                reason: format!("length must be 1..={MAX_ID_LEN}"),
+            });
+        }
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            return Err(DecodeError::Invalid {
+                field: "depends_on",
+                reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
+            });
+        }
+        if self.depends_on.contains(&self.id) {
+            return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
+        }
+        let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        if size > max_payload_bytes {
+            return Err(DecodeError::TooLarge { size, limit: max_payload_bytes });
+        }
+        Ok(())
+    }
+}
+
+/// Checks a queue name or task kind: 1..=128 characters of `[A-Za-z0-9_-]`, plus `.` for kinds
+/// (`llm.chat`). Queue names become NATS subject tokens, so dots and wildcards are refused there.
+pub fn validate_name(field: &'static str, value: &str, allow_dots: bool) -> Result<(), DecodeError> {
+    if value.is_empty() || value.len() > MAX_ID_LEN {
+        return Err(DecodeError::Invalid { field, reason: format!("length must be 1..={MAX_ID_LEN}") });
+    }
+    let ok = value
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || (allow_dots && c == '.'));
+    if !ok || value.starts_with('.') || value.ends_with('.') {
+        return Err(DecodeError::Invalid {
+            field,
+            reason: format!(
+                "{value:?} may only contain letters, digits, '_' and '-'{}",
+                if allow_dots { " and inner '.'" } else { "" }
+            ),
+        });
+    }
+    Ok(())
+}
+
+/// Milliseconds since the Unix epoch, now.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

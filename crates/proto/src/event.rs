@@ -1,0 +1,284 @@
+//! Task events (worker → coordinator, aggregator) and the coordinator's replies.
+
+use crate::{PROTOCOL_VERSION, Priority, RejectReason, TaskId};
+use serde::{Deserialize, Serialize};
+
+/// What happened to a task. Workers publish these; the coordinator records them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EventKind {
+    /// A worker began an attempt that is taking a while (short attempts only send their end).
+    Started,
+    /// A handler reported progress.
+    Progress,
+    /// The attempt succeeded; the task is done.
+    Succeeded,
+    /// The attempt failed with a non-retryable error; the task is done.
+    Failed,
+    /// The attempt failed and another attempt is scheduled after `retry_in_ms`.
+    Retrying,
+    /// The last attempt failed; the task is dead and can be replayed.
+    Dead,
+    /// The task was cancelled.
+    Cancelled,
+    /// A submission was refused at intake; `error` says why.
+    Rejected,
+}
+
+impl EventKind {
+    /// True for events that end a task.
+    pub fn is_final(self) -> bool {
+        matches!(self, EventKind::Succeeded | EventKind::Failed | EventKind::Dead | EventKind::Cancelled)
+    }
+
+    /// The task state this event moves a task into.
+    pub fn resulting_state(self) -> Option<TaskState> {
+        Some(match self {
+            EventKind::Started | EventKind::Progress => TaskState::Running,
+            EventKind::Succeeded => TaskState::Succeeded,
+            EventKind::Failed => TaskState::Failed,
+            EventKind::Retrying => TaskState::Retrying,
+            EventKind::Dead => TaskState::Dead,
+            EventKind::Cancelled => TaskState::Cancelled,
+            EventKind::Rejected => return None,
+        })
+    }
+
+    /// Lowercase name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EventKind::Started => "started",
+            EventKind::Progress => "progress",
+            EventKind::Succeeded => "succeeded",
+            EventKind::Failed => "failed",
+            EventKind::Retrying => "retrying",
+            EventKind::Dead => "dead",
+            EventKind::Cancelled => "cancelled",
+            EventKind::Rejected => "rejected",
+        }
+    }
+}
+
+/// The state of a task as the coordinator records it in Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TaskState {
+    /// Waiting for dependencies.
+    Pending,
+    /// Dispatched to workers, not yet running.
+    Queued,
+    /// A worker is running it.
+    Running,
+    /// Waiting for a retry.
+    Retrying,
+    /// Final: succeeded.
+    Succeeded,
+    /// Final: failed with a non-retryable error.
+    Failed,
+    /// Final: out of attempts.
+    Dead,
+    /// Final: cancelled.
+    Cancelled,
+}
+
+impl TaskState {
+    /// Every state.
+    pub const ALL: [TaskState; 8] = [
+        TaskState::Pending,
+        TaskState::Queued,
+        TaskState::Running,
+        TaskState::Retrying,
+        TaskState::Succeeded,
+        TaskState::Failed,
+        TaskState::Dead,
+        TaskState::Cancelled,
+    ];
+
+    /// Lowercase name, as stored in the database.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            TaskState::Pending => "pending",
+            TaskState::Queued => "queued",
+            TaskState::Running => "running",
+            TaskState::Retrying => "retrying",
+            TaskState::Succeeded => "succeeded",
+            TaskState::Failed => "failed",
+            TaskState::Dead => "dead",
+            TaskState::Cancelled => "cancelled",
+        }
+    }
+
+    /// Parses the lowercase name.
+    pub fn parse(s: &str) -> Option<TaskState> {
+        TaskState::ALL.into_iter().find(|st| st.as_str() == s)
+    }
+
+    /// True for the four final states.
+    pub fn is_final(self) -> bool {
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Dead | TaskState::Cancelled)
+    }
+}
+
+/// An error as carried in events and stored with a task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskErrorInfo {
+    /// Stable code, e.g. `timeout`, `handler_error`, `unknown_kind`, `malformed`.
+    pub code: String,
+    /// Human-readable description.
+    pub message: String,
+    /// Whether another attempt could succeed.
+    #[serde(default)]
+    pub retryable: bool,
+}
+
+/// When an attempt moved through its stages, Unix epoch milliseconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct Timings {
+    /// Task creation (from the envelope).
+    pub created_at: u64,
+    /// The worker received the task.
+    pub received_at: u64,
+    /// The handler started.
+    pub started_at: u64,
+    /// The handler finished (0 while running).
+    #[serde(default)]
+    pub finished_at: u64,
+}
+
+/// LLM token counts of an attempt.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+pub struct TokenUsage {
+    /// Prompt tokens.
+    pub prompt: u64,
+    /// Completion tokens.
+    pub completion: u64,
+}
+
+/// One thing that happened to one task.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TaskEvent {
+    /// The task (the nil UUID for a rejected submission whose id could not be read).
+    pub task_id: TaskId,
+    /// What happened.
+    pub kind: EventKind,
+    /// Queue of the task.
+    pub queue: String,
+    /// Kind (handler name) of the task; empty when unknown.
+    #[serde(default)]
+    pub task_kind: String,
+    /// Priority of the task.
+    #[serde(default)]
+    pub priority: Priority,
+    /// Attempt number, from 1; 0 for events outside any attempt (rejections, cancellations of
+    /// queued tasks).
+    #[serde(default)]
+    pub attempt: u32,
+    /// When the event happened, Unix epoch milliseconds.
+    pub at: u64,
+    /// Id of the worker that produced the event.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub worker: Option<String>,
+    /// Handler output, on success.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub result: Option<serde_json::Value>,
+    /// Error, on failure, retry, death or rejection.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<TaskErrorInfo>,
+    /// Stage times of the attempt.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timings: Option<Timings>,
+    /// Whether the result came from the shared result cache.
+    #[serde(default)]
+    pub cache_hit: bool,
+    /// Token counts, for LLM handlers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tokens: Option<TokenUsage>,
+    /// Cost of the attempt in US dollars, for paid APIs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cost_usd: Option<f64>,
+    /// Delay before the next attempt, for `retrying`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_in_ms: Option<u64>,
+}
+
+impl TaskEvent {
+    /// A bare event of `kind` for a task, stamped now.
+    pub fn new(task_id: TaskId, kind: EventKind, queue: impl Into<String>) -> Self {
+        TaskEvent {
+            task_id,
+            kind,
+            queue: queue.into(),
+            task_kind: String::new(),
+            priority: Priority::Normal,
+            attempt: 0,
+            at: crate::now_ms(),
+            worker: None,
+            result: None,
+            error: None,
+            timings: None,
+            cache_hit: false,
+            tokens: None,
+            cost_usd: None,
+            retry_in_ms: None,
+        }
+    }
+}
+
+/// Many events in one NATS message: workers batch their events to spend one publish, and one
+/// JetStream acknowledgement, on many tasks.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct EventBatch {
+    /// Wire format version.
+    #[serde(default = "version")]
+    pub v: u16,
+    /// The events, in the order they happened on the producer.
+    pub events: Vec<TaskEvent>,
+}
+
+fn version() -> u16 {
+    PROTOCOL_VERSION
+}
+
+impl EventBatch {
+    /// Wraps events in a batch of the current version.
+    pub fn new(events: Vec<TaskEvent>) -> Self {
+        EventBatch { v: PROTOCOL_VERSION, events }
+    }
+}
+
+/// One task whose final state the coordinator has just committed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedTask {
+    /// The task.
+    pub id: TaskId,
+    /// Its final state.
+    pub state: TaskState,
+}
+
+/// Published by the coordinator on core NATS after each commit of final states, so that
+/// `taskfleet wait` and other watchers learn of completions without polling Postgres.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CommittedBatch {
+    /// Tasks that reached a final state in this commit.
+    pub tasks: Vec<CommittedTask>,
+}
+
+/// The coordinator's answer to a submission that asked for one (header
+/// [`crate::headers::REPLY_TO`]): sent after the task is committed in Postgres, or on rejection.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SubmitReply {
+    /// True when the task is (or already was) recorded.
+    pub ok: bool,
+    /// The task id: the submitted one, or the existing task's id for a duplicate idempotency key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub task_id: Option<TaskId>,
+    /// True when the submission matched an existing task and created nothing new.
+    #[serde(default)]
+    pub duplicate: bool,
+    /// Why it was refused.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<RejectReason>,
+    /// Human-readable error.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

@@ -1,0 +1,33 @@
+//! The taskfleet wire contract: what travels over NATS between clients, the coordinator,
+//! workers and the aggregator.
+//!
+//! Everything here is plain data plus the codec. Bodies are MessagePack maps with field names
+//! (`rmp_serde::to_vec_named`), so any language with a MessagePack library can speak it; a JSON
+//! body is accepted wherever a client submits, so `nats pub` works from a shell. The folder
+//! `proto/` at the repository root describes the format for other languages and holds golden
+//! encoded examples that the tests decode.
+
+mod codec;
+mod envelope;
+mod error;
+mod event;
+mod priority;
+mod subjects;
+
+pub use codec::{
+    CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, decode, decode_envelope, encode, encode_json,
+};
+pub use envelope::{
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, MAX_ID_LEN, TaskEnvelope, TaskId,
+    now_ms, validate_name,
+};
+pub use error::{DecodeError, RejectReason};
+pub use event::{
+    CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent,
+    TaskState, Timings, TokenUsage,
+};
+pub use priority::Priority;
+pub use subjects::{Subjects, headers};
+
+/// Version of the wire format written by this crate; decoders accept versions up to this one.
+pub const PROTOCOL_VERSION: u16 = 1;

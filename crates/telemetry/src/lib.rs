@@ -1,0 +1,148 @@
+//! Logs and traces for every taskfleet binary: a `tracing` subscriber (text or JSON), an
+//! OpenTelemetry layer that exports spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
+//! and W3C trace-context propagation through NATS message headers.
+
+use async_nats::HeaderMap;
+use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
+use opentelemetry::trace::TracerProvider as _;
+use opentelemetry_sdk::propagation::TraceContextPropagator;
+use opentelemetry_sdk::trace::SdkTracerProvider;
+use taskfleet_config::{LogFormat, TelemetryConfig};
+use tracing_opentelemetry::OpenTelemetrySpanExt;
+use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// Why telemetry could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum TelemetryError {
+    /// The log filter does not parse.
+    #[error("invalid log filter {filter:?}: {message}")]
+    Filter {
+        /// The filter.
+        filter: String,
+        /// Parser message.
+        message: String,
+    },
+    /// The OTLP exporter could not be built.
+    #[error("cannot build OTLP exporter: {0}")]
+    Exporter(String),
+    /// A global subscriber was already installed.
+    #[error("a tracing subscriber is already installed: {0}")]
+    AlreadyInstalled(String),
+}
+
+/// Keeps the tracer provider alive; dropping it (or calling [`Telemetry::shutdown`]) flushes
+/// spans still buffered.
+pub struct Telemetry {
+    provider: Option<SdkTracerProvider>,
+}
+
+impl Telemetry {
+    /// Flushes and stops span export.
+    pub fn shutdown(mut self) {
+        if let Some(p) = self.provider.take()
+            && let Err(e) = p.shutdown()
+        {
+            tracing::warn!(error = %e, "trace exporter shutdown failed");
+        }
+    }
+}
+
+impl Drop for Telemetry {
+    fn drop(&mut self) {
+        if let Some(p) = self.provider.take() {
+            let _ = p.shutdown();
+        }
+    }
+}
+
+/// Installs the global subscriber for `service` (the OpenTelemetry service name unless
+/// `OTEL_SERVICE_NAME` says otherwise). Spans are exported only when
+/// `OTEL_EXPORTER_OTLP_ENDPOINT` is set; the OpenTelemetry layer is installed either way so
+/// that trace ids flow through NATS headers.
+pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
+    let filter = EnvFilter::try_new(&cfg.log)
+        .map_err(|e| TelemetryError::Filter { filter: cfg.log.clone(), message: e.to_string() })?;
+    opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
+
+    let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
+    let mut builder = SdkTracerProvider::builder().with_resource(resource);
+    let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
+    if exporting {
+        let exporter = opentelemetry_otlp::SpanExporter::builder()
+            .with_http()
+            .build()
+            .map_err(|e| TelemetryError::Exporter(e.to_string()))?;
+        builder = builder.with_batch_exporter(exporter);
+    }
+    let provider = builder.build();
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+
+    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let result = match cfg.log_format {
+        LogFormat::Json => registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+    };
+    result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
+    opentelemetry::global::set_tracer_provider(provider.clone());
+    tracing::debug!(exporting, "telemetry initialised");
+    Ok(Telemetry { provider: Some(provider) })
+}
+
+struct HeaderInjector<'a>(&'a mut HeaderMap);
+
+impl Injector for HeaderInjector<'_> {
+    fn set(&mut self, key: &str, value: String) {
+        self.0.insert(key, value.as_str());
+    }
+}
+
+struct HeaderExtractor<'a>(&'a HeaderMap);
+
+impl Extractor for HeaderExtractor<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        self.0.get(key).map(|v| v.as_str())
+    }
+    fn keys(&self) -> Vec<&str> {
+        self.0.iter().map(|(k, _)| k.as_ref()).collect()
+    }
+}
+
+/// Writes the trace context of `span` (W3C `traceparent`/`tracestate`) into NATS headers.
+pub fn inject_context(span: &tracing::Span, headers: &mut HeaderMap) {
+    let cx = span.context();
+    TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
+}
+
+/// Makes `span` a child of the trace context found in NATS headers, if any.
+pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
+    if let Some(headers) = headers {
+        let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
+        let _ = span.set_parent(cx);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn context_round_trips_through_headers() {
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber = tracing_subscriber::registry()
+            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = tracing::info_span!("parent");
+            let mut headers = HeaderMap::new();
+            inject_context(&parent, &mut headers);
+            let traceparent = headers.get("traceparent").expect("traceparent header").as_str().to_string();
+            assert!(traceparent.starts_with("00-"), "{traceparent}");
+            let child = tracing::info_span!("child");
+            set_parent_from(&child, Some(&headers));
+            use opentelemetry::trace::TraceContextExt;
+            let parent_trace = parent.context().span().span_context().trace_id();
+            let child_trace = child.context().span().span_context().trace_id();
+            assert_eq!(parent_trace, child_trace);
+        });
+    }
+}
