@@ -1,1 +1,67 @@
-//! placeholder
+//! Postgres for taskfleet: migrations, and batched reads and writes of tasks, attempts and
+//! dependencies. Every write path takes a whole batch in one transaction of a few statements
+//! (`INSERT … SELECT FROM UNNEST`, `UPDATE … FROM UNNEST`), never a round trip per task.
+
+mod error;
+mod events;
+mod queries;
+mod submit;
+
+pub use error::StoreError;
+pub use events::{Finalized, RecordOutcome};
+pub use queries::{ListFilter, TaskRecord};
+pub use submit::{Duplicate, InsertOutcome, Rejected};
+
+use sqlx::postgres::{PgConnectOptions, PgPoolOptions};
+use sqlx::{ConnectOptions, PgPool};
+use std::str::FromStr;
+use taskfleet_config::DatabaseConfig;
+
+/// Handle to taskfleet's tables in one Postgres schema.
+#[derive(Debug, Clone)]
+pub struct Store {
+    pool: PgPool,
+    schema: String,
+}
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+impl Store {
+    /// Connects, creates the schema if needed and applies pending migrations (concurrent
+    /// starters are serialised by the migrator's advisory lock).
+    pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
+        let base = PgConnectOptions::from_str(&cfg.url)
+            .map_err(|e| StoreError::Config(format!("invalid database url: {e}")))?
+            .log_statements(tracing::log::LevelFilter::Trace);
+        // The schema name was validated as a plain lowercase identifier, so quoting is enough.
+        let schema = cfg.schema.clone();
+        {
+            let mut conn = base.connect().await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(&mut conn).await?;
+        }
+        let options = base.options([("search_path", schema.as_str())]);
+        let pool = PgPoolOptions::new()
+            .max_connections(cfg.max_connections)
+            .acquire_timeout(std::time::Duration::from_secs(10))
+            .connect_with(options)
+            .await?;
+        MIGRATOR.run(&pool).await?;
+        Ok(Store { pool, schema })
+    }
+
+    /// The schema holding the tables.
+    pub fn schema(&self) -> &str {
+        &self.schema
+    }
+
+    /// The connection pool, for callers that need a query of their own.
+    pub fn pool(&self) -> &PgPool {
+        &self.pool
+    }
+
+    /// Cheap liveness check of the database.
+    pub async fn ping(&self) -> Result<(), StoreError> {
+        sqlx::query("SELECT 1").execute(&self.pool).await?;
+        Ok(())
+    }
+}

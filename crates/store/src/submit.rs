@@ -1,0 +1,269 @@
+//! Writing submitted tasks.
+
+use crate::{Store, StoreError};
+use std::collections::{HashMap, HashSet};
+use taskfleet_proto::{RejectReason, TaskEnvelope, TaskId, TaskState};
+use uuid::Uuid;
+
+/// What became of a batch of submissions.
+#[derive(Debug, Default)]
+pub struct InsertOutcome {
+    /// Tasks newly written.
+    pub inserted: Vec<TaskId>,
+    /// Tasks (new, or earlier rows still queued) that must now be dispatched, by index into
+    /// the submitted slice.
+    pub dispatch: Vec<usize>,
+    /// Submissions that matched an existing task (same id, or same idempotency key).
+    pub duplicates: Vec<Duplicate>,
+    /// Submissions refused because a dependency does not exist.
+    pub rejected: Vec<Rejected>,
+    /// Tasks written straight into `cancelled` because a dependency had already failed.
+    pub cancelled: Vec<TaskId>,
+}
+
+/// A submission that matched an existing task.
+#[derive(Debug, Clone)]
+pub struct Duplicate {
+    /// Index into the submitted slice.
+    pub index: usize,
+    /// The existing task's id (differs from the submitted id for an idempotency-key match).
+    pub existing: TaskId,
+}
+
+/// A submission refused by the store.
+#[derive(Debug, Clone)]
+pub struct Rejected {
+    /// Index into the submitted slice.
+    pub index: usize,
+    /// Reason code.
+    pub reason: RejectReason,
+    /// Human-readable explanation.
+    pub message: String,
+}
+
+impl Store {
+    /// Writes a batch of validated envelopes in one transaction.
+    ///
+    /// Dependency-free tasks are written as `queued` and listed in `dispatch`: the caller
+    /// publishes them after this returns (the write commits first, so a dispatched task always
+    /// has its row). Tasks with dependencies are `pending`, or `queued` when every dependency
+    /// already succeeded, or `cancelled` when one already ended otherwise. A dependency must be
+    /// an existing task or come earlier in the same batch.
+    pub async fn insert_tasks(&self, tasks: &[TaskEnvelope]) -> Result<InsertOutcome, StoreError> {
+        let mut out = InsertOutcome::default();
+        let mut tx = self.pool.begin().await?;
+
+        // Dependency states, locked FOR SHARE: a concurrent commit of a dependency's final
+        // state waits for this transaction, and then sees the new dependency rows when it
+        // releases dependents. Without the lock a dependent could stay pending forever.
+        let batch_ids: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
+        let external: Vec<Uuid> = tasks
+            .iter()
+            .flat_map(|t| t.depends_on.iter().copied())
+            .filter(|d| !batch_ids.contains(d))
+            .collect::<HashSet<_>>()
+            .into_iter()
+            .collect();
+        let mut dep_state: HashMap<Uuid, String> = HashMap::new();
+        if !external.is_empty() {
+            let rows: Vec<(Uuid, String)> =
+                sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
+                    .bind(&external)
+                    .fetch_all(&mut *tx)
+                    .await?;
+            dep_state.extend(rows);
+        }
+
+        // Decide each task's initial state; refuse unknown dependencies (and, transitively,
+        // tasks of this batch that depend on a refused one).
+        let mut refused: HashSet<Uuid> = HashSet::new();
+        let mut initial: Vec<Option<(TaskState, Option<String>)>> = vec![None; tasks.len()];
+        let mut seen_earlier: HashSet<Uuid> = HashSet::new();
+        for (i, t) in tasks.iter().enumerate() {
+            let mut state = TaskState::Queued;
+            let mut error = None;
+            for dep in &t.depends_on {
+                if batch_ids.contains(dep) {
+                    if refused.contains(dep) || !seen_earlier.contains(dep) {
+                        let message = if refused.contains(dep) {
+                            format!("dependency {dep} was refused")
+                        } else {
+                            format!("dependency {dep} must be submitted before its dependent")
+                        };
+                        out.rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
+                        refused.insert(t.id);
+                        break;
+                    }
+                    state = TaskState::Pending;
+                    continue;
+                }
+                match dep_state.get(dep).and_then(|s| TaskState::parse(s)) {
+                    None => {
+                        out.rejected.push(Rejected {
+                            index: i,
+                            reason: RejectReason::UnknownDependency,
+                            message: format!("dependency {dep} does not exist"),
+                        });
+                        refused.insert(t.id);
+                        break;
+                    }
+                    Some(TaskState::Succeeded) => {}
+                    Some(s) if s.is_final() => {
+                        if state != TaskState::Cancelled {
+                            error = Some(format!("dependency {dep} ended {}", s.as_str()));
+                        }
+                        state = TaskState::Cancelled;
+                    }
+                    Some(_) => {
+                        if state != TaskState::Cancelled {
+                            state = TaskState::Pending;
+                        }
+                    }
+                }
+            }
+            seen_earlier.insert(t.id);
+            if !refused.contains(&t.id) {
+                initial[i] = Some((state, error));
+            }
+        }
+
+        let accepted: Vec<usize> = (0..tasks.len()).filter(|i| initial[*i].is_some()).collect();
+        if accepted.is_empty() {
+            tx.commit().await?;
+            return Ok(out);
+        }
+        let n = accepted.len();
+        let (mut ids, mut queues, mut kinds, mut prios, mut states) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        for &i in &accepted {
+            let t = &tasks[i];
+            let (state, error) = initial[i].clone().unwrap_or((TaskState::Queued, None));
+            ids.push(t.id);
+            queues.push(t.queue.as_str());
+            kinds.push(t.kind.as_str());
+            prios.push(t.priority.as_str());
+            states.push(state.as_str());
+            payloads.push(&t.payload);
+            max_attempts.push(t.max_attempts as i32);
+            timeouts.push(t.timeout_ms as i64);
+            keys.push(t.idempotency_key.as_deref());
+            created.push(t.created_at as i64);
+            errors.push(error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})));
+        }
+        let inserted: Vec<(Uuid,)> = sqlx::query_as(
+            "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
+                                idempotency_key, created_at, error, dispatched_at, finished_at)
+             SELECT u.id, u.queue, u.kind, u.priority, u.state, u.payload, u.max_attempts, u.timeout_ms,
+                    u.key, to_timestamp(u.created_ms / 1000.0), u.error,
+                    CASE WHEN u.state = 'queued' THEN now() END,
+                    CASE WHEN u.state = 'cancelled' THEN now() END
+             FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
+                         $7::int4[], $8::int8[], $9::text[], $10::int8[], $11::jsonb[])
+                  AS u(id, queue, kind, priority, state, payload, max_attempts, timeout_ms, key, created_ms, error)
+             ON CONFLICT DO NOTHING
+             RETURNING id",
+        )
+        .bind(&ids)
+        .bind(&queues)
+        .bind(&kinds)
+        .bind(&prios)
+        .bind(&states)
+        .bind(&payloads)
+        .bind(&max_attempts)
+        .bind(&timeouts)
+        .bind(&keys)
+        .bind(&created)
+        .bind(&errors)
+        .fetch_all(&mut *tx)
+        .await?;
+        let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+
+        // Submissions that wrote nothing matched an existing row, by id (a redelivered
+        // submission) or by idempotency key.
+        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !inserted.contains(&tasks[*i].id)).collect();
+        if !missing.is_empty() {
+            let miss_ids: Vec<Uuid> = missing.iter().map(|i| tasks[*i].id).collect();
+            let miss_keys: Vec<String> = missing.iter().filter_map(|i| tasks[*i].idempotency_key.clone()).collect();
+            let rows: Vec<(Uuid, Option<String>, String)> = sqlx::query_as(
+                "SELECT id, idempotency_key, state FROM tasks WHERE id = ANY($1) OR idempotency_key = ANY($2)",
+            )
+            .bind(&miss_ids)
+            .bind(&miss_keys)
+            .fetch_all(&mut *tx)
+            .await?;
+            let by_id: HashMap<Uuid, &str> = rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
+            let by_key: HashMap<&str, Uuid> =
+                rows.iter().filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id))).collect();
+            for i in missing {
+                let t = &tasks[i];
+                if let Some(state) = by_id.get(&t.id) {
+                    // The same submission again (e.g. redelivered after a crash between commit
+                    // and ack): dispatch it again if it never got further than queued. The
+                    // dispatch dedup id makes a second copy harmless.
+                    if *state == TaskState::Queued.as_str() {
+                        out.dispatch.push(i);
+                    }
+                    out.duplicates.push(Duplicate { index: i, existing: t.id });
+                } else if let Some(existing) = t.idempotency_key.as_deref().and_then(|k| by_key.get(k)) {
+                    out.duplicates.push(Duplicate { index: i, existing: *existing });
+                } else {
+                    // Conflicted with a row of this very batch sharing its idempotency key.
+                    let first = accepted
+                        .iter()
+                        .map(|j| &tasks[*j])
+                        .find(|o| o.idempotency_key.is_some() && o.idempotency_key == t.idempotency_key && inserted.contains(&o.id))
+                        .map(|o| o.id)
+                        .unwrap_or(t.id);
+                    out.duplicates.push(Duplicate { index: i, existing: first });
+                }
+            }
+        }
+
+        // Dependency edges of new tasks, and the flag that makes their dependencies look for
+        // dependents when they finish.
+        let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
+        for &i in &accepted {
+            let t = &tasks[i];
+            if inserted.contains(&t.id) {
+                for d in &t.depends_on {
+                    edge_task.push(t.id);
+                    edge_dep.push(*d);
+                }
+            }
+        }
+        if !edge_task.is_empty() {
+            sqlx::query(
+                "INSERT INTO task_dependencies (task_id, depends_on)
+                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+            )
+            .bind(&edge_task)
+            .bind(&edge_dep)
+            .execute(&mut *tx)
+            .await?;
+            let mut targets = edge_dep.clone();
+            targets.sort();
+            targets.dedup();
+            sqlx::query("UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents")
+                .bind(&targets)
+                .execute(&mut *tx)
+                .await?;
+        }
+        tx.commit().await?;
+
+        for &i in &accepted {
+            let t = &tasks[i];
+            if !inserted.contains(&t.id) {
+                continue;
+            }
+            out.inserted.push(t.id);
+            match initial[i].as_ref().map(|(s, _)| *s) {
+                Some(TaskState::Queued) => out.dispatch.push(i),
+                Some(TaskState::Cancelled) => out.cancelled.push(t.id),
+                _ => {}
+            }
+        }
+        Ok(out)
+    }
+}
