@@ -16,4 +16,4 @@ mod topology;
 
 pub use error::BusError;
 pub use publish::{Outgoing, publish_all};
-pub use topology::{Topology, connect};
+pub use topology::{COORDINATOR_CONSUMER, Topology, connect};

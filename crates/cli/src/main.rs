@@ -1,1 +1,133 @@
-fn main() {}
+//! `taskfleet`: the command line of a taskfleet fleet. Talks to NATS only: submissions go to
+//! JetStream, queries go to the coordinator's request/reply API.
+
+mod client;
+mod submit;
+
+use anyhow::Context;
+use clap::{Parser, Subcommand};
+use std::time::Duration;
+
+#[derive(Parser)]
+#[command(name = "taskfleet", version, about = "Submit and inspect taskfleet tasks")]
+struct Cli {
+    /// NATS server URL (default: the fleet configuration's, `TASKFLEET_NATS_URL`).
+    #[arg(long, global = true)]
+    nats_url: Option<String>,
+    /// Subject prefix of the fleet (default: `TASKFLEET_NATS_SUBJECT_PREFIX` or `taskfleet`).
+    #[arg(long, global = true)]
+    subject_prefix: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Submit one task, or `--count N` generated ones.
+    Submit(submit::SubmitArgs),
+    /// Show a task.
+    Status {
+        /// Task id.
+        id: uuid::Uuid,
+    },
+    /// Block until a task is final, then print it. Exit code 0 if it succeeded, 1 otherwise.
+    Wait {
+        /// Task id.
+        id: uuid::Uuid,
+        /// Give up after this long (exit code 2).
+        #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+        timeout: Duration,
+    },
+    /// List recent tasks, newest first.
+    Ls {
+        /// Only tasks in this state (pending, queued, running, retrying, succeeded, failed, dead, cancelled).
+        #[arg(long)]
+        state: Option<String>,
+        /// Only tasks of this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
+        /// Print JSON instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Task counts by state.
+    Counts {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+    },
+}
+
+#[tokio::main]
+async fn main() {
+    let cli = Cli::parse();
+    match run(cli).await {
+        Ok(code) => std::process::exit(code),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::exit(1);
+        }
+    }
+}
+
+async fn run(cli: Cli) -> anyhow::Result<i32> {
+    let mut config = taskfleet_config::Config::load().map_err(|e| anyhow::anyhow!("{e}"))?;
+    if let Some(url) = cli.nats_url {
+        config.nats.url = url;
+    }
+    if let Some(p) = cli.subject_prefix {
+        config.nats.subject_prefix = p;
+    }
+    let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
+    match cli.command {
+        Command::Submit(args) => submit::run(&fleet, args).await,
+        Command::Status { id } => {
+            let task = fleet.get(id).await?;
+            println!("{}", serde_json::to_string_pretty(&task)?);
+            Ok(0)
+        }
+        Command::Wait { id, timeout } => {
+            let task = fleet.wait(id, timeout).await?;
+            match task {
+                Some(task) => {
+                    println!("{}", serde_json::to_string_pretty(&task)?);
+                    Ok(if task.get("state").and_then(|s| s.as_str()) == Some("succeeded") { 0 } else { 1 })
+                }
+                None => {
+                    eprintln!("task {id} is not final after {}", humantime::format_duration(timeout));
+                    Ok(2)
+                }
+            }
+        }
+        Command::Ls { state, queue, limit, json } => {
+            let rows = fleet.api("task.list", &serde_json::json!({ "state": state, "queue": queue, "limit": limit })).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&rows)?);
+                return Ok(0);
+            }
+            println!("{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  CREATED", "ID", "QUEUE", "KIND", "PRIORITY", "STATE", "ATTEMPT");
+            for t in rows.as_array().into_iter().flatten() {
+                let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+                println!(
+                    "{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  {}",
+                    s("id"),
+                    s("queue"),
+                    s("kind"),
+                    s("priority"),
+                    s("state"),
+                    t.get("attempt").and_then(|v| v.as_i64()).unwrap_or(0),
+                    s("created_at")
+                );
+            }
+            Ok(0)
+        }
+        Command::Counts { queue } => {
+            let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
+            println!("{}", serde_json::to_string_pretty(&counts)?);
+            Ok(0)
+        }
+    }
+}

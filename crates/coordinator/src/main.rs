@@ -1,1 +1,82 @@
-fn main() {}
+//! `taskfleet-coordinator`: takes submissions, keeps durable task state in Postgres, dispatches
+//! ready tasks, records worker events and answers task queries. Several replicas can run at
+//! once: they share the durable consumers, and Postgres arbitrates every state change.
+
+mod api;
+mod dispatch;
+mod intake;
+mod recorder;
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::Duration;
+use taskfleet_bus::Topology;
+use taskfleet_service::Service;
+use taskfleet_store::Store;
+
+/// Shared handles of the coordinator's loops.
+pub(crate) struct Ctx {
+    pub config: taskfleet_config::Config,
+    pub client: async_nats::Client,
+    pub topology: Topology,
+    pub store: Store,
+}
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let service = Service::start("taskfleet-coordinator")?;
+    let config = service.config.clone();
+    let store = Store::connect(&config.database).await?;
+    let client = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60)).await?;
+    let topology = Topology::new(client.clone(), &config.nats);
+    topology.ensure_streams().await?;
+    let ctx = Arc::new(Ctx { config: config.clone(), client, topology, store });
+
+    let ready = Arc::new(AtomicBool::new(false));
+    let http = service
+        .serve_http(&config.coordinator.http_addr, { let r = ready.clone(); move || r.load(Ordering::Relaxed) }, api::http_routes(ctx.clone()))
+        .await?;
+    let shutdown = service.shutdown.clone();
+    let loops = vec![
+        tokio::spawn(intake::run(ctx.clone(), shutdown.clone())),
+        tokio::spawn(recorder::run(ctx.clone(), shutdown.clone())),
+        tokio::spawn(api::serve_nats(ctx.clone(), shutdown.clone())),
+        tokio::spawn(readiness(ctx.clone(), ready, shutdown.clone())),
+    ];
+    tracing::info!(schema = %config.database.schema, prefix = %config.nats.subject_prefix, "coordinator running");
+    let mut failure = None;
+    for l in loops {
+        match l.await {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "coordinator loop failed");
+                shutdown.cancel();
+                failure.get_or_insert(e);
+            }
+            Err(e) => {
+                shutdown.cancel();
+                failure.get_or_insert(anyhow::anyhow!("coordinator loop panicked: {e}"));
+            }
+        }
+    }
+    let _ = http.await;
+    let _ = ctx.client.flush().await;
+    service.finish();
+    match failure {
+        Some(e) => Err(e),
+        None => Ok(()),
+    }
+}
+
+/// Ready while Postgres answers and NATS is connected.
+async fn readiness(ctx: Arc<Ctx>, ready: Arc<AtomicBool>, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+    loop {
+        let db = ctx.store.ping().await.is_ok();
+        let nats = ctx.client.connection_state() == async_nats::connection::State::Connected;
+        ready.store(db && nats, Ordering::Relaxed);
+        tokio::select! {
+            _ = shutdown.cancelled() => { ready.store(false, Ordering::Relaxed); return Ok(()) }
+            _ = tokio::time::sleep(Duration::from_secs(2)) => {}
+        }
+    }
+}

@@ -1,1 +1,26 @@
-fn main() {}
+//! `taskfleet-worker`: a stateless worker process with the built-in handlers.
+
+use std::sync::atomic::Ordering;
+use std::time::Duration;
+use taskfleet_service::Service;
+use taskfleet_worker::{Worker, builtin};
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let service = Service::start("taskfleet-worker")?;
+    let config = service.config.clone();
+    let client = taskfleet_bus::connect(&config.nats, "taskfleet-worker", Duration::from_secs(60)).await?;
+    let worker = Worker::builder(config.clone())
+        .handler("echo", builtin::echo)
+        .handler("sleep", builtin::sleep)
+        .build();
+    let stats = worker.stats();
+    let http = service
+        .serve_http(&config.worker.http_addr, move || stats.ready.load(Ordering::Relaxed), axum::Router::new())
+        .await?;
+    let result = worker.run(client, service.shutdown.clone()).await;
+    service.shutdown.cancel();
+    let _ = http.await;
+    service.finish();
+    result.map_err(Into::into)
+}

@@ -1,0 +1,85 @@
+//! The CLI's connection to a fleet.
+
+use anyhow::{Context, anyhow};
+use bytes::Bytes;
+use futures::StreamExt;
+use serde_json::Value;
+use std::time::Duration;
+use taskfleet_proto::{CommittedBatch, Subjects, decode};
+
+/// A NATS connection plus the fleet's subject names.
+pub struct Fleet {
+    pub client: async_nats::Client,
+    pub js: async_nats::jetstream::Context,
+    pub subjects: Subjects,
+}
+
+impl Fleet {
+    pub async fn connect(config: &taskfleet_config::Config) -> anyhow::Result<Fleet> {
+        let client = async_nats::ConnectOptions::new()
+            .name("taskfleet-cli")
+            .connection_timeout(Duration::from_secs(5))
+            .connect(config.nats.url.as_str())
+            .await
+            .with_context(|| format!("cannot reach NATS at {}", config.nats.url))?;
+        let js = async_nats::jetstream::ContextBuilder::new()
+            .timeout(Duration::from_secs(10))
+            .max_ack_inflight(4096)
+            .build(client.clone());
+        Ok(Fleet { client, js, subjects: config.subjects() })
+    }
+
+    /// Calls the coordinator's API; an `{"error": …}` reply becomes an error.
+    pub async fn api(&self, verb: &str, body: &Value) -> anyhow::Result<Value> {
+        let bytes = Bytes::from(serde_json::to_vec(body)?);
+        let reply = tokio::time::timeout(Duration::from_secs(10), self.client.request(self.subjects.api(verb), bytes))
+            .await
+            .map_err(|_| anyhow!("the coordinator did not answer {verb} within 10s"))?
+            .map_err(|e| anyhow!("{verb} request failed (is a coordinator running?): {e}"))?;
+        let value: Value = serde_json::from_slice(&reply.payload).context("coordinator sent invalid JSON")?;
+        if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
+            return Err(anyhow!("{err}"));
+        }
+        Ok(value)
+    }
+
+    pub async fn get(&self, id: uuid::Uuid) -> anyhow::Result<Value> {
+        self.api("task.get", &serde_json::json!({ "id": id })).await
+    }
+
+    /// Waits for `id` to be final. Subscribes to commit notifications before asking, so a
+    /// completion between the two is not missed.
+    pub async fn wait(&self, id: uuid::Uuid, timeout: Duration) -> anyhow::Result<Option<Value>> {
+        let mut sub = self.client.subscribe(self.subjects.committed_all()).await.map_err(|e| anyhow!("{e}"))?;
+        let is_final = |t: &Value| {
+            t.get("state")
+                .and_then(|s| s.as_str())
+                .and_then(taskfleet_proto::TaskState::parse)
+                .is_some_and(|s| s.is_final())
+        };
+        let task = self.get(id).await?;
+        if is_final(&task) {
+            return Ok(Some(task));
+        }
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            // Re-check now and then in case a notification was lost (core NATS is best effort).
+            let msg = tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)), sub.next()).await;
+            match msg {
+                Ok(Some(m)) => {
+                    let Ok(batch) = decode::<CommittedBatch>(&m.payload, None, 64 << 20) else { continue };
+                    if !batch.tasks.iter().any(|t| t.id == id) {
+                        continue;
+                    }
+                }
+                Ok(None) => return Err(anyhow!("notification subscription closed")),
+                Err(_) if tokio::time::Instant::now() >= deadline => return Ok(None),
+                Err(_) => {}
+            }
+            let task = self.get(id).await?;
+            if is_final(&task) {
+                return Ok(Some(task));
+            }
+        }
+    }
+}

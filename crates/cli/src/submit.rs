@@ -1,0 +1,233 @@
+//! `taskfleet submit`.
+
+use crate::client::Fleet;
+use anyhow::{Context, anyhow};
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use futures::StreamExt;
+use futures::stream::FuturesUnordered;
+use indicatif::{ProgressBar, ProgressStyle};
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+use taskfleet_proto::{
+    CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
+};
+
+#[derive(clap::Args)]
+pub struct SubmitArgs {
+    /// Task kind (handler name).
+    #[arg(long)]
+    kind: String,
+    /// Payload as JSON.
+    #[arg(long, default_value = "null")]
+    payload: String,
+    /// Queue.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// critical, high, normal, low, or `mixed` (round robin over all four, with --count).
+    #[arg(long, default_value = "normal")]
+    priority: String,
+    /// Attempts before the task is dead.
+    #[arg(long, default_value_t = taskfleet_proto::DEFAULT_MAX_ATTEMPTS)]
+    max_attempts: u32,
+    /// Per-attempt timeout, e.g. `30s`.
+    #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
+    timeout: Duration,
+    /// Idempotency key: a second submission with the same key creates nothing new.
+    #[arg(long)]
+    key: Option<String>,
+    /// Ids of tasks that must succeed first.
+    #[arg(long = "depends-on")]
+    depends_on: Vec<uuid::Uuid>,
+    /// Submit this many generated tasks (payload `{"i": n}` merged into an object payload).
+    #[arg(long, default_value_t = 1)]
+    count: usize,
+    /// Publishes awaiting their JetStream acknowledgement at once, with --count.
+    #[arg(long, default_value_t = 2048)]
+    in_flight: usize,
+    /// Wait for the coordinator to commit the task(s) to Postgres and print its answer.
+    #[arg(long)]
+    confirm: bool,
+    /// Wait until every task is final, and report end-to-end throughput.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait, give up after this long.
+    #[arg(long, default_value = "30m", value_parser = humantime::parse_duration)]
+    wait_timeout: Duration,
+    /// Print no progress bars.
+    #[arg(long)]
+    quiet: bool,
+}
+
+fn priority_for(spec: &str, i: usize) -> anyhow::Result<Priority> {
+    if spec == "mixed" {
+        return Ok(Priority::ALL[i % 4]);
+    }
+    spec.parse().map_err(|e| anyhow!("{e}"))
+}
+
+fn envelope(args: &SubmitArgs, payload: &serde_json::Value, i: usize) -> anyhow::Result<TaskEnvelope> {
+    let mut payload = payload.clone();
+    if args.count > 1 {
+        match &mut payload {
+            serde_json::Value::Object(map) => {
+                map.insert("i".into(), i.into());
+            }
+            serde_json::Value::Null => payload = serde_json::json!({ "i": i }),
+            _ => {}
+        }
+    }
+    let mut env = TaskEnvelope::new(&args.kind, payload).with_queue(&args.queue).with_priority(priority_for(&args.priority, i)?);
+    env.max_attempts = args.max_attempts;
+    env.timeout_ms = args.timeout.as_millis() as u64;
+    env.depends_on = args.depends_on.clone();
+    env.idempotency_key = match (&args.key, args.count) {
+        (Some(k), 1) => Some(k.clone()),
+        (Some(k), _) => Some(format!("{k}-{i}")),
+        (None, _) => None,
+    };
+    env.validate(usize::MAX).map_err(|e| anyhow!("{e}"))?;
+    Ok(env)
+}
+
+fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
+    if quiet {
+        return ProgressBar::hidden();
+    }
+    let pb = ProgressBar::new(len as u64);
+    pb.set_style(
+        ProgressStyle::with_template("{msg:>10} [{bar:40}] {pos}/{len} {per_sec} eta {eta}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar())
+            .progress_chars("=> "),
+    );
+    pb.set_message(what.to_string());
+    pb
+}
+
+pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
+    let payload: serde_json::Value = serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let envs: Vec<TaskEnvelope> = (0..args.count.max(1)).map(|i| envelope(&args, &payload, i)).collect::<anyhow::Result<_>>()?;
+    let ids: HashSet<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
+    let subject = fleet.subjects.submit(&args.queue);
+
+    // Subscribe before publishing so no notification or reply can be missed.
+    let mut committed = if args.wait {
+        Some(fleet.client.subscribe(fleet.subjects.committed(&args.queue)).await.map_err(|e| anyhow!("{e}"))?)
+    } else {
+        None
+    };
+    let inbox = fleet.client.new_inbox();
+    let mut replies = if args.confirm {
+        Some(fleet.client.subscribe(inbox.clone()).await.map_err(|e| anyhow!("{e}"))?)
+    } else {
+        None
+    };
+
+    let started = Instant::now();
+    let pb = bar(args.quiet || args.count == 1, envs.len(), "submitted");
+    let mut acks = FuturesUnordered::new();
+    let mut duplicates = 0usize;
+    for env in &envs {
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        if args.confirm {
+            h.insert(headers::REPLY_TO, inbox.as_str());
+        }
+        let publish = PublishMessage::build()
+            .payload(Bytes::from(encode(env)))
+            .headers(h)
+            .message_id(env.dedup_key());
+        let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
+        acks.push(std::future::IntoFuture::into_future(ack));
+        while acks.len() >= args.in_flight {
+            if let Some(r) = acks.next().await {
+                duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
+                pb.inc(1);
+            }
+        }
+    }
+    while let Some(r) = acks.next().await {
+        duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
+        pb.inc(1);
+    }
+    pb.finish_and_clear();
+    let submit_secs = started.elapsed().as_secs_f64();
+    if args.count == 1 {
+        println!("{}", envs[0].id);
+    } else {
+        println!(
+            "submitted {} tasks in {:.2}s ({:.0} tasks/s){}",
+            envs.len(),
+            submit_secs,
+            envs.len() as f64 / submit_secs,
+            if duplicates > 0 { format!(", {duplicates} dropped as duplicates by JetStream") } else { String::new() }
+        );
+    }
+    if duplicates > 0 && args.count == 1 {
+        eprintln!("note: JetStream dropped this submission as a duplicate of one within the dedup window");
+    }
+
+    let mut code = 0;
+    if let Some(sub) = replies.as_mut() {
+        let mut pending = envs.len() - duplicates;
+        while pending > 0 {
+            let msg = tokio::time::timeout(Duration::from_secs(30), sub.next())
+                .await
+                .map_err(|_| anyhow!("no confirmation from the coordinator within 30s"))?
+                .ok_or_else(|| anyhow!("reply subscription closed"))?;
+            let reply: SubmitReply = serde_json::from_slice(&msg.payload).context("invalid confirmation")?;
+            if !reply.ok {
+                code = 1;
+                eprintln!("rejected: {}", reply.error.as_deref().unwrap_or("?"));
+            } else if args.count == 1 {
+                println!("{}", serde_json::to_string(&reply)?);
+            }
+            pending -= 1;
+        }
+    }
+
+    if let Some(sub) = committed.as_mut() {
+        let pb = bar(args.quiet, ids.len(), "finished");
+        let mut states: HashMap<&'static str, usize> = HashMap::new();
+        let mut done: HashSet<uuid::Uuid> = HashSet::new();
+        let deadline = tokio::time::Instant::now() + args.wait_timeout;
+        while done.len() < ids.len() {
+            let msg = match tokio::time::timeout_at(deadline, sub.next()).await {
+                Ok(Some(m)) => m,
+                Ok(None) => return Err(anyhow!("notification subscription closed")),
+                Err(_) => {
+                    pb.finish_and_clear();
+                    eprintln!("{} of {} tasks final after {}", done.len(), ids.len(), humantime::format_duration(args.wait_timeout));
+                    return Ok(2);
+                }
+            };
+            let Ok(batch) = decode::<CommittedBatch>(&msg.payload, None, 64 << 20) else { continue };
+            for t in batch.tasks {
+                if ids.contains(&t.id) && done.insert(t.id) {
+                    *states.entry(t.state.as_str()).or_default() += 1;
+                    pb.inc(1);
+                }
+            }
+        }
+        pb.finish_and_clear();
+        let secs = started.elapsed().as_secs_f64();
+        let mut summary: Vec<String> = states.iter().map(|(s, n)| format!("{s}={n}")).collect();
+        summary.sort();
+        println!(
+            "{} tasks final in {:.2}s end to end ({:.0} tasks/s): {}",
+            done.len(),
+            secs,
+            done.len() as f64 / secs,
+            summary.join(" ")
+        );
+        if states.get("succeeded").copied().unwrap_or(0) != done.len() {
+            code = 1;
+        }
+        if args.count == 1 {
+            let task = fleet.get(envs[0].id).await?;
+            println!("{}", serde_json::to_string_pretty(&task)?);
+        }
+    }
+    Ok(code)
+}

@@ -1,0 +1,54 @@
+//! Publishing ready tasks to the dispatch stream.
+
+use async_nats::HeaderMap;
+use bytes::Bytes;
+use std::time::Duration;
+use taskfleet_bus::{Outgoing, Topology, publish_all};
+use taskfleet_proto::{CONTENT_TYPE_MSGPACK, TaskEnvelope, encode, headers};
+
+/// The dispatch message of a task. Its dedup id is `<id>:<attempt offset>`, so dispatching the
+/// same task twice within the dedup window (a coordinator that crashed between publishing and
+/// acknowledging the submission) stores it once.
+pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&HeaderMap>) -> Outgoing {
+    let mut h = HeaderMap::new();
+    h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+    if let Some(trace) = trace {
+        for key in ["traceparent", "tracestate"] {
+            if let Some(v) = trace.get(key) {
+                h.insert(key, v.as_str());
+            }
+        }
+    }
+    Outgoing {
+        subject: topology.subjects.dispatch(&env.queue, env.priority),
+        payload: Bytes::from(encode(env)),
+        headers: h,
+        msg_id: Some(format!("{}:0", env.id)),
+    }
+}
+
+/// Publishes dispatch messages, retrying the whole set a few times (dedup ids make repeats
+/// harmless). An error means some tasks may not be in JetStream: their rows stay `queued`.
+pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Result<(), taskfleet_bus::BusError> {
+    if messages.is_empty() {
+        return Ok(());
+    }
+    let n = messages.len() as u64;
+    let mut delay = Duration::from_millis(100);
+    let mut last = None;
+    for _ in 0..5 {
+        match publish_all(&topology.js, messages.clone()).await {
+            Ok(()) => {
+                metrics::counter!("taskfleet_coordinator_dispatched_total").increment(n);
+                return Ok(());
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "dispatch publish failed, retrying");
+                last = Some(e);
+                tokio::time::sleep(delay).await;
+                delay *= 2;
+            }
+        }
+    }
+    Err(last.unwrap_or(taskfleet_bus::BusError::Publish { subject: "dispatch".into(), message: "unknown".into() }))
+}

@@ -1,0 +1,106 @@
+//! Start-up and shutdown shared by the taskfleet binaries, so each `main` stays a few lines:
+//! load and validate [`Config`], install logging/tracing and the Prometheus recorder, serve
+//! `/healthz`, `/readyz` and `/metrics` beside the service's own routes, and turn SIGTERM or
+//! Ctrl-C into a cancellation token.
+
+use axum::{Router, http::StatusCode, routing::get};
+use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use std::sync::Arc;
+use taskfleet_config::Config;
+use taskfleet_telemetry::Telemetry;
+use tokio_util::sync::CancellationToken;
+
+/// A started binary: its configuration and the handles that must live as long as it runs.
+pub struct Service {
+    /// Validated configuration.
+    pub config: Config,
+    /// Prometheus recorder handle, rendered at `/metrics`.
+    pub metrics: PrometheusHandle,
+    /// Cancelled on SIGTERM or Ctrl-C.
+    pub shutdown: CancellationToken,
+    telemetry: Option<Telemetry>,
+}
+
+impl Service {
+    /// Loads configuration (a clear error if it is invalid), starts telemetry under the
+    /// OpenTelemetry service name `name`, installs the metrics recorder and signal handlers.
+    pub fn start(name: &str) -> anyhow::Result<Service> {
+        let config = Config::load().map_err(|e| anyhow::anyhow!("{e}"))?;
+        let telemetry = taskfleet_telemetry::init(name, &config.telemetry)?;
+        let metrics = PrometheusBuilder::new()
+            .install_recorder()
+            .map_err(|e| anyhow::anyhow!("cannot install metrics recorder: {e}"))?;
+        let shutdown = CancellationToken::new();
+        let token = shutdown.clone();
+        tokio::spawn(async move {
+            wait_for_signal().await;
+            tracing::info!("shutdown requested");
+            token.cancel();
+        });
+        Ok(Service { config, metrics, shutdown, telemetry: Some(telemetry) })
+    }
+
+    /// Serves `extra` routes plus `/healthz` (always 200 while the process runs), `/readyz`
+    /// (200 when `ready()` is true, else 503) and `/metrics` on `addr`, until shutdown.
+    pub async fn serve_http(
+        &self,
+        addr: &str,
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+        extra: Router,
+    ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
+        let ready = Arc::new(ready);
+        let metrics = self.metrics.clone();
+        let app = extra
+            .route("/healthz", get(|| async { "ok" }))
+            .route(
+                "/readyz",
+                get(move || {
+                    let ready = ready.clone();
+                    async move {
+                        if ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
+                    }
+                }),
+            )
+            .route("/metrics", get(move || std::future::ready(metrics.render())));
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+        tracing::info!(addr = %listener.local_addr()?, "HTTP endpoints listening");
+        let shutdown = self.shutdown.clone();
+        Ok(tokio::spawn(async move {
+            let served = axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "HTTP server failed");
+            }
+        }))
+    }
+
+    /// Flushes telemetry.
+    pub fn finish(mut self) {
+        if let Some(t) = self.telemetry.take() {
+            t.shutdown();
+        }
+    }
+}
+
+async fn wait_for_signal() {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{SignalKind, signal};
+        match signal(SignalKind::terminate()) {
+            Ok(mut term) => {
+                tokio::select! {
+                    _ = term.recv() => {}
+                    _ = tokio::signal::ctrl_c() => {}
+                }
+            }
+            Err(_) => {
+                let _ = tokio::signal::ctrl_c().await;
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

@@ -1,0 +1,144 @@
+//! What a handler is and what it is given.
+
+use futures::future::BoxFuture;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::future::Future;
+use std::time::{Duration, Instant};
+use taskfleet_proto::{Priority, TaskId};
+use tokio_util::sync::CancellationToken;
+
+/// A task failure, as a handler reports it. Whether it is retryable decides between another
+/// attempt (with backoff) and an immediate final `failed` state.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+#[error("{code}: {message}")]
+pub struct TaskError {
+    /// Stable code, e.g. `timeout`, `http_429`, `invalid_payload`.
+    pub code: String,
+    /// Human-readable description.
+    pub message: String,
+    /// Whether another attempt could succeed.
+    pub retryable: bool,
+    /// Earliest time for the next attempt, when the failure says so (e.g. `Retry-After`).
+    pub retry_after: Option<Duration>,
+}
+
+impl TaskError {
+    /// A failure worth retrying (network error, overload, timeout).
+    pub fn retryable(message: impl Into<String>) -> Self {
+        TaskError { code: "handler_error".into(), message: message.into(), retryable: true, retry_after: None }
+    }
+
+    /// A failure that no retry will fix (bad input, unknown kind).
+    pub fn fatal(message: impl Into<String>) -> Self {
+        TaskError { code: "handler_error".into(), message: message.into(), retryable: false, retry_after: None }
+    }
+
+    /// Replaces the code.
+    pub fn with_code(mut self, code: impl Into<String>) -> Self {
+        self.code = code.into();
+        self
+    }
+
+    /// Asks for the next attempt no sooner than `delay`.
+    pub fn retry_after(mut self, delay: Duration) -> Self {
+        self.retry_after = Some(delay);
+        self
+    }
+
+    /// True when another attempt could succeed.
+    pub fn is_retryable(&self) -> bool {
+        self.retryable
+    }
+}
+
+/// What a handler knows about the task it runs.
+#[derive(Debug, Clone)]
+pub struct TaskContext {
+    /// Task id; handlers must be idempotent by it (a task can run more than once).
+    pub task_id: TaskId,
+    /// Task kind.
+    pub kind: String,
+    /// Queue.
+    pub queue: String,
+    /// Priority.
+    pub priority: Priority,
+    /// This attempt, from 1.
+    pub attempt: u32,
+    /// Attempts allowed in all.
+    pub max_attempts: u32,
+    /// When this attempt times out.
+    pub deadline: Instant,
+    /// Cancelled when the task is cancelled or the attempt is abandoned; long handlers should
+    /// watch it.
+    pub cancel: CancellationToken,
+    pub(crate) progress: Option<tokio::sync::mpsc::UnboundedSender<(TaskId, Value)>>,
+}
+
+impl TaskContext {
+    /// Reports progress; it is published as a `progress` event.
+    pub fn progress(&self, value: impl Serialize) {
+        if let (Some(tx), Ok(v)) = (&self.progress, serde_json::to_value(value)) {
+            let _ = tx.send((self.task_id, v));
+        }
+    }
+
+    /// Time left before this attempt times out.
+    pub fn remaining(&self) -> Duration {
+        self.deadline.saturating_duration_since(Instant::now())
+    }
+
+    /// A context for calling a handler directly, e.g. in unit tests.
+    pub fn for_test(kind: &str) -> TaskContext {
+        TaskContext {
+            task_id: uuid::Uuid::now_v7(),
+            kind: kind.to_string(),
+            queue: "default".into(),
+            priority: Priority::Normal,
+            attempt: 1,
+            max_attempts: 1,
+            deadline: Instant::now() + Duration::from_secs(60),
+            cancel: CancellationToken::new(),
+            progress: None,
+        }
+    }
+}
+
+/// Runs tasks of one kind: `async fn(TaskContext, Value) -> Result<Value, TaskError>`.
+/// Any such closure is a handler.
+pub trait Handler: Send + Sync + 'static {
+    /// Runs one attempt.
+    fn call(&self, ctx: TaskContext, payload: Value) -> BoxFuture<'static, Result<Value, TaskError>>;
+}
+
+impl<F, Fut> Handler for F
+where
+    F: Fn(TaskContext, Value) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
+{
+    fn call(&self, ctx: TaskContext, payload: Value) -> BoxFuture<'static, Result<Value, TaskError>> {
+        Box::pin(self(ctx, payload))
+    }
+}
+
+/// Adapts a handler over typed input and output: the payload is deserialized into `I`
+/// (a mismatch is a fatal `invalid_payload` error) and the output serialized from `O`.
+pub fn typed<I, O, F, Fut>(f: F) -> impl Handler
+where
+    I: DeserializeOwned + Send + 'static,
+    O: Serialize + Send + 'static,
+    F: Fn(TaskContext, I) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = Result<O, TaskError>> + Send + 'static,
+{
+    let f = std::sync::Arc::new(f);
+    move |ctx: TaskContext, payload: Value| {
+        let f = f.clone();
+        async move {
+            let input: I = serde_json::from_value(payload)
+                .map_err(|e| TaskError::fatal(format!("payload does not fit: {e}")).with_code("invalid_payload"))?;
+            let out = f(ctx, input).await?;
+            serde_json::to_value(out).map_err(|e| TaskError::fatal(format!("output not serializable: {e}")))
+        }
+    }
+}

@@ -1,0 +1,515 @@
+//! The worker run loop: pull, pick by priority, run with a timeout, report.
+
+use crate::events::{AfterPublish, EventSender, spawn_publisher};
+use crate::lanes::{Delivery, Lanes};
+use crate::{Handler, RetryPolicy, TaskContext, TaskError, WorkerError};
+use async_nats::jetstream::consumer::PullConsumer;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+use taskfleet_bus::Topology;
+use taskfleet_config::Config;
+use taskfleet_proto::{
+    EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms,
+};
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+/// Live counters of a worker, for health and metrics endpoints.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Handlers running now.
+    pub in_flight: AtomicU64,
+    /// Tasks pulled and waiting for a slot.
+    pub buffered: AtomicU64,
+    /// Attempts finished (any outcome).
+    pub finished: AtomicU64,
+    /// True once every consumer is set up and pulling.
+    pub ready: AtomicBool,
+}
+
+/// Builds a [`Worker`]: register handlers by kind, then `build`.
+pub struct WorkerBuilder {
+    config: Config,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    retry: RetryPolicy,
+}
+
+impl WorkerBuilder {
+    /// Registers `handler` for tasks of `kind` (replacing an earlier one).
+    pub fn handler(mut self, kind: impl Into<String>, handler: impl Handler) -> Self {
+        self.handlers.insert(kind.into(), Arc::new(handler));
+        self
+    }
+
+    /// Sets the retry backoff used when a task fails with a retryable error.
+    pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
+        self.retry = retry;
+        self
+    }
+
+    /// Finishes the worker.
+    pub fn build(self) -> Worker {
+        let id = if self.config.worker.id.is_empty() {
+            let host = std::env::var("HOSTNAME")
+                .ok()
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .filter(|h| !h.is_empty())
+                .unwrap_or_else(|| "worker".into());
+            format!("{host}-{}", std::process::id())
+        } else {
+            self.config.worker.id.clone()
+        };
+        Worker {
+            inner: Arc::new(Inner {
+                config: self.config,
+                handlers: self.handlers,
+                retry: self.retry,
+                id,
+                stats: Arc::new(WorkerStats::default()),
+            }),
+        }
+    }
+}
+
+struct Inner {
+    config: Config,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    retry: RetryPolicy,
+    id: String,
+    stats: Arc<WorkerStats>,
+}
+
+/// A worker process's task loop. Stateless: run as many as you like against one fleet.
+#[derive(Clone)]
+pub struct Worker {
+    inner: Arc<Inner>,
+}
+
+impl Worker {
+    /// Starts building a worker with the fleet configuration.
+    pub fn builder(config: Config) -> WorkerBuilder {
+        WorkerBuilder { config, handlers: HashMap::new(), retry: RetryPolicy::default() }
+    }
+
+    /// This worker's id, as it appears in events.
+    pub fn id(&self) -> &str {
+        &self.inner.id
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.inner.stats.clone()
+    }
+
+    /// Kinds this worker can run.
+    pub fn kinds(&self) -> Vec<String> {
+        let mut k: Vec<String> = self.inner.handlers.keys().cloned().collect();
+        k.sort();
+        k
+    }
+
+    /// Pulls and runs tasks until `shutdown` is cancelled, then drains: stops pulling, lets
+    /// running tasks finish for up to `drain_timeout`, hands everything else back to JetStream
+    /// for immediate redelivery, and flushes events.
+    pub async fn run(&self, client: async_nats::Client, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let inner = &self.inner;
+        let cfg = &inner.config;
+        let topology = Topology::new(client.clone(), &cfg.nats);
+        topology.ensure_streams().await?;
+        let mut consumers = Vec::new();
+        for queue in &cfg.worker.queues {
+            for p in Priority::ALL {
+                consumers.push((p, topology.dispatch_consumer(queue, p).await?));
+            }
+        }
+        let (events, publisher) = spawn_publisher(
+            topology.js.clone(),
+            topology.subjects.clone(),
+            cfg.worker.event_batch_size,
+            cfg.worker.event_linger,
+        );
+        let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
+        let pulling = CancellationToken::new();
+        let prefetch = cfg.worker.effective_prefetch();
+        let mut pullers = Vec::new();
+        for (priority, consumer) in consumers {
+            pullers.push(tokio::spawn(pull_loop(consumer, priority, prefetch, lanes.clone(), pulling.clone(), inner.stats.clone())));
+        }
+
+        // Running attempts, by dispatch reply subject, for heartbeats and the drain.
+        let running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>> = Default::default();
+        let heartbeat = tokio::spawn(heartbeat_loop(
+            client.clone(),
+            lanes.clone(),
+            running.clone(),
+            heartbeat_interval(cfg.nats.ack_wait),
+            pulling.clone(),
+        ));
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let progress = tokio::spawn(progress_loop(progress_rx, running.clone(), events.clone(), inner.id.clone()));
+
+        inner.stats.ready.store(true, Ordering::Relaxed);
+        tracing::info!(worker = %inner.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
+                       max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
+
+        let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_tasks));
+        let mut next_token: u64 = 0;
+        loop {
+            let permit = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => break },
+            };
+            let delivery = tokio::select! {
+                _ = shutdown.cancelled() => break,
+                d = lanes.pop() => match d { Some(d) => d, None => break },
+            };
+            inner.stats.buffered.fetch_sub(1, Ordering::Relaxed);
+            next_token += 1;
+            let token = next_token;
+            let this = self.clone();
+            let events = events.clone();
+            let running = running.clone();
+            let progress_tx = progress_tx.clone();
+            tokio::spawn(async move {
+                this.run_delivery(token, delivery, events, running, progress_tx).await;
+                drop(permit);
+            });
+        }
+
+        // Drain.
+        inner.stats.ready.store(false, Ordering::Relaxed);
+        pulling.cancel();
+        for p in pullers {
+            let _ = p.await;
+        }
+        let buffered = lanes.close();
+        tracing::info!(buffered = buffered.len(), running = running_count(&running), "draining");
+        for d in buffered {
+            let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+        }
+        let max = cfg.worker.max_concurrent_tasks as u32;
+        let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max)).await.is_ok();
+        if !drained {
+            let left: Vec<RunningTask> = running.lock().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
+            tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
+            for r in left {
+                r.cancel.cancel();
+                if let Some(reply) = r.reply {
+                    let _ = client.publish(reply, "-NAK".into()).await;
+                }
+            }
+        }
+        drop(events);
+        drop(progress_tx);
+        let _ = progress.await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
+        heartbeat.abort();
+        let _ = client.flush().await;
+        tracing::info!("worker stopped");
+        Ok(())
+    }
+
+    async fn run_delivery(
+        &self,
+        token: u64,
+        delivery: Delivery,
+        events: EventSender,
+        running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
+        progress_tx: mpsc::UnboundedSender<(uuid::Uuid, serde_json::Value)>,
+    ) {
+        let Delivery { msg, permit, .. } = delivery;
+        drop(permit);
+        let received_at = now_ms();
+        let inner = &self.inner;
+        let limit = inner.config.coordinator.max_body_bytes.max(1 << 20);
+        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        let env: TaskEnvelope = match decode(&msg.payload, ct.as_deref(), limit) {
+            Ok(env) => env,
+            Err(e) => {
+                // Only the coordinator publishes dispatch messages, so this is a corrupt or
+                // foreign message: retrying cannot help.
+                metrics::counter!("taskfleet_worker_malformed_dispatch_total").increment(1);
+                tracing::error!(subject = %msg.subject, error = %e, "undecodable dispatch message, terminating it");
+                let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
+                return;
+            }
+        };
+        let (delivered, offset) = attempt_parts(&msg);
+        let attempt = offset + delivered;
+        let span = tracing::info_span!("task.run", task_id = %env.id, kind = %env.kind, queue = %env.queue,
+                                       priority = %env.priority, attempt);
+        taskfleet_telemetry::set_parent_from(&span, msg.headers.as_ref());
+
+        let mut base = TaskEvent::new(env.id, EventKind::Started, &env.queue);
+        base.task_kind = env.kind.clone();
+        base.priority = env.priority;
+        base.attempt = attempt;
+        base.worker = Some(inner.id.clone());
+
+        if attempt > env.max_attempts {
+            // Earlier deliveries were lost with their workers (each counts as an attempt).
+            let mut ev = base.clone();
+            ev.kind = EventKind::Dead;
+            ev.error = Some(TaskErrorInfo {
+                code: "attempts_exhausted".into(),
+                message: format!("attempt {attempt} exceeds max_attempts {}", env.max_attempts),
+                retryable: false,
+            });
+            events.send(ev, AfterPublish::Ack(msg));
+            return;
+        }
+        let Some(handler) = inner.handlers.get(&env.kind).cloned() else {
+            metrics::counter!("taskfleet_worker_unknown_kind_total").increment(1);
+            let mut ev = base.clone();
+            ev.kind = EventKind::Failed;
+            ev.error = Some(TaskErrorInfo {
+                code: "unknown_kind".into(),
+                message: format!("no handler for kind {:?} on worker {} (knows {:?})", env.kind, inner.id, self.kinds()),
+                retryable: false,
+            });
+            events.send(ev, AfterPublish::Ack(msg));
+            return;
+        };
+
+        let timeout = Duration::from_millis(env.timeout_ms);
+        let cancel = CancellationToken::new();
+        let ctx = TaskContext {
+            task_id: env.id,
+            kind: env.kind.clone(),
+            queue: env.queue.clone(),
+            priority: env.priority,
+            attempt,
+            max_attempts: env.max_attempts,
+            deadline: Instant::now() + timeout,
+            cancel: cancel.clone(),
+            progress: Some(progress_tx),
+        };
+        if let Ok(mut m) = running.lock() {
+            m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
+        }
+        inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
+        let started_at = now_ms();
+        let mut timings = Timings { created_at: env.created_at, received_at, started_at, finished_at: 0 };
+
+        let payload = env.payload;
+        let call = tokio::spawn(handler.call(ctx, payload).instrument(tracing::info_span!(parent: &span, "handler")));
+        let abort = call.abort_handle();
+        let started_delay = inner.config.worker.started_event_delay;
+        let outcome = async {
+            let mut call = call;
+            let deadline = tokio::time::sleep(timeout);
+            tokio::pin!(deadline);
+            let started_timer = tokio::time::sleep(started_delay);
+            tokio::pin!(started_timer);
+            let mut started_sent = false;
+            loop {
+                tokio::select! {
+                    r = &mut call => break match r {
+                        Ok(result) => result,
+                        Err(join) if join.is_panic() => Err(TaskError::retryable("handler panicked").with_code("handler_panic")),
+                        Err(_) => Err(TaskError::retryable("handler was aborted").with_code("aborted")),
+                    },
+                    _ = &mut deadline => {
+                        abort.abort();
+                        cancel.cancel();
+                        break Err(TaskError::retryable(format!("attempt exceeded its timeout of {timeout:?}")).with_code("timeout"));
+                    }
+                    _ = &mut started_timer, if !started_sent => {
+                        started_sent = true;
+                        let mut ev = base.clone();
+                        ev.timings = Some(timings);
+                        events.send(ev, AfterPublish::Nothing);
+                    }
+                }
+            }
+        }
+        .instrument(span.clone())
+        .await;
+        timings.finished_at = now_ms();
+        if let Ok(mut m) = running.lock() {
+            m.remove(&token);
+        }
+        inner.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
+        inner.stats.finished.fetch_add(1, Ordering::Relaxed);
+        metrics::histogram!("taskfleet_worker_run_seconds", "kind" => env.kind.clone())
+            .record((timings.finished_at.saturating_sub(started_at)) as f64 / 1000.0);
+
+        let mut ev = base;
+        ev.timings = Some(timings);
+        ev.at = timings.finished_at;
+        let max_deliver = inner.config.nats.max_deliver.max(1) as u32;
+        let after = match outcome {
+            Ok(result) => {
+                ev.kind = EventKind::Succeeded;
+                ev.result = Some(result);
+                AfterPublish::Ack(msg)
+            }
+            Err(err) => {
+                ev.error = Some(TaskErrorInfo { code: err.code.clone(), message: err.message.clone(), retryable: err.retryable });
+                if err.retryable && attempt < env.max_attempts && delivered < max_deliver {
+                    let delay = inner.retry.delay(attempt, err.retry_after);
+                    ev.kind = EventKind::Retrying;
+                    ev.retry_in_ms = Some(delay.as_millis() as u64);
+                    AfterPublish::Nak(msg, delay)
+                } else if err.retryable {
+                    ev.kind = EventKind::Dead;
+                    AfterPublish::Ack(msg)
+                } else {
+                    ev.kind = EventKind::Failed;
+                    AfterPublish::Ack(msg)
+                }
+            }
+        };
+        metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str()).increment(1);
+        events.send(ev, after);
+    }
+}
+
+/// An attempt in progress.
+struct RunningTask {
+    reply: Option<async_nats::Subject>,
+    cancel: CancellationToken,
+    base: TaskEvent,
+}
+
+fn running_count(running: &std::sync::Mutex<HashMap<u64, RunningTask>>) -> usize {
+    running.lock().map(|m| m.len()).unwrap_or(0)
+}
+
+/// Delivery count from JetStream and attempts spent before this dispatch (header).
+fn attempt_parts(msg: &async_nats::jetstream::Message) -> (u32, u32) {
+    let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
+    let offset = msg
+        .headers
+        .as_ref()
+        .and_then(|h| h.get(headers::ATTEMPT_OFFSET))
+        .and_then(|v| v.as_str().parse::<u32>().ok())
+        .unwrap_or(0);
+    (delivered, offset)
+}
+
+/// Heartbeats every third of `ack_wait`: often enough that one lost heartbeat does not cause a
+/// redelivery.
+fn heartbeat_interval(ack_wait: Duration) -> Duration {
+    (ack_wait / 3).max(Duration::from_millis(200))
+}
+
+/// Pulls one consumer into its lane, keeping at most `prefetch` of its tasks buffered.
+async fn pull_loop(
+    consumer: PullConsumer,
+    priority: Priority,
+    prefetch: usize,
+    lanes: Arc<Lanes>,
+    stop: CancellationToken,
+    stats: Arc<WorkerStats>,
+) {
+    let budget = Arc::new(Semaphore::new(prefetch));
+    let name = consumer.cached_info().name.clone();
+    let mut backoff = Duration::from_millis(100);
+    while !stop.is_cancelled() {
+        // Wait for at least one free place, then ask for as many as are free.
+        let first = tokio::select! {
+            _ = stop.cancelled() => return,
+            p = budget.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let mut permits = vec![first];
+        while let Ok(p) = budget.clone().try_acquire_owned() {
+            permits.push(p);
+        }
+        let want = permits.len();
+        let batch = consumer
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_secs(5))
+            .heartbeat(Duration::from_secs(2))
+            .messages()
+            .await;
+        let mut batch = match batch {
+            Ok(b) => b,
+            Err(e) => {
+                tracing::warn!(consumer = %name, error = %e, "pull request failed, retrying");
+                drop(permits);
+                tokio::time::sleep(backoff).await;
+                backoff = (backoff * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        backoff = Duration::from_millis(100);
+        loop {
+            let next = tokio::select! {
+                _ = stop.cancelled() => return,
+                n = batch.next() => n,
+            };
+            match next {
+                Some(Ok(msg)) => {
+                    let Some(permit) = permits.pop() else {
+                        // More than asked for cannot happen; hand it back rather than overfill.
+                        let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                        continue;
+                    };
+                    stats.buffered.fetch_add(1, Ordering::Relaxed);
+                    lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) });
+                }
+                Some(Err(e)) => {
+                    tracing::debug!(consumer = %name, error = %e, "pull batch ended with an error");
+                    break;
+                }
+                None => break,
+            }
+        }
+    }
+}
+
+/// Sends in-progress acks for every task this worker holds: running ones and buffered ones.
+async fn heartbeat_loop(
+    client: async_nats::Client,
+    lanes: Arc<Lanes>,
+    running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
+    every: Duration,
+    stop: CancellationToken,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.tick().await;
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.cancelled() => {}
+        }
+        let mut replies = lanes.reply_subjects();
+        if let Ok(m) = running.lock() {
+            replies.extend(m.values().filter_map(|r| r.reply.clone()));
+        }
+        for reply in replies {
+            let _ = client.publish(reply, "+WPI".into()).await;
+        }
+        if stop.is_cancelled() {
+            // Keep heartbeating running tasks during the drain.
+            tokio::time::sleep(every).await;
+        }
+    }
+}
+
+/// Turns handler progress reports into `progress` events.
+async fn progress_loop(
+    mut rx: mpsc::UnboundedReceiver<(uuid::Uuid, serde_json::Value)>,
+    running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
+    events: EventSender,
+    _worker: String,
+) {
+    while let Some((task_id, value)) = rx.recv().await {
+        let base = running
+            .lock()
+            .ok()
+            .and_then(|m| m.values().find(|r| r.base.task_id == task_id).map(|r| r.base.clone()));
+        if let Some(mut ev) = base {
+            ev.kind = EventKind::Progress;
+            ev.at = now_ms();
+            ev.result = Some(value);
+            events.send(ev, AfterPublish::Nothing);
+        }
+    }
+}
