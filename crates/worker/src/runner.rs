@@ -421,13 +421,11 @@ async fn pull_loop(
             permits.push(p);
         }
         let want = permits.len();
-        let batch = consumer
-            .batch()
-            .max_messages(want)
-            .expires(Duration::from_secs(5))
-            .heartbeat(Duration::from_secs(2))
-            .messages()
-            .await;
+        // No idle heartbeat on purpose: async-nats' `Batch` swallows a heartbeat without
+        // re-arming its waker, so a message arriving after one would sit unread until the
+        // client-side timeout and then be dropped with the batch (lost until `ack_wait`).
+        // Without heartbeats the server's 408 at `expires` ends an idle batch cleanly.
+        let batch = consumer.batch().max_messages(want).expires(Duration::from_secs(5)).messages().await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
