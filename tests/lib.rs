@@ -1,1 +1,174 @@
-//! e2e
+//! Helpers for the end-to-end tests: a fleet of real taskfleet processes in a private
+//! [`TestEnv`], and ways to submit to it and watch Postgres.
+
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use std::collections::BTreeMap;
+use std::time::{Duration, Instant};
+use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Subjects, TaskEnvelope, encode, headers};
+use taskfleet_test_support::{FleetProcess, TestEnv, free_port};
+
+/// Coordinator and workers started against one private environment. Processes are killed
+/// and the environment removed when it drops.
+pub struct Fleet {
+    /// The services and namespaces.
+    pub env: TestEnv,
+    /// The coordinator, once started.
+    pub coordinator: Option<FleetProcess>,
+    /// Address of the coordinator's HTTP endpoints.
+    pub coordinator_http: String,
+    /// Workers started so far.
+    pub workers: Vec<FleetProcess>,
+    extra: Vec<(String, String)>,
+}
+
+impl Fleet {
+    /// A fleet with nothing started yet.
+    pub fn new(test: &str) -> Fleet {
+        Fleet {
+            env: TestEnv::new(test),
+            coordinator: None,
+            coordinator_http: format!("127.0.0.1:{}", free_port()),
+            workers: Vec::new(),
+            extra: Vec::new(),
+        }
+    }
+
+    /// Adds an environment variable for every process started afterwards.
+    pub fn set(&mut self, key: &str, value: &str) -> &mut Self {
+        self.extra.push((key.to_string(), value.to_string()));
+        self
+    }
+
+    fn env_with(&self, more: &[(&str, &str)]) -> Vec<(String, String)> {
+        let mut env = self.env.fleet_env();
+        env.extend(self.extra.iter().cloned());
+        env.extend(more.iter().map(|(k, v)| (k.to_string(), v.to_string())));
+        env
+    }
+
+    /// Starts the coordinator and waits until it is ready.
+    pub fn start_coordinator(&mut self) {
+        let env = self.env_with(&[(
+            "TASKFLEET_COORDINATOR_HTTP_ADDR",
+            self.coordinator_http.as_str(),
+        )]);
+        let mut p = FleetProcess::spawn("taskfleet-coordinator", &[], &env);
+        p.wait_http_ok(&self.coordinator_http, "/readyz", Duration::from_secs(60));
+        self.coordinator = Some(p);
+    }
+
+    /// Starts a worker with extra settings and waits until it is ready.
+    pub fn start_worker(&mut self, more: &[(&str, &str)]) {
+        let addr = format!("127.0.0.1:{}", free_port());
+        let mut all = vec![("TASKFLEET_WORKER_HTTP_ADDR", addr.as_str())];
+        all.extend_from_slice(more);
+        let env = self.env_with(&all);
+        let mut p = FleetProcess::spawn("taskfleet-worker", &[], &env);
+        p.wait_http_ok(&addr, "/readyz", Duration::from_secs(60));
+        self.workers.push(p);
+    }
+
+    /// Subject names of this fleet.
+    pub fn subjects(&self) -> Subjects {
+        Subjects::new(&self.env.subject_prefix, &self.env.stream_prefix)
+    }
+
+    /// A NATS client for the fleet's server.
+    pub async fn nats(&self) -> async_nats::Client {
+        async_nats::connect(self.env.nats.url.as_str())
+            .await
+            .expect("connect to test NATS")
+    }
+
+    /// Publishes envelopes to their queues' submit subjects and waits for every JetStream ack.
+    pub async fn submit_all(&self, client: &async_nats::Client, envs: &[TaskEnvelope]) {
+        let js = async_nats::jetstream::new(client.clone());
+        let subjects = self.subjects();
+        let mut acks = Vec::with_capacity(envs.len());
+        for env in envs {
+            let mut h = HeaderMap::new();
+            h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+            let publish = PublishMessage::build()
+                .payload(Bytes::from(encode(env)))
+                .headers(h)
+                .message_id(env.dedup_key());
+            acks.push(
+                js.send_publish(subjects.submit(&env.queue), publish)
+                    .await
+                    .expect("publish submission"),
+            );
+            if acks.len() >= 1000 {
+                for a in acks.drain(..) {
+                    a.await.expect("submission stored");
+                }
+            }
+        }
+        for a in acks {
+            a.await.expect("submission stored");
+        }
+    }
+
+    /// Task counts by state in Postgres.
+    pub async fn counts(&self, pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
+        let rows: Vec<(String, i64)> =
+            sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
+                .fetch_all(pool)
+                .await
+                .unwrap_or_default();
+        rows.into_iter().collect()
+    }
+
+    /// Waits until `n` tasks are in a final state, or panics with the counts and logs.
+    pub async fn wait_final(
+        &self,
+        pool: &sqlx::PgPool,
+        n: i64,
+        timeout: Duration,
+    ) -> BTreeMap<String, i64> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let counts = self.counts(pool).await;
+            let done: i64 = ["succeeded", "failed", "dead", "cancelled"]
+                .iter()
+                .filter_map(|s| counts.get(*s))
+                .sum();
+            if done >= n {
+                return counts;
+            }
+            if Instant::now() > deadline {
+                panic!(
+                    "only {done} of {n} tasks final after {timeout:?}: {counts:?}\n{}",
+                    self.logs()
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// The tail of every process's log, for failure messages.
+    pub fn logs(&self) -> String {
+        let mut out = String::new();
+        for p in self.coordinator.iter().chain(self.workers.iter()) {
+            let log = p.log();
+            let tail: Vec<&str> = log.lines().rev().take(30).collect();
+            out.push_str(&format!("--- {} ---\n", p.name));
+            for l in tail.into_iter().rev() {
+                out.push_str(l);
+                out.push('\n');
+            }
+        }
+        out
+    }
+
+    /// Runs the `taskfleet` CLI against this fleet.
+    pub fn cli(&self, args: &[&str]) -> std::process::Output {
+        let bin = taskfleet_test_support::target_dir().join("taskfleet");
+        std::process::Command::new(bin)
+            .args(args)
+            .envs(self.env_with(&[]).into_iter())
+            .output()
+            .expect("run taskfleet CLI")
+    }
+}

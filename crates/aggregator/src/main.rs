@@ -36,9 +36,15 @@ fn observe(totals: &Mutex<Totals>, ev: &TaskEvent) {
     metrics::counter!("taskfleet_task_events_total", "queue" => ev.queue.clone(), "kind" => ev.task_kind.clone(), "event" => kind)
         .increment(1);
     if let Some(t) = ev.timings.filter(|t| t.finished_at > 0) {
-        let labels = [("queue", ev.queue.clone()), ("kind", ev.task_kind.clone()), ("priority", ev.priority.as_str().to_string())];
-        metrics::histogram!("taskfleet_task_queue_wait_seconds", &labels).record(t.started_at.saturating_sub(t.created_at) as f64 / 1e3);
-        metrics::histogram!("taskfleet_task_run_seconds", &labels).record(t.finished_at.saturating_sub(t.started_at) as f64 / 1e3);
+        let labels = [
+            ("queue", ev.queue.clone()),
+            ("kind", ev.task_kind.clone()),
+            ("priority", ev.priority.as_str().to_string()),
+        ];
+        metrics::histogram!("taskfleet_task_queue_wait_seconds", &labels)
+            .record(t.started_at.saturating_sub(t.created_at) as f64 / 1e3);
+        metrics::histogram!("taskfleet_task_run_seconds", &labels)
+            .record(t.finished_at.saturating_sub(t.started_at) as f64 / 1e3);
         if ev.kind.is_final() {
             metrics::histogram!("taskfleet_task_end_to_end_seconds", &labels)
                 .record(t.finished_at.saturating_sub(t.created_at) as f64 / 1e3);
@@ -47,7 +53,11 @@ fn observe(totals: &Mutex<Totals>, ev: &TaskEvent) {
     let mut t = totals.lock().unwrap_or_else(|p| p.into_inner());
     *t.events.entry(kind.to_string()).or_default() += 1;
     if ev.kind.is_final() || ev.kind == EventKind::Rejected {
-        *t.outcomes.entry(format!("{}/{}", ev.queue, ev.task_kind)).or_default().entry(kind.to_string()).or_default() += 1;
+        *t.outcomes
+            .entry(format!("{}/{}", ev.queue, ev.task_kind))
+            .or_default()
+            .entry(kind.to_string())
+            .or_default() += 1;
     }
     if ev.cache_hit {
         t.cache_hits += 1;
@@ -64,7 +74,12 @@ fn observe(totals: &Mutex<Totals>, ev: &TaskEvent) {
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-aggregator")?;
     let config = service.config.clone();
-    let client = taskfleet_bus::connect(&config.nats, "taskfleet-aggregator", Duration::from_secs(60)).await?;
+    let client = taskfleet_bus::connect(
+        &config.nats,
+        "taskfleet-aggregator",
+        Duration::from_secs(60),
+    )
+    .await?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
     let consumer = topology.events_consumer(CONSUMER, 4096).await?;
@@ -76,13 +91,21 @@ async fn main() -> anyhow::Result<()> {
         get({
             let totals = totals.clone();
             move || {
-                let body = serde_json::to_value(&*totals.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
+                let body = serde_json::to_value(&*totals.lock().unwrap_or_else(|p| p.into_inner()))
+                    .unwrap_or_default();
                 async move { Json(body) }
             }
         }),
     );
     let http = service
-        .serve_http(&config.aggregator.http_addr, { let r = ready.clone(); move || r.load(Ordering::Relaxed) }, routes)
+        .serve_http(
+            &config.aggregator.http_addr,
+            {
+                let r = ready.clone();
+                move || r.load(Ordering::Relaxed)
+            },
+            routes,
+        )
         .await?;
 
     let mut messages = consumer
@@ -103,7 +126,11 @@ async fn main() -> anyhow::Result<()> {
             }
             continue;
         };
-        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::CONTENT_TYPE))
+            .map(|v| v.as_str().to_string());
         match decode::<EventBatch>(&msg.payload, ct.as_deref(), 64 << 20) {
             Ok(batch) => batch.events.iter().for_each(|ev| observe(&totals, ev)),
             Err(e) => {

@@ -12,7 +12,11 @@ use taskfleet_proto::{Priority, Subjects};
 
 /// Connects to NATS, retrying for up to `patience`, and checks that the server runs JetStream.
 /// Servers older than 2.10.23 are accepted with a warning (production should run a newer one).
-pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result<async_nats::Client, BusError> {
+pub async fn connect(
+    cfg: &NatsConfig,
+    name: &str,
+    patience: Duration,
+) -> Result<async_nats::Client, BusError> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(100);
     let client = loop {
@@ -38,21 +42,32 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
-            Err(e) => return Err(BusError::Connect { url: cfg.url.clone(), message: e.to_string() }),
+            Err(e) => {
+                return Err(BusError::Connect {
+                    url: cfg.url.clone(),
+                    message: e.to_string(),
+                });
+            }
         }
     };
     let info = client.server_info();
     if !info.jetstream {
         return Err(BusError::Unsuitable {
             url: cfg.url.clone(),
-            message: format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version),
+            message: format!(
+                "JetStream is not enabled on nats-server {} (start it with -js)",
+                info.version
+            ),
         });
     }
     let version = parse_version(&info.version);
     if version < (2, 9, 0) {
         return Err(BusError::Unsuitable {
             url: cfg.url.clone(),
-            message: format!("nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)", info.version),
+            message: format!(
+                "nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)",
+                info.version
+            ),
         });
     }
     if version < (2, 10, 23) {
@@ -65,8 +80,15 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
 }
 
 fn parse_version(v: &str) -> (u32, u32, u32) {
-    let mut parts = v.trim_start_matches('v').split(|c: char| !c.is_ascii_digit()).map(|p| p.parse().unwrap_or(0));
-    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
+    let mut parts = v
+        .trim_start_matches('v')
+        .split(|c: char| !c.is_ascii_digit())
+        .map(|p| p.parse().unwrap_or(0));
+    (
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+        parts.next().unwrap_or(0),
+    )
 }
 
 /// The fleet's streams and consumers, declared idempotently by whichever component starts.
@@ -89,7 +111,11 @@ impl Topology {
             .timeout(Duration::from_secs(10))
             .max_ack_inflight(10_000)
             .build(client);
-        Topology { js, subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix), cfg: cfg.clone() }
+        Topology {
+            js,
+            subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix),
+            cfg: cfg.clone(),
+        }
     }
 
     /// Creates the three streams, or updates them to this configuration.
@@ -134,14 +160,20 @@ impl Topology {
             self.js
                 .create_or_update_stream(config)
                 .await
-                .map_err(|e| BusError::Topology { what: format!("stream {name}"), message: e.to_string() })?;
+                .map_err(|e| BusError::Topology {
+                    what: format!("stream {name}"),
+                    message: e.to_string(),
+                })?;
         }
         Ok(())
     }
 
     /// The coordinator's consumer of submissions. `max_deliver` is unlimited on purpose: while
     /// Postgres is down the coordinator hands submissions back, and none may be dropped.
-    pub async fn submit_consumer(&self, max_ack_pending: i64) -> Result<jetstream::consumer::PullConsumer, BusError> {
+    pub async fn submit_consumer(
+        &self,
+        max_ack_pending: i64,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
         self.durable(
             &self.subjects.submit_stream(),
             COORDINATOR_CONSUMER,
@@ -154,12 +186,27 @@ impl Topology {
 
     /// A durable consumer of every task event, for one reader (`coordinator`, `aggregator`).
     /// Unlimited deliveries, like submissions: an event that cannot be recorded yet is retried.
-    pub async fn events_consumer(&self, name: &str, max_ack_pending: i64) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        self.durable(&self.subjects.events_stream(), name, self.subjects.events_all(), -1, max_ack_pending).await
+    pub async fn events_consumer(
+        &self,
+        name: &str,
+        max_ack_pending: i64,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.durable(
+            &self.subjects.events_stream(),
+            name,
+            self.subjects.events_all(),
+            -1,
+            max_ack_pending,
+        )
+        .await
     }
 
     /// The consumer that every worker of `queue` shares for `priority`.
-    pub async fn dispatch_consumer(&self, queue: &str, priority: Priority) -> Result<jetstream::consumer::PullConsumer, BusError> {
+    pub async fn dispatch_consumer(
+        &self,
+        queue: &str,
+        priority: Priority,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
         self.durable(
             &self.subjects.dispatch_stream(),
             &self.subjects.dispatch_consumer(queue, priority),
@@ -195,13 +242,21 @@ impl Topology {
             .js
             .get_stream_no_info(stream)
             .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+            .map_err(|e| BusError::Topology {
+                what: what(),
+                message: e.to_string(),
+            })?;
         match stream.create_consumer(config.clone()).await {
             Ok(c) => Ok(c),
-            Err(create_err) => stream.update_consumer(config).await.map_err(|update_err| BusError::Topology {
-                what: what(),
-                message: format!("create: {create_err}; update: {update_err}"),
-            }),
+            Err(create_err) => {
+                stream
+                    .update_consumer(config)
+                    .await
+                    .map_err(|update_err| BusError::Topology {
+                        what: what(),
+                        message: format!("create: {create_err}; update: {update_err}"),
+                    })
+            }
         }
     }
 }

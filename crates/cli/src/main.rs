@@ -9,7 +9,11 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "taskfleet", version, about = "Submit and inspect taskfleet tasks")]
+#[command(
+    name = "taskfleet",
+    version,
+    about = "Submit and inspect taskfleet tasks"
+)]
 struct Cli {
     /// NATS server URL (default: the fleet configuration's, `TASKFLEET_NATS_URL`).
     #[arg(long, global = true)]
@@ -81,7 +85,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(p) = cli.subject_prefix {
         config.nats.subject_prefix = p;
     }
-    let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
+    let fleet = client::Fleet::connect(&config)
+        .await
+        .context("connecting to NATS")?;
     match cli.command {
         Command::Submit(args) => submit::run(&fleet, args).await,
         Command::Status { id } => {
@@ -94,21 +100,43 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             match task {
                 Some(task) => {
                     println!("{}", serde_json::to_string_pretty(&task)?);
-                    Ok(if task.get("state").and_then(|s| s.as_str()) == Some("succeeded") { 0 } else { 1 })
+                    Ok(
+                        if task.get("state").and_then(|s| s.as_str()) == Some("succeeded") {
+                            0
+                        } else {
+                            1
+                        },
+                    )
                 }
                 None => {
-                    eprintln!("task {id} is not final after {}", humantime::format_duration(timeout));
+                    eprintln!(
+                        "task {id} is not final after {}",
+                        humantime::format_duration(timeout)
+                    );
                     Ok(2)
                 }
             }
         }
-        Command::Ls { state, queue, limit, json } => {
-            let rows = fleet.api("task.list", &serde_json::json!({ "state": state, "queue": queue, "limit": limit })).await?;
+        Command::Ls {
+            state,
+            queue,
+            limit,
+            json,
+        } => {
+            let rows = fleet
+                .api(
+                    "task.list",
+                    &serde_json::json!({ "state": state, "queue": queue, "limit": limit }),
+                )
+                .await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(0);
             }
-            println!("{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  CREATED", "ID", "QUEUE", "KIND", "PRIORITY", "STATE", "ATTEMPT");
+            println!(
+                "{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  CREATED",
+                "ID", "QUEUE", "KIND", "PRIORITY", "STATE", "ATTEMPT"
+            );
             for t in rows.as_array().into_iter().flatten() {
                 let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
                 println!(
@@ -125,7 +153,9 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             Ok(0)
         }
         Command::Counts { queue } => {
-            let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
+            let counts = fleet
+                .api("task.counts", &serde_json::json!({ "queue": queue }))
+                .await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(0)
         }

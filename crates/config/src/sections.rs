@@ -68,21 +68,40 @@ impl Default for NatsConfig {
 
 impl NatsConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let token_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
+        let token_ok = |s: &str| {
+            !s.is_empty()
+                && s.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
+        };
         if !self.subject_prefix.split('.').all(token_ok) {
-            return invalid("nats.subject_prefix", format!("{:?} must be dot-separated tokens of [A-Za-z0-9_-]", self.subject_prefix));
+            return invalid(
+                "nats.subject_prefix",
+                format!(
+                    "{:?} must be dot-separated tokens of [A-Za-z0-9_-]",
+                    self.subject_prefix
+                ),
+            );
         }
         if !token_ok(&self.stream_prefix) {
-            return invalid("nats.stream_prefix", format!("{:?} must be [A-Za-z0-9_-]+", self.stream_prefix));
+            return invalid(
+                "nats.stream_prefix",
+                format!("{:?} must be [A-Za-z0-9_-]+", self.stream_prefix),
+            );
         }
         if self.ack_wait < Duration::from_secs(1) {
             return invalid("nats.ack_wait", "must be at least 1s".into());
         }
         if self.max_deliver < 1 || self.max_ack_pending < 1 {
-            return invalid("nats.max_deliver", "max_deliver and max_ack_pending must be positive".into());
+            return invalid(
+                "nats.max_deliver",
+                "max_deliver and max_ack_pending must be positive".into(),
+            );
         }
         if !(1..=5).contains(&self.replicas) {
-            return invalid("nats.replicas", format!("{} is outside 1..=5", self.replicas));
+            return invalid(
+                "nats.replicas",
+                format!("{} is outside 1..=5", self.replicas),
+            );
         }
         Ok(())
     }
@@ -102,7 +121,11 @@ pub struct DatabaseConfig {
 
 impl Default for DatabaseConfig {
     fn default() -> Self {
-        DatabaseConfig { url: "postgres://postgres@127.0.0.1:5432/test".into(), schema: "taskfleet".into(), max_connections: 8 }
+        DatabaseConfig {
+            url: "postgres://postgres@127.0.0.1:5432/test".into(),
+            schema: "taskfleet".into(),
+            max_connections: 8,
+        }
     }
 }
 
@@ -110,10 +133,16 @@ impl DatabaseConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let ok = !self.schema.is_empty()
             && self.schema.len() <= 63
-            && self.schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && self
+                .schema
+                .chars()
+                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             && !self.schema.starts_with(|c: char| c.is_ascii_digit());
         if !ok {
-            return invalid("database.schema", format!("{:?} must be a lowercase SQL identifier", self.schema));
+            return invalid(
+                "database.schema",
+                format!("{:?} must be a lowercase SQL identifier", self.schema),
+            );
         }
         if self.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1".into());
@@ -134,7 +163,10 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "taskfleet:".into() }
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "taskfleet:".into(),
+        }
     }
 }
 
@@ -161,7 +193,10 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig { log: "info".into(), log_format: LogFormat::Text }
+        TelemetryConfig {
+            log: "info".into(),
+            log_format: LogFormat::Text,
+        }
     }
 }
 
@@ -180,9 +215,6 @@ pub struct CoordinatorConfig {
     pub submit_batch_size: usize,
     /// Most events written to Postgres in one batch.
     pub event_batch_size: usize,
-    /// How long a batch fetch waits for messages before handing over what it has.
-    #[serde(with = "humantime_serde")]
-    pub batch_wait: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -193,7 +225,6 @@ impl Default for CoordinatorConfig {
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
             event_batch_size: 1000,
-            batch_wait: Duration::from_millis(200),
         }
     }
 }
@@ -201,10 +232,18 @@ impl Default for CoordinatorConfig {
 impl CoordinatorConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         for kind in &self.kinds {
-            validate_name("kinds", kind, true).map_err(|e| ConfigError::Invalid { field: "coordinator.kinds", message: e.to_string() })?;
+            validate_name("kinds", kind, true).map_err(|e| ConfigError::Invalid {
+                field: "coordinator.kinds",
+                message: e.to_string(),
+            })?;
         }
-        if !(1..=10_000).contains(&self.submit_batch_size) || !(1..=10_000).contains(&self.event_batch_size) {
-            return invalid("coordinator.submit_batch_size", "batch sizes must be in 1..=10000".into());
+        if !(1..=10_000).contains(&self.submit_batch_size)
+            || !(1..=10_000).contains(&self.event_batch_size)
+        {
+            return invalid(
+                "coordinator.submit_batch_size",
+                "batch sizes must be in 1..=10000".into(),
+            );
         }
         if self.max_body_bytes < 256 {
             return invalid("coordinator.max_body_bytes", "must be at least 256".into());
@@ -237,7 +276,12 @@ impl PriorityWeights {
 
 impl Default for PriorityWeights {
     fn default() -> Self {
-        PriorityWeights { critical: 16, high: 8, normal: 4, low: 1 }
+        PriorityWeights {
+            critical: 16,
+            high: 8,
+            normal: 4,
+            low: 1,
+        }
     }
 }
 
@@ -296,13 +340,22 @@ impl WorkerConfig {
             return invalid("worker.queues", "name at least one queue".into());
         }
         for q in &self.queues {
-            validate_name("queues", q, false).map_err(|e| ConfigError::Invalid { field: "worker.queues", message: e.to_string() })?;
+            validate_name("queues", q, false).map_err(|e| ConfigError::Invalid {
+                field: "worker.queues",
+                message: e.to_string(),
+            })?;
         }
         if !(1..=100_000).contains(&self.max_concurrent_tasks) {
-            return invalid("worker.max_concurrent_tasks", format!("{} is outside 1..=100000", self.max_concurrent_tasks));
+            return invalid(
+                "worker.max_concurrent_tasks",
+                format!("{} is outside 1..=100000", self.max_concurrent_tasks),
+            );
         }
         if self.priority_weights.as_array().contains(&0) {
-            return invalid("worker.priority_weights", "every weight must be at least 1, or that priority would starve".into());
+            return invalid(
+                "worker.priority_weights",
+                "every weight must be at least 1, or that priority would starve".into(),
+            );
         }
         if !(1..=10_000).contains(&self.event_batch_size) {
             return invalid("worker.event_batch_size", "must be in 1..=10000".into());
@@ -312,7 +365,11 @@ impl WorkerConfig {
 
     /// Effective prefetch per queue and priority.
     pub fn effective_prefetch(&self) -> usize {
-        if self.prefetch == 0 { self.max_concurrent_tasks } else { self.prefetch }
+        if self.prefetch == 0 {
+            self.max_concurrent_tasks
+        } else {
+            self.prefetch
+        }
     }
 }
 
@@ -326,7 +383,9 @@ pub struct AggregatorConfig {
 
 impl Default for AggregatorConfig {
     fn default() -> Self {
-        AggregatorConfig { http_addr: "0.0.0.0:9090".into() }
+        AggregatorConfig {
+            http_addr: "0.0.0.0:9090".into(),
+        }
     }
 }
 

@@ -36,8 +36,13 @@ struct CountsRequest {
 
 /// Answers one API request; errors become `{"error": "..."}` bodies, never a crash.
 async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
-    let parse_err = |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
-    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
+    let parse_err =
+        |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
+    let body = if body.iter().all(u8::is_ascii_whitespace) {
+        b"{}".as_slice()
+    } else {
+        body
+    };
     let result = match verb {
         "task.get" => match serde_json::from_slice::<IdRequest>(body) {
             Err(e) => return parse_err(e),
@@ -48,13 +53,19 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
         },
         "task.list" => match serde_json::from_slice::<ListFilter>(body) {
             Err(e) => return parse_err(e),
-            Ok(f) => ctx.store.list_tasks(&f).await.map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
+            Ok(f) => ctx
+                .store
+                .list_tasks(&f)
+                .await
+                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
         },
         "task.counts" => match serde_json::from_slice::<CountsRequest>(body) {
             Err(e) => return parse_err(e),
-            Ok(r) => ctx.store.count_by_state(r.queue.as_deref()).await.map(|rows| {
-                Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())
-            }),
+            Ok(r) => ctx
+                .store
+                .count_by_state(r.queue.as_deref())
+                .await
+                .map(|rows| Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())),
         },
         other => return json!({ "error": format!("unknown API verb {other:?}") }),
     };
@@ -75,9 +86,15 @@ pub(crate) async fn serve_nats(ctx: Arc<Ctx>, shutdown: CancellationToken) -> an
             _ = shutdown.cancelled() => return Ok(()),
             m = sub.next() => match m { Some(m) => m, None => return Ok(()) },
         };
-        let Some(reply) = msg.reply.clone() else { continue };
+        let Some(reply) = msg.reply.clone() else {
+            continue;
+        };
         let ctx = ctx.clone();
-        let verb = msg.subject.strip_prefix(prefix.as_str()).unwrap_or("").to_string();
+        let verb = msg
+            .subject
+            .strip_prefix(prefix.as_str())
+            .unwrap_or("")
+            .to_string();
         tokio::spawn(async move {
             let value = answer(&ctx, &verb, &msg.payload).await;
             let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
@@ -102,25 +119,57 @@ pub(crate) fn http_routes(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route(
             "/v1/tasks/{id}",
-            get(|State(ctx): State<Arc<Ctx>>, Path(id): Path<String>| async move {
-                match uuid::Uuid::parse_str(&id) {
-                    Ok(id) => to_response(answer(&ctx, "task.get", &serde_json::to_vec(&json!({ "id": id })).unwrap_or_default()).await),
-                    Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("invalid task id: {e}") }))).into_response(),
-                }
-            }),
+            get(
+                |State(ctx): State<Arc<Ctx>>, Path(id): Path<String>| async move {
+                    match uuid::Uuid::parse_str(&id) {
+                        Ok(id) => to_response(
+                            answer(
+                                &ctx,
+                                "task.get",
+                                &serde_json::to_vec(&json!({ "id": id })).unwrap_or_default(),
+                            )
+                            .await,
+                        ),
+                        Err(e) => (
+                            StatusCode::BAD_REQUEST,
+                            Json(json!({ "error": format!("invalid task id: {e}") })),
+                        )
+                            .into_response(),
+                    }
+                },
+            ),
         )
         .route(
             "/v1/tasks",
-            get(|State(ctx): State<Arc<Ctx>>, Query(f): Query<ListFilter>| async move {
-                to_response(answer(&ctx, "task.list", &serde_json::to_vec(&f).unwrap_or_default()).await)
-            }),
+            get(
+                |State(ctx): State<Arc<Ctx>>, Query(f): Query<ListFilter>| async move {
+                    to_response(
+                        answer(
+                            &ctx,
+                            "task.list",
+                            &serde_json::to_vec(&f).unwrap_or_default(),
+                        )
+                        .await,
+                    )
+                },
+            ),
         )
         .route(
             "/v1/counts",
-            get(|State(ctx): State<Arc<Ctx>>, Query(q): Query<std::collections::HashMap<String, String>>| async move {
-                let body = json!({ "queue": q.get("queue") });
-                to_response(answer(&ctx, "task.counts", &serde_json::to_vec(&body).unwrap_or_default()).await)
-            }),
+            get(
+                |State(ctx): State<Arc<Ctx>>,
+                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                    let body = json!({ "queue": q.get("queue") });
+                    to_response(
+                        answer(
+                            &ctx,
+                            "task.counts",
+                            &serde_json::to_vec(&body).unwrap_or_default(),
+                        )
+                        .await,
+                    )
+                },
+            ),
         )
         .with_state(ctx)
 }

@@ -9,7 +9,11 @@ use taskfleet_proto::{CONTENT_TYPE_MSGPACK, TaskEnvelope, encode, headers};
 /// The dispatch message of a task. Its dedup id is `<id>:<attempt offset>`, so dispatching the
 /// same task twice within the dedup window (a coordinator that crashed between publishing and
 /// acknowledging the submission) stores it once.
-pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&HeaderMap>) -> Outgoing {
+pub(crate) fn message(
+    topology: &Topology,
+    env: &TaskEnvelope,
+    trace: Option<&HeaderMap>,
+) -> Outgoing {
     let mut h = HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
     if let Some(trace) = trace {
@@ -29,7 +33,10 @@ pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&He
 
 /// Publishes dispatch messages, retrying the whole set a few times (dedup ids make repeats
 /// harmless). An error means some tasks may not be in JetStream: their rows stay `queued`.
-pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Result<(), taskfleet_bus::BusError> {
+pub(crate) async fn publish(
+    topology: &Topology,
+    messages: Vec<Outgoing>,
+) -> Result<(), taskfleet_bus::BusError> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -50,5 +57,8 @@ pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Res
             }
         }
     }
-    Err(last.unwrap_or(taskfleet_bus::BusError::Publish { subject: "dispatch".into(), message: "unknown".into() }))
+    Err(last.unwrap_or(taskfleet_bus::BusError::Publish {
+        subject: "dispatch".into(),
+        message: "unknown".into(),
+    }))
 }

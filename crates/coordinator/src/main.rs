@@ -27,14 +27,31 @@ async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-coordinator")?;
     let config = service.config.clone();
     let store = Store::connect(&config.database).await?;
-    let client = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60)).await?;
+    let client = taskfleet_bus::connect(
+        &config.nats,
+        "taskfleet-coordinator",
+        Duration::from_secs(60),
+    )
+    .await?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
-    let ctx = Arc::new(Ctx { config: config.clone(), client, topology, store });
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        client,
+        topology,
+        store,
+    });
 
     let ready = Arc::new(AtomicBool::new(false));
     let http = service
-        .serve_http(&config.coordinator.http_addr, { let r = ready.clone(); move || r.load(Ordering::Relaxed) }, api::http_routes(ctx.clone()))
+        .serve_http(
+            &config.coordinator.http_addr,
+            {
+                let r = ready.clone();
+                move || r.load(Ordering::Relaxed)
+            },
+            api::http_routes(ctx.clone()),
+        )
         .await?;
     let shutdown = service.shutdown.clone();
     let loops = vec![
@@ -69,7 +86,11 @@ async fn main() -> anyhow::Result<()> {
 }
 
 /// Ready while Postgres answers and NATS is connected.
-async fn readiness(ctx: Arc<Ctx>, ready: Arc<AtomicBool>, shutdown: tokio_util::sync::CancellationToken) -> anyhow::Result<()> {
+async fn readiness(
+    ctx: Arc<Ctx>,
+    ready: Arc<AtomicBool>,
+    shutdown: tokio_util::sync::CancellationToken,
+) -> anyhow::Result<()> {
     loop {
         let db = ctx.store.ping().await.is_ok();
         let nats = ctx.client.connection_state() == async_nats::connection::State::Connected;

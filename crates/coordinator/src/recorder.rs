@@ -9,14 +9,19 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_bus::COORDINATOR_CONSUMER;
-use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers};
+use taskfleet_proto::{
+    CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers,
+};
 use tokio_util::sync::CancellationToken;
 
 /// Event messages pulled per request; each carries up to a worker's event batch.
 const MESSAGES_PER_PULL: usize = 256;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let consumer = ctx.topology.events_consumer(COORDINATOR_CONSUMER, (MESSAGES_PER_PULL * 8) as i64).await?;
+    let consumer = ctx
+        .topology
+        .events_consumer(COORDINATOR_CONSUMER, (MESSAGES_PER_PULL * 8) as i64)
+        .await?;
     let messages = consumer
         .stream()
         .max_messages_per_batch(MESSAGES_PER_PULL)
@@ -36,7 +41,11 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
         let mut group: Vec<Message> = Vec::new();
         let mut events: Vec<TaskEvent> = Vec::new();
         for m in chunk.into_iter().filter_map(|m| m.ok()) {
-            let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+            let ct = m
+                .headers
+                .as_ref()
+                .and_then(|h| h.get(headers::CONTENT_TYPE))
+                .map(|v| v.as_str().to_string());
             match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
                 Ok(batch) => {
                     events.extend(batch.events);
@@ -50,7 +59,12 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
                 }
             }
             if events.len() >= limit {
-                record(&ctx, std::mem::take(&mut group), std::mem::take(&mut events)).await;
+                record(
+                    &ctx,
+                    std::mem::take(&mut group),
+                    std::mem::take(&mut events),
+                )
+                .await;
             }
         }
         if !group.is_empty() {
@@ -63,7 +77,8 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     let outcome = match ctx.store.record_events(&events).await {
         Ok(o) => o,
         Err(e) => {
-            metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record").increment(1);
+            metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record")
+                .increment(1);
             tracing::error!(error = %e, events = events.len(), "cannot record events; will retry");
             for m in &msgs {
                 let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -72,11 +87,17 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
         }
     };
     metrics::counter!("taskfleet_coordinator_events_total").increment(events.len() as u64);
-    metrics::counter!("taskfleet_coordinator_events_ignored_total").increment(outcome.ignored as u64);
-    metrics::counter!("taskfleet_coordinator_finalized_total").increment(outcome.finalized.len() as u64);
+    metrics::counter!("taskfleet_coordinator_events_ignored_total")
+        .increment(outcome.ignored as u64);
+    metrics::counter!("taskfleet_coordinator_finalized_total")
+        .increment(outcome.finalized.len() as u64);
 
     if !outcome.released.is_empty() {
-        let out = outcome.released.iter().map(|env| dispatch::message(&ctx.topology, env, None)).collect();
+        let out = outcome
+            .released
+            .iter()
+            .map(|env| dispatch::message(&ctx.topology, env, None))
+            .collect();
         if let Err(e) = dispatch::publish(&ctx.topology, out).await {
             // The released rows are committed as queued. Redelivering these events would find
             // the parents already final and release nothing, so the rescuer must pick them up.
@@ -90,11 +111,21 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     }
     let mut by_queue: HashMap<&str, Vec<CommittedTask>> = HashMap::new();
     for f in &outcome.finalized {
-        by_queue.entry(f.queue.as_str()).or_default().push(CommittedTask { id: f.id, state: f.state });
+        by_queue
+            .entry(f.queue.as_str())
+            .or_default()
+            .push(CommittedTask {
+                id: f.id,
+                state: f.state,
+            });
     }
     for (queue, tasks) in by_queue {
         let body = Bytes::from(encode(&CommittedBatch { tasks }));
-        if let Err(e) = ctx.client.publish(ctx.topology.subjects.committed(queue), body).await {
+        if let Err(e) = ctx
+            .client
+            .publish(ctx.topology.subjects.committed(queue), body)
+            .await
+        {
             tracing::debug!(error = %e, "cannot publish committed notification");
         }
     }

@@ -118,12 +118,18 @@ impl TaskEnvelope {
     /// payload (JSON length).
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), DecodeError> {
         if self.v == 0 || self.v > PROTOCOL_VERSION {
-            return Err(DecodeError::UnsupportedVersion { found: self.v, supported: PROTOCOL_VERSION });
+            return Err(DecodeError::UnsupportedVersion {
+                found: self.v,
+                supported: PROTOCOL_VERSION,
+            });
         }
         validate_name("kind", &self.kind, true)?;
         validate_name("queue", &self.queue, false)?;
         if self.id.is_nil() {
-            return Err(DecodeError::Invalid { field: "id", reason: "must not be the nil UUID".into() });
+            return Err(DecodeError::Invalid {
+                field: "id",
+                reason: "must not be the nil UUID".into(),
+            });
         }
         if self.max_attempts == 0 || self.max_attempts > 1_000 {
             return Err(DecodeError::Invalid {
@@ -148,15 +154,26 @@ impl TaskEnvelope {
         if self.depends_on.len() > MAX_DEPENDENCIES {
             return Err(DecodeError::Invalid {
                 field: "depends_on",
-                reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
+                reason: format!(
+                    "{} dependencies, at most {MAX_DEPENDENCIES}",
+                    self.depends_on.len()
+                ),
             });
         }
         if self.depends_on.contains(&self.id) {
-            return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
+            return Err(DecodeError::Invalid {
+                field: "depends_on",
+                reason: "a task cannot depend on itself".into(),
+            });
         }
-        let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&self.payload)
+            .map(|v| v.len())
+            .unwrap_or(usize::MAX);
         if size > max_payload_bytes {
-            return Err(DecodeError::TooLarge { size, limit: max_payload_bytes });
+            return Err(DecodeError::TooLarge {
+                size,
+                limit: max_payload_bytes,
+            });
         }
         Ok(())
     }
@@ -164,9 +181,16 @@ impl TaskEnvelope {
 
 /// Checks a queue name or task kind: 1..=128 characters of `[A-Za-z0-9_-]`, plus `.` for kinds
 /// (`llm.chat`). Queue names become NATS subject tokens, so dots and wildcards are refused there.
-pub fn validate_name(field: &'static str, value: &str, allow_dots: bool) -> Result<(), DecodeError> {
+pub fn validate_name(
+    field: &'static str,
+    value: &str,
+    allow_dots: bool,
+) -> Result<(), DecodeError> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
-        return Err(DecodeError::Invalid { field, reason: format!("length must be 1..={MAX_ID_LEN}") });
+        return Err(DecodeError::Invalid {
+            field,
+            reason: format!("length must be 1..={MAX_ID_LEN}"),
+        });
     }
     let ok = value
         .chars()
@@ -185,5 +209,8 @@ pub fn validate_name(field: &'static str, value: &str, allow_dots: bool) -> Resu
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }

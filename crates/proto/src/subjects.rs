@@ -28,7 +28,10 @@ impl Subjects {
     /// Names under subject prefix `prefix` (e.g. `taskfleet`) and stream-name prefix
     /// `stream_prefix` (e.g. `TASKFLEET`).
     pub fn new(prefix: impl Into<String>, stream_prefix: impl Into<String>) -> Self {
-        Subjects { prefix: prefix.into(), stream_prefix: stream_prefix.into() }
+        Subjects {
+            prefix: prefix.into(),
+            stream_prefix: stream_prefix.into(),
+        }
     }
 
     /// The subject prefix.
@@ -78,7 +81,9 @@ impl Subjects {
     }
     /// The queue name from a `<prefix>.<kind>.<queue>[...]` subject.
     pub fn queue_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
-        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
+        let rest = subject
+            .strip_prefix(self.prefix.as_str())?
+            .strip_prefix('.')?;
         rest.split('.').nth(1)
     }
     /// Stream holding submissions (WorkQueue retention, deduplication window).

@@ -65,12 +65,31 @@ impl Store {
         let mut tx = self.pool.begin().await?;
 
         // Attempts that ended.
-        let (mut a_task, mut a_attempt, mut a_outcome, mut a_worker, mut a_error, mut a_start, mut a_end) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let (
+            mut a_task,
+            mut a_attempt,
+            mut a_outcome,
+            mut a_worker,
+            mut a_error,
+            mut a_start,
+            mut a_end,
+        ) = (
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+            Vec::new(),
+        );
         for ev in events {
             let ends_attempt = matches!(
                 ev.kind,
-                EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
+                EventKind::Succeeded
+                    | EventKind::Failed
+                    | EventKind::Retrying
+                    | EventKind::Dead
+                    | EventKind::Cancelled
             );
             if ends_attempt && ev.attempt > 0 {
                 a_task.push(ev.task_id);
@@ -79,7 +98,11 @@ impl Store {
                 a_worker.push(ev.worker.as_deref());
                 a_error.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
                 a_start.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
-                a_end.push(ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64)));
+                a_end.push(
+                    ev.timings
+                        .and_then(|t| ms_or_null(t.finished_at))
+                        .or(Some(ev.at as i64)),
+                );
             }
         }
         if !a_task.is_empty() {
@@ -104,10 +127,19 @@ impl Store {
 
         // State changes.
         let n = order.len();
-        let (mut ids, mut states, mut finals, mut attempts, mut workers) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut results, mut errors, mut started, mut finished) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut states, mut finals, mut attempts, mut workers) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut results, mut errors, mut started, mut finished) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for id in &order {
             let ev = decisive[id];
             let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
@@ -120,7 +152,11 @@ impl Store {
             errors.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
             started.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
             finished.push(if state.is_final() {
-                Some(ev.timings.and_then(|t| ms_or_null(t.finished_at)).unwrap_or(ev.at as i64))
+                Some(
+                    ev.timings
+                        .and_then(|t| ms_or_null(t.finished_at))
+                        .unwrap_or(ev.at as i64),
+                )
             } else {
                 None
             });
@@ -158,12 +194,18 @@ impl Store {
 
         let (mut succeeded_parents, mut failed_parents) = (Vec::new(), Vec::new());
         for (id, queue, state, has_dependents) in changed {
-            let Some(state) = TaskState::parse(&state) else { continue };
+            let Some(state) = TaskState::parse(&state) else {
+                continue;
+            };
             if !state.is_final() {
                 continue;
             }
             if has_dependents {
-                if state == TaskState::Succeeded { succeeded_parents.push(id) } else { failed_parents.push(id) }
+                if state == TaskState::Succeeded {
+                    succeeded_parents.push(id)
+                } else {
+                    failed_parents.push(id)
+                }
             }
             out.finalized.push(Finalized { id, queue, state });
         }
@@ -187,14 +229,29 @@ impl Store {
             .bind(&failed_parents)
             .fetch_all(&mut *tx)
             .await?;
-            out.finalized.extend(cancelled.into_iter().map(|(id, queue)| Finalized { id, queue, state: TaskState::Cancelled }));
+            out.finalized
+                .extend(cancelled.into_iter().map(|(id, queue)| Finalized {
+                    id,
+                    queue,
+                    state: TaskState::Cancelled,
+                }));
         }
         tx.commit().await?;
         Ok(out)
     }
 }
 
-type ReleasedRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64);
+type ReleasedRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    serde_json::Value,
+    i32,
+    i64,
+    Option<String>,
+    i64,
+);
 
 /// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
 async fn release_dependents(

@@ -37,7 +37,11 @@ impl Store {
         let schema = cfg.schema.clone();
         {
             let mut conn = base.connect().await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\""))).execute(&mut conn).await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!(
+                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
+            )))
+            .execute(&mut conn)
+            .await?;
         }
         let options = base.options([("search_path", schema.as_str())]);
         let pool = PgPoolOptions::new()

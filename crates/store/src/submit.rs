@@ -66,11 +66,12 @@ impl Store {
             .collect();
         let mut dep_state: HashMap<Uuid, String> = HashMap::new();
         if !external.is_empty() {
-            let rows: Vec<(Uuid, String)> =
-                sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
-                    .bind(&external)
-                    .fetch_all(&mut *tx)
-                    .await?;
+            let rows: Vec<(Uuid, String)> = sqlx::query_as(
+                "SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE",
+            )
+            .bind(&external)
+            .fetch_all(&mut *tx)
+            .await?;
             dep_state.extend(rows);
         }
 
@@ -90,7 +91,11 @@ impl Store {
                         } else {
                             format!("dependency {dep} must be submitted before its dependent")
                         };
-                        out.rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
+                        out.rejected.push(Rejected {
+                            index: i,
+                            reason: RejectReason::UnknownDependency,
+                            message,
+                        });
                         refused.insert(t.id);
                         break;
                     }
@@ -133,10 +138,21 @@ impl Store {
             return Ok(out);
         }
         let n = accepted.len();
-        let (mut ids, mut queues, mut kinds, mut prios, mut states) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
-        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut ids, mut queues, mut kinds, mut prios, mut states) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
+        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for &i in &accepted {
             let t = &tasks[i];
             let (state, error) = initial[i].clone().unwrap_or((TaskState::Queued, None));
@@ -182,10 +198,17 @@ impl Store {
 
         // Submissions that wrote nothing matched an existing row, by id (a redelivered
         // submission) or by idempotency key.
-        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !inserted.contains(&tasks[*i].id)).collect();
+        let missing: Vec<usize> = accepted
+            .iter()
+            .copied()
+            .filter(|i| !inserted.contains(&tasks[*i].id))
+            .collect();
         if !missing.is_empty() {
             let miss_ids: Vec<Uuid> = missing.iter().map(|i| tasks[*i].id).collect();
-            let miss_keys: Vec<String> = missing.iter().filter_map(|i| tasks[*i].idempotency_key.clone()).collect();
+            let miss_keys: Vec<String> = missing
+                .iter()
+                .filter_map(|i| tasks[*i].idempotency_key.clone())
+                .collect();
             let rows: Vec<(Uuid, Option<String>, String)> = sqlx::query_as(
                 "SELECT id, idempotency_key, state FROM tasks WHERE id = ANY($1) OR idempotency_key = ANY($2)",
             )
@@ -193,9 +216,12 @@ impl Store {
             .bind(&miss_keys)
             .fetch_all(&mut *tx)
             .await?;
-            let by_id: HashMap<Uuid, &str> = rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
-            let by_key: HashMap<&str, Uuid> =
-                rows.iter().filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id))).collect();
+            let by_id: HashMap<Uuid, &str> =
+                rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
+            let by_key: HashMap<&str, Uuid> = rows
+                .iter()
+                .filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id)))
+                .collect();
             for i in missing {
                 let t = &tasks[i];
                 if let Some(state) = by_id.get(&t.id) {
@@ -205,18 +231,33 @@ impl Store {
                     if *state == TaskState::Queued.as_str() {
                         out.dispatch.push(i);
                     }
-                    out.duplicates.push(Duplicate { index: i, existing: t.id });
-                } else if let Some(existing) = t.idempotency_key.as_deref().and_then(|k| by_key.get(k)) {
-                    out.duplicates.push(Duplicate { index: i, existing: *existing });
+                    out.duplicates.push(Duplicate {
+                        index: i,
+                        existing: t.id,
+                    });
+                } else if let Some(existing) =
+                    t.idempotency_key.as_deref().and_then(|k| by_key.get(k))
+                {
+                    out.duplicates.push(Duplicate {
+                        index: i,
+                        existing: *existing,
+                    });
                 } else {
                     // Conflicted with a row of this very batch sharing its idempotency key.
                     let first = accepted
                         .iter()
                         .map(|j| &tasks[*j])
-                        .find(|o| o.idempotency_key.is_some() && o.idempotency_key == t.idempotency_key && inserted.contains(&o.id))
+                        .find(|o| {
+                            o.idempotency_key.is_some()
+                                && o.idempotency_key == t.idempotency_key
+                                && inserted.contains(&o.id)
+                        })
                         .map(|o| o.id)
                         .unwrap_or(t.id);
-                    out.duplicates.push(Duplicate { index: i, existing: first });
+                    out.duplicates.push(Duplicate {
+                        index: i,
+                        existing: first,
+                    });
                 }
             }
         }
@@ -245,10 +286,12 @@ impl Store {
             let mut targets = edge_dep.clone();
             targets.sort();
             targets.dedup();
-            sqlx::query("UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents")
-                .bind(&targets)
-                .execute(&mut *tx)
-                .await?;
+            sqlx::query(
+                "UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents",
+            )
+            .bind(&targets)
+            .execute(&mut *tx)
+            .await?;
         }
         tx.commit().await?;
 

@@ -81,6 +81,9 @@ impl Lanes {
     /// Reply subjects of every buffered message, for heartbeats.
     pub fn reply_subjects(&self) -> Vec<async_nats::Subject> {
         let s = self.lock();
-        s.lanes.iter().flat_map(|l| l.iter().filter_map(|d| d.msg.reply.clone())).collect()
+        s.lanes
+            .iter()
+            .flat_map(|l| l.iter().filter_map(|d| d.msg.reply.clone()))
+            .collect()
     }
 }

@@ -56,7 +56,11 @@ impl WorkerBuilder {
         let id = if self.config.worker.id.is_empty() {
             let host = std::env::var("HOSTNAME")
                 .ok()
-                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+                .or_else(|| {
+                    std::fs::read_to_string("/etc/hostname")
+                        .ok()
+                        .map(|h| h.trim().to_string())
+                })
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "worker".into());
             format!("{host}-{}", std::process::id())
@@ -92,7 +96,11 @@ pub struct Worker {
 impl Worker {
     /// Starts building a worker with the fleet configuration.
     pub fn builder(config: Config) -> WorkerBuilder {
-        WorkerBuilder { config, handlers: HashMap::new(), retry: RetryPolicy::default() }
+        WorkerBuilder {
+            config,
+            handlers: HashMap::new(),
+            retry: RetryPolicy::default(),
+        }
     }
 
     /// This worker's id, as it appears in events.
@@ -115,7 +123,11 @@ impl Worker {
     /// Pulls and runs tasks until `shutdown` is cancelled, then drains: stops pulling, lets
     /// running tasks finish for up to `drain_timeout`, hands everything else back to JetStream
     /// for immediate redelivery, and flushes events.
-    pub async fn run(&self, client: async_nats::Client, shutdown: CancellationToken) -> Result<(), WorkerError> {
+    pub async fn run(
+        &self,
+        client: async_nats::Client,
+        shutdown: CancellationToken,
+    ) -> Result<(), WorkerError> {
         let inner = &self.inner;
         let cfg = &inner.config;
         let topology = Topology::new(client.clone(), &cfg.nats);
@@ -137,7 +149,14 @@ impl Worker {
         let prefetch = cfg.worker.effective_prefetch();
         let mut pullers = Vec::new();
         for (priority, consumer) in consumers {
-            pullers.push(tokio::spawn(pull_loop(consumer, priority, prefetch, lanes.clone(), pulling.clone(), inner.stats.clone())));
+            pullers.push(tokio::spawn(pull_loop(
+                consumer,
+                priority,
+                prefetch,
+                lanes.clone(),
+                pulling.clone(),
+                inner.stats.clone(),
+            )));
         }
 
         // Running attempts, by dispatch reply subject, for heartbeats and the drain.
@@ -150,7 +169,12 @@ impl Worker {
             pulling.clone(),
         ));
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let progress = tokio::spawn(progress_loop(progress_rx, running.clone(), events.clone(), inner.id.clone()));
+        let progress = tokio::spawn(progress_loop(
+            progress_rx,
+            running.clone(),
+            events.clone(),
+            inner.id.clone(),
+        ));
 
         inner.stats.ready.store(true, Ordering::Relaxed);
         tracing::info!(worker = %inner.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
@@ -175,7 +199,8 @@ impl Worker {
             let running = running.clone();
             let progress_tx = progress_tx.clone();
             tokio::spawn(async move {
-                this.run_delivery(token, delivery, events, running, progress_tx).await;
+                this.run_delivery(token, delivery, events, running, progress_tx)
+                    .await;
                 drop(permit);
             });
         }
@@ -187,15 +212,30 @@ impl Worker {
             let _ = p.await;
         }
         let buffered = lanes.close();
-        tracing::info!(buffered = buffered.len(), running = running_count(&running), "draining");
+        tracing::info!(
+            buffered = buffered.len(),
+            running = running_count(&running),
+            "draining"
+        );
         for d in buffered {
-            let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+            let _ = d
+                .msg
+                .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                .await;
         }
         let max = cfg.worker.max_concurrent_tasks as u32;
-        let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max)).await.is_ok();
+        let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max))
+            .await
+            .is_ok();
         if !drained {
-            let left: Vec<RunningTask> = running.lock().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
-            tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
+            let left: Vec<RunningTask> = running
+                .lock()
+                .map(|mut m| m.drain().map(|(_, r)| r).collect())
+                .unwrap_or_default();
+            tracing::warn!(
+                tasks = left.len(),
+                "drain timeout: handing running tasks back for redelivery"
+            );
             for r in left {
                 r.cancel.cancel();
                 if let Some(reply) = r.reply {
@@ -226,7 +266,11 @@ impl Worker {
         let received_at = now_ms();
         let inner = &self.inner;
         let limit = inner.config.coordinator.max_body_bytes.max(1 << 20);
-        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        let ct = msg
+            .headers
+            .as_ref()
+            .and_then(|h| h.get(headers::CONTENT_TYPE))
+            .map(|v| v.as_str().to_string());
         let env: TaskEnvelope = match decode(&msg.payload, ct.as_deref(), limit) {
             Ok(env) => env,
             Err(e) => {
@@ -256,7 +300,10 @@ impl Worker {
             ev.kind = EventKind::Dead;
             ev.error = Some(TaskErrorInfo {
                 code: "attempts_exhausted".into(),
-                message: format!("attempt {attempt} exceeds max_attempts {}", env.max_attempts),
+                message: format!(
+                    "attempt {attempt} exceeds max_attempts {}",
+                    env.max_attempts
+                ),
                 retryable: false,
             });
             events.send(ev, AfterPublish::Ack(msg));
@@ -268,7 +315,12 @@ impl Worker {
             ev.kind = EventKind::Failed;
             ev.error = Some(TaskErrorInfo {
                 code: "unknown_kind".into(),
-                message: format!("no handler for kind {:?} on worker {} (knows {:?})", env.kind, inner.id, self.kinds()),
+                message: format!(
+                    "no handler for kind {:?} on worker {} (knows {:?})",
+                    env.kind,
+                    inner.id,
+                    self.kinds()
+                ),
                 retryable: false,
             });
             events.send(ev, AfterPublish::Ack(msg));
@@ -289,14 +341,30 @@ impl Worker {
             progress: Some(progress_tx),
         };
         if let Ok(mut m) = running.lock() {
-            m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
+            m.insert(
+                token,
+                RunningTask {
+                    reply: msg.reply.clone(),
+                    cancel: cancel.clone(),
+                    base: base.clone(),
+                },
+            );
         }
         inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started_at = now_ms();
-        let mut timings = Timings { created_at: env.created_at, received_at, started_at, finished_at: 0 };
+        let mut timings = Timings {
+            created_at: env.created_at,
+            received_at,
+            started_at,
+            finished_at: 0,
+        };
 
         let payload = env.payload;
-        let call = tokio::spawn(handler.call(ctx, payload).instrument(tracing::info_span!(parent: &span, "handler")));
+        let call = tokio::spawn(
+            handler
+                .call(ctx, payload)
+                .instrument(tracing::info_span!(parent: &span, "handler")),
+        );
         let abort = call.abort_handle();
         let started_delay = inner.config.worker.started_event_delay;
         let outcome = async {
@@ -349,7 +417,11 @@ impl Worker {
                 AfterPublish::Ack(msg)
             }
             Err(err) => {
-                ev.error = Some(TaskErrorInfo { code: err.code.clone(), message: err.message.clone(), retryable: err.retryable });
+                ev.error = Some(TaskErrorInfo {
+                    code: err.code.clone(),
+                    message: err.message.clone(),
+                    retryable: err.retryable,
+                });
                 if err.retryable && attempt < env.max_attempts && delivered < max_deliver {
                     let delay = inner.retry.delay(attempt, err.retry_after);
                     ev.kind = EventKind::Retrying;
@@ -364,7 +436,8 @@ impl Worker {
                 }
             }
         };
-        metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str()).increment(1);
+        metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str())
+            .increment(1);
         events.send(ev, after);
     }
 }
@@ -425,7 +498,12 @@ async fn pull_loop(
         // re-arming its waker, so a message arriving after one would sit unread until the
         // client-side timeout and then be dropped with the batch (lost until `ack_wait`).
         // Without heartbeats the server's 408 at `expires` ends an idle batch cleanly.
-        let batch = consumer.batch().max_messages(want).expires(Duration::from_secs(5)).messages().await;
+        let batch = consumer
+            .batch()
+            .max_messages(want)
+            .expires(Duration::from_secs(5))
+            .messages()
+            .await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -446,11 +524,17 @@ async fn pull_loop(
                 Some(Ok(msg)) => {
                     let Some(permit) = permits.pop() else {
                         // More than asked for cannot happen; hand it back rather than overfill.
-                        let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                        let _ = msg
+                            .ack_with(async_nats::jetstream::AckKind::Nak(None))
+                            .await;
                         continue;
                     };
                     stats.buffered.fetch_add(1, Ordering::Relaxed);
-                    lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) });
+                    lanes.push(Delivery {
+                        msg,
+                        priority: priority.index(),
+                        permit: Some(permit),
+                    });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(consumer = %name, error = %e, "pull batch ended with an error");
@@ -499,10 +583,11 @@ async fn progress_loop(
     _worker: String,
 ) {
     while let Some((task_id, value)) = rx.recv().await {
-        let base = running
-            .lock()
-            .ok()
-            .and_then(|m| m.values().find(|r| r.base.task_id == task_id).map(|r| r.base.clone()));
+        let base = running.lock().ok().and_then(|m| {
+            m.values()
+                .find(|r| r.base.task_id == task_id)
+                .map(|r| r.base.clone())
+        });
         if let Some(mut ev) = base {
             ev.kind = EventKind::Progress;
             ev.at = now_ms();
