@@ -169,12 +169,7 @@ impl Worker {
             pulling.clone(),
         ));
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let progress = tokio::spawn(progress_loop(
-            progress_rx,
-            running.clone(),
-            events.clone(),
-            inner.id.clone(),
-        ));
+        let progress = tokio::spawn(progress_loop(progress_rx, running.clone(), events.clone()));
 
         inner.stats.ready.store(true, Ordering::Relaxed);
         tracing::info!(worker = %inner.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
@@ -580,7 +575,6 @@ async fn progress_loop(
     mut rx: mpsc::UnboundedReceiver<(uuid::Uuid, serde_json::Value)>,
     running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
     events: EventSender,
-    _worker: String,
 ) {
     while let Some((task_id, value)) = rx.recv().await {
         let base = running.lock().ok().and_then(|m| {
