@@ -12,9 +12,7 @@ use std::process::Command;
 #[test]
 fn k8s_manifests_render_and_validate() {
     // CARGO_MANIFEST_DIR is <workspace>/tests; the script expects the root.
-    let root = Path::new(env!("CARGO_MANIFEST_DIR"))
-        .parent()
-        .expect("tests/ has a parent directory");
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent directory");
     let script = root.join("deploy").join("k8s-validate.sh");
     assert!(script.is_file(), "missing {}", script.display());
 

@@ -50,10 +50,7 @@ impl Fleet {
 
     /// Starts the coordinator and waits until it is ready.
     pub fn start_coordinator(&mut self) {
-        let env = self.env_with(&[(
-            "TASKFLEET_COORDINATOR_HTTP_ADDR",
-            self.coordinator_http.as_str(),
-        )]);
+        let env = self.env_with(&[("TASKFLEET_COORDINATOR_HTTP_ADDR", self.coordinator_http.as_str())]);
         let mut p = FleetProcess::spawn("taskfleet-coordinator", &[], &env);
         p.wait_http_ok(&self.coordinator_http, "/readyz", Duration::from_secs(60));
         self.coordinator = Some(p);
@@ -77,9 +74,7 @@ impl Fleet {
 
     /// A NATS client for the fleet's server.
     pub async fn nats(&self) -> async_nats::Client {
-        async_nats::connect(self.env.nats.url.as_str())
-            .await
-            .expect("connect to test NATS")
+        async_nats::connect(self.env.nats.url.as_str()).await.expect("connect to test NATS")
     }
 
     /// Publishes envelopes to their queues' submit subjects and waits for every JetStream ack.
@@ -90,15 +85,9 @@ impl Fleet {
         for env in envs {
             let mut h = HeaderMap::new();
             h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-            let publish = PublishMessage::build()
-                .payload(Bytes::from(encode(env)))
-                .headers(h)
-                .message_id(env.dedup_key());
-            acks.push(
-                js.send_publish(subjects.submit(&env.queue), publish)
-                    .await
-                    .expect("publish submission"),
-            );
+            let publish =
+                PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
+            acks.push(js.send_publish(subjects.submit(&env.queue), publish).await.expect("publish submission"));
             if acks.len() >= 1000 {
                 for a in acks.drain(..) {
                     a.await.expect("submission stored");
@@ -112,36 +101,24 @@ impl Fleet {
 
     /// Task counts by state in Postgres.
     pub async fn counts(&self, pool: &sqlx::PgPool) -> BTreeMap<String, i64> {
-        let rows: Vec<(String, i64)> =
-            sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
-                .fetch_all(pool)
-                .await
-                .unwrap_or_default();
+        let rows: Vec<(String, i64)> = sqlx::query_as("SELECT state, count(*) FROM tasks GROUP BY state")
+            .fetch_all(pool)
+            .await
+            .unwrap_or_default();
         rows.into_iter().collect()
     }
 
     /// Waits until `n` tasks are in a final state, or panics with the counts and logs.
-    pub async fn wait_final(
-        &self,
-        pool: &sqlx::PgPool,
-        n: i64,
-        timeout: Duration,
-    ) -> BTreeMap<String, i64> {
+    pub async fn wait_final(&self, pool: &sqlx::PgPool, n: i64, timeout: Duration) -> BTreeMap<String, i64> {
         let deadline = Instant::now() + timeout;
         loop {
             let counts = self.counts(pool).await;
-            let done: i64 = ["succeeded", "failed", "dead", "cancelled"]
-                .iter()
-                .filter_map(|s| counts.get(*s))
-                .sum();
+            let done: i64 = ["succeeded", "failed", "dead", "cancelled"].iter().filter_map(|s| counts.get(*s)).sum();
             if done >= n {
                 return counts;
             }
             if Instant::now() > deadline {
-                panic!(
-                    "only {done} of {n} tasks final after {timeout:?}: {counts:?}\n{}",
-                    self.logs()
-                );
+                panic!("only {done} of {n} tasks final after {timeout:?}: {counts:?}\n{}", self.logs());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }

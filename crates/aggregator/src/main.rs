@@ -3,7 +3,6 @@
 //! kind and outcome, queue wait, run time and end-to-end latency, cache hits, tokens and cost.
 
 use axum::{Json, Router, routing::get};
-use futures::StreamExt;
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -74,15 +73,9 @@ fn observe(totals: &Mutex<Totals>, ev: &TaskEvent) {
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-aggregator")?;
     let config = service.config.clone();
-    let client = taskfleet_bus::connect(
-        &config.nats,
-        "taskfleet-aggregator",
-        Duration::from_secs(60),
-    )
-    .await?;
+    let client = taskfleet_bus::connect(&config.nats, "taskfleet-aggregator", Duration::from_secs(60)).await?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
-    let consumer = topology.events_consumer(CONSUMER, 4096).await?;
 
     let totals = Arc::new(Mutex::new(Totals::default()));
     let ready = Arc::new(AtomicBool::new(true));
@@ -91,8 +84,7 @@ async fn main() -> anyhow::Result<()> {
         get({
             let totals = totals.clone();
             move || {
-                let body = serde_json::to_value(&*totals.lock().unwrap_or_else(|p| p.into_inner()))
-                    .unwrap_or_default();
+                let body = serde_json::to_value(&*totals.lock().unwrap_or_else(|p| p.into_inner())).unwrap_or_default();
                 async move { Json(body) }
             }
         }),
@@ -108,38 +100,31 @@ async fn main() -> anyhow::Result<()> {
         )
         .await?;
 
-    let mut messages = consumer
-        .stream()
-        .max_messages_per_batch(256)
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot pull events: {e}"))?;
     tracing::info!("aggregator running");
-    loop {
-        let next = tokio::select! {
-            _ = service.shutdown.cancelled() => break,
-            n = messages.next() => n,
-        };
-        let Some(Ok(msg)) = next else {
-            if next.is_none() {
-                break;
+    taskfleet_bus::consume_batches(
+        "aggregator events",
+        256,
+        service.shutdown.cancelled(),
+        || topology.events_consumer(CONSUMER, 4096),
+        |msgs| {
+            let totals = totals.clone();
+            async move {
+                for msg in msgs {
+                    let ct =
+                        msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+                    match decode::<EventBatch>(&msg.payload, ct.as_deref(), 64 << 20) {
+                        Ok(batch) => batch.events.iter().for_each(|ev| observe(&totals, ev)),
+                        Err(e) => {
+                            metrics::counter!("taskfleet_aggregator_malformed_events_total").increment(1);
+                            tracing::warn!(error = %e, "undecodable event message");
+                        }
+                    }
+                    let _ = msg.ack().await;
+                }
             }
-            continue;
-        };
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::CONTENT_TYPE))
-            .map(|v| v.as_str().to_string());
-        match decode::<EventBatch>(&msg.payload, ct.as_deref(), 64 << 20) {
-            Ok(batch) => batch.events.iter().for_each(|ev| observe(&totals, ev)),
-            Err(e) => {
-                metrics::counter!("taskfleet_aggregator_malformed_events_total").increment(1);
-                tracing::warn!(error = %e, "undecodable event message");
-            }
-        }
-        let _ = msg.ack().await;
-    }
+        },
+    )
+    .await;
     ready.store(false, Ordering::Relaxed);
     let _ = http.await;
     service.finish();

@@ -9,11 +9,15 @@
 //! | `<P>_SUBMIT` | `<p>.submit.>` | work queue, dedup window | `coordinator` |
 //! | `<P>_DISPATCH` | `<p>.dispatch.>` | work queue | `dispatch-<queue>-<priority>`, shared by workers |
 //! | `<P>_EVENTS` | `<p>.events.>` | limits (max age) | `coordinator`, `aggregator` |
+//! | `<P>_DEAD` | `<p>.dead.>` | limits (long max age) | none: an archive of dead tasks |
+//! | `KV_<P>_CANCELLED` | bucket | history 1, max age | watched by every worker |
 
+mod consume;
 mod error;
 mod publish;
 mod topology;
 
+pub use consume::consume_batches;
 pub use error::BusError;
 pub use publish::{Outgoing, publish_all};
 pub use topology::{COORDINATOR_CONSUMER, Topology, connect};

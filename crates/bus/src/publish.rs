@@ -25,9 +25,7 @@ pub struct Outgoing {
 pub async fn publish_all(js: &jetstream::Context, messages: Vec<Outgoing>) -> Result<(), BusError> {
     let mut acks = Vec::with_capacity(messages.len());
     for m in messages {
-        let mut publish = PublishMessage::build()
-            .payload(m.payload)
-            .headers(m.headers);
+        let mut publish = PublishMessage::build().payload(m.payload).headers(m.headers);
         if let Some(id) = m.msg_id {
             publish = publish.message_id(id);
         }
@@ -35,16 +33,8 @@ pub async fn publish_all(js: &jetstream::Context, messages: Vec<Outgoing>) -> Re
         let ack = js
             .send_publish(subject.clone(), publish)
             .await
-            .map_err(|e| BusError::Publish {
-                subject: subject.clone(),
-                message: e.to_string(),
-            })?;
-        acks.push(async move {
-            ack.await.map_err(|e| BusError::Publish {
-                subject,
-                message: e.to_string(),
-            })
-        });
+            .map_err(|e| BusError::Publish { subject: subject.clone(), message: e.to_string() })?;
+        acks.push(async move { ack.await.map_err(|e| BusError::Publish { subject, message: e.to_string() }) });
     }
     try_join_all(acks).await?;
     Ok(())

@@ -12,11 +12,7 @@ use taskfleet_proto::{Priority, Subjects};
 
 /// Connects to NATS, retrying for up to `patience`, and checks that the server runs JetStream.
 /// Servers older than 2.10.23 are accepted with a warning (production should run a newer one).
-pub async fn connect(
-    cfg: &NatsConfig,
-    name: &str,
-    patience: Duration,
-) -> Result<async_nats::Client, BusError> {
+pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result<async_nats::Client, BusError> {
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(100);
     let client = loop {
@@ -43,10 +39,7 @@ pub async fn connect(
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                return Err(BusError::Connect {
-                    url: cfg.url.clone(),
-                    message: e.to_string(),
-                });
+                return Err(BusError::Connect { url: cfg.url.clone(), message: e.to_string() });
             }
         }
     };
@@ -54,10 +47,7 @@ pub async fn connect(
     if !info.jetstream {
         return Err(BusError::Unsuitable {
             url: cfg.url.clone(),
-            message: format!(
-                "JetStream is not enabled on nats-server {} (start it with -js)",
-                info.version
-            ),
+            message: format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version),
         });
     }
     let version = parse_version(&info.version);
@@ -80,15 +70,8 @@ pub async fn connect(
 }
 
 fn parse_version(v: &str) -> (u32, u32, u32) {
-    let mut parts = v
-        .trim_start_matches('v')
-        .split(|c: char| !c.is_ascii_digit())
-        .map(|p| p.parse().unwrap_or(0));
-    (
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-        parts.next().unwrap_or(0),
-    )
+    let mut parts = v.trim_start_matches('v').split(|c: char| !c.is_ascii_digit()).map(|p| p.parse().unwrap_or(0));
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// The fleet's streams and consumers, declared idempotently by whichever component starts.
@@ -107,15 +90,9 @@ pub const COORDINATOR_CONSUMER: &str = "coordinator";
 impl Topology {
     /// A topology on `client` for the fleet described by `cfg`.
     pub fn new(client: async_nats::Client, cfg: &NatsConfig) -> Self {
-        let js = jetstream::ContextBuilder::new()
-            .timeout(Duration::from_secs(10))
-            .max_ack_inflight(10_000)
-            .build(client);
-        Topology {
-            js,
-            subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix),
-            cfg: cfg.clone(),
-        }
+        let js =
+            jetstream::ContextBuilder::new().timeout(Duration::from_secs(10)).max_ack_inflight(10_000).build(client);
+        Topology { js, subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix), cfg: cfg.clone() }
     }
 
     /// Creates the three streams, or updates them to this configuration.
@@ -145,6 +122,15 @@ impl Topology {
                 ..Default::default()
             },
             stream::Config {
+                name: s.dead_stream(),
+                subjects: vec![s.dead_all()],
+                retention: RetentionPolicy::Limits,
+                max_age: self.cfg.dead_max_age,
+                storage,
+                num_replicas: self.cfg.replicas,
+                ..Default::default()
+            },
+            stream::Config {
                 name: s.events_stream(),
                 subjects: vec![s.events_all()],
                 retention: RetentionPolicy::Limits,
@@ -160,20 +146,49 @@ impl Topology {
             self.js
                 .create_or_update_stream(config)
                 .await
-                .map_err(|e| BusError::Topology {
-                    what: format!("stream {name}"),
-                    message: e.to_string(),
-                })?;
+                .map_err(|e| BusError::Topology { what: format!("stream {name}"), message: e.to_string() })?;
         }
         Ok(())
     }
 
+    /// The bucket of cancelled task ids: the coordinator writes, every worker watches.
+    pub async fn cancel_bucket(&self) -> Result<jetstream::kv::Store, BusError> {
+        let storage = match self.cfg.storage {
+            StorageKind::File => StorageType::File,
+            StorageKind::Memory => StorageType::Memory,
+        };
+        let config = jetstream::kv::Config {
+            bucket: self.subjects.cancel_bucket(),
+            history: 1,
+            max_age: self.cfg.cancel_max_age,
+            storage,
+            num_replicas: self.cfg.replicas,
+            ..Default::default()
+        };
+        self.js.create_or_update_key_value(config).await.map_err(|e| BusError::Topology {
+            what: format!("bucket {}", self.subjects.cancel_bucket()),
+            message: e.to_string(),
+        })
+    }
+
+    /// Messages a durable consumer has not delivered yet, and delivered but unacknowledged.
+    pub async fn consumer_backlog(&self, stream: &str, consumer: &str) -> Result<(u64, usize), BusError> {
+        let what = || format!("consumer {consumer} on {stream}");
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let info = stream
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        Ok((info.num_pending, info.num_ack_pending))
+    }
+
     /// The coordinator's consumer of submissions. `max_deliver` is unlimited on purpose: while
     /// Postgres is down the coordinator hands submissions back, and none may be dropped.
-    pub async fn submit_consumer(
-        &self,
-        max_ack_pending: i64,
-    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+    pub async fn submit_consumer(&self, max_ack_pending: i64) -> Result<jetstream::consumer::PullConsumer, BusError> {
         self.durable(
             &self.subjects.submit_stream(),
             COORDINATOR_CONSUMER,
@@ -191,14 +206,7 @@ impl Topology {
         name: &str,
         max_ack_pending: i64,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        self.durable(
-            &self.subjects.events_stream(),
-            name,
-            self.subjects.events_all(),
-            -1,
-            max_ack_pending,
-        )
-        .await
+        self.durable(&self.subjects.events_stream(), name, self.subjects.events_all(), -1, max_ack_pending).await
     }
 
     /// The consumer that every worker of `queue` shares for `priority`.
@@ -242,21 +250,13 @@ impl Topology {
             .js
             .get_stream_no_info(stream)
             .await
-            .map_err(|e| BusError::Topology {
-                what: what(),
-                message: e.to_string(),
-            })?;
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
         match stream.create_consumer(config.clone()).await {
             Ok(c) => Ok(c),
-            Err(create_err) => {
-                stream
-                    .update_consumer(config)
-                    .await
-                    .map_err(|update_err| BusError::Topology {
-                        what: what(),
-                        message: format!("create: {create_err}; update: {update_err}"),
-                    })
-            }
+            Err(create_err) => stream.update_consumer(config).await.map_err(|update_err| BusError::Topology {
+                what: what(),
+                message: format!("create: {create_err}; update: {update_err}"),
+            }),
         }
     }
 }

@@ -26,25 +26,17 @@ impl Fleet {
             .timeout(Duration::from_secs(10))
             .max_ack_inflight(4096)
             .build(client.clone());
-        Ok(Fleet {
-            client,
-            js,
-            subjects: config.subjects(),
-        })
+        Ok(Fleet { client, js, subjects: config.subjects() })
     }
 
     /// Calls the coordinator's API; an `{"error": …}` reply becomes an error.
     pub async fn api(&self, verb: &str, body: &Value) -> anyhow::Result<Value> {
         let bytes = Bytes::from(serde_json::to_vec(body)?);
-        let reply = tokio::time::timeout(
-            Duration::from_secs(10),
-            self.client.request(self.subjects.api(verb), bytes),
-        )
-        .await
-        .map_err(|_| anyhow!("the coordinator did not answer {verb} within 10s"))?
-        .map_err(|e| anyhow!("{verb} request failed (is a coordinator running?): {e}"))?;
-        let value: Value =
-            serde_json::from_slice(&reply.payload).context("coordinator sent invalid JSON")?;
+        let reply = tokio::time::timeout(Duration::from_secs(10), self.client.request(self.subjects.api(verb), bytes))
+            .await
+            .map_err(|_| anyhow!("the coordinator did not answer {verb} within 10s"))?
+            .map_err(|e| anyhow!("{verb} request failed (is a coordinator running?): {e}"))?;
+        let value: Value = serde_json::from_slice(&reply.payload).context("coordinator sent invalid JSON")?;
         if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
             return Err(anyhow!("{err}"));
         }
@@ -58,11 +50,7 @@ impl Fleet {
     /// Waits for `id` to be final. Subscribes to commit notifications before asking, so a
     /// completion between the two is not missed.
     pub async fn wait(&self, id: uuid::Uuid, timeout: Duration) -> anyhow::Result<Option<Value>> {
-        let mut sub = self
-            .client
-            .subscribe(self.subjects.committed_all())
-            .await
-            .map_err(|e| anyhow!("{e}"))?;
+        let mut sub = self.client.subscribe(self.subjects.committed_all()).await.map_err(|e| anyhow!("{e}"))?;
         let is_final = |t: &Value| {
             t.get("state")
                 .and_then(|s| s.as_str())
@@ -76,11 +64,9 @@ impl Fleet {
         let deadline = tokio::time::Instant::now() + timeout;
         loop {
             // Re-check now and then in case a notification was lost (core NATS is best effort).
-            let msg = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)),
-                sub.next(),
-            )
-            .await;
+            let msg =
+                tokio::time::timeout_at(deadline.min(tokio::time::Instant::now() + Duration::from_secs(5)), sub.next())
+                    .await;
             match msg {
                 Ok(Some(m)) => {
                     let Ok(batch) = decode::<CommittedBatch>(&m.payload, None, 64 << 20) else {

@@ -9,11 +9,7 @@ use clap::{Parser, Subcommand};
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(
-    name = "taskfleet",
-    version,
-    about = "Submit and inspect taskfleet tasks"
-)]
+#[command(name = "taskfleet", version, about = "Submit and inspect taskfleet tasks")]
 struct Cli {
     /// NATS server URL (default: the fleet configuration's, `TASKFLEET_NATS_URL`).
     #[arg(long, global = true)]
@@ -57,11 +53,46 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Cancel a task: a queued one never runs, a running one is signalled (its handler sees
+    /// the cancellation token); pending dependents are cancelled too.
+    Cancel {
+        /// Task id.
+        id: uuid::Uuid,
+    },
+    /// Bring dead tasks back: queued again with a fresh attempt budget.
+    Replay {
+        /// Task ids.
+        ids: Vec<uuid::Uuid>,
+        /// Every dead task (of --queue, if given).
+        #[arg(long, conflicts_with = "ids")]
+        all: bool,
+        /// With --all, only this queue.
+        #[arg(long, requires = "all")]
+        queue: Option<String>,
+    },
+    /// Dead-letter commands.
+    Dead {
+        #[command(subcommand)]
+        command: DeadCommand,
+    },
     /// Task counts by state.
     Counts {
         /// Only this queue.
         #[arg(long)]
         queue: Option<String>,
+    },
+}
+
+#[derive(Subcommand)]
+enum DeadCommand {
+    /// List dead tasks with their last error, newest first.
+    Ls {
+        /// Only this queue.
+        #[arg(long)]
+        queue: Option<String>,
+        /// How many.
+        #[arg(long, default_value_t = 20)]
+        limit: i64,
     },
 }
 
@@ -85,9 +116,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(p) = cli.subject_prefix {
         config.nats.subject_prefix = p;
     }
-    let fleet = client::Fleet::connect(&config)
-        .await
-        .context("connecting to NATS")?;
+    let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
     match cli.command {
         Command::Submit(args) => submit::run(&fleet, args).await,
         Command::Status { id } => {
@@ -100,35 +129,17 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             match task {
                 Some(task) => {
                     println!("{}", serde_json::to_string_pretty(&task)?);
-                    Ok(
-                        if task.get("state").and_then(|s| s.as_str()) == Some("succeeded") {
-                            0
-                        } else {
-                            1
-                        },
-                    )
+                    Ok(if task.get("state").and_then(|s| s.as_str()) == Some("succeeded") { 0 } else { 1 })
                 }
                 None => {
-                    eprintln!(
-                        "task {id} is not final after {}",
-                        humantime::format_duration(timeout)
-                    );
+                    eprintln!("task {id} is not final after {}", humantime::format_duration(timeout));
                     Ok(2)
                 }
             }
         }
-        Command::Ls {
-            state,
-            queue,
-            limit,
-            json,
-        } => {
-            let rows = fleet
-                .api(
-                    "task.list",
-                    &serde_json::json!({ "state": state, "queue": queue, "limit": limit }),
-                )
-                .await?;
+        Command::Ls { state, queue, limit, json } => {
+            let rows =
+                fleet.api("task.list", &serde_json::json!({ "state": state, "queue": queue, "limit": limit })).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(0);
@@ -152,10 +163,56 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Cancel { id } => {
+            let out = fleet.api("task.cancel", &serde_json::json!({ "id": id })).await?;
+            let cancelled = out.get("cancelled").and_then(|v| v.as_bool()).unwrap_or(false);
+            let previous = out.get("previous").and_then(|v| v.as_str()).unwrap_or("?");
+            if cancelled {
+                println!("cancelled {id} (was {previous})");
+                Ok(0)
+            } else {
+                eprintln!("task {id} is already final ({previous})");
+                Ok(1)
+            }
+        }
+        Command::Replay { ids, all, queue } => {
+            if ids.is_empty() && !all {
+                anyhow::bail!("name task ids, or pass --all");
+            }
+            let body = if all {
+                serde_json::json!({ "all": true, "queue": queue })
+            } else {
+                serde_json::json!({ "ids": ids })
+            };
+            let out = fleet.api("task.replay", &body).await?;
+            let replayed = out.get("replayed").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+            for id in &replayed {
+                println!("{}", id.as_str().unwrap_or_default());
+            }
+            eprintln!("replayed {} dead task(s)", replayed.len());
+            Ok(if !all && replayed.len() < ids.len() { 1 } else { 0 })
+        }
+        Command::Dead { command: DeadCommand::Ls { queue, limit } } => {
+            let rows =
+                fleet.api("task.list", &serde_json::json!({ "state": "dead", "queue": queue, "limit": limit })).await?;
+            println!("{:<36}  {:<10}  {:<12}  {:>7}  {:<20}  ERROR", "ID", "QUEUE", "KIND", "ATTEMPT", "CODE");
+            for t in rows.as_array().into_iter().flatten() {
+                let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
+                let err = t.get("error").cloned().unwrap_or_default();
+                println!(
+                    "{:<36}  {:<10}  {:<12}  {:>7}  {:<20}  {}",
+                    s("id"),
+                    s("queue"),
+                    s("kind"),
+                    t.get("attempt").and_then(|v| v.as_i64()).unwrap_or(0),
+                    err.get("code").and_then(|v| v.as_str()).unwrap_or("-"),
+                    err.get("message").and_then(|v| v.as_str()).unwrap_or("-")
+                );
+            }
+            Ok(0)
+        }
         Command::Counts { queue } => {
-            let counts = fleet
-                .api("task.counts", &serde_json::json!({ "queue": queue }))
-                .await?;
+            let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(0)
         }

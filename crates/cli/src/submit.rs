@@ -11,8 +11,7 @@ use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode,
-    headers,
+    CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
 };
 
 #[derive(clap::Args)]
@@ -68,11 +67,7 @@ fn priority_for(spec: &str, i: usize) -> anyhow::Result<Priority> {
     spec.parse().map_err(|e| anyhow!("{e}"))
 }
 
-fn envelope(
-    args: &SubmitArgs,
-    payload: &serde_json::Value,
-    i: usize,
-) -> anyhow::Result<TaskEnvelope> {
+fn envelope(args: &SubmitArgs, payload: &serde_json::Value, i: usize) -> anyhow::Result<TaskEnvelope> {
     let mut payload = payload.clone();
     if args.count > 1 {
         match &mut payload {
@@ -83,9 +78,8 @@ fn envelope(
             _ => {}
         }
     }
-    let mut env = TaskEnvelope::new(&args.kind, payload)
-        .with_queue(&args.queue)
-        .with_priority(priority_for(&args.priority, i)?);
+    let mut env =
+        TaskEnvelope::new(&args.kind, payload).with_queue(&args.queue).with_priority(priority_for(&args.priority, i)?);
     env.max_attempts = args.max_attempts;
     env.timeout_ms = args.timeout.as_millis() as u64;
     env.depends_on = args.depends_on.clone();
@@ -113,35 +107,21 @@ fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
 }
 
 pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
-    let payload: serde_json::Value =
-        serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
-    let envs: Vec<TaskEnvelope> = (0..args.count.max(1))
-        .map(|i| envelope(&args, &payload, i))
-        .collect::<anyhow::Result<_>>()?;
+    let payload: serde_json::Value = serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let envs: Vec<TaskEnvelope> =
+        (0..args.count.max(1)).map(|i| envelope(&args, &payload, i)).collect::<anyhow::Result<_>>()?;
     let ids: HashSet<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
     let subject = fleet.subjects.submit(&args.queue);
 
     // Subscribe before publishing so no notification or reply can be missed.
     let mut committed = if args.wait {
-        Some(
-            fleet
-                .client
-                .subscribe(fleet.subjects.committed(&args.queue))
-                .await
-                .map_err(|e| anyhow!("{e}"))?,
-        )
+        Some(fleet.client.subscribe(fleet.subjects.committed(&args.queue)).await.map_err(|e| anyhow!("{e}"))?)
     } else {
         None
     };
     let inbox = fleet.client.new_inbox();
     let mut replies = if args.confirm {
-        Some(
-            fleet
-                .client
-                .subscribe(inbox.clone())
-                .await
-                .map_err(|e| anyhow!("{e}"))?,
-        )
+        Some(fleet.client.subscribe(inbox.clone()).await.map_err(|e| anyhow!("{e}"))?)
     } else {
         None
     };
@@ -156,31 +136,18 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
         if args.confirm {
             h.insert(headers::REPLY_TO, inbox.as_str());
         }
-        let publish = PublishMessage::build()
-            .payload(Bytes::from(encode(env)))
-            .headers(h)
-            .message_id(env.dedup_key());
-        let ack = fleet
-            .js
-            .send_publish(subject.clone(), publish)
-            .await
-            .map_err(|e| anyhow!("publish failed: {e}"))?;
+        let publish = PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
+        let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
         acks.push(std::future::IntoFuture::into_future(ack));
         while acks.len() >= args.in_flight {
             if let Some(r) = acks.next().await {
-                duplicates += usize::from(
-                    r.map_err(|e| anyhow!("submission not stored: {e}"))?
-                        .duplicate,
-                );
+                duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
                 pb.inc(1);
             }
         }
     }
     while let Some(r) = acks.next().await {
-        duplicates += usize::from(
-            r.map_err(|e| anyhow!("submission not stored: {e}"))?
-                .duplicate,
-        );
+        duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -193,17 +160,11 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
             envs.len(),
             submit_secs,
             envs.len() as f64 / submit_secs,
-            if duplicates > 0 {
-                format!(", {duplicates} dropped as duplicates by JetStream")
-            } else {
-                String::new()
-            }
+            if duplicates > 0 { format!(", {duplicates} dropped as duplicates by JetStream") } else { String::new() }
         );
     }
     if duplicates > 0 && args.count == 1 {
-        eprintln!(
-            "note: JetStream dropped this submission as a duplicate of one within the dedup window"
-        );
+        eprintln!("note: JetStream dropped this submission as a duplicate of one within the dedup window");
     }
 
     let mut code = 0;
@@ -214,8 +175,7 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
                 .await
                 .map_err(|_| anyhow!("no confirmation from the coordinator within 30s"))?
                 .ok_or_else(|| anyhow!("reply subscription closed"))?;
-            let reply: SubmitReply =
-                serde_json::from_slice(&msg.payload).context("invalid confirmation")?;
+            let reply: SubmitReply = serde_json::from_slice(&msg.payload).context("invalid confirmation")?;
             if !reply.ok {
                 code = 1;
                 eprintln!("rejected: {}", reply.error.as_deref().unwrap_or("?"));

@@ -61,6 +61,15 @@ impl Config {
         self.database.validate()?;
         self.coordinator.validate()?;
         self.worker.validate(&self.nats)?;
+        if self.coordinator.rescue_idle <= self.nats.ack_wait {
+            return Err(ConfigError::Invalid {
+                field: "coordinator.rescue_idle",
+                message: format!(
+                    "{:?} must exceed nats.ack_wait ({:?}), or tasks still held by live workers would be dispatched twice",
+                    self.coordinator.rescue_idle, self.nats.ack_wait
+                ),
+            });
+        }
         Ok(())
     }
 

@@ -51,42 +51,26 @@ pub(crate) fn load(
     file: Option<&Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let mut root =
-        serde_json::to_value(Config::default()).map_err(|e| ConfigError::Schema(e.to_string()))?;
+    let mut root = serde_json::to_value(Config::default()).map_err(|e| ConfigError::Schema(e.to_string()))?;
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
-            path: path.display().to_string(),
-            source,
-        })?;
-        let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Toml {
-            path: path.display().to_string(),
-            message: e.to_string(),
-        })?;
-        let file_value =
-            serde_json::to_value(table).map_err(|e| ConfigError::Schema(e.to_string()))?;
+        let text = std::fs::read_to_string(path)
+            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+        let table: toml::Table = toml::from_str(&text)
+            .map_err(|e| ConfigError::Toml { path: path.display().to_string(), message: e.to_string() })?;
+        let file_value = serde_json::to_value(table).map_err(|e| ConfigError::Schema(e.to_string()))?;
         merge(&mut root, file_value);
     }
     let names = env_names(&root);
     for (var, raw) in env {
-        if !var.starts_with("TASKFLEET_")
-            || NOT_FIELDS.contains(&var.as_str())
-            || var.starts_with("TASKFLEET_TEST_")
-        {
+        if !var.starts_with("TASKFLEET_") || NOT_FIELDS.contains(&var.as_str()) || var.starts_with("TASKFLEET_TEST_") {
             continue;
         }
-        let Some((section, field)) = names
-            .iter()
-            .find(|(name, _)| *name == var)
-            .map(|(_, path)| path.clone())
-        else {
+        let Some((section, field)) = names.iter().find(|(name, _)| *name == var).map(|(_, path)| path.clone()) else {
             tracing::warn!(%var, "ignoring environment variable that names no configuration field");
             continue;
         };
         let slot = &mut root[&section][&field];
-        *slot = parse_env_value(slot, &raw).map_err(|message| ConfigError::Env {
-            var: var.clone(),
-            message,
-        })?;
+        *slot = parse_env_value(slot, &raw).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
     }
     serde_json::from_value(root).map_err(|e| ConfigError::Schema(e.to_string()))
 }
@@ -109,18 +93,11 @@ fn env_names(root: &Value) -> Vec<(String, (String, String))> {
     let mut names = Vec::new();
     for (section, field) in long {
         names.push((
-            format!(
-                "TASKFLEET_{}_{}",
-                section.to_uppercase(),
-                field.to_uppercase()
-            ),
+            format!("TASKFLEET_{}_{}", section.to_uppercase(), field.to_uppercase()),
             (section.clone(), field.clone()),
         ));
         if count[&field] == 1 {
-            names.push((
-                format!("TASKFLEET_{}", field.to_uppercase()),
-                (section, field),
-            ));
+            names.push((format!("TASKFLEET_{}", field.to_uppercase()), (section, field)));
         }
     }
     names
@@ -138,18 +115,12 @@ fn parse_env_value(default: &Value, raw: &str) -> Result<Value, String> {
             .map(Value::Number)
             .map_err(|_| format!("{raw:?} is not a number")),
         Value::Array(_) => Ok(Value::Array(
-            raw.split(',')
-                .map(str::trim)
-                .filter(|s| !s.is_empty())
-                .map(|s| Value::String(s.to_string()))
-                .collect(),
+            raw.split(',').map(str::trim).filter(|s| !s.is_empty()).map(|s| Value::String(s.to_string())).collect(),
         )),
         Value::Object(_) => {
             let mut map = Map::new();
             for pair in raw.split(',').map(str::trim).filter(|s| !s.is_empty()) {
-                let (k, v) = pair
-                    .split_once('=')
-                    .ok_or_else(|| format!("{pair:?} is not key=value"))?;
+                let (k, v) = pair.split_once('=').ok_or_else(|| format!("{pair:?} is not key=value"))?;
                 let v = v.trim();
                 let value = serde_json::from_str::<serde_json::Number>(v)
                     .map(Value::Number)
@@ -158,9 +129,7 @@ fn parse_env_value(default: &Value, raw: &str) -> Result<Value, String> {
             }
             Ok(Value::Object(map))
         }
-        Value::Null => {
-            Ok(serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string())))
-        }
+        Value::Null => Ok(serde_json::from_str(raw).unwrap_or_else(|_| Value::String(raw.to_string()))),
         Value::String(_) => Ok(Value::String(raw.to_string())),
     }
 }
@@ -188,10 +157,7 @@ mod tests {
     use std::time::Duration;
 
     fn env(pairs: &[(&str, &str)]) -> Vec<(String, String)> {
-        pairs
-            .iter()
-            .map(|(k, v)| (k.to_string(), v.to_string()))
-            .collect()
+        pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect()
     }
 
     #[test]
@@ -208,10 +174,7 @@ mod tests {
                 ("TASKFLEET_MAX_CONCURRENT_TASKS", "7"),
                 ("TASKFLEET_WORKER_QUEUES", "a, b"),
                 ("TASKFLEET_NATS_ACK_WAIT", "45s"),
-                (
-                    "TASKFLEET_PRIORITY_WEIGHTS",
-                    "critical=9,high=5,normal=2,low=1",
-                ),
+                ("TASKFLEET_PRIORITY_WEIGHTS", "critical=9,high=5,normal=2,low=1"),
                 ("TASKFLEET_UNRELATED_THING", "x"),
             ]),
         )
@@ -227,38 +190,24 @@ mod tests {
         let dir = std::env::temp_dir().join(format!("tfcfg-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("c.toml");
-        std::fs::write(
-            &path,
-            "[worker]\nmax_concurrent_tasks = 3\nqueues = [\"x\"]\n[nats]\nurl = \"nats://h:1\"\n",
-        )
-        .unwrap();
-        let c = Config::load_from(
-            Some(&path),
-            env(&[("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "5")]),
-        )
-        .unwrap();
+        std::fs::write(&path, "[worker]\nmax_concurrent_tasks = 3\nqueues = [\"x\"]\n[nats]\nurl = \"nats://h:1\"\n")
+            .unwrap();
+        let c = Config::load_from(Some(&path), env(&[("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "5")])).unwrap();
         assert_eq!(c.worker.max_concurrent_tasks, 5);
         assert_eq!(c.worker.queues, vec!["x".to_string()]);
         assert_eq!(c.nats.url, "nats://h:1");
 
         std::fs::write(&path, "[worker]\nmax_concurent_tasks = 3\n").unwrap();
-        let err = Config::load_from(Some(&path), env(&[]))
-            .unwrap_err()
-            .to_string();
+        let err = Config::load_from(Some(&path), env(&[])).unwrap_err().to_string();
         assert!(err.contains("max_concurent_tasks"), "{err}");
         std::fs::remove_dir_all(&dir).ok();
     }
 
     #[test]
     fn clear_errors() {
-        let err = Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "many")]))
-            .unwrap_err();
-        assert!(
-            err.to_string().contains("TASKFLEET_MAX_CONCURRENT_TASKS"),
-            "{err}"
-        );
-        let err =
-            Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "0")])).unwrap_err();
+        let err = Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "many")])).unwrap_err();
+        assert!(err.to_string().contains("TASKFLEET_MAX_CONCURRENT_TASKS"), "{err}");
+        let err = Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "0")])).unwrap_err();
         assert!(err.to_string().contains("max_concurrent_tasks"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_NATS_ACK_WAIT", "soon")])).unwrap_err();
         assert!(err.to_string().contains("invalid"), "{err}");

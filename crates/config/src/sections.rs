@@ -47,6 +47,13 @@ pub struct NatsConfig {
     /// How long task events are kept in their stream (for consumers that were down).
     #[serde(with = "humantime_serde")]
     pub events_max_age: Duration,
+    /// How long dead tasks' envelopes are kept in the dead-letter stream.
+    #[serde(with = "humantime_serde")]
+    pub dead_max_age: Duration,
+    /// How long a cancelled task id stays in the cancellation bucket workers watch (longer than
+    /// any task waits in a queue).
+    #[serde(with = "humantime_serde")]
+    pub cancel_max_age: Duration,
 }
 
 impl Default for NatsConfig {
@@ -62,46 +69,32 @@ impl Default for NatsConfig {
             max_deliver: 20,
             max_ack_pending: 20_000,
             events_max_age: Duration::from_secs(24 * 3600),
+            dead_max_age: Duration::from_secs(14 * 24 * 3600),
+            cancel_max_age: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }
 
 impl NatsConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let token_ok = |s: &str| {
-            !s.is_empty()
-                && s.chars()
-                    .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-')
-        };
+        let token_ok = |s: &str| !s.is_empty() && s.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-');
         if !self.subject_prefix.split('.').all(token_ok) {
             return invalid(
                 "nats.subject_prefix",
-                format!(
-                    "{:?} must be dot-separated tokens of [A-Za-z0-9_-]",
-                    self.subject_prefix
-                ),
+                format!("{:?} must be dot-separated tokens of [A-Za-z0-9_-]", self.subject_prefix),
             );
         }
         if !token_ok(&self.stream_prefix) {
-            return invalid(
-                "nats.stream_prefix",
-                format!("{:?} must be [A-Za-z0-9_-]+", self.stream_prefix),
-            );
+            return invalid("nats.stream_prefix", format!("{:?} must be [A-Za-z0-9_-]+", self.stream_prefix));
         }
         if self.ack_wait < Duration::from_secs(1) {
             return invalid("nats.ack_wait", "must be at least 1s".into());
         }
         if self.max_deliver < 1 || self.max_ack_pending < 1 {
-            return invalid(
-                "nats.max_deliver",
-                "max_deliver and max_ack_pending must be positive".into(),
-            );
+            return invalid("nats.max_deliver", "max_deliver and max_ack_pending must be positive".into());
         }
         if !(1..=5).contains(&self.replicas) {
-            return invalid(
-                "nats.replicas",
-                format!("{} is outside 1..=5", self.replicas),
-            );
+            return invalid("nats.replicas", format!("{} is outside 1..=5", self.replicas));
         }
         Ok(())
     }
@@ -133,16 +126,10 @@ impl DatabaseConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         let ok = !self.schema.is_empty()
             && self.schema.len() <= 63
-            && self
-                .schema
-                .chars()
-                .all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
+            && self.schema.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '_')
             && !self.schema.starts_with(|c: char| c.is_ascii_digit());
         if !ok {
-            return invalid(
-                "database.schema",
-                format!("{:?} must be a lowercase SQL identifier", self.schema),
-            );
+            return invalid("database.schema", format!("{:?} must be a lowercase SQL identifier", self.schema));
         }
         if self.max_connections == 0 {
             return invalid("database.max_connections", "must be at least 1".into());
@@ -163,10 +150,7 @@ pub struct RedisConfig {
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig {
-            url: "redis://127.0.0.1:6379".into(),
-            key_prefix: "taskfleet:".into(),
-        }
+        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "taskfleet:".into() }
     }
 }
 
@@ -193,10 +177,7 @@ pub struct TelemetryConfig {
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
-        TelemetryConfig {
-            log: "info".into(),
-            log_format: LogFormat::Text,
-        }
+        TelemetryConfig { log: "info".into(), log_format: LogFormat::Text }
     }
 }
 
@@ -215,6 +196,14 @@ pub struct CoordinatorConfig {
     pub submit_batch_size: usize,
     /// Most events written to Postgres in one batch.
     pub event_batch_size: usize,
+    /// How often the rescuer looks for tasks whose dispatch was lost. One coordinator replica
+    /// runs it at a time (Postgres advisory lock).
+    #[serde(with = "humantime_serde")]
+    pub rescue_interval: Duration,
+    /// A task in flight with no event for this long, in a queue and priority whose JetStream
+    /// consumer holds nothing, is dispatched again. Keep it above `nats.ack_wait`.
+    #[serde(with = "humantime_serde")]
+    pub rescue_idle: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -225,6 +214,8 @@ impl Default for CoordinatorConfig {
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
             event_batch_size: 1000,
+            rescue_interval: Duration::from_secs(10),
+            rescue_idle: Duration::from_secs(60),
         }
     }
 }
@@ -232,18 +223,14 @@ impl Default for CoordinatorConfig {
 impl CoordinatorConfig {
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
         for kind in &self.kinds {
-            validate_name("kinds", kind, true).map_err(|e| ConfigError::Invalid {
-                field: "coordinator.kinds",
-                message: e.to_string(),
-            })?;
+            validate_name("kinds", kind, true)
+                .map_err(|e| ConfigError::Invalid { field: "coordinator.kinds", message: e.to_string() })?;
         }
-        if !(1..=10_000).contains(&self.submit_batch_size)
-            || !(1..=10_000).contains(&self.event_batch_size)
-        {
-            return invalid(
-                "coordinator.submit_batch_size",
-                "batch sizes must be in 1..=10000".into(),
-            );
+        if !(1..=10_000).contains(&self.submit_batch_size) || !(1..=10_000).contains(&self.event_batch_size) {
+            return invalid("coordinator.submit_batch_size", "batch sizes must be in 1..=10000".into());
+        }
+        if self.rescue_interval < Duration::from_millis(100) {
+            return invalid("coordinator.rescue_interval", "must be at least 100ms".into());
         }
         if self.max_body_bytes < 256 {
             return invalid("coordinator.max_body_bytes", "must be at least 256".into());
@@ -276,12 +263,7 @@ impl PriorityWeights {
 
 impl Default for PriorityWeights {
     fn default() -> Self {
-        PriorityWeights {
-            critical: 16,
-            high: 8,
-            normal: 4,
-            low: 1,
-        }
+        PriorityWeights { critical: 16, high: 8, normal: 4, low: 1 }
     }
 }
 
@@ -315,6 +297,14 @@ pub struct WorkerConfig {
     pub started_event_delay: Duration,
     /// This worker's id in events; empty means `<hostname>-<pid>`.
     pub id: String,
+    /// Retry backoff ceiling after the first failure (tasks and kinds may set their own).
+    #[serde(with = "humantime_serde")]
+    pub retry_base: Duration,
+    /// Growth of the backoff ceiling per attempt.
+    pub retry_factor: f64,
+    /// Largest retry delay.
+    #[serde(with = "humantime_serde")]
+    pub retry_max: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -330,6 +320,9 @@ impl Default for WorkerConfig {
             event_linger: Duration::from_millis(2),
             started_event_delay: Duration::from_secs(1),
             id: String::new(),
+            retry_base: Duration::from_secs(1),
+            retry_factor: 2.0,
+            retry_max: Duration::from_secs(300),
         }
     }
 }
@@ -340,10 +333,8 @@ impl WorkerConfig {
             return invalid("worker.queues", "name at least one queue".into());
         }
         for q in &self.queues {
-            validate_name("queues", q, false).map_err(|e| ConfigError::Invalid {
-                field: "worker.queues",
-                message: e.to_string(),
-            })?;
+            validate_name("queues", q, false)
+                .map_err(|e| ConfigError::Invalid { field: "worker.queues", message: e.to_string() })?;
         }
         if !(1..=100_000).contains(&self.max_concurrent_tasks) {
             return invalid(
@@ -360,16 +351,15 @@ impl WorkerConfig {
         if !(1..=10_000).contains(&self.event_batch_size) {
             return invalid("worker.event_batch_size", "must be in 1..=10000".into());
         }
+        if !(1.0..=100.0).contains(&self.retry_factor) || self.retry_base > self.retry_max {
+            return invalid("worker.retry_factor", "needs 1 <= retry_factor <= 100 and retry_base <= retry_max".into());
+        }
         Ok(())
     }
 
     /// Effective prefetch per queue and priority.
     pub fn effective_prefetch(&self) -> usize {
-        if self.prefetch == 0 {
-            self.max_concurrent_tasks
-        } else {
-            self.prefetch
-        }
+        if self.prefetch == 0 { self.max_concurrent_tasks } else { self.prefetch }
     }
 }
 
@@ -383,9 +373,7 @@ pub struct AggregatorConfig {
 
 impl Default for AggregatorConfig {
     fn default() -> Self {
-        AggregatorConfig {
-            http_addr: "0.0.0.0:9090".into(),
-        }
+        AggregatorConfig { http_addr: "0.0.0.0:9090".into() }
     }
 }
 

@@ -6,6 +6,8 @@
 //! | `task.get` | `{"id": "<uuid>"}` | the task, or `{"error": …}` |
 //! | `task.list` | `{"state"?, "queue"?, "limit"?}` | `[task, …]` newest first |
 //! | `task.counts` | `{"queue"?}` | `{"<state>": n, …}` |
+//! | `task.cancel` | `{"id": "<uuid>"}` | `{"cancelled": bool, "previous": state}` |
+//! | `task.replay` | `{"ids": [..]}` or `{"all": true, "queue"?}` | `{"replayed": [ids]}` |
 
 use crate::Ctx;
 use axum::extract::{Path, Query, State};
@@ -28,6 +30,16 @@ struct IdRequest {
     id: uuid::Uuid,
 }
 
+#[derive(Deserialize)]
+struct ReplayRequest {
+    #[serde(default)]
+    ids: Option<Vec<uuid::Uuid>>,
+    #[serde(default)]
+    all: bool,
+    #[serde(default)]
+    queue: Option<String>,
+}
+
 #[derive(Deserialize, Default)]
 struct CountsRequest {
     #[serde(default)]
@@ -36,13 +48,8 @@ struct CountsRequest {
 
 /// Answers one API request; errors become `{"error": "..."}` bodies, never a crash.
 async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
-    let parse_err =
-        |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
-    let body = if body.iter().all(u8::is_ascii_whitespace) {
-        b"{}".as_slice()
-    } else {
-        body
-    };
+    let parse_err = |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
+    let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
     let result = match verb {
         "task.get" => match serde_json::from_slice::<IdRequest>(body) {
             Err(e) => return parse_err(e),
@@ -53,11 +60,7 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
         },
         "task.list" => match serde_json::from_slice::<ListFilter>(body) {
             Err(e) => return parse_err(e),
-            Ok(f) => ctx
-                .store
-                .list_tasks(&f)
-                .await
-                .map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
+            Ok(f) => ctx.store.list_tasks(&f).await.map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
         },
         "task.counts" => match serde_json::from_slice::<CountsRequest>(body) {
             Err(e) => return parse_err(e),
@@ -67,9 +70,61 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
                 .await
                 .map(|rows| Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())),
         },
+        "task.cancel" => match serde_json::from_slice::<IdRequest>(body) {
+            Err(e) => return parse_err(e),
+            Ok(r) => return cancel(ctx, r.id).await,
+        },
+        "task.replay" => match serde_json::from_slice::<ReplayRequest>(body) {
+            Err(e) => return parse_err(e),
+            Ok(r) => return replay(ctx, r).await,
+        },
         other => return json!({ "error": format!("unknown API verb {other:?}") }),
     };
     result.unwrap_or_else(|e| json!({ "error": e.to_string() }))
+}
+
+/// Cancels a task: final state `cancelled` in Postgres (with its pending dependents), then its
+/// id in the cancellation bucket, so a worker holding it skips it or stops it.
+async fn cancel(ctx: &Ctx, id: uuid::Uuid) -> Value {
+    let outcome = match ctx.store.cancel(id).await {
+        Ok(o) => o,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let Some(previous) = outcome.previous else {
+        return json!({ "error": format!("no task {id}"), "not_found": true });
+    };
+    if outcome.cancelled {
+        if let Err(e) = ctx.cancel_bucket.put(id.to_string(), Bytes::new()).await {
+            // Postgres already says cancelled; a worker that still runs it records an attempt
+            // whose outcome is ignored.
+            tracing::warn!(task_id = %id, error = %e, "cannot announce a cancellation to workers");
+        }
+        metrics::counter!("taskfleet_coordinator_cancelled_total").increment(outcome.finalized.len() as u64);
+        crate::recorder::notify_committed(ctx, &outcome.finalized).await;
+    }
+    json!({ "cancelled": outcome.cancelled, "previous": previous.as_str(),
+            "dependents_cancelled": outcome.finalized.len().saturating_sub(1) })
+}
+
+/// Moves dead tasks back to `queued` and dispatches them with a fresh attempt budget.
+async fn replay(ctx: &Ctx, r: ReplayRequest) -> Value {
+    if r.ids.is_none() && !r.all {
+        return json!({ "error": "name task ids, or ask for all dead tasks with \"all\": true" });
+    }
+    let replayed = match ctx.store.replay_dead(r.ids.as_deref(), r.queue.as_deref(), 10_000).await {
+        Ok(t) => t,
+        Err(e) => return json!({ "error": e.to_string() }),
+    };
+    let out = replayed
+        .iter()
+        .map(|t| crate::dispatch::redispatch_message(&ctx.topology, &t.envelope, None, t.attempt_offset, t.generation))
+        .collect();
+    if let Err(e) = crate::dispatch::publish(&ctx.topology, out).await {
+        // The rows are queued; the rescuer dispatches them once it finds them idle.
+        tracing::error!(error = %e, "cannot dispatch replayed tasks now");
+    }
+    metrics::counter!("taskfleet_coordinator_replayed_total").increment(replayed.len() as u64);
+    json!({ "replayed": replayed.iter().map(|t| t.envelope.id).collect::<Vec<_>>() })
 }
 
 /// Serves the NATS API until shutdown.
@@ -90,11 +145,7 @@ pub(crate) async fn serve_nats(ctx: Arc<Ctx>, shutdown: CancellationToken) -> an
             continue;
         };
         let ctx = ctx.clone();
-        let verb = msg
-            .subject
-            .strip_prefix(prefix.as_str())
-            .unwrap_or("")
-            .to_string();
+        let verb = msg.subject.strip_prefix(prefix.as_str()).unwrap_or("").to_string();
         tokio::spawn(async move {
             let value = answer(&ctx, &verb, &msg.payload).await;
             let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
@@ -119,57 +170,28 @@ pub(crate) fn http_routes(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route(
             "/v1/tasks/{id}",
-            get(
-                |State(ctx): State<Arc<Ctx>>, Path(id): Path<String>| async move {
-                    match uuid::Uuid::parse_str(&id) {
-                        Ok(id) => to_response(
-                            answer(
-                                &ctx,
-                                "task.get",
-                                &serde_json::to_vec(&json!({ "id": id })).unwrap_or_default(),
-                            )
-                            .await,
-                        ),
-                        Err(e) => (
-                            StatusCode::BAD_REQUEST,
-                            Json(json!({ "error": format!("invalid task id: {e}") })),
-                        )
-                            .into_response(),
-                    }
-                },
-            ),
+            get(|State(ctx): State<Arc<Ctx>>, Path(id): Path<String>| async move {
+                match uuid::Uuid::parse_str(&id) {
+                    Ok(id) => to_response(
+                        answer(&ctx, "task.get", &serde_json::to_vec(&json!({ "id": id })).unwrap_or_default()).await,
+                    ),
+                    Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("invalid task id: {e}") })))
+                        .into_response(),
+                }
+            }),
         )
         .route(
             "/v1/tasks",
-            get(
-                |State(ctx): State<Arc<Ctx>>, Query(f): Query<ListFilter>| async move {
-                    to_response(
-                        answer(
-                            &ctx,
-                            "task.list",
-                            &serde_json::to_vec(&f).unwrap_or_default(),
-                        )
-                        .await,
-                    )
-                },
-            ),
+            get(|State(ctx): State<Arc<Ctx>>, Query(f): Query<ListFilter>| async move {
+                to_response(answer(&ctx, "task.list", &serde_json::to_vec(&f).unwrap_or_default()).await)
+            }),
         )
         .route(
             "/v1/counts",
-            get(
-                |State(ctx): State<Arc<Ctx>>,
-                 Query(q): Query<std::collections::HashMap<String, String>>| async move {
-                    let body = json!({ "queue": q.get("queue") });
-                    to_response(
-                        answer(
-                            &ctx,
-                            "task.counts",
-                            &serde_json::to_vec(&body).unwrap_or_default(),
-                        )
-                        .await,
-                    )
-                },
-            ),
+            get(|State(ctx): State<Arc<Ctx>>, Query(q): Query<std::collections::HashMap<String, String>>| async move {
+                let body = json!({ "queue": q.get("queue") });
+                to_response(answer(&ctx, "task.counts", &serde_json::to_vec(&body).unwrap_or_default()).await)
+            }),
         )
         .with_state(ctx)
 }

@@ -6,16 +6,27 @@ use std::time::Duration;
 use taskfleet_bus::{Outgoing, Topology, publish_all};
 use taskfleet_proto::{CONTENT_TYPE_MSGPACK, TaskEnvelope, encode, headers};
 
-/// The dispatch message of a task. Its dedup id is `<id>:<attempt offset>`, so dispatching the
-/// same task twice within the dedup window (a coordinator that crashed between publishing and
-/// acknowledging the submission) stores it once.
-pub(crate) fn message(
+/// The first dispatch of a task.
+pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&HeaderMap>) -> Outgoing {
+    redispatch_message(topology, env, trace, 0, 1)
+}
+
+/// A dispatch message. Its dedup id is `<id>:<generation>`: dispatching the same generation
+/// twice within the dedup window (a coordinator that crashed between publishing and
+/// acknowledging the submission) stores it once, while a rescue or replay (the next
+/// generation) is a new message. `attempt_offset` is the number of attempts already spent.
+pub(crate) fn redispatch_message(
     topology: &Topology,
     env: &TaskEnvelope,
     trace: Option<&HeaderMap>,
+    attempt_offset: u32,
+    generation: i32,
 ) -> Outgoing {
     let mut h = HeaderMap::new();
     h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+    if attempt_offset > 0 {
+        h.insert(headers::ATTEMPT_OFFSET, attempt_offset.to_string().as_str());
+    }
     if let Some(trace) = trace {
         for key in ["traceparent", "tracestate"] {
             if let Some(v) = trace.get(key) {
@@ -27,16 +38,14 @@ pub(crate) fn message(
         subject: topology.subjects.dispatch(&env.queue, env.priority),
         payload: Bytes::from(encode(env)),
         headers: h,
-        msg_id: Some(format!("{}:0", env.id)),
+        msg_id: Some(format!("{}:{generation}", env.id)),
     }
 }
 
 /// Publishes dispatch messages, retrying the whole set a few times (dedup ids make repeats
-/// harmless). An error means some tasks may not be in JetStream: their rows stay `queued`.
-pub(crate) async fn publish(
-    topology: &Topology,
-    messages: Vec<Outgoing>,
-) -> Result<(), taskfleet_bus::BusError> {
+/// harmless). An error means some tasks may not be in JetStream: their rows stay `queued`
+/// and the rescuer dispatches them again.
+pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Result<(), taskfleet_bus::BusError> {
     if messages.is_empty() {
         return Ok(());
     }
@@ -57,8 +66,5 @@ pub(crate) async fn publish(
             }
         }
     }
-    Err(last.unwrap_or(taskfleet_bus::BusError::Publish {
-        subject: "dispatch".into(),
-        message: "unknown".into(),
-    }))
+    Err(last.unwrap_or(taskfleet_bus::BusError::Publish { subject: "dispatch".into(), message: "unknown".into() }))
 }

@@ -7,44 +7,26 @@ use crate::{Ctx, dispatch};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, RejectReason, SubmitReply, TaskEnvelope,
-    TaskErrorInfo, TaskEvent, decode_envelope, encode, headers,
+    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, RejectReason, SubmitReply, TaskEnvelope, TaskErrorInfo, TaskEvent,
+    decode_envelope, encode, headers,
 };
 use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let batch = ctx.config.coordinator.submit_batch_size;
-    let consumer = ctx.topology.submit_consumer((batch * 4) as i64).await?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(batch)
-        .expires(Duration::from_secs(30))
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot pull submissions: {e}"))?;
-    let mut chunks = messages.ready_chunks(batch);
-    loop {
-        let chunk = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            c = chunks.next() => match c { Some(c) => c, None => return Err(anyhow::anyhow!("submission stream ended")) },
-        };
-        let msgs: Vec<Message> = chunk
-            .into_iter()
-            .filter_map(|m| {
-                m.map_err(|e| tracing::debug!(error = %e, "submission pull status"))
-                    .ok()
-            })
-            .collect();
-        if !msgs.is_empty() {
-            process(&ctx, msgs).await;
-        }
-    }
+    taskfleet_bus::consume_batches(
+        "submissions",
+        batch,
+        shutdown.cancelled(),
+        || ctx.topology.submit_consumer((batch * 4) as i64),
+        |msgs| process(&ctx, msgs),
+    )
+    .await;
+    Ok(())
 }
 
 struct Refusal {
@@ -56,10 +38,7 @@ struct Refusal {
 }
 
 fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
-    m.headers
-        .as_ref()
-        .and_then(|h| h.get(name))
-        .map(|v| v.as_str())
+    m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
 async fn process(ctx: &Ctx, msgs: Vec<Message>) {
@@ -70,43 +49,25 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
     let mut refusals: Vec<(usize, Refusal)> = Vec::new();
 
     for (i, m) in msgs.iter().enumerate() {
-        let queue = subjects
-            .queue_of(&m.subject)
-            .unwrap_or("default")
-            .to_string();
-        let refuse =
-            |reason: RejectReason, message: String, task_id: uuid::Uuid, kind: String| Refusal {
-                queue: queue.clone(),
-                task_id,
-                kind,
-                reason,
-                message,
-            };
-        match decode_envelope(
-            &m.payload,
-            header(m, headers::CONTENT_TYPE),
-            cfg.max_body_bytes,
-        ) {
-            Err(e) => refusals.push((
-                i,
-                refuse(e.reason(), e.to_string(), uuid::Uuid::nil(), String::new()),
-            )),
+        let queue = subjects.queue_of(&m.subject).unwrap_or("default").to_string();
+        let refuse = |reason: RejectReason, message: String, task_id: uuid::Uuid, kind: String| Refusal {
+            queue: queue.clone(),
+            task_id,
+            kind,
+            reason,
+            message,
+        };
+        match decode_envelope(&m.payload, header(m, headers::CONTENT_TYPE), cfg.max_body_bytes) {
+            Err(e) => refusals.push((i, refuse(e.reason(), e.to_string(), uuid::Uuid::nil(), String::new()))),
             Ok(mut env) => {
                 if env.queue != queue && env.queue != taskfleet_proto::DEFAULT_QUEUE {
-                    let msg = format!(
-                        "queue {:?} in the body differs from the subject's queue {queue:?}",
-                        env.queue
-                    );
+                    let msg = format!("queue {:?} in the body differs from the subject's queue {queue:?}", env.queue);
                     refusals.push((i, refuse(RejectReason::Invalid, msg, env.id, env.kind)));
                     continue;
                 }
                 env.queue = queue.clone();
                 if !cfg.kinds.is_empty() && !cfg.kinds.contains(&env.kind) {
-                    let msg = format!(
-                        "unknown task kind {:?}; accepted kinds: {}",
-                        env.kind,
-                        cfg.kinds.join(", ")
-                    );
+                    let msg = format!("unknown task kind {:?}; accepted kinds: {}", env.kind, cfg.kinds.join(", "));
                     refusals.push((i, refuse(RejectReason::UnknownKind, msg, env.id, env.kind)));
                     continue;
                 }
@@ -124,8 +85,7 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
             Err(e) => {
                 // Postgres is unavailable: hand the whole batch back; JetStream redelivers it
                 // (submissions have no delivery limit) and nothing is lost.
-                metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "insert")
-                    .increment(1);
+                metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "insert").increment(1);
                 tracing::error!(error = %e, tasks = envs.len(), "cannot write submissions; will retry");
                 for m in &msgs {
                     let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -178,11 +138,7 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
         .increment(outcome.duplicates.len() as u64);
 
     // Replies for confirmed submits.
-    let dup: HashMap<usize, uuid::Uuid> = outcome
-        .duplicates
-        .iter()
-        .map(|d| (d.index, d.existing))
-        .collect();
+    let dup: HashMap<usize, uuid::Uuid> = outcome.duplicates.iter().map(|d| (d.index, d.existing)).collect();
     let refused: HashMap<usize, &Refusal> = refusals.iter().map(|(i, r)| (*i, r)).collect();
     for (k, &mi) in env_msg.iter().enumerate() {
         if refused.contains_key(&mi) {
@@ -208,8 +164,7 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
 fn traced_headers(m: &Message, env: &TaskEnvelope) -> Option<HeaderMap> {
     let h = m.headers.as_ref()?;
     h.get("traceparent")?;
-    let span =
-        tracing::info_span!("task.intake", task_id = %env.id, kind = %env.kind, queue = %env.queue);
+    let span = tracing::info_span!("task.intake", task_id = %env.id, kind = %env.kind, queue = %env.queue);
     taskfleet_telemetry::set_parent_from(&span, Some(h));
     let mut out = HeaderMap::new();
     taskfleet_telemetry::inject_context(&span, &mut out);
@@ -218,11 +173,7 @@ fn traced_headers(m: &Message, env: &TaskEnvelope) -> Option<HeaderMap> {
 
 async fn reply_json(ctx: &Ctx, subject: &str, body: &SubmitReply) {
     let bytes = serde_json::to_vec(body).unwrap_or_default();
-    if let Err(e) = ctx
-        .client
-        .publish(subject.to_string(), Bytes::from(bytes))
-        .await
-    {
+    if let Err(e) = ctx.client.publish(subject.to_string(), Bytes::from(bytes)).await {
         tracing::warn!(%subject, error = %e, "cannot send submit reply");
     }
 }
@@ -246,11 +197,7 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
         }
         let mut ev = TaskEvent::new(r.task_id, EventKind::Rejected, &r.queue);
         ev.task_kind = r.kind;
-        ev.error = Some(TaskErrorInfo {
-            code: r.reason.as_str().into(),
-            message: r.message,
-            retryable: false,
-        });
+        ev.error = Some(TaskErrorInfo { code: r.reason.as_str().into(), message: r.message, retryable: false });
         by_queue.entry(r.queue).or_default().push(ev);
     }
     for (queue, events) in by_queue {

@@ -6,6 +6,7 @@ mod api;
 mod dispatch;
 mod intake;
 mod recorder;
+mod rescuer;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -20,6 +21,8 @@ pub(crate) struct Ctx {
     pub client: async_nats::Client,
     pub topology: Topology,
     pub store: Store,
+    /// Bucket of cancelled task ids that workers watch.
+    pub cancel_bucket: async_nats::jetstream::kv::Store,
 }
 
 #[tokio::main]
@@ -27,20 +30,11 @@ async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-coordinator")?;
     let config = service.config.clone();
     let store = Store::connect(&config.database).await?;
-    let client = taskfleet_bus::connect(
-        &config.nats,
-        "taskfleet-coordinator",
-        Duration::from_secs(60),
-    )
-    .await?;
+    let client = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60)).await?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
-    let ctx = Arc::new(Ctx {
-        config: config.clone(),
-        client,
-        topology,
-        store,
-    });
+    let cancel_bucket = topology.cancel_bucket().await?;
+    let ctx = Arc::new(Ctx { config: config.clone(), client, topology, store, cancel_bucket });
 
     let ready = Arc::new(AtomicBool::new(false));
     let http = service
@@ -58,6 +52,7 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(intake::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(recorder::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(api::serve_nats(ctx.clone(), shutdown.clone())),
+        tokio::spawn(rescuer::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(readiness(ctx.clone(), ready, shutdown.clone())),
     ];
     tracing::info!(schema = %config.database.schema, prefix = %config.nats.subject_prefix, "coordinator running");

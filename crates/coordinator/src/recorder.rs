@@ -4,72 +4,56 @@
 use crate::{Ctx, dispatch};
 use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
-use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_bus::COORDINATOR_CONSUMER;
-use taskfleet_proto::{
-    CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers,
-};
+use taskfleet_proto::TaskState;
+use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers};
+use taskfleet_store::Finalized;
 use tokio_util::sync::CancellationToken;
 
 /// Event messages pulled per request; each carries up to a worker's event batch.
 const MESSAGES_PER_PULL: usize = 256;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let consumer = ctx
-        .topology
-        .events_consumer(COORDINATOR_CONSUMER, (MESSAGES_PER_PULL * 8) as i64)
-        .await?;
-    let messages = consumer
-        .stream()
-        .max_messages_per_batch(MESSAGES_PER_PULL)
-        .expires(Duration::from_secs(30))
-        .heartbeat(Duration::from_secs(5))
-        .messages()
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot pull events: {e}"))?;
-    let mut chunks = messages.ready_chunks(MESSAGES_PER_PULL);
+    taskfleet_bus::consume_batches(
+        "events",
+        MESSAGES_PER_PULL,
+        shutdown.cancelled(),
+        || ctx.topology.events_consumer(COORDINATOR_CONSUMER, (MESSAGES_PER_PULL * 8) as i64),
+        |chunk| record_chunk(&ctx, chunk),
+    )
+    .await;
+    Ok(())
+}
+
+/// Decodes a chunk of event messages and records them in transactions of about
+/// `event_batch_size` events each.
+async fn record_chunk(ctx: &Ctx, chunk: Vec<Message>) {
     let limit = ctx.config.coordinator.event_batch_size;
-    loop {
-        let chunk = tokio::select! {
-            _ = shutdown.cancelled() => return Ok(()),
-            c = chunks.next() => match c { Some(c) => c, None => return Err(anyhow::anyhow!("event stream ended")) },
-        };
-        // Group messages so that each transaction holds about `event_batch_size` events.
-        let mut group: Vec<Message> = Vec::new();
-        let mut events: Vec<TaskEvent> = Vec::new();
-        for m in chunk.into_iter().filter_map(|m| m.ok()) {
-            let ct = m
-                .headers
-                .as_ref()
-                .and_then(|h| h.get(headers::CONTENT_TYPE))
-                .map(|v| v.as_str().to_string());
-            match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
-                Ok(batch) => {
-                    events.extend(batch.events);
-                    group.push(m);
-                }
-                Err(e) => {
-                    // Nothing can make this message readable later: count it and drop it.
-                    metrics::counter!("taskfleet_coordinator_malformed_events_total").increment(1);
-                    tracing::error!(subject = %m.subject, error = %e, "undecodable event message, terminating it");
-                    let _ = m.ack_with(AckKind::Term).await;
-                }
+    let mut group: Vec<Message> = Vec::new();
+    let mut events: Vec<TaskEvent> = Vec::new();
+    for m in chunk {
+        let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+        match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
+            Ok(batch) => {
+                events.extend(batch.events);
+                group.push(m);
             }
-            if events.len() >= limit {
-                record(
-                    &ctx,
-                    std::mem::take(&mut group),
-                    std::mem::take(&mut events),
-                )
-                .await;
+            Err(e) => {
+                // Nothing can make this message readable later: count it and drop it.
+                metrics::counter!("taskfleet_coordinator_malformed_events_total").increment(1);
+                tracing::error!(subject = %m.subject, error = %e, "undecodable event message, terminating it");
+                let _ = m.ack_with(AckKind::Term).await;
             }
         }
-        if !group.is_empty() {
-            record(&ctx, group, events).await;
+        if events.len() >= limit {
+            record(ctx, std::mem::take(&mut group), std::mem::take(&mut events)).await;
         }
+    }
+    if !group.is_empty() {
+        record(ctx, group, events).await;
     }
 }
 
@@ -77,8 +61,7 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     let outcome = match ctx.store.record_events(&events).await {
         Ok(o) => o,
         Err(e) => {
-            metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record")
-                .increment(1);
+            metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record").increment(1);
             tracing::error!(error = %e, events = events.len(), "cannot record events; will retry");
             for m in &msgs {
                 let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
@@ -87,17 +70,11 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
         }
     };
     metrics::counter!("taskfleet_coordinator_events_total").increment(events.len() as u64);
-    metrics::counter!("taskfleet_coordinator_events_ignored_total")
-        .increment(outcome.ignored as u64);
-    metrics::counter!("taskfleet_coordinator_finalized_total")
-        .increment(outcome.finalized.len() as u64);
+    metrics::counter!("taskfleet_coordinator_events_ignored_total").increment(outcome.ignored as u64);
+    metrics::counter!("taskfleet_coordinator_finalized_total").increment(outcome.finalized.len() as u64);
 
     if !outcome.released.is_empty() {
-        let out = outcome
-            .released
-            .iter()
-            .map(|env| dispatch::message(&ctx.topology, env, None))
-            .collect();
+        let out = outcome.released.iter().map(|env| dispatch::message(&ctx.topology, env, None)).collect();
         if let Err(e) = dispatch::publish(&ctx.topology, out).await {
             // The released rows are committed as queued. Redelivering these events would find
             // the parents already final and release nothing, so the rescuer must pick them up.
@@ -109,24 +86,57 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
             tracing::warn!(error = %e, "acknowledging an event message failed; it will be redelivered and ignored");
         }
     }
+    notify_committed(ctx, &outcome.finalized).await;
+    let dead: Vec<uuid::Uuid> = outcome.finalized.iter().filter(|f| f.state == TaskState::Dead).map(|f| f.id).collect();
+    if !dead.is_empty() {
+        publish_dead_letters(ctx, &dead).await;
+    }
+}
+
+/// Tells watchers (`taskfleet wait`, `submit --wait`) which tasks just became final: one core
+/// NATS message per queue and commit.
+pub(crate) async fn notify_committed(ctx: &Ctx, finalized: &[Finalized]) {
     let mut by_queue: HashMap<&str, Vec<CommittedTask>> = HashMap::new();
-    for f in &outcome.finalized {
-        by_queue
-            .entry(f.queue.as_str())
-            .or_default()
-            .push(CommittedTask {
-                id: f.id,
-                state: f.state,
-            });
+    for f in finalized {
+        by_queue.entry(f.queue.as_str()).or_default().push(CommittedTask { id: f.id, state: f.state });
     }
     for (queue, tasks) in by_queue {
         let body = Bytes::from(encode(&CommittedBatch { tasks }));
-        if let Err(e) = ctx
-            .client
-            .publish(ctx.topology.subjects.committed(queue), body)
-            .await
-        {
+        if let Err(e) = ctx.client.publish(ctx.topology.subjects.committed(queue), body).await {
             tracing::debug!(error = %e, "cannot publish committed notification");
         }
+    }
+}
+
+/// Copies dead tasks' envelopes, with their last error in the `Taskfleet-Error` header, to the
+/// dead-letter stream. Postgres stays the source of truth (`state = dead`); the stream is the
+/// feed other systems can consume.
+async fn publish_dead_letters(ctx: &Ctx, ids: &[uuid::Uuid]) {
+    let rows = match ctx.store.envelopes_with_error(ids).await {
+        Ok(r) => r,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read dead tasks for the dead-letter stream");
+            return;
+        }
+    };
+    let out: Vec<taskfleet_bus::Outgoing> = rows
+        .into_iter()
+        .map(|(env, error)| {
+            let mut h = async_nats::HeaderMap::new();
+            h.insert(headers::CONTENT_TYPE, taskfleet_proto::CONTENT_TYPE_MSGPACK);
+            if let Some(e) = error {
+                h.insert("Taskfleet-Error", e.to_string().replace(['\r', '\n'], " ").as_str());
+            }
+            taskfleet_bus::Outgoing {
+                subject: ctx.topology.subjects.dead(&env.queue),
+                payload: Bytes::from(encode(&env)),
+                headers: h,
+                msg_id: Some(format!("dead:{}:{}", env.id, env.max_attempts)),
+            }
+        })
+        .collect();
+    metrics::counter!("taskfleet_coordinator_dead_letters_total").increment(out.len() as u64);
+    if let Err(e) = taskfleet_bus::publish_all(&ctx.topology.js, out).await {
+        tracing::error!(error = %e, "cannot publish to the dead-letter stream (the tasks are dead in Postgres)");
     }
 }

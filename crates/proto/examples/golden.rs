@@ -53,32 +53,18 @@ fn main() -> std::io::Result<()> {
         started_at: 1_763_900_000_021,
         finished_at: 1_763_900_001_500,
     });
-    ok.tokens = Some(TokenUsage {
-        prompt: 812,
-        completion: 64,
-    });
+    ok.tokens = Some(TokenUsage { prompt: 812, completion: 64 });
     ok.cost_usd = Some(0.000160);
     let mut retry = TaskEvent::new(dep, EventKind::Retrying, "research");
     retry.task_kind = "http".into();
     retry.attempt = 1;
     retry.at = 1_763_900_000_900;
-    retry.error = Some(TaskErrorInfo {
-        code: "http_429".into(),
-        message: "rate limited by provider".into(),
-        retryable: true,
-    });
+    retry.error =
+        Some(TaskErrorInfo { code: "http_429".into(), message: "rate limited by provider".into(), retryable: true });
     retry.retry_in_ms = Some(2_000);
     write("event_batch", &EventBatch::new(vec![ok, retry]))?;
 
-    write(
-        "committed_batch",
-        &CommittedBatch {
-            tasks: vec![CommittedTask {
-                id,
-                state: TaskState::Succeeded,
-            }],
-        },
-    )?;
+    write("committed_batch", &CommittedBatch { tasks: vec![CommittedTask { id, state: TaskState::Succeeded }] })?;
     write(
         "submit_reply_rejected",
         &SubmitReply {

@@ -23,25 +23,13 @@ impl Encoding {
     /// a JSON object starts with `{` (after whitespace), which as MessagePack would be a bare
     /// integer and never a valid message.
     pub fn detect(content_type: Option<&str>, body: &[u8]) -> Result<Encoding, DecodeError> {
-        match content_type.map(|c| {
-            c.split(';')
-                .next()
-                .unwrap_or("")
-                .trim()
-                .to_ascii_lowercase()
-        }) {
+        match content_type.map(|c| c.split(';').next().unwrap_or("").trim().to_ascii_lowercase()) {
             Some(ct) if ct == CONTENT_TYPE_JSON || ct == "text/json" => Ok(Encoding::Json),
-            Some(ct) if ct == CONTENT_TYPE_MSGPACK || ct == "application/x-msgpack" => {
-                Ok(Encoding::MsgPack)
-            }
+            Some(ct) if ct == CONTENT_TYPE_MSGPACK || ct == "application/x-msgpack" => Ok(Encoding::MsgPack),
             Some(ct) if !ct.is_empty() => Err(DecodeError::UnsupportedContentType(ct)),
             _ => {
                 let first = body.iter().find(|b| !b.is_ascii_whitespace());
-                Ok(if first == Some(&b'{') {
-                    Encoding::Json
-                } else {
-                    Encoding::MsgPack
-                })
+                Ok(if first == Some(&b'{') { Encoding::Json } else { Encoding::MsgPack })
             }
         }
     }
@@ -60,26 +48,15 @@ pub fn encode_json<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 /// Decodes a body in the given (or sniffed) encoding, refusing bodies over `limit` bytes.
-pub fn decode<T: DeserializeOwned>(
-    body: &[u8],
-    content_type: Option<&str>,
-    limit: usize,
-) -> Result<T, DecodeError> {
+pub fn decode<T: DeserializeOwned>(body: &[u8], content_type: Option<&str>, limit: usize) -> Result<T, DecodeError> {
     if body.len() > limit {
-        return Err(DecodeError::TooLarge {
-            size: body.len(),
-            limit,
-        });
+        return Err(DecodeError::TooLarge { size: body.len(), limit });
     }
     match Encoding::detect(content_type, body)? {
-        Encoding::Json => serde_json::from_slice(body).map_err(|e| DecodeError::Malformed {
-            encoding: "json",
-            message: e.to_string(),
-        }),
-        Encoding::MsgPack => rmp_serde::from_slice(body).map_err(|e| DecodeError::Malformed {
-            encoding: "msgpack",
-            message: e.to_string(),
-        }),
+        Encoding::Json => serde_json::from_slice(body)
+            .map_err(|e| DecodeError::Malformed { encoding: "json", message: e.to_string() }),
+        Encoding::MsgPack => rmp_serde::from_slice(body)
+            .map_err(|e| DecodeError::Malformed { encoding: "msgpack", message: e.to_string() }),
     }
 }
 
@@ -108,11 +85,8 @@ mod tests {
 
     #[test]
     fn msgpack_round_trip() {
-        let env = TaskEnvelope::new(
-            "echo",
-            serde_json::json!({"text": "hi", "n": [1, 2.5, null]}),
-        )
-        .with_priority(Priority::Critical);
+        let env = TaskEnvelope::new("echo", serde_json::json!({"text": "hi", "n": [1, 2.5, null]}))
+            .with_priority(Priority::Critical);
         let bytes = encode(&env);
         let back = decode_envelope(&bytes, Some(CONTENT_TYPE_MSGPACK), LIMIT).unwrap();
         assert_eq!(back, env);
@@ -134,25 +108,15 @@ mod tests {
     #[test]
     fn clear_errors() {
         let missing = decode_envelope(br#"{"payload":1}"#, None, LIMIT).unwrap_err();
-        assert!(
-            missing.to_string().contains("missing field `kind`"),
-            "{missing}"
-        );
+        assert!(missing.to_string().contains("missing field `kind`"), "{missing}");
         let typo = decode_envelope(br#"{"kind":"echo","paylod":1}"#, None, LIMIT).unwrap_err();
         assert!(typo.to_string().contains("paylod"), "{typo}");
-        let bad_prio =
-            decode_envelope(br#"{"kind":"echo","priority":"urgent"}"#, None, LIMIT).unwrap_err();
+        let bad_prio = decode_envelope(br#"{"kind":"echo","priority":"urgent"}"#, None, LIMIT).unwrap_err();
         assert!(bad_prio.to_string().contains("urgent"), "{bad_prio}");
-        let bad_queue =
-            decode_envelope(br#"{"kind":"echo","queue":"a.b"}"#, None, LIMIT).unwrap_err();
+        let bad_queue = decode_envelope(br#"{"kind":"echo","queue":"a.b"}"#, None, LIMIT).unwrap_err();
         assert_eq!(bad_queue.reason(), crate::RejectReason::Invalid);
         let big = format!(r#"{{"kind":"echo","payload":"{}"}}"#, "x".repeat(2000));
-        assert_eq!(
-            decode_envelope(big.as_bytes(), None, 1000)
-                .unwrap_err()
-                .reason(),
-            crate::RejectReason::TooLarge
-        );
+        assert_eq!(decode_envelope(big.as_bytes(), None, 1000).unwrap_err().reason(), crate::RejectReason::TooLarge);
         let future = decode_envelope(br#"{"v":99,"kind":"echo"}"#, None, LIMIT).unwrap_err();
         assert_eq!(future.reason(), crate::RejectReason::UnsupportedVersion);
         let ct = decode_envelope(b"kind=echo", Some("text/plain"), LIMIT).unwrap_err();

@@ -60,6 +60,27 @@ pub struct TaskEnvelope {
     /// Creation time, Unix epoch milliseconds; filled at intake when zero.
     #[serde(default)]
     pub created_at: u64,
+    /// Backoff between attempts for this task; the worker's policy for the kind when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry: Option<RetryBackoff>,
+}
+
+/// Exponential backoff with full jitter: the delay after failed attempt `n` is uniform in
+/// `[0, min(max_ms, base_ms · factorⁿ⁻¹)]`.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBackoff {
+    /// Delay ceiling after the first failure, milliseconds.
+    pub base_ms: u64,
+    /// Growth of the ceiling per attempt (at least 1).
+    #[serde(default = "default_factor")]
+    pub factor: f64,
+    /// Largest delay, milliseconds.
+    pub max_ms: u64,
+}
+
+fn default_factor() -> f64 {
+    2.0
 }
 
 fn default_version() -> u16 {
@@ -90,6 +111,7 @@ impl TaskEnvelope {
             idempotency_key: None,
             depends_on: Vec::new(),
             created_at: now_ms(),
+            retry: None,
         }
     }
 
@@ -118,18 +140,12 @@ impl TaskEnvelope {
     /// payload (JSON length).
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), DecodeError> {
         if self.v == 0 || self.v > PROTOCOL_VERSION {
-            return Err(DecodeError::UnsupportedVersion {
-                found: self.v,
-                supported: PROTOCOL_VERSION,
-            });
+            return Err(DecodeError::UnsupportedVersion { found: self.v, supported: PROTOCOL_VERSION });
         }
         validate_name("kind", &self.kind, true)?;
         validate_name("queue", &self.queue, false)?;
         if self.id.is_nil() {
-            return Err(DecodeError::Invalid {
-                field: "id",
-                reason: "must not be the nil UUID".into(),
-            });
+            return Err(DecodeError::Invalid { field: "id", reason: "must not be the nil UUID".into() });
         }
         if self.max_attempts == 0 || self.max_attempts > 1_000 {
             return Err(DecodeError::Invalid {
@@ -154,26 +170,23 @@ impl TaskEnvelope {
         if self.depends_on.len() > MAX_DEPENDENCIES {
             return Err(DecodeError::Invalid {
                 field: "depends_on",
-                reason: format!(
-                    "{} dependencies, at most {MAX_DEPENDENCIES}",
-                    self.depends_on.len()
-                ),
+                reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
             });
         }
         if self.depends_on.contains(&self.id) {
+            return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
+        }
+        if let Some(r) = &self.retry
+            && (!(r.factor >= 1.0 && r.factor <= 100.0) || r.base_ms > r.max_ms || r.max_ms > 24 * 3_600_000)
+        {
             return Err(DecodeError::Invalid {
-                field: "depends_on",
-                reason: "a task cannot depend on itself".into(),
+                field: "retry",
+                reason: "needs 1 <= factor <= 100 and base_ms <= max_ms <= 1 day".into(),
             });
         }
-        let size = serde_json::to_vec(&self.payload)
-            .map(|v| v.len())
-            .unwrap_or(usize::MAX);
+        let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > max_payload_bytes {
-            return Err(DecodeError::TooLarge {
-                size,
-                limit: max_payload_bytes,
-            });
+            return Err(DecodeError::TooLarge { size, limit: max_payload_bytes });
         }
         Ok(())
     }
@@ -181,20 +194,11 @@ impl TaskEnvelope {
 
 /// Checks a queue name or task kind: 1..=128 characters of `[A-Za-z0-9_-]`, plus `.` for kinds
 /// (`llm.chat`). Queue names become NATS subject tokens, so dots and wildcards are refused there.
-pub fn validate_name(
-    field: &'static str,
-    value: &str,
-    allow_dots: bool,
-) -> Result<(), DecodeError> {
+pub fn validate_name(field: &'static str, value: &str, allow_dots: bool) -> Result<(), DecodeError> {
     if value.is_empty() || value.len() > MAX_ID_LEN {
-        return Err(DecodeError::Invalid {
-            field,
-            reason: format!("length must be 1..={MAX_ID_LEN}"),
-        });
+        return Err(DecodeError::Invalid { field, reason: format!("length must be 1..={MAX_ID_LEN}") });
     }
-    let ok = value
-        .chars()
-        .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || (allow_dots && c == '.'));
+    let ok = value.chars().all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '-' || (allow_dots && c == '.'));
     if !ok || value.starts_with('.') || value.ends_with('.') {
         return Err(DecodeError::Invalid {
             field,
@@ -209,8 +213,5 @@ pub fn validate_name(
 
 /// Milliseconds since the Unix epoch, now.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

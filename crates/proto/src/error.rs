@@ -48,9 +48,7 @@ impl DecodeError {
     /// The stable reason code for this error.
     pub fn reason(&self) -> RejectReason {
         match self {
-            DecodeError::Malformed { .. } | DecodeError::UnsupportedContentType(_) => {
-                RejectReason::Malformed
-            }
+            DecodeError::Malformed { .. } | DecodeError::UnsupportedContentType(_) => RejectReason::Malformed,
             DecodeError::UnsupportedVersion { .. } => RejectReason::UnsupportedVersion,
             DecodeError::TooLarge { .. } => RejectReason::TooLarge,
             DecodeError::Invalid { .. } => RejectReason::Invalid,

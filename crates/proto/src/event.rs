@@ -28,10 +28,7 @@ pub enum EventKind {
 impl EventKind {
     /// True for events that end a task.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            EventKind::Succeeded | EventKind::Failed | EventKind::Dead | EventKind::Cancelled
-        )
+        matches!(self, EventKind::Succeeded | EventKind::Failed | EventKind::Dead | EventKind::Cancelled)
     }
 
     /// The task state this event moves a task into.
@@ -118,10 +115,7 @@ impl TaskState {
 
     /// True for the four final states.
     pub fn is_final(self) -> bool {
-        matches!(
-            self,
-            TaskState::Succeeded | TaskState::Failed | TaskState::Dead | TaskState::Cancelled
-        )
+        matches!(self, TaskState::Succeeded | TaskState::Failed | TaskState::Dead | TaskState::Cancelled)
     }
 }
 
@@ -248,10 +242,7 @@ fn version() -> u16 {
 impl EventBatch {
     /// Wraps events in a batch of the current version.
     pub fn new(events: Vec<TaskEvent>) -> Self {
-        EventBatch {
-            v: PROTOCOL_VERSION,
-            events,
-        }
+        EventBatch { v: PROTOCOL_VERSION, events }
     }
 }
 

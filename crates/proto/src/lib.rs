@@ -14,17 +14,15 @@ mod event;
 mod priority;
 mod subjects;
 
-pub use codec::{
-    CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, decode, decode_envelope, encode, encode_json,
-};
+pub use codec::{CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, decode, decode_envelope, encode, encode_json};
 pub use envelope::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, MAX_ID_LEN, TaskEnvelope, TaskId,
-    now_ms, validate_name,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, MAX_ID_LEN, RetryBackoff, TaskEnvelope, TaskId, now_ms,
+    validate_name,
 };
 pub use error::{DecodeError, RejectReason};
 pub use event::{
-    CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent,
-    TaskState, Timings, TokenUsage,
+    CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings,
+    TokenUsage,
 };
 pub use priority::Priority;
 pub use subjects::{Subjects, headers};

@@ -8,9 +8,7 @@ use std::str::FromStr;
 /// of their slots for lower ones, so nothing starves.
 ///
 /// The derived ordering puts `Critical` first: `Priority::Critical < Priority::Low`.
-#[derive(
-    Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default,
-)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum Priority {
     /// Runs before everything else.
@@ -26,12 +24,7 @@ pub enum Priority {
 
 impl Priority {
     /// All priorities, most urgent first.
-    pub const ALL: [Priority; 4] = [
-        Priority::Critical,
-        Priority::High,
-        Priority::Normal,
-        Priority::Low,
-    ];
+    pub const ALL: [Priority; 4] = [Priority::Critical, Priority::High, Priority::Normal, Priority::Low];
 
     /// The lowercase name used in subjects, consumer names and the database.
     pub fn as_str(self) -> &'static str {

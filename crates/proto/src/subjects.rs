@@ -28,10 +28,7 @@ impl Subjects {
     /// Names under subject prefix `prefix` (e.g. `taskfleet`) and stream-name prefix
     /// `stream_prefix` (e.g. `TASKFLEET`).
     pub fn new(prefix: impl Into<String>, stream_prefix: impl Into<String>) -> Self {
-        Subjects {
-            prefix: prefix.into(),
-            stream_prefix: stream_prefix.into(),
-        }
+        Subjects { prefix: prefix.into(), stream_prefix: stream_prefix.into() }
     }
 
     /// The subject prefix.
@@ -63,6 +60,14 @@ impl Subjects {
     pub fn events_all(&self) -> String {
         format!("{}.events.>", self.prefix)
     }
+    /// Dead-letter subject of `queue`: the envelope of every task that died there.
+    pub fn dead(&self, queue: &str) -> String {
+        format!("{}.dead.{queue}", self.prefix)
+    }
+    /// Every dead-letter subject.
+    pub fn dead_all(&self) -> String {
+        format!("{}.dead.>", self.prefix)
+    }
     /// Core-NATS notification of committed final states for `queue`.
     pub fn committed(&self, queue: &str) -> String {
         format!("{}.committed.{queue}", self.prefix)
@@ -81,9 +86,7 @@ impl Subjects {
     }
     /// The queue name from a `<prefix>.<kind>.<queue>[...]` subject.
     pub fn queue_of<'a>(&self, subject: &'a str) -> Option<&'a str> {
-        let rest = subject
-            .strip_prefix(self.prefix.as_str())?
-            .strip_prefix('.')?;
+        let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
         rest.split('.').nth(1)
     }
     /// Stream holding submissions (WorkQueue retention, deduplication window).
@@ -98,6 +101,14 @@ impl Subjects {
     /// their own durable consumer).
     pub fn events_stream(&self) -> String {
         format!("{}_EVENTS", self.stream_prefix)
+    }
+    /// Dead-letter stream (limits retention, long max age).
+    pub fn dead_stream(&self) -> String {
+        format!("{}_DEAD", self.stream_prefix)
+    }
+    /// Key-value bucket of cancelled task ids, watched by every worker.
+    pub fn cancel_bucket(&self) -> String {
+        format!("{}_CANCELLED", self.stream_prefix)
     }
     /// Durable consumer that workers of `queue` share for `priority`.
     pub fn dispatch_consumer(&self, queue: &str, priority: Priority) -> String {

@@ -12,18 +12,11 @@ fn golden_dir() -> std::path::PathBuf {
 
 fn check<T: DeserializeOwned + Serialize + PartialEq + Debug>(name: &str) -> T {
     let dir = golden_dir();
-    let packed = std::fs::read(dir.join(format!("{name}.msgpack")))
-        .unwrap_or_else(|e| panic!("{name}.msgpack: {e}"));
-    let json = std::fs::read(dir.join(format!("{name}.json")))
-        .unwrap_or_else(|e| panic!("{name}.json: {e}"));
-    let from_packed: T = decode(&packed, Some(CONTENT_TYPE_MSGPACK), 1 << 20)
-        .unwrap_or_else(|e| panic!("{name}: {e}"));
-    let from_json: T =
-        decode(&json, Some(CONTENT_TYPE_JSON), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
-    assert_eq!(
-        from_packed, from_json,
-        "{name}: MessagePack and JSON disagree"
-    );
+    let packed = std::fs::read(dir.join(format!("{name}.msgpack"))).unwrap_or_else(|e| panic!("{name}.msgpack: {e}"));
+    let json = std::fs::read(dir.join(format!("{name}.json"))).unwrap_or_else(|e| panic!("{name}.json: {e}"));
+    let from_packed: T = decode(&packed, Some(CONTENT_TYPE_MSGPACK), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+    let from_json: T = decode(&json, Some(CONTENT_TYPE_JSON), 1 << 20).unwrap_or_else(|e| panic!("{name}: {e}"));
+    assert_eq!(from_packed, from_json, "{name}: MessagePack and JSON disagree");
     assert_eq!(encode(&from_packed), packed, "{name}: encoding changed");
     from_packed
 }
@@ -43,10 +36,7 @@ fn envelopes() {
 fn events_and_replies() {
     let batch: EventBatch = check("event_batch");
     assert_eq!(batch.events[0].kind, EventKind::Succeeded);
-    assert_eq!(
-        batch.events[1].error.as_ref().map(|e| e.retryable),
-        Some(true)
-    );
+    assert_eq!(batch.events[1].error.as_ref().map(|e| e.retryable), Some(true));
     let committed: CommittedBatch = check("committed_batch");
     assert_eq!(committed.tasks[0].state, TaskState::Succeeded);
     let reply: SubmitReply = check("submit_reply_rejected");

@@ -37,12 +37,7 @@ impl Service {
             tracing::info!("shutdown requested");
             token.cancel();
         });
-        Ok(Service {
-            config,
-            metrics,
-            shutdown,
-            telemetry: Some(telemetry),
-        })
+        Ok(Service { config, metrics, shutdown, telemetry: Some(telemetry) })
     }
 
     /// Serves `extra` routes plus `/healthz` (always 200 while the process runs), `/readyz`
@@ -62,27 +57,18 @@ impl Service {
                 get(move || {
                     let ready = ready.clone();
                     async move {
-                        if ready() {
-                            (StatusCode::OK, "ready")
-                        } else {
-                            (StatusCode::SERVICE_UNAVAILABLE, "not ready")
-                        }
+                        if ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
                     }
                 }),
             )
-            .route(
-                "/metrics",
-                get(move || std::future::ready(metrics.render())),
-            );
-        let listener = tokio::net::TcpListener::bind(addr)
-            .await
-            .map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
+            .route("/metrics", get(move || std::future::ready(metrics.render())));
+        let listener =
+            tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
         tracing::info!(addr = %listener.local_addr()?, "HTTP endpoints listening");
         let shutdown = self.shutdown.clone();
         Ok(tokio::spawn(async move {
-            let served = axum::serve(listener, app)
-                .with_graceful_shutdown(async move { shutdown.cancelled().await })
-                .await;
+            let served =
+                axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
             if let Err(e) = served {
                 tracing::error!(error = %e, "HTTP server failed");
             }

@@ -65,31 +65,12 @@ impl Store {
         let mut tx = self.pool.begin().await?;
 
         // Attempts that ended.
-        let (
-            mut a_task,
-            mut a_attempt,
-            mut a_outcome,
-            mut a_worker,
-            mut a_error,
-            mut a_start,
-            mut a_end,
-        ) = (
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-            Vec::new(),
-        );
+        let (mut a_task, mut a_attempt, mut a_outcome, mut a_worker, mut a_error, mut a_start, mut a_end) =
+            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
         for ev in events {
             let ends_attempt = matches!(
                 ev.kind,
-                EventKind::Succeeded
-                    | EventKind::Failed
-                    | EventKind::Retrying
-                    | EventKind::Dead
-                    | EventKind::Cancelled
+                EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
             );
             if ends_attempt && ev.attempt > 0 {
                 a_task.push(ev.task_id);
@@ -98,11 +79,7 @@ impl Store {
                 a_worker.push(ev.worker.as_deref());
                 a_error.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
                 a_start.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
-                a_end.push(
-                    ev.timings
-                        .and_then(|t| ms_or_null(t.finished_at))
-                        .or(Some(ev.at as i64)),
-                );
+                a_end.push(ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64)));
             }
         }
         if !a_task.is_empty() {
@@ -134,12 +111,8 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut results, mut errors, mut started, mut finished) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
+        let (mut results, mut errors, mut started, mut finished) =
+            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
         for id in &order {
             let ev = decisive[id];
             let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
@@ -152,11 +125,7 @@ impl Store {
             errors.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
             started.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
             finished.push(if state.is_final() {
-                Some(
-                    ev.timings
-                        .and_then(|t| ms_or_null(t.finished_at))
-                        .unwrap_or(ev.at as i64),
-                )
+                Some(ev.timings.and_then(|t| ms_or_null(t.finished_at)).unwrap_or(ev.at as i64))
             } else {
                 None
             });
@@ -201,11 +170,7 @@ impl Store {
                 continue;
             }
             if has_dependents {
-                if state == TaskState::Succeeded {
-                    succeeded_parents.push(id)
-                } else {
-                    failed_parents.push(id)
-                }
+                if state == TaskState::Succeeded { succeeded_parents.push(id) } else { failed_parents.push(id) }
             }
             out.finalized.push(Finalized { id, queue, state });
         }
@@ -214,50 +179,40 @@ impl Store {
             out.released = release_dependents(&mut tx, &succeeded_parents).await?;
         }
         if !failed_parents.is_empty() {
-            let cancelled: Vec<(Uuid, String)> = sqlx::query_as(
-                "WITH RECURSIVE doomed(id) AS (
-                     SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)
-                     UNION
-                     SELECT d.task_id FROM task_dependencies d JOIN doomed ON d.depends_on = doomed.id
-                 )
-                 UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(),
-                        error = jsonb_build_object('code', 'dependency_failed',
-                                                   'message', 'a dependency did not succeed', 'retryable', false)
-                 WHERE id IN (SELECT id FROM doomed) AND state = 'pending'
-                 RETURNING id, queue",
-            )
-            .bind(&failed_parents)
-            .fetch_all(&mut *tx)
-            .await?;
-            out.finalized
-                .extend(cancelled.into_iter().map(|(id, queue)| Finalized {
-                    id,
-                    queue,
-                    state: TaskState::Cancelled,
-                }));
+            out.finalized.extend(cancel_dependents(&mut tx, &failed_parents).await?);
         }
         tx.commit().await?;
         Ok(out)
     }
 }
 
-type ReleasedRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    serde_json::Value,
-    i32,
-    i64,
-    Option<String>,
-    i64,
-);
-
-/// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
-async fn release_dependents(
+/// Cancels every pending task that depends, directly or not, on one of `parents`.
+pub(crate) async fn cancel_dependents(
     tx: &mut sqlx::PgConnection,
     parents: &[Uuid],
-) -> Result<Vec<TaskEnvelope>, StoreError> {
+) -> Result<Vec<Finalized>, StoreError> {
+    let cancelled: Vec<(Uuid, String)> = sqlx::query_as(
+        "WITH RECURSIVE doomed(id) AS (
+             SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)
+             UNION
+             SELECT d.task_id FROM task_dependencies d JOIN doomed ON d.depends_on = doomed.id
+         )
+         UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(),
+                error = jsonb_build_object('code', 'dependency_failed',
+                                           'message', 'a dependency did not succeed', 'retryable', false)
+         WHERE id IN (SELECT id FROM doomed) AND state = 'pending'
+         RETURNING id, queue",
+    )
+    .bind(parents)
+    .fetch_all(tx)
+    .await?;
+    Ok(cancelled.into_iter().map(|(id, queue)| Finalized { id, queue, state: TaskState::Cancelled }).collect())
+}
+
+pub(crate) type ReleasedRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64);
+
+/// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
+async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Result<Vec<TaskEnvelope>, StoreError> {
     let rows: Vec<ReleasedRow> = sqlx::query_as(
         "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
          WHERE t.state = 'pending'

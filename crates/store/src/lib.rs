@@ -4,11 +4,13 @@
 
 mod error;
 mod events;
+mod maintenance;
 mod queries;
 mod submit;
 
 pub use error::StoreError;
 pub use events::{Finalized, RecordOutcome};
+pub use maintenance::{CancelOutcome, LeaderLock, Redispatch};
 pub use queries::{ListFilter, TaskRecord};
 pub use submit::{Duplicate, InsertOutcome, Rejected};
 
@@ -37,11 +39,9 @@ impl Store {
         let schema = cfg.schema.clone();
         {
             let mut conn = base.connect().await?;
-            sqlx::query(sqlx::AssertSqlSafe(format!(
-                "CREATE SCHEMA IF NOT EXISTS \"{schema}\""
-            )))
-            .execute(&mut conn)
-            .await?;
+            sqlx::query(sqlx::AssertSqlSafe(format!("CREATE SCHEMA IF NOT EXISTS \"{schema}\"")))
+                .execute(&mut conn)
+                .await?;
         }
         let options = base.options([("search_path", schema.as_str())]);
         let pool = PgPoolOptions::new()

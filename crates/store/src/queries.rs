@@ -72,10 +72,7 @@ impl Store {
     /// One task with its payload, if it exists.
     pub async fn get_task(&self, id: TaskId) -> Result<Option<TaskRecord>, StoreError> {
         const SQL: &str = concat!("SELECT ", columns!(), ", payload FROM tasks WHERE id = $1");
-        Ok(sqlx::query_as(SQL)
-            .bind(id)
-            .fetch_optional(&self.pool)
-            .await?)
+        Ok(sqlx::query_as(SQL).bind(id).fetch_optional(&self.pool).await?)
     }
 
     /// Most recent tasks first (ids are UUIDv7, so id order is creation order).
@@ -96,10 +93,7 @@ impl Store {
     }
 
     /// Number of tasks in each state (optionally of one queue).
-    pub async fn count_by_state(
-        &self,
-        queue: Option<&str>,
-    ) -> Result<Vec<(String, i64)>, StoreError> {
+    pub async fn count_by_state(&self, queue: Option<&str>) -> Result<Vec<(String, i64)>, StoreError> {
         Ok(sqlx::query_as(
             "SELECT state, count(*) FROM tasks WHERE ($1::text IS NULL OR queue = $1) GROUP BY state ORDER BY state",
         )

@@ -66,12 +66,11 @@ impl Store {
             .collect();
         let mut dep_state: HashMap<Uuid, String> = HashMap::new();
         if !external.is_empty() {
-            let rows: Vec<(Uuid, String)> = sqlx::query_as(
-                "SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE",
-            )
-            .bind(&external)
-            .fetch_all(&mut *tx)
-            .await?;
+            let rows: Vec<(Uuid, String)> =
+                sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
+                    .bind(&external)
+                    .fetch_all(&mut *tx)
+                    .await?;
             dep_state.extend(rows);
         }
 
@@ -91,11 +90,7 @@ impl Store {
                         } else {
                             format!("dependency {dep} must be submitted before its dependent")
                         };
-                        out.rejected.push(Rejected {
-                            index: i,
-                            reason: RejectReason::UnknownDependency,
-                            message,
-                        });
+                        out.rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
                         refused.insert(t.id);
                         break;
                     }
@@ -166,7 +161,9 @@ impl Store {
             timeouts.push(t.timeout_ms as i64);
             keys.push(t.idempotency_key.as_deref());
             created.push(t.created_at as i64);
-            errors.push(error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})));
+            errors.push(
+                error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})),
+            );
         }
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
@@ -198,17 +195,10 @@ impl Store {
 
         // Submissions that wrote nothing matched an existing row, by id (a redelivered
         // submission) or by idempotency key.
-        let missing: Vec<usize> = accepted
-            .iter()
-            .copied()
-            .filter(|i| !inserted.contains(&tasks[*i].id))
-            .collect();
+        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !inserted.contains(&tasks[*i].id)).collect();
         if !missing.is_empty() {
             let miss_ids: Vec<Uuid> = missing.iter().map(|i| tasks[*i].id).collect();
-            let miss_keys: Vec<String> = missing
-                .iter()
-                .filter_map(|i| tasks[*i].idempotency_key.clone())
-                .collect();
+            let miss_keys: Vec<String> = missing.iter().filter_map(|i| tasks[*i].idempotency_key.clone()).collect();
             let rows: Vec<(Uuid, Option<String>, String)> = sqlx::query_as(
                 "SELECT id, idempotency_key, state FROM tasks WHERE id = ANY($1) OR idempotency_key = ANY($2)",
             )
@@ -216,12 +206,9 @@ impl Store {
             .bind(&miss_keys)
             .fetch_all(&mut *tx)
             .await?;
-            let by_id: HashMap<Uuid, &str> =
-                rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
-            let by_key: HashMap<&str, Uuid> = rows
-                .iter()
-                .filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id)))
-                .collect();
+            let by_id: HashMap<Uuid, &str> = rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
+            let by_key: HashMap<&str, Uuid> =
+                rows.iter().filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id))).collect();
             for i in missing {
                 let t = &tasks[i];
                 if let Some(state) = by_id.get(&t.id) {
@@ -231,17 +218,9 @@ impl Store {
                     if *state == TaskState::Queued.as_str() {
                         out.dispatch.push(i);
                     }
-                    out.duplicates.push(Duplicate {
-                        index: i,
-                        existing: t.id,
-                    });
-                } else if let Some(existing) =
-                    t.idempotency_key.as_deref().and_then(|k| by_key.get(k))
-                {
-                    out.duplicates.push(Duplicate {
-                        index: i,
-                        existing: *existing,
-                    });
+                    out.duplicates.push(Duplicate { index: i, existing: t.id });
+                } else if let Some(existing) = t.idempotency_key.as_deref().and_then(|k| by_key.get(k)) {
+                    out.duplicates.push(Duplicate { index: i, existing: *existing });
                 } else {
                     // Conflicted with a row of this very batch sharing its idempotency key.
                     let first = accepted
@@ -254,10 +233,7 @@ impl Store {
                         })
                         .map(|o| o.id)
                         .unwrap_or(t.id);
-                    out.duplicates.push(Duplicate {
-                        index: i,
-                        existing: first,
-                    });
+                    out.duplicates.push(Duplicate { index: i, existing: first });
                 }
             }
         }
@@ -286,12 +262,10 @@ impl Store {
             let mut targets = edge_dep.clone();
             targets.sort();
             targets.dedup();
-            sqlx::query(
-                "UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents",
-            )
-            .bind(&targets)
-            .execute(&mut *tx)
-            .await?;
+            sqlx::query("UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents")
+                .bind(&targets)
+                .execute(&mut *tx)
+                .await?;
         }
         tx.commit().await?;
 

@@ -1,9 +1,7 @@
 //! The store against a real Postgres, each test in its own schema.
 
 use taskfleet_config::DatabaseConfig;
-use taskfleet_proto::{
-    EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings,
-};
+use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings};
 use taskfleet_store::Store;
 use taskfleet_test_support::{database_url, unique_name};
 
@@ -13,14 +11,9 @@ struct Schema {
 
 impl Schema {
     async fn new(test: &str) -> Schema {
-        let cfg = DatabaseConfig {
-            url: database_url(),
-            schema: format!("t_{}", unique_name(test)),
-            max_connections: 4,
-        };
-        Schema {
-            store: Store::connect(&cfg).await.expect("connect store"),
-        }
+        let cfg =
+            DatabaseConfig { url: database_url(), schema: format!("t_{}", unique_name(test)), max_connections: 4 };
+        Schema { store: Store::connect(&cfg).await.expect("connect store") }
     }
 }
 
@@ -29,19 +22,14 @@ impl Drop for Schema {
         let url = database_url();
         let schema = self.store.schema().to_string();
         let _ = std::thread::spawn(move || {
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
+            let rt = tokio::runtime::Builder::new_current_thread().enable_all().build().unwrap();
             rt.block_on(async {
                 use sqlx::Connection;
                 let mut c = sqlx::PgConnection::connect(&url).await.unwrap();
-                sqlx::query(sqlx::AssertSqlSafe(format!(
-                    "DROP SCHEMA \"{schema}\" CASCADE"
-                )))
-                .execute(&mut c)
-                .await
-                .unwrap();
+                sqlx::query(sqlx::AssertSqlSafe(format!("DROP SCHEMA \"{schema}\" CASCADE")))
+                    .execute(&mut c)
+                    .await
+                    .unwrap();
             })
         })
         .join();
@@ -51,19 +39,12 @@ impl Drop for Schema {
 fn event(env: &TaskEnvelope, kind: EventKind, attempt: u32) -> TaskEvent {
     let mut ev = TaskEvent::new(env.id, kind, &env.queue);
     ev.attempt = attempt;
-    ev.timings = Some(Timings {
-        created_at: env.created_at,
-        received_at: ev.at,
-        started_at: ev.at,
-        finished_at: ev.at,
-    });
+    ev.timings =
+        Some(Timings { created_at: env.created_at, received_at: ev.at, started_at: ev.at, finished_at: ev.at });
     if kind == EventKind::Succeeded {
         ev.result = Some(serde_json::json!({"ok": attempt}));
     }
-    if matches!(
-        kind,
-        EventKind::Failed | EventKind::Retrying | EventKind::Dead
-    ) {
+    if matches!(kind, EventKind::Failed | EventKind::Retrying | EventKind::Dead) {
         ev.error = Some(TaskErrorInfo {
             code: "handler_error".into(),
             message: "boom".into(),
@@ -77,10 +58,7 @@ fn event(env: &TaskEnvelope, kind: EventKind, attempt: u32) -> TaskEvent {
 async fn batch_insert_duplicates_and_one_final_state() {
     let s = Schema::new("store_batch").await;
     let tasks: Vec<TaskEnvelope> = (0..500)
-        .map(|i| {
-            TaskEnvelope::new("echo", serde_json::json!({ "i": i }))
-                .with_priority(Priority::ALL[i % 4])
-        })
+        .map(|i| TaskEnvelope::new("echo", serde_json::json!({ "i": i })).with_priority(Priority::ALL[i % 4]))
         .collect();
     let out = s.store.insert_tasks(&tasks).await.unwrap();
     assert_eq!(out.inserted.len(), 500);
@@ -98,34 +76,21 @@ async fn batch_insert_duplicates_and_one_final_state() {
     a.idempotency_key = Some("order-42".into());
     let mut b = TaskEnvelope::new("echo", serde_json::json!(2));
     b.idempotency_key = Some("order-42".into());
-    s.store
-        .insert_tasks(std::slice::from_ref(&a))
-        .await
-        .unwrap();
-    let dup = s
-        .store
-        .insert_tasks(std::slice::from_ref(&b))
-        .await
-        .unwrap();
+    s.store.insert_tasks(std::slice::from_ref(&a)).await.unwrap();
+    let dup = s.store.insert_tasks(std::slice::from_ref(&b)).await.unwrap();
     assert_eq!(dup.duplicates.len(), 1);
     assert_eq!(dup.duplicates[0].existing, a.id);
     assert!(dup.dispatch.is_empty());
 
     // Events: every task succeeds; duplicates and a late failure change nothing.
-    let mut events: Vec<TaskEvent> = tasks
-        .iter()
-        .map(|t| event(t, EventKind::Succeeded, 1))
-        .collect();
+    let mut events: Vec<TaskEvent> = tasks.iter().map(|t| event(t, EventKind::Succeeded, 1)).collect();
     events.push(event(&tasks[0], EventKind::Succeeded, 1));
     let rec = s.store.record_events(&events).await.unwrap();
     assert_eq!(rec.finalized.len(), 500);
     assert_eq!(rec.ignored, 1);
     let late = s
         .store
-        .record_events(&[
-            event(&tasks[1], EventKind::Failed, 2),
-            event(&tasks[2], EventKind::Started, 2),
-        ])
+        .record_events(&[event(&tasks[1], EventKind::Failed, 2), event(&tasks[2], EventKind::Started, 2)])
         .await
         .unwrap();
     assert!(late.finalized.is_empty());
@@ -134,14 +99,9 @@ async fn batch_insert_duplicates_and_one_final_state() {
     assert_eq!(rec.state, "succeeded");
     assert_eq!(rec.result, Some(serde_json::json!({"ok": 1})));
     let counts = s.store.count_by_state(None).await.unwrap();
-    assert!(
-        counts.contains(&("succeeded".to_string(), 500)),
-        "{counts:?}"
-    );
-    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts")
-        .fetch_one(s.store.pool())
-        .await
-        .unwrap();
+    assert!(counts.contains(&("succeeded".to_string(), 500)), "{counts:?}");
+    let attempts: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM task_attempts").fetch_one(s.store.pool()).await.unwrap();
     // 500 first attempts plus the late attempt 2 of tasks[1]: it did run, so it is history,
     // but it changed no final state.
     assert_eq!(attempts, 501);
@@ -151,37 +111,14 @@ async fn batch_insert_duplicates_and_one_final_state() {
 async fn retries_then_dead() {
     let s = Schema::new("store_retry").await;
     let t = TaskEnvelope::new("flaky", serde_json::json!(null));
-    s.store
-        .insert_tasks(std::slice::from_ref(&t))
-        .await
-        .unwrap();
-    s.store
-        .record_events(&[event(&t, EventKind::Retrying, 1)])
-        .await
-        .unwrap();
-    assert_eq!(
-        s.store.get_task(t.id).await.unwrap().unwrap().state,
-        "retrying"
-    );
+    s.store.insert_tasks(std::slice::from_ref(&t)).await.unwrap();
+    s.store.record_events(&[event(&t, EventKind::Retrying, 1)]).await.unwrap();
+    assert_eq!(s.store.get_task(t.id).await.unwrap().unwrap().state, "retrying");
     // A stale started event of attempt 1 after attempt 2 started is ignored.
-    s.store
-        .record_events(&[event(&t, EventKind::Started, 2)])
-        .await
-        .unwrap();
-    let stale = s
-        .store
-        .record_events(&[event(&t, EventKind::Started, 1)])
-        .await
-        .unwrap();
+    s.store.record_events(&[event(&t, EventKind::Started, 2)]).await.unwrap();
+    let stale = s.store.record_events(&[event(&t, EventKind::Started, 1)]).await.unwrap();
     assert_eq!(stale.ignored, 1);
-    let out = s
-        .store
-        .record_events(&[
-            event(&t, EventKind::Retrying, 2),
-            event(&t, EventKind::Dead, 3),
-        ])
-        .await
-        .unwrap();
+    let out = s.store.record_events(&[event(&t, EventKind::Retrying, 2), event(&t, EventKind::Dead, 3)]).await.unwrap();
     assert_eq!(out.finalized.len(), 1);
     assert_eq!(out.finalized[0].state, TaskState::Dead);
     let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1")
@@ -203,36 +140,20 @@ async fn dependencies_release_and_cancel() {
     d.depends_on = vec![c.id];
     let mut bad = TaskEnvelope::new("echo", serde_json::json!("bad"));
     bad.depends_on = vec![uuid::Uuid::now_v7()];
-    let out = s
-        .store
-        .insert_tasks(&[a.clone(), b.clone(), c.clone(), d.clone(), bad.clone()])
-        .await
-        .unwrap();
+    let out = s.store.insert_tasks(&[a.clone(), b.clone(), c.clone(), d.clone(), bad.clone()]).await.unwrap();
     assert_eq!(out.dispatch, vec![0, 1]);
     assert_eq!(out.rejected.len(), 1);
     assert_eq!(out.rejected[0].index, 4);
 
-    let r1 = s
-        .store
-        .record_events(&[event(&a, EventKind::Succeeded, 1)])
-        .await
-        .unwrap();
+    let r1 = s.store.record_events(&[event(&a, EventKind::Succeeded, 1)]).await.unwrap();
     assert!(r1.released.is_empty(), "c still waits for b");
-    let r2 = s
-        .store
-        .record_events(&[event(&b, EventKind::Succeeded, 1)])
-        .await
-        .unwrap();
+    let r2 = s.store.record_events(&[event(&b, EventKind::Succeeded, 1)]).await.unwrap();
     assert_eq!(r2.released.len(), 1);
     assert_eq!(r2.released[0].id, c.id);
     assert_eq!(r2.released[0].payload, serde_json::json!("c"));
 
     // c fails: d is cancelled, and a later dependent of c is written cancelled at once.
-    let r3 = s
-        .store
-        .record_events(&[event(&c, EventKind::Failed, 1)])
-        .await
-        .unwrap();
+    let r3 = s.store.record_events(&[event(&c, EventKind::Failed, 1)]).await.unwrap();
     let states: Vec<_> = r3.finalized.iter().map(|f| (f.id, f.state)).collect();
     assert!(states.contains(&(d.id, TaskState::Cancelled)), "{states:?}");
     let mut e = TaskEnvelope::new("echo", serde_json::json!("e"));

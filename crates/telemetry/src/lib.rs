@@ -60,16 +60,12 @@ impl Drop for Telemetry {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set; the OpenTelemetry layer is installed either way so
 /// that trace ids flow through NATS headers.
 pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-    let filter = EnvFilter::try_new(&cfg.log).map_err(|e| TelemetryError::Filter {
-        filter: cfg.log.clone(),
-        message: e.to_string(),
-    })?;
+    let filter = EnvFilter::try_new(&cfg.log)
+        .map_err(|e| TelemetryError::Filter { filter: cfg.log.clone(), message: e.to_string() })?;
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
     let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
-    let resource = opentelemetry_sdk::Resource::builder()
-        .with_service_name(service_name)
-        .build();
+    let resource = opentelemetry_sdk::Resource::builder().with_service_name(service_name).build();
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
     if exporting {
@@ -80,28 +76,19 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, Telemetry
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
-    let otel_layer =
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
 
     let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
     let result = match cfg.log_format {
-        LogFormat::Json => registry
-            .with(
-                tracing_subscriber::fmt::layer()
-                    .json()
-                    .with_writer(std::io::stderr),
-            )
-            .try_init(),
-        LogFormat::Text => registry
-            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr))
-            .try_init(),
+        LogFormat::Json => {
+            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
+        }
+        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
     };
     result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     opentelemetry::global::set_tracer_provider(provider.clone());
     tracing::debug!(exporting, "telemetry initialised");
-    Ok(Telemetry {
-        provider: Some(provider),
-    })
+    Ok(Telemetry { provider: Some(provider) })
 }
 
 struct HeaderInjector<'a>(&'a mut HeaderMap);
@@ -144,17 +131,13 @@ mod tests {
     #[test]
     fn context_round_trips_through_headers() {
         let provider = SdkTracerProvider::builder().build();
-        let subscriber = tracing_subscriber::registry()
-            .with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
         tracing::subscriber::with_default(subscriber, || {
             let parent = tracing::info_span!("parent");
             let mut headers = HeaderMap::new();
             inject_context(&parent, &mut headers);
-            let traceparent = headers
-                .get("traceparent")
-                .expect("traceparent header")
-                .as_str()
-                .to_string();
+            let traceparent = headers.get("traceparent").expect("traceparent header").as_str().to_string();
             assert!(traceparent.starts_with("00-"), "{traceparent}");
             let child = tracing::info_span!("child");
             set_parent_from(&child, Some(&headers));

@@ -20,25 +20,15 @@ use std::time::{SystemTime, UNIX_EPOCH};
 
 /// A short unique lowercase token for names: `<name>_<random>`.
 pub fn unique_name(name: &str) -> String {
-    let clean: String = name
-        .chars()
-        .map(|c| {
-            if c.is_ascii_alphanumeric() {
-                c.to_ascii_lowercase()
-            } else {
-                '_'
-            }
-        })
-        .take(24)
-        .collect();
+    let clean: String =
+        name.chars().map(|c| if c.is_ascii_alphanumeric() { c.to_ascii_lowercase() } else { '_' }).take(24).collect();
     let rand = uuid::Uuid::new_v4().simple().to_string();
     format!("{clean}_{}", &rand[..10])
 }
 
 /// Postgres URL for tests.
 pub fn database_url() -> String {
-    std::env::var("TASKFLEET_TEST_DATABASE_URL")
-        .unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
+    std::env::var("TASKFLEET_TEST_DATABASE_URL").unwrap_or_else(|_| "postgres://postgres@127.0.0.1:5432/test".into())
 }
 
 /// Redis URL for tests.
@@ -122,27 +112,20 @@ impl Drop for TestEnv {
         let prefix = self.redis_prefix.clone();
         // Drop runs inside or outside a runtime; a thread with its own runtime works in both.
         let _ = std::thread::spawn(move || {
-            if let Ok(rt) = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-            {
+            if let Ok(rt) = tokio::runtime::Builder::new_current_thread().enable_all().build() {
                 rt.block_on(async {
                     use sqlx::Connection;
                     if let Ok(mut conn) = sqlx::PgConnection::connect(&url).await {
                         let sql = format!("DROP SCHEMA IF EXISTS \"{schema}\" CASCADE");
-                        let _ = sqlx::query(sqlx::AssertSqlSafe(sql))
-                            .execute(&mut conn)
-                            .await;
+                        let _ = sqlx::query(sqlx::AssertSqlSafe(sql)).execute(&mut conn).await;
                     }
                 });
             }
             if let Ok(client) = redis::Client::open(redis_url.as_str())
                 && let Ok(mut conn) = client.get_connection()
             {
-                let keys: Vec<String> = redis::cmd("KEYS")
-                    .arg(format!("{prefix}*"))
-                    .query(&mut conn)
-                    .unwrap_or_default();
+                let keys: Vec<String> =
+                    redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut conn).unwrap_or_default();
                 if !keys.is_empty() {
                     let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
                 }
@@ -154,8 +137,5 @@ impl Drop for TestEnv {
 
 /// Milliseconds since the epoch.
 pub fn now_ms() -> u64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map(|d| d.as_millis() as u64)
-        .unwrap_or(0)
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0)
 }

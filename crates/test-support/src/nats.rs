@@ -12,12 +12,8 @@ pub fn nats_server_binary() -> PathBuf {
     if let Ok(bin) = std::env::var("TASKFLEET_NATS_SERVER_BIN") {
         return PathBuf::from(bin);
     }
-    if let Ok(out) = Command::new("python3")
-        .args([
-            "-c",
-            "import sysconfig; print(sysconfig.get_path('scripts'))",
-        ])
-        .output()
+    if let Ok(out) =
+        Command::new("python3").args(["-c", "import sysconfig; print(sysconfig.get_path('scripts'))"]).output()
     {
         let dir = String::from_utf8_lossy(&out.stdout).trim().to_string();
         let candidate = PathBuf::from(dir).join("nats-server");
@@ -41,12 +37,7 @@ impl NatsServer {
     /// Attaches to `TASKFLEET_TEST_NATS_URL` if set, else starts a private server.
     pub fn start_or_attach() -> NatsServer {
         match std::env::var("TASKFLEET_TEST_NATS_URL") {
-            Ok(url) => NatsServer {
-                url,
-                port: 0,
-                child: None,
-                store: None,
-            },
+            Ok(url) => NatsServer { url, port: 0, child: None, store: None },
             Err(_) => NatsServer::start(),
         }
     }
@@ -55,50 +46,25 @@ impl NatsServer {
     pub fn start() -> NatsServer {
         let port = free_port();
         let store = tempfile::tempdir().expect("temp dir for JetStream");
-        let mut server = NatsServer {
-            url: format!("nats://127.0.0.1:{port}"),
-            port,
-            child: None,
-            store: Some(store),
-        };
+        let mut server = NatsServer { url: format!("nats://127.0.0.1:{port}"), port, child: None, store: Some(store) };
         server.spawn();
         server
     }
 
     fn spawn(&mut self) {
-        let store = self
-            .store
-            .as_ref()
-            .map(|d| d.path().to_path_buf())
-            .expect("a private server has a store dir");
+        let store = self.store.as_ref().map(|d| d.path().to_path_buf()).expect("a private server has a store dir");
         let bin = nats_server_binary();
         let child = Command::new(&bin)
-            .args([
-                "-a",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-js",
-                "-sd",
-            ])
+            .args(["-a", "127.0.0.1", "-p", &self.port.to_string(), "-js", "-sd"])
             .arg(&store)
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap_or_else(|e| {
-                panic!(
-                    "cannot start {}: {e} (run deploy/dev-services.sh)",
-                    bin.display()
-                )
-            });
+            .unwrap_or_else(|e| panic!("cannot start {}: {e} (run deploy/dev-services.sh)", bin.display()));
         self.child = Some(child);
         let deadline = Instant::now() + Duration::from_secs(10);
         while TcpStream::connect(("127.0.0.1", self.port)).is_err() {
-            assert!(
-                Instant::now() < deadline,
-                "nats-server did not listen on port {}",
-                self.port
-            );
+            assert!(Instant::now() < deadline, "nats-server did not listen on port {}", self.port);
             std::thread::sleep(Duration::from_millis(20));
         }
     }

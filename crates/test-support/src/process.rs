@@ -8,20 +8,14 @@ use std::time::{Duration, Instant};
 
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .and_then(|l| l.local_addr())
-        .map(|a| a.port())
-        .expect("a free port")
+    TcpListener::bind("127.0.0.1:0").and_then(|l| l.local_addr()).map(|a| a.port()).expect("a free port")
 }
 
 /// The cargo target directory holding the test's sibling binaries (`target/debug`).
 pub fn target_dir() -> PathBuf {
     let exe = std::env::current_exe().expect("current exe");
     // target/debug/deps/<test-binary>
-    exe.parent()
-        .and_then(|p| p.parent())
-        .map(|p| p.to_path_buf())
-        .expect("target dir")
+    exe.parent().and_then(|p| p.parent()).map(|p| p.to_path_buf()).expect("target dir")
 }
 
 /// A running taskfleet binary; killed (SIGKILL) on drop. Its output goes to a log file that
@@ -38,11 +32,7 @@ impl FleetProcess {
     /// Starts `target/debug/<bin>` with `args` and the extra environment `env`.
     pub fn spawn(bin: &str, args: &[&str], env: &[(String, String)]) -> FleetProcess {
         let path = target_dir().join(bin);
-        assert!(
-            path.is_file(),
-            "{} is not built (run cargo build --workspace)",
-            path.display()
-        );
+        assert!(path.is_file(), "{} is not built (run cargo build --workspace)", path.display());
         let dir = tempfile::tempdir().expect("temp dir");
         let log = dir.path().join(format!("{bin}.log"));
         let file = std::fs::File::create(&log).expect("log file");
@@ -54,12 +44,7 @@ impl FleetProcess {
             .stdin(Stdio::null())
             .spawn()
             .unwrap_or_else(|e| panic!("cannot start {}: {e}", path.display()));
-        FleetProcess {
-            name: bin.to_string(),
-            child: Some(child),
-            log,
-            _dir: dir,
-        }
+        FleetProcess { name: bin.to_string(), child: Some(child), log, _dir: dir }
     }
 
     /// Everything the process has written so far.
@@ -74,17 +59,13 @@ impl FleetProcess {
 
     /// True while the process has not exited.
     pub fn is_running(&mut self) -> bool {
-        self.child
-            .as_mut()
-            .is_some_and(|c| matches!(c.try_wait(), Ok(None)))
+        self.child.as_mut().is_some_and(|c| matches!(c.try_wait(), Ok(None)))
     }
 
     /// Sends SIGTERM and waits up to `timeout` for the exit; returns the exit code.
     pub fn terminate(&mut self, timeout: Duration) -> Option<i32> {
         let pid = self.pid()?;
-        let _ = Command::new("kill")
-            .args(["-TERM", &pid.to_string()])
-            .status();
+        let _ = Command::new("kill").args(["-TERM", &pid.to_string()]).status();
         let deadline = Instant::now() + timeout;
         while Instant::now() < deadline {
             if let Some(c) = self.child.as_mut()
@@ -114,11 +95,7 @@ impl FleetProcess {
                 return;
             }
             if !self.is_running() || Instant::now() > deadline {
-                panic!(
-                    "{} did not become ready on {addr}{path}; log:\n{}",
-                    self.name,
-                    self.log()
-                );
+                panic!("{} did not become ready on {addr}{path}; log:\n{}", self.name, self.log());
             }
             std::thread::sleep(Duration::from_millis(50));
         }
@@ -135,20 +112,10 @@ impl Drop for FleetProcess {
 pub fn http_get(addr: &str, path: &str) -> std::io::Result<(u16, String)> {
     let mut stream = TcpStream::connect(addr)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
-    write!(
-        stream,
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n"
-    )?;
+    write!(stream, "GET {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n")?;
     let mut raw = String::new();
     stream.read_to_string(&mut raw)?;
-    let status = raw
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or(0);
-    let body = raw
-        .split_once("\r\n\r\n")
-        .map(|(_, b)| b.to_string())
-        .unwrap_or_default();
+    let status = raw.split_whitespace().nth(1).and_then(|s| s.parse().ok()).unwrap_or(0);
+    let body = raw.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
     Ok((status, body))
 }

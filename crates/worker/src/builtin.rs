@@ -20,12 +20,8 @@ pub async fn sleep(ctx: TaskContext, payload: Value) -> Result<Value, TaskError>
         }
     }
     match payload.get("fail").and_then(Value::as_str) {
-        Some("retryable") => {
-            Err(TaskError::retryable("asked to fail (retryable)").with_code("requested_failure"))
-        }
-        Some("fatal") => {
-            Err(TaskError::fatal("asked to fail (fatal)").with_code("requested_failure"))
-        }
+        Some("retryable") => Err(TaskError::retryable("asked to fail (retryable)").with_code("requested_failure")),
+        Some("fatal") => Err(TaskError::fatal("asked to fail (fatal)").with_code("requested_failure")),
         _ => Ok(json!({ "slept_ms": ms })),
     }
 }
@@ -36,17 +32,11 @@ mod tests {
 
     #[tokio::test]
     async fn builtins() {
-        let out = echo(TaskContext::for_test("echo"), json!({"a": 1}))
-            .await
-            .unwrap();
+        let out = echo(TaskContext::for_test("echo"), json!({"a": 1})).await.unwrap();
         assert_eq!(out, json!({"a": 1}));
-        let out = sleep(TaskContext::for_test("sleep"), json!({"ms": 5}))
-            .await
-            .unwrap();
+        let out = sleep(TaskContext::for_test("sleep"), json!({"ms": 5})).await.unwrap();
         assert_eq!(out, json!({"slept_ms": 5}));
-        let err = sleep(TaskContext::for_test("sleep"), json!({"fail": "fatal"}))
-            .await
-            .unwrap_err();
+        let err = sleep(TaskContext::for_test("sleep"), json!({"fail": "fatal"})).await.unwrap_err();
         assert!(!err.is_retryable());
     }
 }

@@ -89,15 +89,12 @@ pub(crate) fn spawn_publisher(
 }
 
 async fn publish_batch(js: &jetstream::Context, subject: String, outs: Vec<Outbound>) {
-    let (events, afters): (Vec<TaskEvent>, Vec<AfterPublish>) =
-        outs.into_iter().map(|o| (o.event, o.after)).unzip();
+    let (events, afters): (Vec<TaskEvent>, Vec<AfterPublish>) = outs.into_iter().map(|o| (o.event, o.after)).unzip();
     let n = events.len();
     let body = bytes::Bytes::from(encode(&EventBatch::new(events)));
     let mut delay = Duration::from_millis(50);
     for attempt in 1..=5 {
-        let publish = PublishMessage::build()
-            .payload(body.clone())
-            .header(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        let publish = PublishMessage::build().payload(body.clone()).header(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         let result = match js.send_publish(subject.clone(), publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
             Err(e) => Err(e.to_string()),

@@ -27,22 +27,12 @@ pub struct TaskError {
 impl TaskError {
     /// A failure worth retrying (network error, overload, timeout).
     pub fn retryable(message: impl Into<String>) -> Self {
-        TaskError {
-            code: "handler_error".into(),
-            message: message.into(),
-            retryable: true,
-            retry_after: None,
-        }
+        TaskError { code: "handler_error".into(), message: message.into(), retryable: true, retry_after: None }
     }
 
     /// A failure that no retry will fix (bad input, unknown kind).
     pub fn fatal(message: impl Into<String>) -> Self {
-        TaskError {
-            code: "handler_error".into(),
-            message: message.into(),
-            retryable: false,
-            retry_after: None,
-        }
+        TaskError { code: "handler_error".into(), message: message.into(), retryable: false, retry_after: None }
     }
 
     /// Replaces the code.
@@ -119,11 +109,7 @@ impl TaskContext {
 /// Any such closure is a handler.
 pub trait Handler: Send + Sync + 'static {
     /// Runs one attempt.
-    fn call(
-        &self,
-        ctx: TaskContext,
-        payload: Value,
-    ) -> BoxFuture<'static, Result<Value, TaskError>>;
+    fn call(&self, ctx: TaskContext, payload: Value) -> BoxFuture<'static, Result<Value, TaskError>>;
 }
 
 impl<F, Fut> Handler for F
@@ -131,11 +117,7 @@ where
     F: Fn(TaskContext, Value) -> Fut + Send + Sync + 'static,
     Fut: Future<Output = Result<Value, TaskError>> + Send + 'static,
 {
-    fn call(
-        &self,
-        ctx: TaskContext,
-        payload: Value,
-    ) -> BoxFuture<'static, Result<Value, TaskError>> {
+    fn call(&self, ctx: TaskContext, payload: Value) -> BoxFuture<'static, Result<Value, TaskError>> {
         Box::pin(self(ctx, payload))
     }
 }
@@ -153,12 +135,10 @@ where
     move |ctx: TaskContext, payload: Value| {
         let f = f.clone();
         async move {
-            let input: I = serde_json::from_value(payload).map_err(|e| {
-                TaskError::fatal(format!("payload does not fit: {e}")).with_code("invalid_payload")
-            })?;
+            let input: I = serde_json::from_value(payload)
+                .map_err(|e| TaskError::fatal(format!("payload does not fit: {e}")).with_code("invalid_payload"))?;
             let out = f(ctx, input).await?;
-            serde_json::to_value(out)
-                .map_err(|e| TaskError::fatal(format!("output not serializable: {e}")))
+            serde_json::to_value(out).map_err(|e| TaskError::fatal(format!("output not serializable: {e}")))
         }
     }
 }

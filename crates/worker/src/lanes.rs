@@ -30,11 +30,7 @@ pub(crate) struct Lanes {
 impl Lanes {
     pub fn new(weights: [u32; 4]) -> Self {
         Lanes {
-            state: Mutex::new(State {
-                lanes: Default::default(),
-                picker: PriorityPicker::new(weights),
-                closed: false,
-            }),
+            state: Mutex::new(State { lanes: Default::default(), picker: PriorityPicker::new(weights), closed: false }),
             ready: Notify::new(),
         }
     }
@@ -81,9 +77,6 @@ impl Lanes {
     /// Reply subjects of every buffered message, for heartbeats.
     pub fn reply_subjects(&self) -> Vec<async_nats::Subject> {
         let s = self.lock();
-        s.lanes
-            .iter()
-            .flat_map(|l| l.iter().filter_map(|d| d.msg.reply.clone()))
-            .collect()
+        s.lanes.iter().flat_map(|l| l.iter().filter_map(|d| d.msg.reply.clone())).collect()
     }
 }

@@ -9,19 +9,12 @@ use taskfleet_worker::{Worker, builtin};
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-worker")?;
     let config = service.config.clone();
-    let client =
-        taskfleet_bus::connect(&config.nats, "taskfleet-worker", Duration::from_secs(60)).await?;
-    let worker = Worker::builder(config.clone())
-        .handler("echo", builtin::echo)
-        .handler("sleep", builtin::sleep)
-        .build();
+    let client = taskfleet_bus::connect(&config.nats, "taskfleet-worker", Duration::from_secs(60)).await?;
+    let worker =
+        Worker::builder(config.clone()).handler("echo", builtin::echo).handler("sleep", builtin::sleep).build();
     let stats = worker.stats();
     let http = service
-        .serve_http(
-            &config.worker.http_addr,
-            move || stats.ready.load(Ordering::Relaxed),
-            axum::Router::new(),
-        )
+        .serve_http(&config.worker.http_addr, move || stats.ready.load(Ordering::Relaxed), axum::Router::new())
         .await?;
     let result = worker.run(client, service.shutdown.clone()).await;
     service.shutdown.cancel();

@@ -18,11 +18,7 @@ pub struct RetryPolicy {
 
 impl Default for RetryPolicy {
     fn default() -> Self {
-        RetryPolicy {
-            base: Duration::from_secs(1),
-            factor: 2.0,
-            max: Duration::from_secs(300),
-        }
+        RetryPolicy { base: Duration::from_secs(1), factor: 2.0, max: Duration::from_secs(300) }
     }
 }
 
@@ -37,8 +33,7 @@ impl RetryPolicy {
     /// A jittered delay after failed attempt `attempt`, at least `floor` (e.g. a Retry-After).
     pub fn delay(&self, attempt: u32, floor: Option<Duration>) -> Duration {
         let ceiling = self.ceiling(attempt);
-        let jittered =
-            Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
+        let jittered = Duration::from_secs_f64(rand::rng().random_range(0.0..=ceiling.as_secs_f64()));
         jittered.max(floor.unwrap_or_default())
     }
 }

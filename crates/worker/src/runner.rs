@@ -11,9 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use taskfleet_bus::Topology;
 use taskfleet_config::Config;
-use taskfleet_proto::{
-    EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms,
-};
+use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms};
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
@@ -35,7 +33,7 @@ pub struct WorkerStats {
 pub struct WorkerBuilder {
     config: Config,
     handlers: HashMap<String, Arc<dyn Handler>>,
-    retry: RetryPolicy,
+    retry_by_kind: HashMap<String, RetryPolicy>,
 }
 
 impl WorkerBuilder {
@@ -45,9 +43,10 @@ impl WorkerBuilder {
         self
     }
 
-    /// Sets the retry backoff used when a task fails with a retryable error.
-    pub fn retry_policy(mut self, retry: RetryPolicy) -> Self {
-        self.retry = retry;
+    /// Sets the retry backoff of one kind. A task's own `retry` takes precedence; kinds without
+    /// a policy use the configured default (`worker.retry_base`, `retry_factor`, `retry_max`).
+    pub fn retry_policy(mut self, kind: impl Into<String>, retry: RetryPolicy) -> Self {
+        self.retry_by_kind.insert(kind.into(), retry);
         self
     }
 
@@ -56,22 +55,25 @@ impl WorkerBuilder {
         let id = if self.config.worker.id.is_empty() {
             let host = std::env::var("HOSTNAME")
                 .ok()
-                .or_else(|| {
-                    std::fs::read_to_string("/etc/hostname")
-                        .ok()
-                        .map(|h| h.trim().to_string())
-                })
+                .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
                 .filter(|h| !h.is_empty())
                 .unwrap_or_else(|| "worker".into());
             format!("{host}-{}", std::process::id())
         } else {
             self.config.worker.id.clone()
         };
+        let retry_default = RetryPolicy {
+            base: self.config.worker.retry_base,
+            factor: self.config.worker.retry_factor,
+            max: self.config.worker.retry_max,
+        };
         Worker {
             inner: Arc::new(Inner {
                 config: self.config,
                 handlers: self.handlers,
-                retry: self.retry,
+                retry_default,
+                retry_by_kind: self.retry_by_kind,
+                cancelled: Default::default(),
                 id,
                 stats: Arc::new(WorkerStats::default()),
             }),
@@ -82,9 +84,30 @@ impl WorkerBuilder {
 struct Inner {
     config: Config,
     handlers: HashMap<String, Arc<dyn Handler>>,
-    retry: RetryPolicy,
+    retry_default: RetryPolicy,
+    retry_by_kind: HashMap<String, RetryPolicy>,
+    /// Ids of cancelled tasks, from the cancellation bucket.
+    cancelled: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     id: String,
     stats: Arc<WorkerStats>,
+}
+
+impl Inner {
+    /// The backoff for a task: its own, else its kind's, else the default.
+    fn retry_for(&self, env: &TaskEnvelope) -> RetryPolicy {
+        if let Some(r) = env.retry {
+            return RetryPolicy {
+                base: Duration::from_millis(r.base_ms),
+                factor: r.factor,
+                max: Duration::from_millis(r.max_ms),
+            };
+        }
+        self.retry_by_kind.get(&env.kind).copied().unwrap_or(self.retry_default)
+    }
+
+    fn is_cancelled(&self, id: &uuid::Uuid) -> bool {
+        self.cancelled.lock().map(|c| c.contains(id)).unwrap_or(false)
+    }
 }
 
 /// A worker process's task loop. Stateless: run as many as you like against one fleet.
@@ -96,11 +119,7 @@ pub struct Worker {
 impl Worker {
     /// Starts building a worker with the fleet configuration.
     pub fn builder(config: Config) -> WorkerBuilder {
-        WorkerBuilder {
-            config,
-            handlers: HashMap::new(),
-            retry: RetryPolicy::default(),
-        }
+        WorkerBuilder { config, handlers: HashMap::new(), retry_by_kind: HashMap::new() }
     }
 
     /// This worker's id, as it appears in events.
@@ -123,11 +142,7 @@ impl Worker {
     /// Pulls and runs tasks until `shutdown` is cancelled, then drains: stops pulling, lets
     /// running tasks finish for up to `drain_timeout`, hands everything else back to JetStream
     /// for immediate redelivery, and flushes events.
-    pub async fn run(
-        &self,
-        client: async_nats::Client,
-        shutdown: CancellationToken,
-    ) -> Result<(), WorkerError> {
+    pub async fn run(&self, client: async_nats::Client, shutdown: CancellationToken) -> Result<(), WorkerError> {
         let inner = &self.inner;
         let cfg = &inner.config;
         let topology = Topology::new(client.clone(), &cfg.nats);
@@ -168,6 +183,8 @@ impl Worker {
             heartbeat_interval(cfg.nats.ack_wait),
             pulling.clone(),
         ));
+        let bucket = topology.cancel_bucket().await?;
+        let watcher = tokio::spawn(cancel_watch(bucket, self.inner.clone(), running.clone(), pulling.clone()));
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let progress = tokio::spawn(progress_loop(progress_rx, running.clone(), events.clone()));
 
@@ -194,8 +211,7 @@ impl Worker {
             let running = running.clone();
             let progress_tx = progress_tx.clone();
             tokio::spawn(async move {
-                this.run_delivery(token, delivery, events, running, progress_tx)
-                    .await;
+                this.run_delivery(token, delivery, events, running, progress_tx).await;
                 drop(permit);
             });
         }
@@ -207,30 +223,16 @@ impl Worker {
             let _ = p.await;
         }
         let buffered = lanes.close();
-        tracing::info!(
-            buffered = buffered.len(),
-            running = running_count(&running),
-            "draining"
-        );
+        tracing::info!(buffered = buffered.len(), running = running_count(&running), "draining");
         for d in buffered {
-            let _ = d
-                .msg
-                .ack_with(async_nats::jetstream::AckKind::Nak(None))
-                .await;
+            let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
         }
         let max = cfg.worker.max_concurrent_tasks as u32;
-        let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max))
-            .await
-            .is_ok();
+        let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max)).await.is_ok();
         if !drained {
-            let left: Vec<RunningTask> = running
-                .lock()
-                .map(|mut m| m.drain().map(|(_, r)| r).collect())
-                .unwrap_or_default();
-            tracing::warn!(
-                tasks = left.len(),
-                "drain timeout: handing running tasks back for redelivery"
-            );
+            let left: Vec<RunningTask> =
+                running.lock().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
+            tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
             for r in left {
                 r.cancel.cancel();
                 if let Some(reply) = r.reply {
@@ -243,6 +245,7 @@ impl Worker {
         let _ = progress.await;
         let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
         heartbeat.abort();
+        watcher.abort();
         let _ = client.flush().await;
         tracing::info!("worker stopped");
         Ok(())
@@ -261,11 +264,7 @@ impl Worker {
         let received_at = now_ms();
         let inner = &self.inner;
         let limit = inner.config.coordinator.max_body_bytes.max(1 << 20);
-        let ct = msg
-            .headers
-            .as_ref()
-            .and_then(|h| h.get(headers::CONTENT_TYPE))
-            .map(|v| v.as_str().to_string());
+        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
         let env: TaskEnvelope = match decode(&msg.payload, ct.as_deref(), limit) {
             Ok(env) => env,
             Err(e) => {
@@ -289,16 +288,20 @@ impl Worker {
         base.attempt = attempt;
         base.worker = Some(inner.id.clone());
 
+        if inner.is_cancelled(&env.id) {
+            // Cancelled while queued: skip it. The coordinator already recorded `cancelled`.
+            let mut ev = base.clone();
+            ev.kind = EventKind::Cancelled;
+            events.send(ev, AfterPublish::Ack(msg));
+            return;
+        }
         if attempt > env.max_attempts {
             // Earlier deliveries were lost with their workers (each counts as an attempt).
             let mut ev = base.clone();
             ev.kind = EventKind::Dead;
             ev.error = Some(TaskErrorInfo {
                 code: "attempts_exhausted".into(),
-                message: format!(
-                    "attempt {attempt} exceeds max_attempts {}",
-                    env.max_attempts
-                ),
+                message: format!("attempt {attempt} exceeds max_attempts {}", env.max_attempts),
                 retryable: false,
             });
             events.send(ev, AfterPublish::Ack(msg));
@@ -336,30 +339,15 @@ impl Worker {
             progress: Some(progress_tx),
         };
         if let Ok(mut m) = running.lock() {
-            m.insert(
-                token,
-                RunningTask {
-                    reply: msg.reply.clone(),
-                    cancel: cancel.clone(),
-                    base: base.clone(),
-                },
-            );
+            m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
         }
         inner.stats.in_flight.fetch_add(1, Ordering::Relaxed);
         let started_at = now_ms();
-        let mut timings = Timings {
-            created_at: env.created_at,
-            received_at,
-            started_at,
-            finished_at: 0,
-        };
+        let mut timings = Timings { created_at: env.created_at, received_at, started_at, finished_at: 0 };
 
+        let retry = inner.retry_for(&env);
         let payload = env.payload;
-        let call = tokio::spawn(
-            handler
-                .call(ctx, payload)
-                .instrument(tracing::info_span!(parent: &span, "handler")),
-        );
+        let call = tokio::spawn(handler.call(ctx, payload).instrument(tracing::info_span!(parent: &span, "handler")));
         let abort = call.abort_handle();
         let started_delay = inner.config.worker.started_event_delay;
         let outcome = async {
@@ -376,6 +364,13 @@ impl Worker {
                         Err(join) if join.is_panic() => Err(TaskError::retryable("handler panicked").with_code("handler_panic")),
                         Err(_) => Err(TaskError::retryable("handler was aborted").with_code("aborted")),
                     },
+                    _ = cancel.cancelled() => {
+                        // Cancelled by request: give the handler a moment to stop by itself.
+                        if tokio::time::timeout(Duration::from_secs(2), &mut call).await.is_err() {
+                            abort.abort();
+                        }
+                        break Err(TaskError::fatal("cancelled by request").with_code("cancelled"));
+                    }
                     _ = &mut deadline => {
                         abort.abort();
                         cancel.cancel();
@@ -406,6 +401,10 @@ impl Worker {
         ev.at = timings.finished_at;
         let max_deliver = inner.config.nats.max_deliver.max(1) as u32;
         let after = match outcome {
+            _ if inner.is_cancelled(&env.id) => {
+                ev.kind = EventKind::Cancelled;
+                AfterPublish::Ack(msg)
+            }
             Ok(result) => {
                 ev.kind = EventKind::Succeeded;
                 ev.result = Some(result);
@@ -418,7 +417,7 @@ impl Worker {
                     retryable: err.retryable,
                 });
                 if err.retryable && attempt < env.max_attempts && delivered < max_deliver {
-                    let delay = inner.retry.delay(attempt, err.retry_after);
+                    let delay = retry.delay(attempt, err.retry_after);
                     ev.kind = EventKind::Retrying;
                     ev.retry_in_ms = Some(delay.as_millis() as u64);
                     AfterPublish::Nak(msg, delay)
@@ -431,8 +430,7 @@ impl Worker {
                 }
             }
         };
-        metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str())
-            .increment(1);
+        metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str()).increment(1);
         events.send(ev, after);
     }
 }
@@ -493,12 +491,7 @@ async fn pull_loop(
         // re-arming its waker, so a message arriving after one would sit unread until the
         // client-side timeout and then be dropped with the batch (lost until `ack_wait`).
         // Without heartbeats the server's 408 at `expires` ends an idle batch cleanly.
-        let batch = consumer
-            .batch()
-            .max_messages(want)
-            .expires(Duration::from_secs(5))
-            .messages()
-            .await;
+        let batch = consumer.batch().max_messages(want).expires(Duration::from_secs(5)).messages().await;
         let mut batch = match batch {
             Ok(b) => b,
             Err(e) => {
@@ -519,17 +512,11 @@ async fn pull_loop(
                 Some(Ok(msg)) => {
                     let Some(permit) = permits.pop() else {
                         // More than asked for cannot happen; hand it back rather than overfill.
-                        let _ = msg
-                            .ack_with(async_nats::jetstream::AckKind::Nak(None))
-                            .await;
+                        let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
                         continue;
                     };
                     stats.buffered.fetch_add(1, Ordering::Relaxed);
-                    lanes.push(Delivery {
-                        msg,
-                        priority: priority.index(),
-                        permit: Some(permit),
-                    });
+                    lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) });
                 }
                 Some(Err(e)) => {
                     tracing::debug!(consumer = %name, error = %e, "pull batch ended with an error");
@@ -570,6 +557,55 @@ async fn heartbeat_loop(
     }
 }
 
+/// Follows the cancellation bucket: remembers cancelled ids (a queued task is then skipped when
+/// it arrives) and cancels the token of a running one.
+async fn cancel_watch(
+    bucket: async_nats::jetstream::kv::Store,
+    inner: Arc<Inner>,
+    running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
+    stop: CancellationToken,
+) {
+    use async_nats::jetstream::kv::Operation;
+    while !stop.is_cancelled() {
+        let mut watch = match bucket.watch_with_history(">").await {
+            Ok(w) => w,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch cancellations, retrying");
+                tokio::time::sleep(Duration::from_secs(1)).await;
+                continue;
+            }
+        };
+        loop {
+            let entry = tokio::select! {
+                _ = stop.cancelled() => return,
+                e = watch.next() => e,
+            };
+            let entry = match entry {
+                Some(Ok(e)) => e,
+                Some(Err(e)) => {
+                    tracing::warn!(error = %e, "cancellation watch failed, restarting it");
+                    break;
+                }
+                None => break,
+            };
+            if entry.operation != Operation::Put {
+                continue;
+            }
+            let Ok(id) = entry.key.parse::<uuid::Uuid>() else { continue };
+            if let Ok(mut c) = inner.cancelled.lock() {
+                c.insert(id);
+            }
+            if let Ok(m) = running.lock() {
+                for r in m.values().filter(|r| r.base.task_id == id) {
+                    tracing::info!(task_id = %id, "cancelling a running task");
+                    r.cancel.cancel();
+                }
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
 /// Turns handler progress reports into `progress` events.
 async fn progress_loop(
     mut rx: mpsc::UnboundedReceiver<(uuid::Uuid, serde_json::Value)>,
@@ -577,11 +613,8 @@ async fn progress_loop(
     events: EventSender,
 ) {
     while let Some((task_id, value)) = rx.recv().await {
-        let base = running.lock().ok().and_then(|m| {
-            m.values()
-                .find(|r| r.base.task_id == task_id)
-                .map(|r| r.base.clone())
-        });
+        let base =
+            running.lock().ok().and_then(|m| m.values().find(|r| r.base.task_id == task_id).map(|r| r.base.clone()));
         if let Some(mut ev) = base {
             ev.kind = EventKind::Progress;
             ev.at = now_ms();

@@ -19,11 +19,7 @@ impl PriorityPicker {
     /// A picker with weights indexed by `Priority::index` (critical first). Zero weights are
     /// treated as one.
     pub fn new(weights: [u32; 4]) -> Self {
-        PriorityPicker {
-            weights: weights.map(|w| i64::from(w.max(1))),
-            credit: [0; 4],
-            competing: [false; 4],
-        }
+        PriorityPicker { weights: weights.map(|w| i64::from(w.max(1))), credit: [0; 4], competing: [false; 4] }
     }
 
     /// Chooses among the priorities whose flag in `has_work` is set; `None` when none is.
@@ -87,9 +83,7 @@ mod tests {
     #[test]
     fn low_is_never_starved_by_a_critical_flood() {
         let mut p = PriorityPicker::new(W);
-        let picks: Vec<usize> = (0..170)
-            .map(|_| p.pick([true, false, false, true]).unwrap())
-            .collect();
+        let picks: Vec<usize> = (0..170).map(|_| p.pick([true, false, false, true]).unwrap()).collect();
         // In every window of 17 consecutive picks, low gets exactly one.
         for window in picks.windows(17).step_by(17) {
             assert_eq!(window.iter().filter(|i| **i == 3).count(), 1, "{picks:?}");

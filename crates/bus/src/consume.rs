@@ -1,0 +1,81 @@
+//! A resilient batch-consuming loop over a durable pull consumer.
+
+use async_nats::jetstream::{Message, consumer::PullConsumer};
+use futures::StreamExt;
+use std::future::Future;
+use std::time::Duration;
+
+/// Consumes a durable consumer until `stop` resolves: hands every group of messages that are
+/// ready at once (at most `max`, a lone message is not held back) to `handle`, and re-opens the
+/// pull stream with backoff whenever it ends or fails (a restarted nats-server, a deleted
+/// consumer that `open` re-creates). Individual pull status errors are logged and skipped.
+pub async fn consume_batches<O, OF, H, HF>(
+    name: &str,
+    max: usize,
+    stop: impl Future<Output = ()>,
+    open: O,
+    mut handle: H,
+) where
+    O: Fn() -> OF,
+    OF: Future<Output = Result<PullConsumer, crate::BusError>>,
+    H: FnMut(Vec<Message>) -> HF,
+    HF: Future<Output = ()>,
+{
+    tokio::pin!(stop);
+    let mut delay = Duration::from_millis(100);
+    loop {
+        let stream = match open().await {
+            Ok(consumer) => consumer
+                .stream()
+                .max_messages_per_batch(max)
+                .expires(Duration::from_secs(30))
+                .heartbeat(Duration::from_secs(5))
+                .messages()
+                .await
+                .map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        let mut chunks = match stream {
+            Ok(s) => s.ready_chunks(max),
+            Err(e) => {
+                tracing::warn!(consumer = name, error = %e, "cannot open pull stream, retrying");
+                tokio::select! {
+                    _ = &mut stop => return,
+                    _ = tokio::time::sleep(delay) => {}
+                }
+                delay = (delay * 2).min(Duration::from_secs(5));
+                continue;
+            }
+        };
+        delay = Duration::from_millis(100);
+        loop {
+            let chunk = tokio::select! {
+                _ = &mut stop => return,
+                c = chunks.next() => c,
+            };
+            let Some(chunk) = chunk else {
+                tracing::warn!(consumer = name, "pull stream ended, re-opening it");
+                break;
+            };
+            let mut msgs = Vec::with_capacity(chunk.len());
+            let mut failed = false;
+            for m in chunk {
+                match m {
+                    Ok(m) => msgs.push(m),
+                    Err(e) => {
+                        tracing::debug!(consumer = name, error = %e, "pull status");
+                        failed = true;
+                    }
+                }
+            }
+            if !msgs.is_empty() {
+                handle(msgs).await;
+            }
+            if failed {
+                // The stream reports a broken pull (missed heartbeats, server restart) as an
+                // error item and goes on; nothing else to do here.
+                continue;
+            }
+        }
+    }
+}
