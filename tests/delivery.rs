@@ -140,11 +140,12 @@ async fn cancel_queued_and_running_tasks() {
     assert!(out.status.success(), "{}", stdout(&out));
     let (state, _, _) = task_row(&pool, queued.id).await;
     assert_eq!(state, "cancelled");
-    let started: Option<i64> = sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1 AND outcome <> 'cancelled'")
-        .bind(queued.id)
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let started: Option<i64> =
+        sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1 AND outcome <> 'cancelled'")
+            .bind(queued.id)
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     assert_eq!(started, Some(0), "the cancelled queued task never ran");
     assert_eq!(task_row(&pool, dependent.id).await.0, "cancelled");
     assert_eq!(task_row(&pool, running.id).await.0, "cancelled");
@@ -186,7 +187,8 @@ async fn killed_worker_tasks_are_redelivered() {
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
     // Longer than ack_wait: only heartbeats keep them from being redelivered while they run.
-    let tasks: Vec<TaskEnvelope> = (0..8).map(|i| TaskEnvelope::new("sleep", serde_json::json!({ "ms": 4_000, "i": i }))).collect();
+    let tasks: Vec<TaskEnvelope> =
+        (0..8).map(|i| TaskEnvelope::new("sleep", serde_json::json!({ "ms": 4_000, "i": i }))).collect();
     fleet.submit_all(&client, &tasks).await;
     for t in &tasks {
         wait_state(&fleet, &pool, t.id, "running", Duration::from_secs(20)).await;
@@ -197,12 +199,11 @@ async fn killed_worker_tasks_are_redelivered() {
     fleet.wait_final(&pool, 8, Duration::from_secs(60)).await;
     let rows: Vec<(String, i32)> = sqlx::query_as("SELECT state, attempt FROM tasks").fetch_all(&pool).await.unwrap();
     assert!(rows.iter().all(|(s, a)| s == "succeeded" && *a == 2), "{rows:?}");
-    let first_restart: f64 = sqlx::query_scalar(
-        "SELECT extract(epoch FROM min(started_at))::float8 FROM task_attempts WHERE attempt = 2",
-    )
-    .fetch_one(&pool)
-    .await
-    .unwrap();
+    let first_restart: f64 =
+        sqlx::query_scalar("SELECT extract(epoch FROM min(started_at))::float8 FROM task_attempts WHERE attempt = 2")
+            .fetch_one(&pool)
+            .await
+            .unwrap();
     let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().as_secs_f64();
     let redelivered_after = first_restart - (now - killed_at.elapsed().as_secs_f64());
     eprintln!("redelivery after a worker kill: {redelivered_after:.2}s (ack_wait 2s)");
@@ -217,7 +218,8 @@ async fn sigterm_drains_a_worker() {
     fleet.start_worker(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "2"), ("TASKFLEET_WORKER_STARTED_EVENT_DELAY", "100ms")]);
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
-    let tasks: Vec<TaskEnvelope> = (0..6).map(|i| TaskEnvelope::new("sleep", serde_json::json!({ "ms": 1_500, "i": i }))).collect();
+    let tasks: Vec<TaskEnvelope> =
+        (0..6).map(|i| TaskEnvelope::new("sleep", serde_json::json!({ "ms": 1_500, "i": i }))).collect();
     fleet.submit_all(&client, &tasks).await;
     let deadline = Instant::now() + Duration::from_secs(20);
     while fleet.counts(&pool).await.get("running").copied().unwrap_or(0) < 2 {
@@ -234,4 +236,66 @@ async fn sigterm_drains_a_worker() {
     assert_eq!(counts.get("succeeded"), Some(&6));
     let max_attempt: i32 = sqlx::query_scalar("SELECT max(attempt) FROM tasks").fetch_one(&pool).await.unwrap();
     assert!(max_attempt <= 2, "handed-back tasks are redelivered, not lost");
+}
+
+/// Dispatch messages lost from JetStream (here: purged) are found by the rescuer, which
+/// dispatches the tasks again; every task still ends with one final state.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rescuer_redispatches_lost_tasks() {
+    let mut fleet = Fleet::new("rescuer");
+    fleet
+        .set("TASKFLEET_NATS_ACK_WAIT", "2s")
+        .set("TASKFLEET_COORDINATOR_RESCUE_INTERVAL", "500ms")
+        .set("TASKFLEET_COORDINATOR_RESCUE_IDLE", "3s");
+    fleet.start_coordinator();
+    // A worker creates the lane consumers, then leaves: the tasks wait in the stream.
+    fleet.start_worker(&[]);
+    fleet.workers[0].terminate(Duration::from_secs(10));
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let tasks: Vec<TaskEnvelope> =
+        (0..50).map(|i| TaskEnvelope::new("echo", serde_json::json!(i)).with_priority(Priority::ALL[i % 4])).collect();
+    fleet.submit_all(&client, &tasks).await;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while fleet.counts(&pool).await.get("queued").copied().unwrap_or(0) < 50 {
+        assert!(Instant::now() < deadline, "tasks not queued");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let js = async_nats::jetstream::new(client.clone());
+    let mut stream = js.get_stream(fleet.subjects().dispatch_stream()).await.unwrap();
+    stream.purge().await.unwrap();
+    assert_eq!(stream.info().await.unwrap().state.messages, 0, "every dispatch message is gone");
+
+    fleet.start_worker(&[]);
+    let counts = fleet.wait_final(&pool, 50, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("succeeded"), Some(&50), "{counts:?}");
+    let redispatched: i64 =
+        sqlx::query_scalar("SELECT count(*) FROM tasks WHERE dispatches = 2").fetch_one(&pool).await.unwrap();
+    assert_eq!(redispatched, 50, "each lost task was dispatched exactly once more");
+}
+
+/// Two coordinator replicas share intake and event recording through the durable consumers;
+/// one of them runs the rescuer; every task ends once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_coordinators_share_the_work() {
+    let mut fleet = Fleet::new("two_coordinators");
+    fleet.set("TASKFLEET_COORDINATOR_RESCUE_INTERVAL", "200ms");
+    fleet.start_coordinator();
+    let first = fleet.coordinator.take().unwrap();
+    fleet.coordinator_http = format!("127.0.0.1:{}", taskfleet_test_support::free_port());
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let tasks: Vec<TaskEnvelope> = (0..3_000).map(|i| TaskEnvelope::new("echo", serde_json::json!(i))).collect();
+    fleet.submit_all(&client, &tasks).await;
+    let counts = fleet.wait_final(&pool, 3_000, Duration::from_secs(120)).await;
+    assert_eq!(counts.get("succeeded"), Some(&3_000), "{counts:?}");
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts").fetch_one(&pool).await.unwrap();
+    assert_eq!(attempts, 3_000);
+    let logs = [first.log(), fleet.coordinator.as_ref().unwrap().log()];
+    let leaders = logs.iter().filter(|l| l.contains("now runs the rescuer")).count();
+    assert_eq!(leaders, 1, "exactly one replica runs the rescuer");
+    let intake: Vec<bool> = logs.iter().map(|l| !l.contains("coordinator loop failed")).collect();
+    assert_eq!(intake, vec![true, true]);
 }

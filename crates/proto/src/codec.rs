@@ -137,12 +137,29 @@ mod tests {
         #[test]
         fn decoder_never_panics_on_arbitrary_bytes(bytes in proptest::collection::vec(any::<u8>(), 0..512)) {
             let _ = decode_envelope(&bytes, None, LIMIT);
+            let _ = decode_envelope(&bytes, Some(CONTENT_TYPE_JSON), LIMIT);
             let _ = decode::<EventBatch>(&bytes, None, LIMIT);
+            let _ = decode::<crate::CommittedBatch>(&bytes, None, LIMIT);
+            let _ = decode::<crate::SubmitReply>(&bytes, Some(CONTENT_TYPE_JSON), LIMIT);
         }
 
         #[test]
         fn decoder_never_panics_on_json_like_text(s in "\\{[ -~]{0,200}") {
             let _ = decode_envelope(s.as_bytes(), None, LIMIT);
+        }
+
+        /// Valid envelopes with arbitrary field values either decode or fail cleanly.
+        #[test]
+        fn structured_envelopes_decode_or_fail_cleanly(
+            kind in "[a-z.]{0,20}", queue in "[a-z.*> ]{0,10}", attempts in any::<u32>(), timeout in any::<u64>(),
+            prio in "[a-z]{0,9}", payload in "[ -~]{0,64}",
+        ) {
+            let body = serde_json::json!({
+                "kind": kind, "queue": queue, "max_attempts": attempts, "timeout_ms": timeout,
+                "priority": prio, "payload": payload,
+            });
+            let _ = decode_envelope(&serde_json::to_vec(&body).unwrap(), None, LIMIT);
+            let _ = decode_envelope(&rmp_serde::to_vec_named(&body).unwrap(), None, LIMIT);
         }
     }
 }
