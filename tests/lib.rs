@@ -142,10 +142,6 @@ impl Fleet {
     /// Runs the `taskfleet` CLI against this fleet.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let bin = taskfleet_test_support::target_dir().join("taskfleet");
-        std::process::Command::new(bin)
-            .args(args)
-            .envs(self.env_with(&[]).into_iter())
-            .output()
-            .expect("run taskfleet CLI")
+        std::process::Command::new(bin).args(args).envs(self.env_with(&[])).output().expect("run taskfleet CLI")
     }
 }

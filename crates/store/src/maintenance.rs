@@ -36,6 +36,10 @@ macro_rules! envelope_columns {
     };
 }
 
+/// A task row as read for the dead-letter stream: envelope columns plus the last error.
+type EnvelopeErrorRow =
+    (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, Option<serde_json::Value>);
+
 type RedispatchRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, i32, i32);
 
 fn redispatch_from_row(r: RedispatchRow, replay: bool) -> Redispatch {
@@ -160,18 +164,7 @@ impl Store {
         &self,
         ids: &[TaskId],
     ) -> Result<Vec<(TaskEnvelope, Option<serde_json::Value>)>, StoreError> {
-        let rows: Vec<(
-            Uuid,
-            String,
-            String,
-            String,
-            serde_json::Value,
-            i32,
-            i64,
-            Option<String>,
-            i64,
-            Option<serde_json::Value>,
-        )> = sqlx::query_as(
+        let rows: Vec<EnvelopeErrorRow> = sqlx::query_as(
             "SELECT id, kind, queue, priority, payload, max_attempts, timeout_ms, idempotency_key,
                         (extract(epoch FROM created_at) * 1000)::int8, error
                  FROM tasks WHERE id = ANY($1)",

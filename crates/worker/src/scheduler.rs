@@ -33,10 +33,7 @@ impl PriorityPicker {
         }
         let mut total = 0;
         let mut best: Option<usize> = None;
-        for i in 0..4 {
-            if !has_work[i] {
-                continue;
-            }
+        for i in (0..4).filter(|i| has_work[*i]) {
             self.credit[i] += self.weights[i];
             total += self.weights[i];
             // Ties go to the higher priority (lower index) because of the strict `>`.
