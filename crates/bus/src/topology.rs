@@ -95,51 +95,15 @@ impl Topology {
         Topology { js, subjects: Subjects::new(&cfg.subject_prefix, &cfg.stream_prefix), cfg: cfg.clone() }
     }
 
-    /// Creates the three streams, or updates them to this configuration.
+    /// Creates the streams (submit, dispatch, dead letters, events), or updates them to this
+    /// configuration.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
-        let storage = match self.cfg.storage {
-            StorageKind::File => StorageType::File,
-            StorageKind::Memory => StorageType::Memory,
-        };
         let s = &self.subjects;
         let streams = [
-            stream::Config {
-                name: s.submit_stream(),
-                subjects: vec![s.submit_all()],
-                retention: RetentionPolicy::WorkQueue,
-                duplicate_window: self.cfg.dedup_window,
-                storage,
-                num_replicas: self.cfg.replicas,
-                ..Default::default()
-            },
-            stream::Config {
-                name: s.dispatch_stream(),
-                subjects: vec![s.dispatch_all()],
-                retention: RetentionPolicy::WorkQueue,
-                duplicate_window: self.cfg.dedup_window,
-                storage,
-                num_replicas: self.cfg.replicas,
-                ..Default::default()
-            },
-            stream::Config {
-                name: s.dead_stream(),
-                subjects: vec![s.dead_all()],
-                retention: RetentionPolicy::Limits,
-                max_age: self.cfg.dead_max_age,
-                storage,
-                num_replicas: self.cfg.replicas,
-                ..Default::default()
-            },
-            stream::Config {
-                name: s.events_stream(),
-                subjects: vec![s.events_all()],
-                retention: RetentionPolicy::Limits,
-                max_age: self.cfg.events_max_age,
-                duplicate_window: Duration::from_secs(60).min(self.cfg.events_max_age),
-                storage,
-                num_replicas: self.cfg.replicas,
-                ..Default::default()
-            },
+            self.stream(s.submit_stream(), s.submit_all(), RetentionPolicy::WorkQueue, None),
+            self.stream(s.dispatch_stream(), s.dispatch_all(), RetentionPolicy::WorkQueue, None),
+            self.stream(s.dead_stream(), s.dead_all(), RetentionPolicy::Limits, Some(self.cfg.dead_max_age)),
+            self.stream(s.events_stream(), s.events_all(), RetentionPolicy::Limits, Some(self.cfg.events_max_age)),
         ];
         for config in streams {
             let name = config.name.clone();
@@ -151,17 +115,44 @@ impl Topology {
         Ok(())
     }
 
-    /// The bucket of cancelled task ids: the coordinator writes, every worker watches.
-    pub async fn cancel_bucket(&self) -> Result<jetstream::kv::Store, BusError> {
-        let storage = match self.cfg.storage {
+    fn storage(&self) -> StorageType {
+        match self.cfg.storage {
             StorageKind::File => StorageType::File,
             StorageKind::Memory => StorageType::Memory,
-        };
+        }
+    }
+
+    /// A stream of this fleet's storage and replicas. The dedup window is capped by the max age
+    /// (JetStream refuses a longer one).
+    fn stream(
+        &self,
+        name: String,
+        subject: String,
+        retention: RetentionPolicy,
+        max_age: Option<Duration>,
+    ) -> stream::Config {
+        let max_age = max_age.unwrap_or_default();
+        let duplicate_window =
+            if max_age.is_zero() { self.cfg.dedup_window } else { self.cfg.dedup_window.min(max_age) };
+        stream::Config {
+            name,
+            subjects: vec![subject],
+            retention,
+            max_age,
+            duplicate_window,
+            storage: self.storage(),
+            num_replicas: self.cfg.replicas,
+            ..Default::default()
+        }
+    }
+
+    /// The bucket of cancelled task ids: the coordinator writes, every worker watches.
+    pub async fn cancel_bucket(&self) -> Result<jetstream::kv::Store, BusError> {
         let config = jetstream::kv::Config {
             bucket: self.subjects.cancel_bucket(),
             history: 1,
             max_age: self.cfg.cancel_max_age,
-            storage,
+            storage: self.storage(),
             num_replicas: self.cfg.replicas,
             ..Default::default()
         };
