@@ -28,7 +28,7 @@ async fn malformed_unknown_and_oversize_submissions_are_rejected_clearly() {
         ("oversize", big.into_bytes(), "too_large"),
         ("msgpack garbage", vec![0xc1, 0xff, 0x00, 0x93], "malformed"),
         ("bad priority", br#"{"kind":"echo","priority":"urgent"}"#.to_vec(), "malformed"),
-        ("bad attempts", br#"{"kind":"echo","max_attempts":0}"#.to_vec(), "invalid"),
+        ("bad attempts", br#"{"kind":"echo","max_attempts":5000}"#.to_vec(), "invalid"),
     ];
     for (name, body, reason) in &cases {
         let inbox = client.new_inbox();

@@ -36,7 +36,10 @@ async fn wait_state(fleet: &Fleet, pool: &sqlx::PgPool, id: uuid::Uuid, state: &
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retries_dead_letters_replay_and_timeouts() {
     let mut fleet = Fleet::new("retries");
-    fleet.set("TASKFLEET_WORKER_RETRY_BASE", "50ms").set("TASKFLEET_WORKER_RETRY_MAX", "200ms");
+    fleet
+        .set("TASKFLEET_WORKER_RETRY_BASE", "50ms")
+        .set("TASKFLEET_WORKER_RETRY_MAX", "200ms")
+        .set("TASKFLEET_COORDINATOR_KIND_MAX_ATTEMPTS", "sleep=2");
     fleet.start_coordinator();
     fleet.start_worker(&[]);
     let client = fleet.nats().await;
@@ -50,8 +53,12 @@ async fn retries_dead_letters_replay_and_timeouts() {
     slow.max_attempts = 2;
     slow.timeout_ms = 300;
     slow.retry = Some(RetryBackoff { base_ms: 10, factor: 2.0, max_ms: 20 });
-    fleet.submit_all(&client, &[flaky.clone(), fatal.clone(), slow.clone()]).await;
-    fleet.wait_final(&pool, 3, Duration::from_secs(60)).await;
+    // No max_attempts of its own: the coordinator's limit for the kind (2) applies.
+    let by_kind = TaskEnvelope::new("sleep", serde_json::json!({ "fail": "retryable" }));
+    fleet.submit_all(&client, &[flaky.clone(), fatal.clone(), slow.clone(), by_kind.clone()]).await;
+    fleet.wait_final(&pool, 4, Duration::from_secs(60)).await;
+    let (state, attempt, _) = task_row(&pool, by_kind.id).await;
+    assert_eq!((state.as_str(), attempt), ("dead", 2), "the kind's attempt limit applies");
 
     let (state, attempt, error) = task_row(&pool, flaky.id).await;
     assert_eq!((state.as_str(), attempt), ("dead", 3));
@@ -71,15 +78,15 @@ async fn retries_dead_letters_replay_and_timeouts() {
     let (state, attempt, error) = task_row(&pool, slow.id).await;
     assert_eq!((state.as_str(), attempt, error.unwrap()["code"].as_str()), ("dead", 2, Some("timeout")));
 
-    // Both dead tasks are in the dead-letter stream and in `dead ls`.
+    // The dead tasks are in the dead-letter stream and in `dead ls`.
     let js = async_nats::jetstream::new(client.clone());
     let deadline = Instant::now() + Duration::from_secs(10);
     loop {
         let mut stream = js.get_stream(fleet.subjects().dead_stream()).await.unwrap();
-        if stream.info().await.unwrap().state.messages == 2 {
+        if stream.info().await.unwrap().state.messages == 3 {
             break;
         }
-        assert!(Instant::now() < deadline, "dead-letter stream does not hold both dead tasks");
+        assert!(Instant::now() < deadline, "dead-letter stream does not hold the three dead tasks");
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let dead_ls = stdout(&fleet.cli(&["dead", "ls"]));

@@ -28,9 +28,9 @@ pub struct SubmitArgs {
     /// critical, high, normal, low, or `mixed` (round robin over all four, with --count).
     #[arg(long, default_value = "normal")]
     priority: String,
-    /// Attempts before the task is dead.
-    #[arg(long, default_value_t = taskfleet_proto::DEFAULT_MAX_ATTEMPTS)]
-    max_attempts: u32,
+    /// Attempts before the task is dead (default: the coordinator's for the kind).
+    #[arg(long)]
+    max_attempts: Option<u32>,
     /// Per-attempt timeout, e.g. `30s`.
     #[arg(long, default_value = "5m", value_parser = humantime::parse_duration)]
     timeout: Duration,
@@ -80,7 +80,7 @@ fn envelope(args: &SubmitArgs, payload: &serde_json::Value, i: usize) -> anyhow:
     }
     let mut env =
         TaskEnvelope::new(&args.kind, payload).with_queue(&args.queue).with_priority(priority_for(&args.priority, i)?);
-    env.max_attempts = args.max_attempts;
+    env.max_attempts = args.max_attempts.unwrap_or(0);
     env.timeout_ms = args.timeout.as_millis() as u64;
     env.depends_on = args.depends_on.clone();
     env.idempotency_key = match (&args.key, args.count) {

@@ -196,6 +196,11 @@ pub struct CoordinatorConfig {
     pub submit_batch_size: usize,
     /// Most events written to Postgres in one batch.
     pub event_batch_size: usize,
+    /// Attempts of a task that names no `max_attempts` and whose kind has no entry below.
+    pub max_attempts: u32,
+    /// Attempts by kind, for tasks that name no `max_attempts`, e.g.
+    /// `TASKFLEET_COORDINATOR_KIND_MAX_ATTEMPTS=llm.chat=5,http=4`.
+    pub kind_max_attempts: std::collections::BTreeMap<String, u32>,
     /// How often the rescuer looks for tasks whose dispatch was lost. One coordinator replica
     /// runs it at a time (Postgres advisory lock).
     #[serde(with = "humantime_serde")]
@@ -214,6 +219,8 @@ impl Default for CoordinatorConfig {
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
             event_batch_size: 1000,
+            max_attempts: taskfleet_proto::DEFAULT_MAX_ATTEMPTS,
+            kind_max_attempts: Default::default(),
             rescue_interval: Duration::from_secs(10),
             rescue_idle: Duration::from_secs(60),
         }
@@ -228,6 +235,10 @@ impl CoordinatorConfig {
         }
         if !(1..=10_000).contains(&self.submit_batch_size) || !(1..=10_000).contains(&self.event_batch_size) {
             return invalid("coordinator.submit_batch_size", "batch sizes must be in 1..=10000".into());
+        }
+        if !(1..=1000).contains(&self.max_attempts) || self.kind_max_attempts.values().any(|n| !(1..=1000).contains(n))
+        {
+            return invalid("coordinator.max_attempts", "attempt limits must be in 1..=1000".into());
         }
         if self.rescue_interval < Duration::from_millis(100) {
             return invalid("coordinator.rescue_interval", "must be at least 100ms".into());

@@ -66,6 +66,9 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
                     continue;
                 }
                 env.queue = queue.clone();
+                if env.max_attempts == 0 {
+                    env.max_attempts = cfg.kind_max_attempts.get(&env.kind).copied().unwrap_or(cfg.max_attempts);
+                }
                 if !cfg.kinds.is_empty() && !cfg.kinds.contains(&env.kind) {
                     let msg = format!("unknown task kind {:?}; accepted kinds: {}", env.kind, cfg.kinds.join(", "));
                     refusals.push((i, refuse(RejectReason::UnknownKind, msg, env.id, env.kind)));

@@ -38,6 +38,7 @@ fn main() -> std::io::Result<()> {
     let mut minimal = TaskEnvelope::new("echo", serde_json::json!({"text": "hello"}));
     minimal.id = id;
     minimal.created_at = 1_763_900_000_000;
+    minimal.max_attempts = DEFAULT_MAX_ATTEMPTS;
     write("envelope_minimal", &minimal)?;
 
     let mut ok = TaskEvent::new(id, EventKind::Succeeded, "research");

@@ -100,7 +100,8 @@ mod tests {
         assert_eq!(env.kind, "echo");
         assert_eq!(env.queue, "default");
         assert_eq!(env.priority, Priority::Normal);
-        assert_eq!(env.max_attempts, crate::DEFAULT_MAX_ATTEMPTS);
+        assert_eq!(env.max_attempts, 0, "left to the coordinator");
+        assert_eq!(env.effective_max_attempts(), crate::DEFAULT_MAX_ATTEMPTS);
         assert_eq!(env.id.get_version_num(), 7);
         assert!(env.created_at > 0);
     }

@@ -10,7 +10,8 @@ pub type TaskId = Uuid;
 
 /// Queue a task lands in when it names none.
 pub const DEFAULT_QUEUE: &str = "default";
-/// Attempts a task gets when it names no limit.
+/// Attempts a task gets when neither it nor the coordinator's configuration for its kind names a
+/// limit.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Per-attempt timeout when a task names none: five minutes, long enough for an LLM call.
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
@@ -44,8 +45,9 @@ pub struct TaskEnvelope {
     /// Handler input, any JSON value.
     #[serde(default)]
     pub payload: serde_json::Value,
-    /// Attempts before the task is declared dead (at least 1).
-    #[serde(default = "default_max_attempts")]
+    /// Attempts before the task is declared dead, 1..=1000. Zero (or absent) leaves it to the
+    /// coordinator: its default for the kind, else its fleet default.
+    #[serde(default)]
     pub max_attempts: u32,
     /// Per-attempt timeout in milliseconds.
     #[serde(default = "default_timeout_ms")]
@@ -89,9 +91,6 @@ fn default_version() -> u16 {
 fn default_queue() -> String {
     DEFAULT_QUEUE.to_string()
 }
-fn default_max_attempts() -> u32 {
-    DEFAULT_MAX_ATTEMPTS
-}
 fn default_timeout_ms() -> u64 {
     DEFAULT_TIMEOUT_MS
 }
@@ -106,7 +105,7 @@ impl TaskEnvelope {
             queue: DEFAULT_QUEUE.to_string(),
             priority: Priority::Normal,
             payload,
-            max_attempts: DEFAULT_MAX_ATTEMPTS,
+            max_attempts: 0,
             timeout_ms: DEFAULT_TIMEOUT_MS,
             idempotency_key: None,
             depends_on: Vec::new(),
@@ -125,6 +124,11 @@ impl TaskEnvelope {
     pub fn with_priority(mut self, priority: Priority) -> Self {
         self.priority = priority;
         self
+    }
+
+    /// The attempt limit, with the unset value (0) read as [`DEFAULT_MAX_ATTEMPTS`].
+    pub fn effective_max_attempts(&self) -> u32 {
+        if self.max_attempts == 0 { DEFAULT_MAX_ATTEMPTS } else { self.max_attempts }
     }
 
     /// The key JetStream deduplicates submissions by: the idempotency key when there is one,
@@ -147,10 +151,10 @@ impl TaskEnvelope {
         if self.id.is_nil() {
             return Err(DecodeError::Invalid { field: "id", reason: "must not be the nil UUID".into() });
         }
-        if self.max_attempts == 0 || self.max_attempts > 1_000 {
+        if self.max_attempts > 1_000 {
             return Err(DecodeError::Invalid {
                 field: "max_attempts",
-                reason: format!("{} is outside 1..=1000", self.max_attempts),
+                reason: format!("{} is more than 1000", self.max_attempts),
             });
         }
         if self.timeout_ms == 0 || self.timeout_ms > 7 * 24 * 3_600_000 {

@@ -295,13 +295,14 @@ impl Worker {
             events.send(ev, AfterPublish::Ack(msg));
             return;
         }
-        if attempt > env.max_attempts {
+        let max_attempts = env.effective_max_attempts();
+        if attempt > max_attempts {
             // Earlier deliveries were lost with their workers (each counts as an attempt).
             let mut ev = base.clone();
             ev.kind = EventKind::Dead;
             ev.error = Some(TaskErrorInfo {
                 code: "attempts_exhausted".into(),
-                message: format!("attempt {attempt} exceeds max_attempts {}", env.max_attempts),
+                message: format!("attempt {attempt} exceeds max_attempts {max_attempts}"),
                 retryable: false,
             });
             events.send(ev, AfterPublish::Ack(msg));
@@ -333,7 +334,7 @@ impl Worker {
             queue: env.queue.clone(),
             priority: env.priority,
             attempt,
-            max_attempts: env.max_attempts,
+            max_attempts,
             deadline: Instant::now() + timeout,
             cancel: cancel.clone(),
             progress: Some(progress_tx),
@@ -416,7 +417,7 @@ impl Worker {
                     message: err.message.clone(),
                     retryable: err.retryable,
                 });
-                if err.retryable && attempt < env.max_attempts && delivered < max_deliver {
+                if err.retryable && attempt < max_attempts && delivered < max_deliver {
                     let delay = retry.delay(attempt, err.retry_after);
                     ev.kind = EventKind::Retrying;
                     ev.retry_in_ms = Some(delay.as_millis() as u64);
