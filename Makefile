@@ -14,7 +14,9 @@ services:
 	deploy/dev-services.sh --no-nats
 
 ## Run every test: unit, store, end-to-end (real binaries), golden vectors, k8s manifests.
+## The end-to-end tests start target/debug's binaries, which `cargo test` alone does not build.
 test: services
+	cargo build --workspace --bins --locked
 	. .dev/nats-bin && export TASKFLEET_NATS_SERVER_BIN && cargo test --workspace --locked
 
 ## End-to-end throughput of the release build (see bench/README.md).
