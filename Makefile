@@ -19,10 +19,10 @@ test: services
 	cargo build --workspace --bins --locked
 	. .dev/nats-bin && export TASKFLEET_NATS_SERVER_BIN && cargo test --workspace --locked
 
-## End-to-end throughput of the release build (see bench/README.md).
+## taskfleet against BullMQ and Celery on the same workload, one table (see bench/README.md).
 bench: services
 	cargo build --release --locked --workspace --bins
-	bench/e2e.sh
+	bench/compare.sh
 
 ## Formatting and lints.
 lint:

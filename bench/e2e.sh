@@ -43,5 +43,17 @@ sleep 1
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); nats-server $("$TASKFLEET_NATS_SERVER_BIN" --version | awk '{print $2}'), $(psql -h 127.0.0.1 -U postgres -d test -Atc 'show server_version' | cut -d' ' -f1) Postgres (synchronous_commit $(psql -h 127.0.0.1 -U postgres -d test -Atc 'show synchronous_commit'))"
 echo "workload: $TASKS echo tasks, priority $PRIORITY, $WORKERS workers, 1 coordinator, JetStream file storage"
-$BIN/taskfleet submit --kind echo --count "$TASKS" --priority "$PRIORITY" --wait --quiet --wait-timeout 20m
+python3 bench/rss.py "taskfleet-(coordinator|worker)|nats-server -a 127.0.0.1 -p $port|postgres: .* test 127" > "$work/rss" &
+rss_pid=$!
+out=$($BIN/taskfleet submit --kind echo --count "$TASKS" --priority "$PRIORITY" --wait --quiet --wait-timeout 20m)
+kill -TERM $rss_pid; wait $rss_pid 2>/dev/null || true
+echo "$out"
 psql -h 127.0.0.1 -U postgres -d test -Atc "select state, count(*) from $schema.tasks group by 1" | sed 's/^/postgres: /'
+# Per-task latency, creation to final state (ms resolution, from Postgres).
+read -r p50 p99 < <(psql -h 127.0.0.1 -U postgres -d test -AtF' ' -c "select
+    percentile_cont(0.5) within group (order by extract(epoch from finished_at - created_at) * 1000),
+    percentile_cont(0.99) within group (order by extract(epoch from finished_at - created_at) * 1000)
+    from $schema.tasks")
+secs=$(sed -n 's/.* final in \([0-9.]*\)s end to end.*/\1/p' <<<"$out")
+rate=$(sed -n 's/.*end to end (\([0-9]*\) tasks\/s).*/\1/p' <<<"$out")
+echo "{\"system\":\"taskfleet\",\"tasks\":$TASKS,\"seconds\":$secs,\"tasks_per_s\":$rate,\"p50_ms\":$p50,\"p99_ms\":$p99,\"peak_rss_mib\":$(cat "$work/rss")}"
