@@ -1,6 +1,7 @@
 //! `taskfleet`: the command line of a taskfleet fleet. Talks to NATS only: submissions go to
 //! JetStream, queries go to the coordinator's request/reply API.
 
+mod bench;
 mod client;
 mod submit;
 
@@ -75,12 +76,23 @@ enum Command {
         #[command(subcommand)]
         command: DeadCommand,
     },
+    /// Measure the fleet (see the README's benchmarks).
+    Bench {
+        #[command(subcommand)]
+        command: BenchCommand,
+    },
     /// Task counts by state.
     Counts {
         /// Only this queue.
         #[arg(long)]
         queue: Option<String>,
     },
+}
+
+#[derive(Subcommand)]
+enum BenchCommand {
+    /// Per-task latency at a steady low rate: submit → worker's event, submit → committed.
+    Latency(bench::LatencyArgs),
 }
 
 #[derive(Subcommand)]
@@ -211,6 +223,7 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             }
             Ok(0)
         }
+        Command::Bench { command: BenchCommand::Latency(args) } => bench::latency(&fleet, args).await,
         Command::Counts { queue } => {
             let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);

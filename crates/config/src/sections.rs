@@ -299,7 +299,8 @@ pub struct WorkerConfig {
     pub drain_timeout: Duration,
     /// Most events in one published batch.
     pub event_batch_size: usize,
-    /// How long an event waits for others to share its batch.
+    /// How long events wait for others to share their batch when several are already waiting
+    /// (a lone event is published at once).
     #[serde(with = "humantime_serde")]
     pub event_linger: Duration,
     /// A `started` event is sent only for attempts still running after this long; shorter

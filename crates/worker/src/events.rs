@@ -18,6 +18,9 @@ pub(crate) enum AfterPublish {
     Nothing,
 }
 
+/// Event batches published and awaiting their acknowledgement at once.
+const MAX_IN_FLIGHT: usize = 64;
+
 pub(crate) struct Outbound {
     pub event: TaskEvent,
     pub after: AfterPublish,
@@ -39,7 +42,8 @@ impl EventSender {
     }
 }
 
-/// Starts the publisher task. It collects events for up to `linger` or `batch_size` events,
+/// Starts the publisher task. It collects events for up to `linger` or `batch_size` events
+/// (a lone event is not held back),
 /// publishes one [`EventBatch`] per queue, and after the JetStream acknowledgement performs
 /// each event's [`AfterPublish`]. Publishing never waits for earlier batches' acknowledgements,
 /// so several batches are in flight at once.
@@ -51,13 +55,17 @@ pub(crate) fn spawn_publisher(
 ) -> (EventSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let handle = tokio::spawn(async move {
-        let in_flight = Arc::new(Semaphore::new(64));
+        let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut buf: Vec<Outbound> = Vec::with_capacity(batch_size);
         loop {
             if rx.recv_many(&mut buf, batch_size).await == 0 {
                 break;
             }
-            if buf.len() < batch_size && !linger.is_zero() {
+            // A lone event with nothing else in flight goes out at once (low load: latency
+            // matters). When several were waiting, or earlier batches are still in flight, more
+            // are on their way: wait `linger` to fill the batch.
+            let busy = buf.len() > 1 || in_flight.available_permits() < MAX_IN_FLIGHT;
+            if busy && buf.len() < batch_size && !linger.is_zero() {
                 tokio::time::sleep(linger).await;
                 while buf.len() < batch_size {
                     match rx.try_recv() {
@@ -83,7 +91,7 @@ pub(crate) fn spawn_publisher(
             }
         }
         // Wait for the batches still in flight.
-        let _ = in_flight.acquire_many(64).await;
+        let _ = in_flight.acquire_many(MAX_IN_FLIGHT as u32).await;
     });
     (EventSender { tx }, handle)
 }

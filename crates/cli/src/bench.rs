@@ -1,0 +1,118 @@
+//! `taskfleet bench latency`: per-task latency at a steady, low rate.
+
+use crate::client::Fleet;
+use anyhow::anyhow;
+use async_nats::HeaderMap;
+use async_nats::jetstream::message::PublishMessage;
+use bytes::Bytes;
+use futures::StreamExt;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use taskfleet_proto::{
+    CONTENT_TYPE_MSGPACK, CommittedBatch, EventBatch, Priority, TaskEnvelope, decode, encode, headers,
+};
+
+#[derive(clap::Args)]
+pub struct LatencyArgs {
+    /// Tasks to send.
+    #[arg(long, default_value_t = 1000)]
+    count: usize,
+    /// Tasks per second.
+    #[arg(long, default_value_t = 100.0)]
+    rate: f64,
+    /// Task kind (`echo` measures the fleet's own overhead).
+    #[arg(long, default_value = "echo")]
+    kind: String,
+    /// Queue.
+    #[arg(long, default_value = "default")]
+    queue: String,
+    /// Priority.
+    #[arg(long, default_value = "normal")]
+    priority: Priority,
+}
+
+fn summary(name: &str, mut v: Vec<f64>) -> String {
+    if v.is_empty() {
+        return format!("{name}: no samples");
+    }
+    v.sort_by(|a, b| a.total_cmp(b));
+    let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
+    format!(
+        "{name:<34} n={:<6} p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
+        v.len(),
+        p(0.5),
+        p(0.9),
+        p(0.99),
+        v[v.len() - 1]
+    )
+}
+
+/// Sends `count` tasks at `rate`, one at a time, and measures for each, on this process's
+/// clock: submit → its event is published by the worker (dispatch, run, event), and submit →
+/// its final state is committed in Postgres (the durable end to end).
+pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
+    let sent: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
+    let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
+    let (cm_tx, mut cm_rx) = tokio::sync::mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
+    let mut events = fleet.client.subscribe(fleet.subjects.events(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
+    let mut committed = fleet.client.subscribe(fleet.subjects.committed(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
+    tokio::spawn(async move {
+        while let Some(m) = events.next().await {
+            let at = Instant::now();
+            if let Ok(b) = decode::<EventBatch>(&m.payload, None, 64 << 20) {
+                for e in b.events.into_iter().filter(|e| e.kind.is_final()) {
+                    let _ = ev_tx.send((e.task_id, at));
+                }
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(m) = committed.next().await {
+            let at = Instant::now();
+            if let Ok(b) = decode::<CommittedBatch>(&m.payload, None, 64 << 20) {
+                for t in b.tasks {
+                    let _ = cm_tx.send((t.id, at));
+                }
+            }
+        }
+    });
+
+    let subject = fleet.subjects.submit(&args.queue);
+    let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
+    let mut tick = tokio::time::interval(gap);
+    for i in 0..args.count {
+        tick.tick().await;
+        let env = TaskEnvelope::new(&args.kind, serde_json::json!({ "i": i })).with_queue(&args.queue).with_priority(args.priority);
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        let publish = PublishMessage::build().payload(Bytes::from(encode(&env))).headers(h).message_id(env.dedup_key());
+        if let Ok(mut s) = sent.lock() {
+            s.insert(env.id, Instant::now());
+        }
+        // Fire and forget: the acknowledgement is awaited in the background so that the rate holds.
+        let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
+        tokio::spawn(async move {
+            if let Err(e) = ack.await {
+                eprintln!("submission not stored: {e}");
+            }
+        });
+    }
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    let (mut ev_lat, mut cm_lat) = (Vec::new(), Vec::new());
+    while cm_lat.len() < args.count || ev_lat.len() < args.count {
+        tokio::select! {
+            Some((id, at)) = ev_rx.recv() => {
+                if let Some(t0) = sent.lock().ok().and_then(|s| s.get(&id).copied()) { ev_lat.push(at.duration_since(t0).as_secs_f64() * 1e3) }
+            }
+            Some((id, at)) = cm_rx.recv() => {
+                if let Some(t0) = sent.lock().ok().and_then(|s| s.get(&id).copied()) { cm_lat.push(at.duration_since(t0).as_secs_f64() * 1e3) }
+            }
+            _ = tokio::time::sleep_until(deadline) => break,
+        }
+    }
+    println!("{} {} tasks at {}/s, queue {}, priority {}", args.count, args.kind, args.rate, args.queue, args.priority);
+    println!("{}", summary("submit -> worker's event published", ev_lat));
+    println!("{}", summary("submit -> final state committed", cm_lat));
+    Ok(0)
+}
