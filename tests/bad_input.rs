@@ -18,7 +18,7 @@ async fn malformed_unknown_and_oversize_submissions_are_rejected_clearly() {
     let client = fleet.nats().await;
     let js = async_nats::jetstream::new(client.clone());
     let subjects = fleet.subjects();
-    let mut events = client.subscribe(subjects.events("default")).await.unwrap();
+    let mut events = client.subscribe(subjects.events_of_queue("default")).await.unwrap();
 
     let big = format!(r#"{{"kind":"echo","payload":"{}"}}"#, "x".repeat(10_000));
     let cases: Vec<(&str, Vec<u8>, &str)> = vec![

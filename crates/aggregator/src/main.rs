@@ -105,7 +105,7 @@ async fn main() -> anyhow::Result<()> {
         "aggregator events",
         256,
         service.shutdown.cancelled(),
-        || topology.events_consumer(CONSUMER, 4096),
+        || topology.events_consumer(CONSUMER, topology.subjects.events_all(), 4096),
         |msgs| {
             let totals = totals.clone();
             async move {

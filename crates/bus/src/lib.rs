@@ -8,7 +8,7 @@
 //! |---|---|---|---|
 //! | `<P>_SUBMIT` | `<p>.submit.>` | work queue, dedup window | `coordinator` |
 //! | `<P>_DISPATCH` | `<p>.dispatch.>` | work queue | `dispatch-<queue>-<priority>`, shared by workers |
-//! | `<P>_EVENTS` | `<p>.events.>` | limits (max age) | `coordinator`, `aggregator` |
+//! | `<P>_EVENTS` | `<p>.events.<queue>.<priority>` | limits (max age) | `coordinator-<priority>` (one per lane), `aggregator` |
 //! | `<P>_DEAD` | `<p>.dead.>` | limits (long max age) | none: an archive of dead tasks |
 //! | `KV_<P>_CANCELLED` | bucket | history 1, max age | watched by every worker |
 

@@ -190,14 +190,21 @@ impl Topology {
         .await
     }
 
-    /// A durable consumer of every task event, for one reader (`coordinator`, `aggregator`).
-    /// Unlimited deliveries, like submissions: an event that cannot be recorded yet is retried.
+    /// A durable consumer of the task events matching `filter` (e.g.
+    /// [`Subjects::events_all`]), for one reader. Unlimited deliveries, like submissions: an
+    /// event that cannot be recorded yet is retried.
     pub async fn events_consumer(
         &self,
         name: &str,
+        filter: String,
         max_ack_pending: i64,
     ) -> Result<jetstream::consumer::PullConsumer, BusError> {
-        self.durable(&self.subjects.events_stream(), name, self.subjects.events_all(), -1, max_ack_pending).await
+        self.durable(&self.subjects.events_stream(), name, filter, -1, max_ack_pending).await
+    }
+
+    /// Name of the coordinator's event consumer for one priority lane.
+    pub fn coordinator_events_consumer(priority: Priority) -> String {
+        format!("{COORDINATOR_CONSUMER}-{}", priority.as_str())
     }
 
     /// The consumer that every worker of `queue` shares for `priority`.

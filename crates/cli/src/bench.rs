@@ -55,8 +55,10 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
     let sent: Arc<Mutex<HashMap<uuid::Uuid, Instant>>> = Arc::default();
     let (ev_tx, mut ev_rx) = tokio::sync::mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
     let (cm_tx, mut cm_rx) = tokio::sync::mpsc::unbounded_channel::<(uuid::Uuid, Instant)>();
-    let mut events = fleet.client.subscribe(fleet.subjects.events(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
-    let mut committed = fleet.client.subscribe(fleet.subjects.committed(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
+    let mut events =
+        fleet.client.subscribe(fleet.subjects.events_of_queue(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
+    let mut committed =
+        fleet.client.subscribe(fleet.subjects.committed(&args.queue)).await.map_err(|e| anyhow!("{e}"))?;
     tokio::spawn(async move {
         while let Some(m) = events.next().await {
             let at = Instant::now();
@@ -83,7 +85,9 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
     let mut tick = tokio::time::interval(gap);
     for i in 0..args.count {
         tick.tick().await;
-        let env = TaskEnvelope::new(&args.kind, serde_json::json!({ "i": i })).with_queue(&args.queue).with_priority(args.priority);
+        let env = TaskEnvelope::new(&args.kind, serde_json::json!({ "i": i }))
+            .with_queue(&args.queue)
+            .with_priority(args.priority);
         let mut h = HeaderMap::new();
         h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         let publish = PublishMessage::build().payload(Bytes::from(encode(&env))).headers(h).message_id(env.dedup_key());

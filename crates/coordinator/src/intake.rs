@@ -207,7 +207,8 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
         let mut h = HeaderMap::new();
         h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         let out = taskfleet_bus::Outgoing {
-            subject: ctx.topology.subjects.events(&queue),
+            // Rejections change no task state; they travel in the normal lane of their queue.
+            subject: ctx.topology.subjects.events(&queue, taskfleet_proto::Priority::Normal),
             payload: Bytes::from(encode(&EventBatch::new(events))),
             headers: h,
             msg_id: None,

@@ -7,7 +7,8 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use taskfleet_bus::COORDINATOR_CONSUMER;
+use taskfleet_bus::Topology;
+use taskfleet_proto::Priority;
 use taskfleet_proto::TaskState;
 use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers};
 use taskfleet_store::Finalized;
@@ -16,15 +17,26 @@ use tokio_util::sync::CancellationToken;
 /// Event messages pulled per request; each carries up to a worker's event batch.
 const MESSAGES_PER_PULL: usize = 256;
 
+/// Records events of every priority lane, each lane in its own loop, so that a critical task's
+/// result is committed without waiting behind a backlog of low-priority events.
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    taskfleet_bus::consume_batches(
-        "events",
-        MESSAGES_PER_PULL,
-        shutdown.cancelled(),
-        || ctx.topology.events_consumer(COORDINATOR_CONSUMER, (MESSAGES_PER_PULL * 8) as i64),
-        |chunk| record_chunk(&ctx, chunk),
-    )
-    .await;
+    let lanes = Priority::ALL.map(|priority| {
+        let ctx = ctx.clone();
+        let shutdown = shutdown.clone();
+        async move {
+            let name = Topology::coordinator_events_consumer(priority);
+            let filter = ctx.topology.subjects.events_of_priority(priority);
+            taskfleet_bus::consume_batches(
+                &name,
+                MESSAGES_PER_PULL,
+                shutdown.cancelled(),
+                || ctx.topology.events_consumer(&name, filter.clone(), (MESSAGES_PER_PULL * 8) as i64),
+                |chunk| record_chunk(&ctx, chunk),
+            )
+            .await
+        }
+    });
+    futures::future::join_all(lanes).await;
     Ok(())
 }
 

@@ -60,10 +60,12 @@ async fn round(ctx: &Ctx) -> anyhow::Result<()> {
     // While events wait to be recorded, Postgres lags behind the workers: a task that looks
     // lost may have finished. Rescue only once the event backlog is drained.
     let subjects = &ctx.topology.subjects;
-    let (pending, unacked) =
-        ctx.topology.consumer_backlog(&subjects.events_stream(), taskfleet_bus::COORDINATOR_CONSUMER).await?;
-    if pending > 0 || unacked > 0 {
-        return Ok(());
+    for lane in Priority::ALL {
+        let consumer = taskfleet_bus::Topology::coordinator_events_consumer(lane);
+        let (pending, unacked) = ctx.topology.consumer_backlog(&subjects.events_stream(), &consumer).await?;
+        if pending > 0 || unacked > 0 {
+            return Ok(());
+        }
     }
     for (queue, priority) in ctx.store.active_lanes().await? {
         let Ok(p) = priority.parse::<Priority>() else { continue };

@@ -52,9 +52,19 @@ impl Subjects {
     pub fn dispatch_all(&self) -> String {
         format!("{}.dispatch.>", self.prefix)
     }
-    /// Where task events of `queue` go.
-    pub fn events(&self, queue: &str) -> String {
-        format!("{}.events.{queue}", self.prefix)
+    /// Where task events of `queue` at `priority` go. Events have priority lanes like
+    /// dispatches, so that recording a critical task's result never waits behind a backlog of
+    /// low ones.
+    pub fn events(&self, queue: &str, priority: Priority) -> String {
+        format!("{}.events.{queue}.{}", self.prefix, priority.as_str())
+    }
+    /// Every event subject of `queue`.
+    pub fn events_of_queue(&self, queue: &str) -> String {
+        format!("{}.events.{queue}.*", self.prefix)
+    }
+    /// Every event subject of `priority`, across queues.
+    pub fn events_of_priority(&self, priority: Priority) -> String {
+        format!("{}.events.*.{}", self.prefix, priority.as_str())
     }
     /// Every event subject.
     pub fn events_all(&self) -> String {
@@ -133,6 +143,9 @@ mod tests {
         assert_eq!(s.dispatch("q", Priority::High), "t1.dispatch.q.high");
         assert_eq!(s.queue_of("t1.dispatch.q.high"), Some("q"));
         assert_eq!(s.queue_of("t1.submit.default"), Some("default"));
+        assert_eq!(s.events("q", Priority::Critical), "t1.events.q.critical");
+        assert_eq!(s.queue_of(&s.events("q", Priority::Low)), Some("q"));
+        assert_eq!(s.events_of_priority(Priority::Low), "t1.events.*.low");
         assert_eq!(s.queue_of("t2.submit.default"), None);
         assert_eq!(s.dispatch_consumer("q", Priority::Low), "dispatch-q-low");
     }

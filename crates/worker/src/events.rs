@@ -5,7 +5,7 @@ use async_nats::jetstream::{self, AckKind, Message, message::PublishMessage};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, EventBatch, Subjects, TaskEvent, encode, headers};
+use taskfleet_proto::{CONTENT_TYPE_MSGPACK, EventBatch, Priority, Subjects, TaskEvent, encode, headers};
 use tokio::sync::{Semaphore, mpsc};
 
 /// What to do with the dispatch message once its event is stored in JetStream.
@@ -74,16 +74,16 @@ pub(crate) fn spawn_publisher(
                     }
                 }
             }
-            let mut by_queue: HashMap<String, Vec<Outbound>> = HashMap::new();
+            let mut by_lane: HashMap<(String, Priority), Vec<Outbound>> = HashMap::new();
             for o in buf.drain(..) {
-                by_queue.entry(o.event.queue.clone()).or_default().push(o);
+                by_lane.entry((o.event.queue.clone(), o.event.priority)).or_default().push(o);
             }
-            for (queue, outs) in by_queue {
+            for ((queue, priority), outs) in by_lane {
                 let Ok(permit) = in_flight.clone().acquire_owned().await else {
                     return;
                 };
                 let js = js.clone();
-                let subject = subjects.events(&queue);
+                let subject = subjects.events(&queue, priority);
                 tokio::spawn(async move {
                     publish_batch(&js, subject, outs).await;
                     drop(permit);
