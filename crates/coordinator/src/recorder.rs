@@ -17,10 +17,17 @@ use tokio_util::sync::CancellationToken;
 /// Event messages pulled per request; each carries up to a worker's event batch.
 const MESSAGES_PER_PULL: usize = 256;
 
-/// Records events of every priority lane, each lane in its own loop, so that a critical task's
-/// result is committed without waiting behind a backlog of low-priority events.
+/// Records events of every priority lane. One puller per lane feeds a small bounded buffer;
+/// a single recorder drains the buffers most urgent lane first, so a critical task's result
+/// waits at most for the transaction in progress, never behind a backlog of low-priority
+/// events, while batches stay as large as one lane alone would make them.
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let lanes = Priority::ALL.map(|priority| {
+    let (senders, receivers): (Vec<_>, Vec<_>) =
+        Priority::ALL.iter().map(|_| tokio::sync::mpsc::channel::<Vec<Message>>(2)).unzip();
+    let Ok::<[_; 4], _>([mut critical, mut high, mut normal, mut low]) = receivers.try_into() else {
+        return Err(anyhow::anyhow!("one buffer per priority"));
+    };
+    let pullers = Priority::ALL.into_iter().zip(senders).map(|(priority, tx)| {
         let ctx = ctx.clone();
         let shutdown = shutdown.clone();
         async move {
@@ -31,41 +38,73 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
                 MESSAGES_PER_PULL,
                 shutdown.cancelled(),
                 || ctx.topology.events_consumer(&name, filter.clone(), (MESSAGES_PER_PULL * 8) as i64),
-                |chunk| record_chunk(&ctx, chunk),
+                |chunk| {
+                    let tx = tx.clone();
+                    async move {
+                        let _ = tx.send(chunk).await;
+                    }
+                },
             )
             .await
         }
     });
-    futures::future::join_all(lanes).await;
+    let pulling = futures::future::join_all(pullers);
+    tokio::pin!(pulling);
+    let limit = ctx.config.coordinator.event_batch_size;
+    // Messages taken from the pullers and not recorded yet, per lane, most urgent first.
+    let mut waiting: [std::collections::VecDeque<Message>; 4] = Default::default();
+    loop {
+        if waiting.iter().all(|w| w.is_empty()) {
+            let (lane, chunk) = tokio::select! {
+                biased;
+                _ = shutdown.cancelled() => break,
+                _ = &mut pulling => break,
+                Some(c) = critical.recv() => (0, c),
+                Some(c) = high.recv() => (1, c),
+                Some(c) = normal.recv() => (2, c),
+                Some(c) = low.recv() => (3, c),
+            };
+            waiting[lane].extend(chunk);
+        }
+        for (lane, rx) in [&mut critical, &mut high, &mut normal, &mut low].into_iter().enumerate() {
+            while let Ok(more) = rx.try_recv() {
+                waiting[lane].extend(more);
+            }
+        }
+        // One transaction of about `event_batch_size` events, most urgent lane first: a
+        // critical event waits at most for the transaction in progress.
+        let mut group: Vec<Message> = Vec::new();
+        let mut events: Vec<TaskEvent> = Vec::new();
+        'fill: for lane in waiting.iter_mut() {
+            while let Some(m) = lane.pop_front() {
+                if let Some(batch) = decode_events(&m).await {
+                    events.extend(batch);
+                    group.push(m);
+                }
+                if events.len() >= limit {
+                    break 'fill;
+                }
+            }
+        }
+        if !group.is_empty() {
+            record(&ctx, group, events).await;
+        }
+    }
     Ok(())
 }
 
-/// Decodes a chunk of event messages and records them in transactions of about
-/// `event_batch_size` events each.
-async fn record_chunk(ctx: &Ctx, chunk: Vec<Message>) {
-    let limit = ctx.config.coordinator.event_batch_size;
-    let mut group: Vec<Message> = Vec::new();
-    let mut events: Vec<TaskEvent> = Vec::new();
-    for m in chunk {
-        let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
-        match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
-            Ok(batch) => {
-                events.extend(batch.events);
-                group.push(m);
-            }
-            Err(e) => {
-                // Nothing can make this message readable later: count it and drop it.
-                metrics::counter!("taskfleet_coordinator_malformed_events_total").increment(1);
-                tracing::error!(subject = %m.subject, error = %e, "undecodable event message, terminating it");
-                let _ = m.ack_with(AckKind::Term).await;
-            }
+/// The events of one message; an undecodable message is terminated (nothing can make it
+/// readable later), counted, and yields `None`.
+async fn decode_events(m: &Message) -> Option<Vec<TaskEvent>> {
+    let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
+    match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
+        Ok(batch) => Some(batch.events),
+        Err(e) => {
+            metrics::counter!("taskfleet_coordinator_malformed_events_total").increment(1);
+            tracing::error!(subject = %m.subject, error = %e, "undecodable event message, terminating it");
+            let _ = m.ack_with(AckKind::Term).await;
+            None
         }
-        if events.len() >= limit {
-            record(ctx, std::mem::take(&mut group), std::mem::take(&mut events)).await;
-        }
-    }
-    if !group.is_empty() {
-        record(ctx, group, events).await;
     }
 }
 
