@@ -11,34 +11,10 @@ cd "$(dirname "$0")/.."
 TASKS=${TASKS:-100000}
 WORKERS=${WORKERS:-2}
 PRIORITY=${PRIORITY:-mixed}
-BIN=target/release
-source .dev/nats-bin
-work=$(mktemp -d)
-port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-schema="bench_$(date +%s)_$$"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
-    sleep 0.5
-    psql -h 127.0.0.1 -U postgres -d test -qc "drop schema if exists $schema cascade" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
-"$TASKFLEET_NATS_SERVER_BIN" -a 127.0.0.1 -p "$port" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
-pids+=($!)
-export TASKFLEET_NATS_URL=nats://127.0.0.1:$port TASKFLEET_DATABASE_SCHEMA=$schema TASKFLEET_LOG=warn
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-
-c_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:$c_port $BIN/taskfleet-coordinator >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-for i in $(seq "$WORKERS"); do
-    w_port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-    TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:$w_port TASKFLEET_WORKER_ID=bench-$i $BIN/taskfleet-worker >"$work/worker-$i.log" 2>&1 &
-    pids+=($!)
-done
-for _ in $(seq 100); do curl -fsS "http://127.0.0.1:$c_port/readyz" >/dev/null 2>&1 && break; sleep 0.1; done
+source bench/lib.sh
+bench_setup e2e
+start_coordinator
+for i in $(seq "$WORKERS"); do start_worker "$i"; done
 sleep 1
 
 echo "machine: $(nproc) cores, $(awk '/MemTotal/ {printf "%.0f GiB", $2/1048576}' /proc/meminfo); nats-server $("$TASKFLEET_NATS_SERVER_BIN" --version | awk '{print $2}'), $(psql -h 127.0.0.1 -U postgres -d test -Atc 'show server_version' | cut -d' ' -f1) Postgres (synchronous_commit $(psql -h 127.0.0.1 -U postgres -d test -Atc 'show synchronous_commit'))"

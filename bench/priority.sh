@@ -8,26 +8,9 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 BACKLOG=${BACKLOG:-1000000}
 PROBES=${PROBES:-5}
-BIN=target/release
-source .dev/nats-bin
-work=$(mktemp -d)
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-port=$(free_port)
-schema="bench_prio_$(date +%s)_$$"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    psql -h 127.0.0.1 -U postgres -d test -qc "drop schema if exists $schema cascade" 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-"$TASKFLEET_NATS_SERVER_BIN" -a 127.0.0.1 -p "$port" -js -sd "$work/js" >"$work/nats.log" 2>&1 &
-pids+=($!)
-export TASKFLEET_NATS_URL=nats://127.0.0.1:$port TASKFLEET_DATABASE_SCHEMA=$schema TASKFLEET_LOG=warn
-for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$port") 2>/dev/null && break; sleep 0.1; done
-TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:$(free_port) $BIN/taskfleet-coordinator >"$work/coordinator.log" 2>&1 &
-pids+=($!)
-sleep 1
+source bench/lib.sh
+bench_setup priority
+start_coordinator
 # A worker creates the lane consumers and leaves, so the backlog waits in JetStream.
 TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:$(free_port) timeout -s TERM 2 $BIN/taskfleet-worker >"$work/w0.log" 2>&1 || true
 
@@ -35,10 +18,7 @@ start=$(date +%s)
 $BIN/taskfleet submit --kind echo --count "$BACKLOG" --priority low --quiet --in-flight 4096
 until [[ $(psql -h 127.0.0.1 -U postgres -d test -Atc "select count(*) from $schema.tasks" 2>/dev/null || echo 0) -ge $BACKLOG ]]; do sleep 1; done
 echo "backlog of $BACKLOG low tasks queued in Postgres and JetStream after $(( $(date +%s) - start ))s"
-for i in 1 2; do
-    TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:$(free_port) $BIN/taskfleet-worker >"$work/w$i.log" 2>&1 &
-    pids+=($!)
-done
+for i in 1 2; do start_worker "$i"; done
 sleep 3
 for i in $(seq "$PROBES"); do
     t0=$(date +%s%N)
