@@ -5,6 +5,15 @@ use futures::StreamExt;
 use std::future::Future;
 use std::time::Duration;
 
+/// Hands messages back to JetStream for redelivery after `delay` (a negative acknowledgement
+/// each): what a consumer does with a batch it cannot process now, e.g. while Postgres is down.
+/// A lost nak only means the redelivery waits for `ack_wait` instead.
+pub async fn hand_back(msgs: &[Message], delay: Duration) {
+    for m in msgs {
+        let _ = m.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
+    }
+}
+
 /// Consumes a durable consumer until `stop` resolves: hands every group of messages that are
 /// ready at once (at most `max`, a lone message is not held back) to `handle`, and re-opens the
 /// pull stream with backoff whenever it ends or fails (a restarted nats-server, a deleted
@@ -57,24 +66,17 @@ pub async fn consume_batches<O, OF, H, HF>(
                 tracing::warn!(consumer = name, "pull stream ended, re-opening it");
                 break;
             };
+            // A broken pull (missed heartbeats, server restart) arrives as an error item and
+            // the stream goes on by itself: log it and keep the messages.
             let mut msgs = Vec::with_capacity(chunk.len());
-            let mut failed = false;
             for m in chunk {
                 match m {
                     Ok(m) => msgs.push(m),
-                    Err(e) => {
-                        tracing::debug!(consumer = name, error = %e, "pull status");
-                        failed = true;
-                    }
+                    Err(e) => tracing::debug!(consumer = name, error = %e, "pull status"),
                 }
             }
             if !msgs.is_empty() {
                 handle(msgs).await;
-            }
-            if failed {
-                // The stream reports a broken pull (missed heartbeats, server restart) as an
-                // error item and goes on; nothing else to do here.
-                continue;
             }
         }
     }

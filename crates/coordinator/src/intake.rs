@@ -5,7 +5,7 @@
 
 use crate::{Ctx, dispatch};
 use async_nats::HeaderMap;
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::Message;
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -90,9 +90,7 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
                 // (submissions have no delivery limit) and nothing is lost.
                 metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "insert").increment(1);
                 tracing::error!(error = %e, tasks = envs.len(), "cannot write submissions; will retry");
-                for m in &msgs {
-                    let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-                }
+                taskfleet_bus::hand_back(&msgs, Duration::from_secs(1)).await;
                 return;
             }
         }
@@ -124,9 +122,7 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
     if let Err(e) = dispatch::publish(&ctx.topology, out).await {
         // Rows are committed as queued; redelivering the submissions dispatches them again.
         tracing::error!(error = %e, "cannot dispatch; submissions will be redelivered");
-        for m in &msgs {
-            let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-        }
+        taskfleet_bus::hand_back(&msgs, Duration::from_secs(1)).await;
         return;
     }
 

@@ -114,9 +114,7 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
         Err(e) => {
             metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record").increment(1);
             tracing::error!(error = %e, events = events.len(), "cannot record events; will retry");
-            for m in &msgs {
-                let _ = m.ack_with(AckKind::Nak(Some(Duration::from_secs(1)))).await;
-            }
+            taskfleet_bus::hand_back(&msgs, Duration::from_secs(1)).await;
             return;
         }
     };

@@ -13,11 +13,24 @@ async fn main() -> anyhow::Result<()> {
     let worker =
         Worker::builder(config.clone()).handler("echo", builtin::echo).handler("sleep", builtin::sleep).build();
     let stats = worker.stats();
+    // Expose the worker's live counters next to its other metrics.
+    let gauges = {
+        let stats = stats.clone();
+        tokio::spawn(async move {
+            loop {
+                metrics::gauge!("taskfleet_worker_in_flight").set(stats.in_flight.load(Ordering::Relaxed) as f64);
+                metrics::gauge!("taskfleet_worker_buffered").set(stats.buffered.load(Ordering::Relaxed) as f64);
+                metrics::counter!("taskfleet_worker_finished_total").absolute(stats.finished.load(Ordering::Relaxed));
+                tokio::time::sleep(Duration::from_secs(1)).await;
+            }
+        })
+    };
     let http = service
         .serve_http(&config.worker.http_addr, move || stats.ready.load(Ordering::Relaxed), axum::Router::new())
         .await?;
     let result = worker.run(client, service.shutdown.clone()).await;
     service.shutdown.cancel();
+    gauges.abort();
     let _ = http.await;
     service.finish();
     result.map_err(Into::into)
