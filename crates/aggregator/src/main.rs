@@ -73,7 +73,9 @@ fn observe(totals: &Mutex<Totals>, ev: &TaskEvent) {
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-aggregator")?;
     let config = service.config.clone();
-    let client = taskfleet_bus::connect(&config.nats, "taskfleet-aggregator", Duration::from_secs(60)).await?;
+    let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-aggregator", Duration::from_secs(60));
+    let Some(client) = service.until_shutdown(connecting).await else { return Ok(()) };
+    let client = client?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
 

@@ -29,8 +29,11 @@ pub(crate) struct Ctx {
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-coordinator")?;
     let config = service.config.clone();
-    let store = Store::connect(&config.database).await?;
-    let client = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60)).await?;
+    let Some(store) = service.until_shutdown(Store::connect(&config.database)).await else { return Ok(()) };
+    let store = store?;
+    let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60));
+    let Some(client) = service.until_shutdown(connecting).await else { return Ok(()) };
+    let client = client?;
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
     let cancel_bucket = topology.cancel_bucket().await?;

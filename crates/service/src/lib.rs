@@ -75,6 +75,16 @@ impl Service {
         }))
     }
 
+    /// Runs a start-up step (connecting, migrating) unless shutdown is requested first:
+    /// `None` then, so a SIGTERM during a long wait for NATS or Postgres stops the process.
+    pub async fn until_shutdown<T>(&self, step: impl std::future::Future<Output = T>) -> Option<T> {
+        tokio::select! {
+            biased;
+            _ = self.shutdown.cancelled() => None,
+            out = step => Some(out),
+        }
+    }
+
     /// Flushes telemetry.
     pub fn finish(mut self) {
         if let Some(t) = self.telemetry.take() {

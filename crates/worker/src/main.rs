@@ -9,7 +9,9 @@ use taskfleet_worker::{Worker, builtin};
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-worker")?;
     let config = service.config.clone();
-    let client = taskfleet_bus::connect(&config.nats, "taskfleet-worker", Duration::from_secs(60)).await?;
+    let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-worker", Duration::from_secs(60));
+    let Some(client) = service.until_shutdown(connecting).await else { return Ok(()) };
+    let client = client?;
     let worker =
         Worker::builder(config.clone()).handler("echo", builtin::echo).handler("sleep", builtin::sleep).build();
     let stats = worker.stats();
