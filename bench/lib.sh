@@ -3,7 +3,7 @@
 # binaries against them. After `bench_setup`: $work (temp dir), $port (NATS), $schema, and the
 # TASKFLEET_* variables exported for every binary started afterwards.
 
-BIN=target/release
+BIN=${BIN:-target/release}
 source .dev/nats-bin
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }

@@ -11,9 +11,11 @@
 //! strings (`30s`, `250ms`).
 
 mod loader;
+mod policies;
 mod sections;
 
 pub use loader::ConfigError;
+pub use policies::*;
 pub use sections::*;
 
 use serde::{Deserialize, Serialize};
@@ -36,6 +38,10 @@ pub struct Config {
     pub worker: WorkerConfig,
     /// The metrics aggregator.
     pub aggregator: AggregatorConfig,
+    /// Rate limits, result cache and circuit breakers shared through Redis.
+    pub policies: PoliciesConfig,
+    /// Outside services called by the built-in `http` and `llm.chat` handlers.
+    pub providers: ProvidersConfig,
 }
 
 impl Config {
@@ -61,6 +67,8 @@ impl Config {
         self.database.validate()?;
         self.coordinator.validate()?;
         self.worker.validate(&self.nats)?;
+        self.policies.validate()?;
+        self.providers.validate(&self.policies)?;
         if self.coordinator.rescue_idle <= self.nats.ack_wait {
             return Err(ConfigError::Invalid {
                 field: "coordinator.rescue_idle",

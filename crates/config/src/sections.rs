@@ -146,11 +146,19 @@ pub struct RedisConfig {
     pub url: String,
     /// Prefix of every key taskfleet writes.
     pub key_prefix: String,
+    /// Longest wait for one Redis command; past it the worker treats Redis as down for that call
+    /// and falls back (cache bypassed, local rate limit share, local breaker).
+    #[serde(with = "humantime_serde")]
+    pub op_timeout: Duration,
 }
 
 impl Default for RedisConfig {
     fn default() -> Self {
-        RedisConfig { url: "redis://127.0.0.1:6379".into(), key_prefix: "taskfleet:".into() }
+        RedisConfig {
+            url: "redis://127.0.0.1:6379".into(),
+            key_prefix: "taskfleet:".into(),
+            op_timeout: Duration::from_millis(250),
+        }
     }
 }
 
@@ -194,6 +202,9 @@ pub struct CoordinatorConfig {
     pub max_body_bytes: usize,
     /// Most submissions taken from JetStream and written to Postgres in one batch.
     pub submit_batch_size: usize,
+    /// Most submission batches whose post-commit stage (dispatch, acknowledgements, replies) runs
+    /// at once, overlapping the Postgres write of the next batch.
+    pub intake_pipeline_depth: usize,
     /// Most events written to Postgres in one batch.
     pub event_batch_size: usize,
     /// Attempts of a task that names no `max_attempts` and whose kind has no entry below.
@@ -218,6 +229,7 @@ impl Default for CoordinatorConfig {
             kinds: Vec::new(),
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
+            intake_pipeline_depth: 2,
             event_batch_size: 1000,
             max_attempts: taskfleet_proto::DEFAULT_MAX_ATTEMPTS,
             kind_max_attempts: Default::default(),
@@ -235,6 +247,9 @@ impl CoordinatorConfig {
         }
         if !(1..=10_000).contains(&self.submit_batch_size) || !(1..=10_000).contains(&self.event_batch_size) {
             return invalid("coordinator.submit_batch_size", "batch sizes must be in 1..=10000".into());
+        }
+        if !(1..=16).contains(&self.intake_pipeline_depth) {
+            return invalid("coordinator.intake_pipeline_depth", "must be in 1..=16".into());
         }
         if !(1..=1000).contains(&self.max_attempts) || self.kind_max_attempts.values().any(|n| !(1..=1000).contains(n))
         {

@@ -2,6 +2,10 @@
 //! ready tasks, records worker events and answers task queries. Several replicas can run at
 //! once: they share the durable consumers, and Postgres arbitrates every state change.
 
+// mimalloc: under load glibc malloc/free took about 40% of the coordinator's CPU time.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 mod api;
 mod dispatch;
 mod intake;

@@ -19,6 +19,8 @@ pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
 pub const MAX_ID_LEN: usize = 128;
 /// Most dependencies one task may name.
 pub const MAX_DEPENDENCIES: usize = 1_000;
+/// Most rate limits one task may name.
+pub const MAX_LIMITS: usize = 16;
 
 /// One task, as a client submits it and as a worker receives it.
 ///
@@ -65,6 +67,10 @@ pub struct TaskEnvelope {
     /// Backoff between attempts for this task; the worker's policy for the kind when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry: Option<RetryBackoff>,
+    /// Named fleet-wide rate limits (`policies.rate_limits`) this task takes a token from before
+    /// it runs, besides those of its kind.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub limits: Vec<String>,
 }
 
 /// Exponential backoff with full jitter: the delay after failed attempt `n` is uniform in
@@ -111,6 +117,7 @@ impl TaskEnvelope {
             depends_on: Vec::new(),
             created_at: now_ms(),
             retry: None,
+            limits: Vec::new(),
         }
     }
 
@@ -137,6 +144,33 @@ impl TaskEnvelope {
         match &self.idempotency_key {
             Some(k) => format!("key:{k}"),
             None => self.id.to_string(),
+        }
+    }
+
+    /// The options kept beside the task's columns in Postgres (`retry`, `limits`), or `None`
+    /// when the task sets neither.
+    pub fn options_json(&self) -> Option<serde_json::Value> {
+        if self.retry.is_none() && self.limits.is_empty() {
+            return None;
+        }
+        let mut o = serde_json::Map::new();
+        if let Some(r) = &self.retry {
+            o.insert("retry".into(), serde_json::to_value(r).unwrap_or(serde_json::Value::Null));
+        }
+        if !self.limits.is_empty() {
+            o.insert("limits".into(), serde_json::Value::from(self.limits.clone()));
+        }
+        Some(serde_json::Value::Object(o))
+    }
+
+    /// Restores the options written by [`TaskEnvelope::options_json`]; unreadable parts are
+    /// skipped.
+    pub fn apply_options_json(&mut self, options: serde_json::Value) {
+        if let Some(r) = options.get("retry").and_then(|r| serde_json::from_value(r.clone()).ok()) {
+            self.retry = Some(r);
+        }
+        if let Some(l) = options.get("limits").and_then(|l| serde_json::from_value(l.clone()).ok()) {
+            self.limits = l;
         }
     }
 
@@ -179,6 +213,15 @@ impl TaskEnvelope {
         }
         if self.depends_on.contains(&self.id) {
             return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
+        }
+        if self.limits.len() > MAX_LIMITS {
+            return Err(DecodeError::Invalid {
+                field: "limits",
+                reason: format!("{} limits, at most {MAX_LIMITS}", self.limits.len()),
+            });
+        }
+        for limit in &self.limits {
+            validate_name("limits", limit, true)?;
         }
         if let Some(r) = &self.retry
             && (!(r.factor >= 1.0 && r.factor <= 100.0) || r.base_ms > r.max_ms || r.max_ms > 24 * 3_600_000)

@@ -199,6 +199,9 @@ pub struct TaskEvent {
     /// Delay before the next attempt, for `retrying`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
+    /// For a cache hit: what the cached result cost when it was computed, in US dollars.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub saved_usd: Option<f64>,
 }
 
 impl TaskEvent {
@@ -220,6 +223,7 @@ impl TaskEvent {
             tokens: None,
             cost_usd: None,
             retry_in_ms: None,
+            saved_usd: None,
         }
     }
 }

@@ -67,6 +67,7 @@ impl Store {
         // Attempts that ended.
         let (mut a_task, mut a_attempt, mut a_outcome, mut a_worker, mut a_error, mut a_start, mut a_end) =
             (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
+        let mut a_usage = Vec::new();
         for ev in events {
             let ends_attempt = matches!(
                 ev.kind,
@@ -80,15 +81,17 @@ impl Store {
                 a_error.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
                 a_start.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
                 a_end.push(ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64)));
+                a_usage.push(usage_json(ev));
             }
         }
         if !a_task.is_empty() {
             sqlx::query(
-                "INSERT INTO task_attempts (task_id, attempt, outcome, worker, error, started_at, finished_at)
+                "INSERT INTO task_attempts (task_id, attempt, outcome, worker, error, started_at, finished_at, usage)
                  SELECT u.task_id, u.attempt, u.outcome, u.worker, u.error,
-                        to_timestamp(u.started_ms / 1000.0), to_timestamp(u.finished_ms / 1000.0)
-                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[])
-                      AS u(task_id, attempt, outcome, worker, error, started_ms, finished_ms)
+                        to_timestamp(u.started_ms / 1000.0), to_timestamp(u.finished_ms / 1000.0), u.usage
+                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[],
+                             $8::jsonb[])
+                      AS u(task_id, attempt, outcome, worker, error, started_ms, finished_ms, usage)
                  ON CONFLICT (task_id, attempt) DO NOTHING",
             )
             .bind(&a_task)
@@ -98,6 +101,7 @@ impl Store {
             .bind(&a_error)
             .bind(&a_start)
             .bind(&a_end)
+            .bind(&a_usage)
             .execute(&mut *tx)
             .await?;
         }
@@ -209,7 +213,27 @@ pub(crate) async fn cancel_dependents(
     Ok(cancelled.into_iter().map(|(id, queue)| Finalized { id, queue, state: TaskState::Cancelled }).collect())
 }
 
-pub(crate) type ReleasedRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64);
+/// The `usage` column of an attempt: cache hit, tokens and cost, when the event has any.
+fn usage_json(ev: &TaskEvent) -> Option<serde_json::Value> {
+    let mut o = serde_json::Map::new();
+    if ev.cache_hit {
+        o.insert("cache_hit".into(), true.into());
+    }
+    if let Some(t) = ev.tokens {
+        o.insert("prompt_tokens".into(), t.prompt.into());
+        o.insert("completion_tokens".into(), t.completion.into());
+    }
+    if let Some(c) = ev.cost_usd {
+        o.insert("cost_usd".into(), c.into());
+    }
+    if let Some(s) = ev.saved_usd {
+        o.insert("saved_usd".into(), s.into());
+    }
+    (!o.is_empty()).then_some(serde_json::Value::Object(o))
+}
+
+pub(crate) type ReleasedRow =
+    (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, Option<serde_json::Value>);
 
 /// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
 async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Result<Vec<TaskEnvelope>, StoreError> {
@@ -220,7 +244,7 @@ async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Re
            AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
                            WHERE d.task_id = t.id AND p.state <> 'succeeded')
          RETURNING t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms,
-                   t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8",
+                   t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8, t.options",
     )
     .bind(parents)
     .fetch_all(tx)
@@ -229,7 +253,7 @@ async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Re
 }
 
 pub(crate) fn envelope_from_row(r: ReleasedRow) -> TaskEnvelope {
-    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created) = r;
+    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options) = r;
     let mut env = TaskEnvelope::new(kind, payload);
     env.id = id;
     env.queue = queue;
@@ -238,5 +262,8 @@ pub(crate) fn envelope_from_row(r: ReleasedRow) -> TaskEnvelope {
     env.timeout_ms = timeout_ms.max(1) as u64;
     env.idempotency_key = key;
     env.created_at = created.max(0) as u64;
+    if let Some(options) = options {
+        env.apply_options_json(options);
+    }
     env
 }

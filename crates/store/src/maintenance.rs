@@ -32,19 +32,44 @@ pub struct CancelOutcome {
 macro_rules! envelope_columns {
     () => {
         "t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms, t.idempotency_key,
-         (extract(epoch FROM t.created_at) * 1000)::int8, t.attempt, t.dispatches"
+         (extract(epoch FROM t.created_at) * 1000)::int8, t.options, t.attempt, t.dispatches"
     };
 }
 
 /// A task row as read for the dead-letter stream: envelope columns plus the last error.
-type EnvelopeErrorRow =
-    (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, Option<serde_json::Value>);
+type EnvelopeErrorRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    serde_json::Value,
+    i32,
+    i64,
+    Option<String>,
+    i64,
+    Option<serde_json::Value>,
+    Option<serde_json::Value>,
+);
 
-type RedispatchRow = (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, i32, i32);
+type RedispatchRow = (
+    Uuid,
+    String,
+    String,
+    String,
+    serde_json::Value,
+    i32,
+    i64,
+    Option<String>,
+    i64,
+    Option<serde_json::Value>,
+    i32,
+    i32,
+);
 
 fn redispatch_from_row(r: RedispatchRow, replay: bool) -> Redispatch {
-    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, attempt, dispatches) = r;
-    let mut envelope = envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created));
+    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options, attempt, dispatches) = r;
+    let mut envelope =
+        envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options));
     let offset = attempt.max(0) as u32;
     if replay {
         envelope.max_attempts += offset;
@@ -100,7 +125,7 @@ impl Store {
                AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
                                WHERE d.task_id = t.id AND p.state <> 'succeeded')
              RETURNING t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms,
-                       t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8",
+                       t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8, t.options",
         )
         .fetch_all(&self.pool)
         .await?;
@@ -166,7 +191,7 @@ impl Store {
     ) -> Result<Vec<(TaskEnvelope, Option<serde_json::Value>)>, StoreError> {
         let rows: Vec<EnvelopeErrorRow> = sqlx::query_as(
             "SELECT id, kind, queue, priority, payload, max_attempts, timeout_ms, idempotency_key,
-                        (extract(epoch FROM created_at) * 1000)::int8, error
+                        (extract(epoch FROM created_at) * 1000)::int8, options, error
                  FROM tasks WHERE id = ANY($1)",
         )
         .bind(ids)
@@ -174,8 +199,9 @@ impl Store {
         .await?;
         Ok(rows
             .into_iter()
-            .map(|(id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, error)| {
-                (envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created)), error)
+            .map(|(id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options, error)| {
+                let row = (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options);
+                (envelope_from_row(row), error)
             })
             .collect())
     }

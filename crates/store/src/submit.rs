@@ -140,7 +140,8 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors) = (
+        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors, mut options) = (
+            Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
             Vec::with_capacity(n),
@@ -161,20 +162,21 @@ impl Store {
             timeouts.push(t.timeout_ms as i64);
             keys.push(t.idempotency_key.as_deref());
             created.push(t.created_at as i64);
+            options.push(t.options_json());
             errors.push(
                 error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})),
             );
         }
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
-                                idempotency_key, created_at, error, dispatched_at, finished_at)
+                                idempotency_key, created_at, error, options, dispatched_at, finished_at)
              SELECT u.id, u.queue, u.kind, u.priority, u.state, u.payload, u.max_attempts, u.timeout_ms,
-                    u.key, to_timestamp(u.created_ms / 1000.0), u.error,
+                    u.key, to_timestamp(u.created_ms / 1000.0), u.error, u.options,
                     CASE WHEN u.state = 'queued' THEN now() END,
                     CASE WHEN u.state = 'cancelled' THEN now() END
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::int4[], $8::int8[], $9::text[], $10::int8[], $11::jsonb[])
-                  AS u(id, queue, kind, priority, state, payload, max_attempts, timeout_ms, key, created_ms, error)
+                         $7::int4[], $8::int8[], $9::text[], $10::int8[], $11::jsonb[], $12::jsonb[])
+                  AS u(id, queue, kind, priority, state, payload, max_attempts, timeout_ms, key, created_ms, error, options)
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
@@ -189,6 +191,7 @@ impl Store {
         .bind(&keys)
         .bind(&created)
         .bind(&errors)
+        .bind(&options)
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();

@@ -121,17 +121,94 @@ impl Drop for TestEnv {
                     }
                 });
             }
-            if let Ok(client) = redis::Client::open(redis_url.as_str())
-                && let Ok(mut conn) = client.get_connection()
-            {
-                let keys: Vec<String> =
-                    redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut conn).unwrap_or_default();
-                if !keys.is_empty() {
-                    let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
-                }
-            }
+            delete_redis_keys(&redis_url, &prefix);
         })
         .join();
+    }
+}
+
+/// Deletes every key under `prefix` (blocking; for test clean-up).
+pub fn delete_redis_keys(url: &str, prefix: &str) {
+    if let Ok(client) = redis::Client::open(url)
+        && let Ok(mut conn) = client.get_connection()
+    {
+        let keys: Vec<String> = redis::cmd("KEYS").arg(format!("{prefix}*")).query(&mut conn).unwrap_or_default();
+        if !keys.is_empty() {
+            let _: Result<(), _> = redis::cmd("DEL").arg(keys).query(&mut conn);
+        }
+    }
+}
+
+/// A private Redis key prefix on the shared test Redis, whose keys are deleted on drop.
+pub struct RedisPrefix {
+    /// Redis URL.
+    pub url: String,
+    /// The prefix, ending in `:`.
+    pub prefix: String,
+}
+
+impl RedisPrefix {
+    /// A fresh prefix named after the test.
+    pub fn new(test: &str) -> RedisPrefix {
+        RedisPrefix { url: redis_url(), prefix: format!("tf:{}:", unique_name(test)) }
+    }
+}
+
+impl Drop for RedisPrefix {
+    fn drop(&mut self) {
+        let (url, prefix) = (self.url.clone(), self.prefix.clone());
+        let _ = std::thread::spawn(move || delete_redis_keys(&url, &prefix)).join();
+    }
+}
+
+/// A private `redis-server` on a free port (no persistence), for tests that stop and restart
+/// Redis. Killed on drop.
+pub struct RedisServer {
+    /// `redis://127.0.0.1:<port>`.
+    pub url: String,
+    /// The port.
+    pub port: u16,
+    child: Option<std::process::Child>,
+}
+
+impl RedisServer {
+    /// Starts one and waits until it answers.
+    pub fn start() -> RedisServer {
+        let port = free_port();
+        let mut server = RedisServer { url: format!("redis://127.0.0.1:{port}"), port, child: None };
+        server.restart();
+        server
+    }
+
+    /// Starts the server again on the same port (after [`RedisServer::kill`]).
+    pub fn restart(&mut self) {
+        let child = std::process::Command::new("redis-server")
+            .args(["--port", &self.port.to_string(), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .expect("start redis-server (installed by `make services`)");
+        self.child = Some(child);
+        for _ in 0..100 {
+            if std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+        panic!("redis-server on port {} did not start", self.port);
+    }
+
+    /// Kills the server (SIGKILL).
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for RedisServer {
+    fn drop(&mut self) {
+        self.kill();
     }
 }
 

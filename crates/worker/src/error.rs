@@ -14,4 +14,7 @@ pub enum WorkerError {
         /// Error text.
         message: String,
     },
+    /// The Redis settings or the policies in the configuration are unusable.
+    #[error("shared state: {0}")]
+    Redis(String),
 }

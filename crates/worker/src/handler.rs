@@ -5,8 +5,10 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::future::Future;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use taskfleet_proto::{Priority, TaskId};
+use taskfleet_proto::{Priority, TaskId, TokenUsage};
+use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
 /// A task failure, as a handler reports it. Whether it is retryable decides between another
@@ -22,17 +24,44 @@ pub struct TaskError {
     pub retryable: bool,
     /// Earliest time for the next attempt, when the failure says so (e.g. `Retry-After`).
     pub retry_after: Option<Duration>,
+    /// Not a failure: the task could not start yet (no rate-limit token, every provider's
+    /// breaker open). The worker runs it again after `retry_after` without counting an attempt
+    /// and without holding a slot meanwhile.
+    pub deferred: bool,
 }
 
 impl TaskError {
     /// A failure worth retrying (network error, overload, timeout).
     pub fn retryable(message: impl Into<String>) -> Self {
-        TaskError { code: "handler_error".into(), message: message.into(), retryable: true, retry_after: None }
+        TaskError {
+            code: "handler_error".into(),
+            message: message.into(),
+            retryable: true,
+            retry_after: None,
+            deferred: false,
+        }
     }
 
     /// A failure that no retry will fix (bad input, unknown kind).
     pub fn fatal(message: impl Into<String>) -> Self {
-        TaskError { code: "handler_error".into(), message: message.into(), retryable: false, retry_after: None }
+        TaskError {
+            code: "handler_error".into(),
+            message: message.into(),
+            retryable: false,
+            retry_after: None,
+            deferred: false,
+        }
+    }
+
+    /// The task cannot start before `delay` (see [`TaskError::deferred`] the field).
+    pub fn deferred(code: impl Into<String>, message: impl Into<String>, delay: Duration) -> Self {
+        TaskError {
+            code: code.into(),
+            message: message.into(),
+            retryable: true,
+            retry_after: Some(delay),
+            deferred: true,
+        }
     }
 
     /// Replaces the code.
@@ -74,6 +103,26 @@ pub struct TaskContext {
     /// watch it.
     pub cancel: CancellationToken,
     pub(crate) progress: Option<tokio::sync::mpsc::UnboundedSender<(TaskId, Value)>>,
+    pub(crate) shared: Option<Arc<Shared>>,
+    pub(crate) usage: Arc<Mutex<Usage>>,
+}
+
+/// The fleet-wide state a handler can use: rate limits and circuit breakers in Redis.
+#[derive(Debug, Clone)]
+pub struct Shared {
+    /// Named fleet-wide rate limits.
+    pub limiter: RateLimiter,
+    /// Circuit breakers per dependency.
+    pub breakers: Breakers,
+}
+
+/// What an attempt consumed, reported by the handler and carried in its event.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Usage {
+    /// Prompt and completion tokens.
+    pub tokens: Option<TokenUsage>,
+    /// Cost in US dollars.
+    pub cost_usd: Option<f64>,
 }
 
 impl TaskContext {
@@ -82,6 +131,43 @@ impl TaskContext {
         if let (Some(tx), Ok(v)) = (&self.progress, serde_json::to_value(value)) {
             let _ = tx.send((self.task_id, v));
         }
+    }
+
+    /// Takes a token of the fleet-wide rate limit `name`; when none is available the error
+    /// defers the task (return it with `?`). Without Redis configured (a bare context) it allows.
+    pub async fn acquire(&self, name: &str) -> Result<(), TaskError> {
+        let Some(shared) = &self.shared else { return Ok(()) };
+        match shared.limiter.acquire(name).await {
+            Ok(Decision::Allowed) => Ok(()),
+            Ok(Decision::Denied { retry_after }) => {
+                Err(TaskError::deferred("rate_limited", format!("rate limit {name} has no token"), retry_after))
+            }
+            Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
+        }
+    }
+
+    /// The fleet's circuit breakers, when the worker has them.
+    pub fn breakers(&self) -> Option<&Breakers> {
+        self.shared.as_ref().map(|s| &s.breakers)
+    }
+
+    /// Adds tokens and cost to this attempt's usage (reported in its event).
+    pub fn record_usage(&self, tokens: Option<TokenUsage>, cost_usd: Option<f64>) {
+        if let Ok(mut u) = self.usage.lock() {
+            if let Some(t) = tokens {
+                let sum = u.tokens.get_or_insert(TokenUsage { prompt: 0, completion: 0 });
+                sum.prompt += t.prompt;
+                sum.completion += t.completion;
+            }
+            if let Some(c) = cost_usd {
+                *u.cost_usd.get_or_insert(0.0) += c;
+            }
+        }
+    }
+
+    /// This attempt's usage so far.
+    pub fn usage(&self) -> Usage {
+        self.usage.lock().map(|u| *u).unwrap_or_default()
     }
 
     /// Time left before this attempt times out.
@@ -101,6 +187,8 @@ impl TaskContext {
             deadline: Instant::now() + Duration::from_secs(60),
             cancel: CancellationToken::new(),
             progress: None,
+            shared: None,
+            usage: Default::default(),
         }
     }
 }

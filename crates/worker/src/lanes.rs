@@ -41,9 +41,17 @@ impl Lanes {
         self.state.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    pub fn push(&self, d: Delivery) {
-        self.lock().lanes[d.priority].push_back(d);
+    /// Buffers a delivery; once closed, hands it back instead.
+    #[must_use = "a delivery handed back must be returned to JetStream"]
+    pub fn push(&self, d: Delivery) -> Option<Delivery> {
+        let mut s = self.lock();
+        if s.closed {
+            return Some(d);
+        }
+        s.lanes[d.priority].push_back(d);
+        drop(s);
         self.ready.notify_one();
+        None
     }
 
     /// Waits for the next delivery by priority; `None` once closed.

@@ -20,12 +20,13 @@ mod error;
 mod events;
 mod handler;
 mod lanes;
+pub mod providers;
 mod retry;
 mod runner;
 mod scheduler;
 
 pub use error::WorkerError;
-pub use handler::{Handler, TaskContext, TaskError, typed};
+pub use handler::{Handler, Shared, TaskContext, TaskError, Usage, typed};
 pub use retry::RetryPolicy;
 pub use runner::{Worker, WorkerBuilder, WorkerStats};
 pub use scheduler::PriorityPicker;

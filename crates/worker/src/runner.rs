@@ -1,6 +1,7 @@
 //! The worker run loop: pull, pick by priority, run with a timeout, report.
 
 use crate::events::{AfterPublish, EventSender, spawn_publisher};
+use crate::handler::{Shared, Usage};
 use crate::lanes::{Delivery, Lanes};
 use crate::{Handler, RetryPolicy, TaskContext, TaskError, WorkerError};
 use async_nats::jetstream::consumer::PullConsumer;
@@ -10,9 +11,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 use taskfleet_bus::Topology;
+use taskfleet_config::CacheSpec;
 use taskfleet_config::Config;
 use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms};
-use tokio::sync::{Semaphore, mpsc};
+use taskfleet_shared_state::{CacheClaim, CacheKey, Decision, ResultCache, SharedState};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -34,6 +37,7 @@ pub struct WorkerBuilder {
     config: Config,
     handlers: HashMap<String, Arc<dyn Handler>>,
     retry_by_kind: HashMap<String, RetryPolicy>,
+    cache_by_kind: HashMap<String, CacheSpec>,
 }
 
 impl WorkerBuilder {
@@ -47,6 +51,13 @@ impl WorkerBuilder {
     /// a policy use the configured default (`worker.retry_base`, `retry_factor`, `retry_max`).
     pub fn retry_policy(mut self, kind: impl Into<String>, retry: RetryPolicy) -> Self {
         self.retry_by_kind.insert(kind.into(), retry);
+        self
+    }
+
+    /// Caches the results of one kind in the fleet's shared cache (in addition to, or instead
+    /// of, `policies.cache` in the configuration).
+    pub fn cache_policy(mut self, kind: impl Into<String>, spec: CacheSpec) -> Self {
+        self.cache_by_kind.insert(kind.into(), spec);
         self
     }
 
@@ -73,6 +84,7 @@ impl WorkerBuilder {
                 handlers: self.handlers,
                 retry_default,
                 retry_by_kind: self.retry_by_kind,
+                cache_by_kind: self.cache_by_kind,
                 cancelled: Default::default(),
                 id,
                 stats: Arc::new(WorkerStats::default()),
@@ -86,6 +98,7 @@ struct Inner {
     handlers: HashMap<String, Arc<dyn Handler>>,
     retry_default: RetryPolicy,
     retry_by_kind: HashMap<String, RetryPolicy>,
+    cache_by_kind: HashMap<String, CacheSpec>,
     /// Ids of cancelled tasks, from the cancellation bucket.
     cancelled: std::sync::Mutex<std::collections::HashSet<uuid::Uuid>>,
     id: String,
@@ -119,7 +132,7 @@ pub struct Worker {
 impl Worker {
     /// Starts building a worker with the fleet configuration.
     pub fn builder(config: Config) -> WorkerBuilder {
-        WorkerBuilder { config, handlers: HashMap::new(), retry_by_kind: HashMap::new() }
+        WorkerBuilder { config, handlers: HashMap::new(), retry_by_kind: HashMap::new(), cache_by_kind: HashMap::new() }
     }
 
     /// This worker's id, as it appears in events.
@@ -147,6 +160,7 @@ impl Worker {
         let cfg = &inner.config;
         let topology = Topology::new(client.clone(), &cfg.nats);
         topology.ensure_streams().await?;
+        let policies = Arc::new(Policies::connect(cfg, &inner.cache_by_kind)?);
         let mut consumers = Vec::new();
         for queue in &cfg.worker.queues {
             for p in Priority::ALL {
@@ -193,6 +207,13 @@ impl Worker {
                        max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
 
         let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_tasks));
+        let shared_loop = Loop {
+            events: events.clone(),
+            running: running.clone(),
+            progress_tx: progress_tx.clone(),
+            lanes: lanes.clone(),
+            policies,
+        };
         let mut next_token: u64 = 0;
         loop {
             let permit = tokio::select! {
@@ -207,11 +228,9 @@ impl Worker {
             next_token += 1;
             let token = next_token;
             let this = self.clone();
-            let events = events.clone();
-            let running = running.clone();
-            let progress_tx = progress_tx.clone();
+            let lp = shared_loop.clone();
             tokio::spawn(async move {
-                this.run_delivery(token, delivery, events, running, progress_tx).await;
+                this.run_delivery(token, delivery, lp).await;
                 drop(permit);
             });
         }
@@ -229,10 +248,15 @@ impl Worker {
         }
         let max = cfg.worker.max_concurrent_tasks as u32;
         let drained = tokio::time::timeout(cfg.worker.drain_timeout, slots.acquire_many(max)).await.is_ok();
-        if !drained {
-            let left: Vec<RunningTask> =
-                running.lock().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
-            tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
+        // Whatever is left is running past the drain timeout or waiting out a deferral.
+        let left: Vec<RunningTask> =
+            running.lock().map(|mut m| m.drain().map(|(_, r)| r).collect()).unwrap_or_default();
+        if !left.is_empty() {
+            if drained {
+                tracing::info!(tasks = left.len(), "handing deferred tasks back for redelivery");
+            } else {
+                tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
+            }
             for r in left {
                 r.cancel.cancel();
                 if let Some(reply) = r.reply {
@@ -242,6 +266,7 @@ impl Worker {
         }
         drop(events);
         drop(progress_tx);
+        drop(shared_loop);
         let _ = progress.await;
         let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
         heartbeat.abort();
@@ -251,16 +276,9 @@ impl Worker {
         Ok(())
     }
 
-    async fn run_delivery(
-        &self,
-        token: u64,
-        delivery: Delivery,
-        events: EventSender,
-        running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
-        progress_tx: mpsc::UnboundedSender<(uuid::Uuid, serde_json::Value)>,
-    ) {
-        let Delivery { msg, permit, .. } = delivery;
-        drop(permit);
+    async fn run_delivery(&self, token: u64, delivery: Delivery, lp: Loop) {
+        let Delivery { msg, permit, priority: lane } = delivery;
+        let Loop { events, running, progress_tx, policies, .. } = lp.clone();
         let received_at = now_ms();
         let inner = &self.inner;
         let limit = inner.config.coordinator.max_body_bytes.max(1 << 20);
@@ -327,7 +345,71 @@ impl Worker {
         };
 
         let timeout = Duration::from_millis(env.timeout_ms);
+
+        // Admission: a cached result finishes the task at once; an identical task running
+        // elsewhere is waited for; then every rate limit the task needs gives a token, or the
+        // task is deferred without holding a slot.
+        let mut lease: Option<(CacheKey, String)> = None;
+        if let Some(key) = policies.cache.key_for(&env.kind, &env.payload) {
+            let mut claim = policies.cache.claim(&key, timeout).await;
+            if claim == CacheClaim::Follower {
+                let wait = policies.cache.single_flight_wait().min(timeout);
+                claim = policies.cache.wait_for(&key, timeout, wait).await;
+            }
+            match claim {
+                CacheClaim::Hit(hit) => {
+                    drop(permit);
+                    metrics::counter!("taskfleet_worker_cache_hits_total", "kind" => env.kind.clone()).increment(1);
+                    if let Some(saved) = hit.cost_usd {
+                        metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => env.kind.clone())
+                            .increment((saved * 1e6).round() as u64);
+                    }
+                    let now = now_ms();
+                    let mut ev = base;
+                    ev.kind = EventKind::Succeeded;
+                    ev.cache_hit = true;
+                    ev.result = Some(hit.result);
+                    ev.saved_usd = hit.cost_usd;
+                    ev.at = now;
+                    ev.timings =
+                        Some(Timings { created_at: env.created_at, received_at, started_at: now, finished_at: now });
+                    inner.stats.finished.fetch_add(1, Ordering::Relaxed);
+                    metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
+                    events.send(ev, AfterPublish::Ack(msg));
+                    return;
+                }
+                CacheClaim::Leader(owner) => {
+                    metrics::counter!("taskfleet_worker_cache_misses_total", "kind" => env.kind.clone()).increment(1);
+                    lease = Some((key, owner));
+                }
+                CacheClaim::Follower | CacheClaim::Unavailable => {}
+            }
+        }
+        for name in policies.limits_for(&env) {
+            let refusal = match policies.shared.limiter.acquire(&name).await {
+                Ok(Decision::Allowed) => continue,
+                Ok(Decision::Denied { retry_after }) => Ok(retry_after),
+                Err(e) => Err(e),
+            };
+            if let Some((key, owner)) = &lease {
+                policies.cache.release(key, owner).await;
+            }
+            match refusal {
+                Ok(retry_after) => self.defer(token, msg, lane, permit, base, retry_after, "rate_limited", &lp),
+                Err(e) => {
+                    let mut ev = base;
+                    ev.kind = EventKind::Failed;
+                    ev.error =
+                        Some(TaskErrorInfo { code: "unknown_limit".into(), message: e.to_string(), retryable: false });
+                    events.send(ev, AfterPublish::Ack(msg));
+                }
+            }
+            return;
+        }
+        drop(permit);
+
         let cancel = CancellationToken::new();
+        let usage: Arc<std::sync::Mutex<Usage>> = Default::default();
         let ctx = TaskContext {
             task_id: env.id,
             kind: env.kind.clone(),
@@ -338,6 +420,8 @@ impl Worker {
             deadline: Instant::now() + timeout,
             cancel: cancel.clone(),
             progress: Some(progress_tx),
+            shared: Some(policies.shared.clone()),
+            usage: usage.clone(),
         };
         if let Ok(mut m) = running.lock() {
             m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
@@ -397,12 +481,33 @@ impl Worker {
         metrics::histogram!("taskfleet_worker_run_seconds", "kind" => env.kind.clone())
             .record((timings.finished_at.saturating_sub(started_at)) as f64 / 1000.0);
 
+        let spent = usage.lock().map(|u| *u).unwrap_or_default();
+        let cancelled = inner.is_cancelled(&env.id);
+        match (&outcome, &lease) {
+            (Ok(result), Some((key, owner))) if !cancelled => {
+                policies.cache.store(key, owner, result, spent.cost_usd).await;
+            }
+            (_, Some((key, owner))) => policies.cache.release(key, owner).await,
+            _ => {}
+        }
+        if let Err(err) = &outcome
+            && err.deferred
+            && !cancelled
+        {
+            // Not an attempt: the handler could not start its call yet.
+            let delay = err.retry_after.unwrap_or(Duration::from_secs(1));
+            let code = err.code.clone();
+            self.defer(token, msg, lane, None, base, delay, &code, &lp);
+            return;
+        }
         let mut ev = base;
         ev.timings = Some(timings);
         ev.at = timings.finished_at;
+        ev.tokens = spent.tokens;
+        ev.cost_usd = spent.cost_usd;
         let max_deliver = inner.config.nats.max_deliver.max(1) as u32;
         let after = match outcome {
-            _ if inner.is_cancelled(&env.id) => {
+            _ if cancelled => {
                 ev.kind = EventKind::Cancelled;
                 AfterPublish::Ack(msg)
             }
@@ -433,6 +538,111 @@ impl Worker {
         };
         metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str()).increment(1);
         events.send(ev, after);
+    }
+}
+
+impl Worker {
+    /// Runs the task again after `delay` without counting an attempt. Short deferrals wait in
+    /// memory (heartbeated, cancellable, holding the task's prefetch place but no slot); longer
+    /// ones go back to JetStream with that delay.
+    #[allow(clippy::too_many_arguments)]
+    fn defer(
+        &self,
+        token: u64,
+        msg: async_nats::jetstream::Message,
+        lane: usize,
+        permit: Option<OwnedSemaphorePermit>,
+        base: TaskEvent,
+        delay: Duration,
+        reason: &str,
+        lp: &Loop,
+    ) {
+        metrics::counter!("taskfleet_worker_deferred_total", "reason" => reason.to_string()).increment(1);
+        // Up to 10% later, so tasks refused together do not come back together.
+        let delay = delay + delay.mul_f64(rand::random::<f64>() * 0.1);
+        tracing::debug!(task_id = %base.task_id, ?delay, reason, "task deferred");
+        if delay > lp.policies.defer_hold_max {
+            tokio::spawn(async move {
+                let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
+            });
+            return;
+        }
+        let cancel = CancellationToken::new();
+        if let Ok(mut m) = lp.running.lock() {
+            m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
+        }
+        let lp = lp.clone();
+        let stats = self.inner.stats.clone();
+        tokio::spawn(async move {
+            let cancelled = tokio::select! {
+                _ = tokio::time::sleep(delay) => false,
+                _ = cancel.cancelled() => true,
+            };
+            // Gone from the map: the drain handed it back already.
+            if !lp.running.lock().map(|mut m| m.remove(&token).is_some()).unwrap_or(false) {
+                return;
+            }
+            if cancelled {
+                let mut ev = base;
+                ev.kind = EventKind::Cancelled;
+                ev.at = now_ms();
+                lp.events.send(ev, AfterPublish::Ack(msg));
+                return;
+            }
+            stats.buffered.fetch_add(1, Ordering::Relaxed);
+            if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit }) {
+                stats.buffered.fetch_sub(1, Ordering::Relaxed);
+                let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+            }
+        });
+    }
+}
+
+/// What every task of a running worker shares.
+#[derive(Clone)]
+struct Loop {
+    events: EventSender,
+    running: Arc<std::sync::Mutex<HashMap<u64, RunningTask>>>,
+    progress_tx: mpsc::UnboundedSender<(uuid::Uuid, serde_json::Value)>,
+    lanes: Arc<Lanes>,
+    policies: Arc<Policies>,
+}
+
+/// The fleet-wide policies as this worker applies them.
+struct Policies {
+    cache: ResultCache,
+    shared: Arc<Shared>,
+    kind_limits: HashMap<String, Vec<String>>,
+    defer_hold_max: Duration,
+}
+
+impl Policies {
+    fn connect(cfg: &Config, cache_by_kind: &HashMap<String, CacheSpec>) -> Result<Policies, WorkerError> {
+        let state = SharedState::connect(&cfg.redis).map_err(|e| WorkerError::Redis(e.to_string()))?;
+        let mut cache = state.cache(&cfg.policies);
+        for (kind, spec) in cache_by_kind {
+            cache = cache.with_policy(kind.clone(), spec.clone());
+        }
+        let limiter = state.rate_limiter(&cfg.policies).map_err(|e| WorkerError::Redis(e.to_string()))?;
+        let kind_limits =
+            cfg.policies.kind_limits.keys().map(|k| (k.clone(), cfg.policies.limits_of_kind(k))).collect();
+        Ok(Policies {
+            cache,
+            shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies) }),
+            kind_limits,
+            defer_hold_max: cfg.policies.defer_hold_max,
+        })
+    }
+
+    /// The limits a task takes a token from: its kind's, then its own.
+    fn limits_for(&self, env: &TaskEnvelope) -> Vec<String> {
+        let mut out = self.kind_limits.get(&env.kind).cloned().unwrap_or_default();
+        for l in &env.limits {
+            if !out.contains(l) {
+                out.push(l.clone());
+            }
+        }
+        out
     }
 }
 
@@ -517,7 +727,10 @@ async fn pull_loop(
                         continue;
                     };
                     stats.buffered.fetch_add(1, Ordering::Relaxed);
-                    lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) });
+                    if let Some(d) = lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) }) {
+                        stats.buffered.fetch_sub(1, Ordering::Relaxed);
+                        let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                    }
                 }
                 Some(Err(e)) => {
                     tracing::debug!(consumer = %name, error = %e, "pull batch ended with an error");

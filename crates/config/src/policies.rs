@@ -1,0 +1,379 @@
+//! The fleet-wide policies kept in Redis (rate limits, result cache, circuit breakers) and the
+//! outside providers the built-in `http` and `llm.chat` handlers call.
+
+use crate::ConfigError;
+use serde::{Deserialize, Deserializer, Serialize};
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+/// Rate limits, cache policies and circuit breakers, shared by every worker through Redis.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct PoliciesConfig {
+    /// Named rate limits, e.g. `openai = "500/min burst 50"`, `tavily = "5/s"`: a rate per
+    /// period (`s`, `min`, `h`, or a duration such as `10s`) and an optional burst (default 1).
+    /// Enforced across the fleet (GCRA in Redis). Env: `TASKFLEET_RATE_LIMITS=openai=500/min burst 50,tavily=5/s`.
+    #[serde(deserialize_with = "string_map")]
+    pub rate_limits: BTreeMap<String, String>,
+    /// Limits every task of a kind needs, `+`-separated, e.g. `llm.chat = "openai"`. Tasks can
+    /// name more in their envelope (`limits`).
+    #[serde(deserialize_with = "string_map")]
+    pub kind_limits: BTreeMap<String, String>,
+    /// Result cache policy per kind: a TTL, optionally followed by `by` and the `+`-separated
+    /// payload fields that make the key, e.g. `llm.chat = "1h by model+messages+temperature"`;
+    /// without `by` the whole payload is the key.
+    #[serde(deserialize_with = "string_map")]
+    pub cache: BTreeMap<String, String>,
+    /// Largest result stored in the cache, in bytes (larger results are not cached).
+    pub cache_max_bytes: usize,
+    /// How long a task whose identical twin is running waits for the twin's result before
+    /// running itself (single-flight lease).
+    #[serde(with = "humantime_serde")]
+    pub single_flight_wait: Duration,
+    /// Failures within `breaker_window` that open a dependency's circuit breaker.
+    pub breaker_failures: u32,
+    /// Window in which failures are counted.
+    #[serde(with = "humantime_serde")]
+    pub breaker_window: Duration,
+    /// How long an open breaker stays open before letting trial calls through (half-open).
+    #[serde(with = "humantime_serde")]
+    pub breaker_cooldown: Duration,
+    /// Successful trial calls that close a half-open breaker.
+    pub breaker_successes: u32,
+    /// With Redis unreachable, each worker enforces this fraction of every rate limit on its
+    /// own (about 1 / the number of workers).
+    pub local_limit_share: f64,
+    /// A task deferred (no rate-limit token, every provider's breaker open) for up to this long
+    /// waits in its worker's memory, without a slot and without counting an attempt; a longer
+    /// deferral hands it back to JetStream with that delay (which counts as a delivery).
+    #[serde(with = "humantime_serde")]
+    pub defer_hold_max: Duration,
+}
+
+impl Default for PoliciesConfig {
+    fn default() -> Self {
+        PoliciesConfig {
+            rate_limits: BTreeMap::new(),
+            kind_limits: BTreeMap::new(),
+            cache: BTreeMap::new(),
+            cache_max_bytes: 1 << 20,
+            single_flight_wait: Duration::from_secs(60),
+            breaker_failures: 5,
+            breaker_window: Duration::from_secs(30),
+            breaker_cooldown: Duration::from_secs(15),
+            breaker_successes: 2,
+            local_limit_share: 0.25,
+            defer_hold_max: Duration::from_secs(60),
+        }
+    }
+}
+
+/// A parsed rate limit: `rate` per `period`, up to `burst` at once.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RateLimitSpec {
+    /// Requests allowed per period.
+    pub rate: u64,
+    /// The period.
+    pub period: Duration,
+    /// Requests that may go at once after an idle spell.
+    pub burst: u64,
+}
+
+impl RateLimitSpec {
+    /// Parses `500/min`, `5/s`, `100/10s`, `500/min burst 50`.
+    pub fn parse(spec: &str) -> Result<RateLimitSpec, String> {
+        let mut words = spec.split_whitespace();
+        let head = words.next().ok_or("empty rate limit")?;
+        let (rate, per) = head.split_once('/').ok_or_else(|| format!("{head:?} is not RATE/PERIOD"))?;
+        let rate: u64 = rate.parse().map_err(|_| format!("{rate:?} is not a whole number"))?;
+        let period = match per {
+            "s" | "sec" | "second" => Duration::from_secs(1),
+            "m" | "min" | "minute" => Duration::from_secs(60),
+            "h" | "hour" => Duration::from_secs(3600),
+            "d" | "day" => Duration::from_secs(86_400),
+            other => humantime::parse_duration(other).map_err(|e| format!("period {other:?}: {e}"))?,
+        };
+        let burst = match (words.next(), words.next(), words.next()) {
+            (None, _, _) => 1,
+            (Some("burst"), Some(n), None) => n.parse().map_err(|_| format!("burst {n:?} is not a whole number"))?,
+            _ => return Err(format!("{spec:?}: expected RATE/PERIOD [burst N]")),
+        };
+        if rate == 0 || burst == 0 || period.is_zero() {
+            return Err(format!("{spec:?}: rate, period and burst must be positive"));
+        }
+        Ok(RateLimitSpec { rate, period, burst })
+    }
+
+    /// Time between two requests at the steady rate (the GCRA emission interval).
+    pub fn interval(&self) -> Duration {
+        self.period / self.rate.min(u32::MAX as u64) as u32
+    }
+}
+
+/// A parsed cache policy.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CacheSpec {
+    /// How long a result stays cached.
+    pub ttl: Duration,
+    /// Payload fields that make the key; empty means the whole payload.
+    pub key_fields: Vec<String>,
+}
+
+impl CacheSpec {
+    /// Parses `1h` or `1h by model+messages`.
+    pub fn parse(spec: &str) -> Result<CacheSpec, String> {
+        let mut words = spec.split_whitespace();
+        let ttl = words.next().ok_or("empty cache policy")?;
+        let ttl = humantime::parse_duration(ttl).map_err(|e| format!("ttl {ttl:?}: {e}"))?;
+        if ttl < Duration::from_millis(1) {
+            return Err("ttl must be at least 1ms".into());
+        }
+        let key_fields = match (words.next(), words.next(), words.next()) {
+            (None, _, _) => Vec::new(),
+            (Some("by"), Some(fields), None) => fields.split('+').filter(|f| !f.is_empty()).map(String::from).collect(),
+            _ => return Err(format!("{spec:?}: expected TTL [by FIELD+FIELD]")),
+        };
+        Ok(CacheSpec { ttl, key_fields })
+    }
+}
+
+impl PoliciesConfig {
+    /// Every named rate limit, parsed.
+    pub fn parsed_rate_limits(&self) -> Result<BTreeMap<String, RateLimitSpec>, ConfigError> {
+        self.rate_limits
+            .iter()
+            .map(|(name, spec)| {
+                RateLimitSpec::parse(spec).map(|s| (name.clone(), s)).map_err(|message| ConfigError::Invalid {
+                    field: "policies.rate_limits",
+                    message: format!("{name}: {message}"),
+                })
+            })
+            .collect()
+    }
+
+    /// Every kind's cache policy, parsed.
+    pub fn parsed_cache(&self) -> Result<BTreeMap<String, CacheSpec>, ConfigError> {
+        self.cache
+            .iter()
+            .map(|(kind, spec)| {
+                CacheSpec::parse(spec).map(|s| (kind.clone(), s)).map_err(|message| ConfigError::Invalid {
+                    field: "policies.cache",
+                    message: format!("{kind}: {message}"),
+                })
+            })
+            .collect()
+    }
+
+    /// The limits every task of `kind` needs.
+    pub fn limits_of_kind(&self, kind: &str) -> Vec<String> {
+        self.kind_limits.get(kind).map(|s| split_plus(s)).unwrap_or_default()
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        let limits = self.parsed_rate_limits()?;
+        self.parsed_cache()?;
+        for (kind, names) in &self.kind_limits {
+            for name in split_plus(names) {
+                if !limits.contains_key(&name) {
+                    return Err(ConfigError::Invalid {
+                        field: "policies.kind_limits",
+                        message: format!("{kind} needs limit {name:?}, which policies.rate_limits does not define"),
+                    });
+                }
+            }
+        }
+        if self.breaker_failures == 0 || self.breaker_successes == 0 {
+            return Err(ConfigError::Invalid {
+                field: "policies.breaker_failures",
+                message: "breaker_failures and breaker_successes must be at least 1".into(),
+            });
+        }
+        if !(self.local_limit_share > 0.0 && self.local_limit_share <= 1.0) {
+            return Err(ConfigError::Invalid {
+                field: "policies.local_limit_share",
+                message: format!("{} is outside (0, 1]", self.local_limit_share),
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Outside services the built-in `http` and `llm.chat` handlers call. A provider is a name with a
+/// base URL; its circuit breaker and (optionally) rate limit go by that name.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvidersConfig {
+    /// Base URL per provider, e.g. `openai = "https://api.openai.com/v1"`, `tavily = "https://api.tavily.com"`.
+    #[serde(deserialize_with = "string_map")]
+    pub urls: BTreeMap<String, String>,
+    /// Environment variable holding each provider's API key (sent as `Authorization: Bearer`).
+    #[serde(deserialize_with = "string_map")]
+    pub api_key_envs: BTreeMap<String, String>,
+    /// Rate limit (a name from `policies.rate_limits`) each provider's calls take.
+    #[serde(deserialize_with = "string_map")]
+    pub limits: BTreeMap<String, String>,
+    /// Fallback chains of providers, `>`-separated, e.g. `search = "tavily>exa>perplexity"`: an
+    /// `http` task that names the chain calls the first provider whose breaker is not open.
+    #[serde(deserialize_with = "string_map")]
+    pub chains: BTreeMap<String, String>,
+    /// Provider of each model for `llm.chat`, e.g. `"gpt-4o-mini" = "openai"`.
+    #[serde(deserialize_with = "string_map")]
+    pub models: BTreeMap<String, String>,
+    /// Model fallback chains for `llm.chat`, e.g. `"gpt-4o" = "gpt-4o>gpt-4o-mini"`: a task asking
+    /// for the key model uses the first model of the chain whose breaker is not open.
+    #[serde(deserialize_with = "string_map")]
+    pub model_fallbacks: BTreeMap<String, String>,
+    /// Prices in USD per million prompt / completion tokens, e.g. `"gpt-4o-mini" = "0.15/0.60"`.
+    #[serde(deserialize_with = "string_map")]
+    pub prices: BTreeMap<String, String>,
+    /// Timeout of one outside HTTP request.
+    #[serde(with = "humantime_serde")]
+    pub request_timeout: Duration,
+    /// Idle keep-alive connections kept per provider host.
+    pub pool_max_idle_per_host: usize,
+    /// Largest response body read from a provider, in bytes.
+    pub max_response_bytes: usize,
+}
+
+impl Default for ProvidersConfig {
+    fn default() -> Self {
+        ProvidersConfig {
+            urls: BTreeMap::new(),
+            api_key_envs: BTreeMap::new(),
+            limits: BTreeMap::new(),
+            chains: BTreeMap::new(),
+            models: BTreeMap::new(),
+            model_fallbacks: BTreeMap::new(),
+            prices: BTreeMap::new(),
+            request_timeout: Duration::from_secs(60),
+            pool_max_idle_per_host: 32,
+            max_response_bytes: 4 << 20,
+        }
+    }
+}
+
+impl ProvidersConfig {
+    /// A chain's providers in order; a name that is not a chain is a chain of itself.
+    pub fn chain(&self, name: &str) -> Vec<String> {
+        match self.chains.get(name) {
+            Some(c) => c.split('>').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+            None => vec![name.to_string()],
+        }
+    }
+
+    /// The models to try for `model`, in order.
+    pub fn model_chain(&self, model: &str) -> Vec<String> {
+        match self.model_fallbacks.get(model) {
+            Some(c) => c.split('>').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
+            None => vec![model.to_string()],
+        }
+    }
+
+    /// Price of `model` in USD per million (prompt, completion) tokens.
+    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
+        let (p, c) = self.prices.get(model)?.split_once('/')?;
+        Some((p.trim().parse().ok()?, c.trim().parse().ok()?))
+    }
+
+    pub(crate) fn validate(&self, policies: &PoliciesConfig) -> Result<(), ConfigError> {
+        let invalid = |field, message| Err(ConfigError::Invalid { field, message });
+        for (name, url) in &self.urls {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return invalid("providers.urls", format!("{name}: {url:?} is not an http(s) URL"));
+            }
+        }
+        for (provider, limit) in &self.limits {
+            if !policies.rate_limits.contains_key(limit) {
+                return invalid(
+                    "providers.limits",
+                    format!("{provider} takes limit {limit:?}, which policies.rate_limits does not define"),
+                );
+            }
+        }
+        for chain in self.chains.keys() {
+            for p in self.chain(chain) {
+                if !self.urls.contains_key(&p) {
+                    return invalid("providers.chains", format!("chain {chain} names {p:?}, which has no url"));
+                }
+            }
+        }
+        for (model, provider) in &self.models {
+            if !self.urls.contains_key(provider) {
+                return invalid(
+                    "providers.models",
+                    format!("model {model} is served by {provider:?}, which has no url"),
+                );
+            }
+        }
+        for model in self.model_fallbacks.keys() {
+            for m in self.model_chain(model) {
+                if !self.models.contains_key(&m) {
+                    return invalid("providers.model_fallbacks", format!("{model}: {m:?} is not in providers.models"));
+                }
+            }
+        }
+        for model in self.prices.keys() {
+            if self.price(model).is_none() {
+                return invalid("providers.prices", format!("{model}: expected PROMPT/COMPLETION USD per 1M tokens"));
+            }
+        }
+        if self.max_response_bytes < 1024 {
+            return invalid("providers.max_response_bytes", "must be at least 1024".into());
+        }
+        Ok(())
+    }
+}
+
+fn split_plus(s: &str) -> Vec<String> {
+    s.split('+').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect()
+}
+
+/// A map of strings that also takes numbers (an environment value like `a=1` parses as one).
+fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+    let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
+    raw.into_iter()
+        .map(|(k, v)| match v {
+            serde_json::Value::String(s) => Ok((k, s)),
+            serde_json::Value::Number(n) => Ok((k, n.to_string())),
+            other => Err(serde::de::Error::custom(format!("{k}: expected a string, got {other}"))),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rate_limit_specs() {
+        let s = RateLimitSpec::parse("500/min burst 50").unwrap();
+        assert_eq!((s.rate, s.period, s.burst), (500, Duration::from_secs(60), 50));
+        assert_eq!(s.interval(), Duration::from_millis(120));
+        assert_eq!(RateLimitSpec::parse("5/s").unwrap().burst, 1);
+        assert_eq!(RateLimitSpec::parse("100/10s").unwrap().period, Duration::from_secs(10));
+        for bad in ["", "500", "x/min", "5/s burst", "0/s", "5/s burst 0", "5/fortnightly", "5/s burst 2 extra"] {
+            assert!(RateLimitSpec::parse(bad).is_err(), "{bad:?} parsed");
+        }
+    }
+
+    #[test]
+    fn cache_specs() {
+        let c = CacheSpec::parse("1h by model+messages").unwrap();
+        assert_eq!(c.ttl, Duration::from_secs(3600));
+        assert_eq!(c.key_fields, vec!["model", "messages"]);
+        assert!(CacheSpec::parse("10m").unwrap().key_fields.is_empty());
+        assert!(CacheSpec::parse("soon").is_err());
+        assert!(CacheSpec::parse("1h with model").is_err());
+    }
+
+    #[test]
+    fn chains_and_prices() {
+        let mut p = ProvidersConfig::default();
+        p.chains.insert("search".into(), "tavily > exa>perplexity".into());
+        p.prices.insert("m".into(), "0.15/0.6".into());
+        assert_eq!(p.chain("search"), vec!["tavily", "exa", "perplexity"]);
+        assert_eq!(p.chain("exa"), vec!["exa"]);
+        assert_eq!(p.price("m"), Some((0.15, 0.6)));
+        assert_eq!(p.price("other"), None);
+    }
+}

@@ -1,0 +1,342 @@
+//! The shared result cache with single-flight.
+//!
+//! A kind's cache policy names a TTL and the payload fields that make the key. Before running a
+//! task the worker *claims* its key in one script call: a stored result is a hit; otherwise the
+//! first claimant takes a lease (a lock with the task's timeout) and runs the task, and any
+//! identical task arriving meanwhile waits for that result instead of running again. The leader
+//! stores the result and drops the lease in one call; a leader that fails drops the lease, and a
+//! leader that dies lets it expire, so a waiter then runs the task itself.
+
+use crate::SharedState;
+use serde_json::Value;
+use sha2::{Digest, Sha256};
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+use taskfleet_config::{CacheSpec, PoliciesConfig};
+
+const CLAIM: &str = r#"
+local v = redis.call('GET', KEYS[1])
+if v then return {1, v} end
+if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
+return {3, ''}
+"#;
+
+const STORE: &str = r#"
+redis.call('SET', KEYS[1], ARGV[1], 'PX', ARGV[2])
+if redis.call('GET', KEYS[2]) == ARGV[3] then redis.call('DEL', KEYS[2]) end
+return 1
+"#;
+
+const RELEASE: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+/// Where a task's result lives in the cache.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CacheKey {
+    /// Task kind.
+    pub kind: String,
+    /// SHA-256 of the canonical JSON of the key fields, hex.
+    pub hash: String,
+    /// How long a stored result lives.
+    pub ttl: Duration,
+}
+
+impl CacheKey {
+    /// The key of `payload` under `spec`: the named fields (a missing field counts as null) or
+    /// the whole payload, canonicalised (object keys sorted) so field order does not matter.
+    pub fn new(kind: &str, payload: &Value, spec: &CacheSpec) -> CacheKey {
+        let mut hasher = Sha256::new();
+        let mut buf = String::new();
+        if spec.key_fields.is_empty() {
+            canonical(payload, &mut buf);
+        } else {
+            for field in &spec.key_fields {
+                buf.push_str(&serde_json::to_string(field).unwrap_or_default());
+                buf.push('=');
+                canonical(payload.get(field).unwrap_or(&Value::Null), &mut buf);
+                buf.push(';');
+            }
+        }
+        hasher.update(buf.as_bytes());
+        CacheKey { kind: kind.to_string(), hash: hex::encode(hasher.finalize()), ttl: spec.ttl }
+    }
+}
+
+/// Writes JSON with object keys in sorted order.
+fn canonical(v: &Value, out: &mut String) {
+    match v {
+        Value::Object(m) => {
+            let mut keys: Vec<&String> = m.keys().collect();
+            keys.sort();
+            out.push('{');
+            for (i, k) in keys.into_iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                out.push_str(&serde_json::to_string(k).unwrap_or_default());
+                out.push(':');
+                canonical(&m[k], out);
+            }
+            out.push('}');
+        }
+        Value::Array(a) => {
+            out.push('[');
+            for (i, x) in a.iter().enumerate() {
+                if i > 0 {
+                    out.push(',');
+                }
+                canonical(x, out);
+            }
+            out.push(']');
+        }
+        other => out.push_str(&other.to_string()),
+    }
+}
+
+/// A result found in the cache.
+#[derive(Debug, Clone, PartialEq)]
+pub struct CachedResult {
+    /// The handler's output.
+    pub result: Value,
+    /// What computing it cost, in US dollars (saved by this hit).
+    pub cost_usd: Option<f64>,
+}
+
+/// The outcome of claiming a key.
+#[derive(Debug, Clone, PartialEq)]
+pub enum CacheClaim {
+    /// A result is stored: use it.
+    Hit(CachedResult),
+    /// Nobody runs this yet: run it, then [`ResultCache::store`] (or `release`) with this owner.
+    Leader(String),
+    /// An identical task is running elsewhere: wait for its result.
+    Follower,
+    /// Redis is unreachable: run without the cache.
+    Unavailable,
+}
+
+/// The shared result cache.
+#[derive(Clone, Debug)]
+pub struct ResultCache {
+    state: SharedState,
+    policies: Arc<BTreeMap<String, CacheSpec>>,
+    max_bytes: usize,
+    wait: Duration,
+    claim: Arc<redis::Script>,
+    store: Arc<redis::Script>,
+    release: Arc<redis::Script>,
+}
+
+impl ResultCache {
+    pub(crate) fn new(state: SharedState, policies: &PoliciesConfig) -> Self {
+        ResultCache {
+            state,
+            policies: Arc::new(policies.parsed_cache().unwrap_or_default()),
+            max_bytes: policies.cache_max_bytes,
+            wait: policies.single_flight_wait,
+            claim: Arc::new(redis::Script::new(CLAIM)),
+            store: Arc::new(redis::Script::new(STORE)),
+            release: Arc::new(redis::Script::new(RELEASE)),
+        }
+    }
+
+    /// Adds or replaces the policy of one kind (e.g. from a worker's builder).
+    pub fn with_policy(mut self, kind: impl Into<String>, spec: CacheSpec) -> Self {
+        Arc::make_mut(&mut self.policies).insert(kind.into(), spec);
+        self
+    }
+
+    /// The key of a task, if its kind is cacheable.
+    pub fn key_for(&self, kind: &str, payload: &Value) -> Option<CacheKey> {
+        self.policies.get(kind).map(|spec| CacheKey::new(kind, payload, spec))
+    }
+
+    /// Longest wait for an identical task's result.
+    pub fn single_flight_wait(&self) -> Duration {
+        self.wait
+    }
+
+    fn keys(&self, key: &CacheKey) -> (String, String) {
+        (self.state.key(&["cache", &key.kind, &key.hash]), self.state.key(&["cache-lease", &key.kind, &key.hash]))
+    }
+
+    /// Looks the key up and, on a miss, tries to become the one that computes it (holding the
+    /// lease for at most `lease`). One round trip.
+    pub async fn claim(&self, key: &CacheKey, lease: Duration) -> CacheClaim {
+        let (value_key, lease_key) = self.keys(key);
+        let owner = format!("{:016x}", rand_u64());
+        let lease_ms = lease.as_millis().max(1) as u64;
+        let script = self.claim.clone();
+        let owner_arg = owner.clone();
+        let answer = self
+            .state
+            .run("cache_claim", async move |mut conn| {
+                script
+                    .key(&value_key)
+                    .key(&lease_key)
+                    .arg(&owner_arg)
+                    .arg(lease_ms)
+                    .invoke_async::<(i64, Vec<u8>)>(&mut conn)
+                    .await
+            })
+            .await;
+        let claim = match answer {
+            Ok((1, bytes)) => match decode(&bytes) {
+                Some(hit) => CacheClaim::Hit(hit),
+                // Unreadable entry (e.g. written by another version): recompute it.
+                None => CacheClaim::Leader(owner),
+            },
+            Ok((2, _)) => CacheClaim::Leader(owner),
+            Ok(_) => CacheClaim::Follower,
+            Err(_) => CacheClaim::Unavailable,
+        };
+        let outcome = match &claim {
+            CacheClaim::Hit(_) => "hit",
+            CacheClaim::Leader(_) => "miss",
+            CacheClaim::Follower => "wait",
+            CacheClaim::Unavailable => "bypass",
+        };
+        metrics::counter!("taskfleet_cache_lookups_total", "kind" => key.kind.clone(), "outcome" => outcome)
+            .increment(1);
+        claim
+    }
+
+    /// Waits (polling, 5 ms doubling to 100 ms) until the key holds a result or its lease is
+    /// free to take, for at most `max_wait`. Returns `Follower` if the wait ran out.
+    pub async fn wait_for(&self, key: &CacheKey, lease: Duration, max_wait: Duration) -> CacheClaim {
+        let deadline = tokio::time::Instant::now() + max_wait;
+        let mut pause = Duration::from_millis(5);
+        loop {
+            tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
+            match self.claim(key, lease).await {
+                CacheClaim::Follower if tokio::time::Instant::now() < deadline => {}
+                other => return other,
+            }
+            pause = (pause * 2).min(Duration::from_millis(100));
+        }
+    }
+
+    /// Stores a result and drops the lease `owner` holds. Results larger than
+    /// `policies.cache_max_bytes` are not stored (the lease is still dropped).
+    pub async fn store(&self, key: &CacheKey, owner: &str, result: &Value, cost_usd: Option<f64>) {
+        let bytes =
+            serde_json::to_vec(&serde_json::json!({ "result": result, "cost_usd": cost_usd })).unwrap_or_default();
+        if bytes.len() > self.max_bytes {
+            metrics::counter!("taskfleet_cache_too_large_total", "kind" => key.kind.clone()).increment(1);
+            self.release(key, owner).await;
+            return;
+        }
+        let (value_key, lease_key) = self.keys(key);
+        let ttl_ms = key.ttl.as_millis().max(1) as u64;
+        let script = self.store.clone();
+        let owner = owner.to_string();
+        let _ = self
+            .state
+            .run("cache_store", async move |mut conn| {
+                script
+                    .key(&value_key)
+                    .key(&lease_key)
+                    .arg(bytes)
+                    .arg(ttl_ms)
+                    .arg(&owner)
+                    .invoke_async::<i64>(&mut conn)
+                    .await
+            })
+            .await;
+    }
+
+    /// Drops the lease `owner` holds without storing anything (the task failed or was deferred).
+    pub async fn release(&self, key: &CacheKey, owner: &str) {
+        let (_, lease_key) = self.keys(key);
+        let script = self.release.clone();
+        let owner = owner.to_string();
+        let _ = self
+            .state
+            .run("cache_release", async move |mut conn| {
+                script.key(&lease_key).arg(&owner).invoke_async::<i64>(&mut conn).await
+            })
+            .await;
+    }
+}
+
+fn decode(bytes: &[u8]) -> Option<CachedResult> {
+    let v: Value = serde_json::from_slice(bytes).ok()?;
+    Some(CachedResult { result: v.get("result")?.clone(), cost_usd: v.get("cost_usd").and_then(Value::as_f64) })
+}
+
+fn rand_u64() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_i64(crate::now_us());
+    h.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+    use taskfleet_config::RedisConfig;
+
+    fn spec(fields: &[&str]) -> CacheSpec {
+        CacheSpec { ttl: Duration::from_secs(60), key_fields: fields.iter().map(|f| f.to_string()).collect() }
+    }
+
+    #[test]
+    fn keys_ignore_field_order_and_other_fields() {
+        let s = spec(&["model", "messages"]);
+        let a = CacheKey::new(
+            "llm.chat",
+            &json!({"model": "m", "messages": [{"role": "user", "content": "hi"}], "user": "x"}),
+            &s,
+        );
+        let b = CacheKey::new("llm.chat", &json!({"messages": [{"content": "hi", "role": "user"}], "model": "m"}), &s);
+        let c = CacheKey::new("llm.chat", &json!({"model": "n", "messages": [{"role": "user", "content": "hi"}]}), &s);
+        assert_eq!(a, b);
+        assert_ne!(a.hash, c.hash);
+        let whole = spec(&[]);
+        assert_ne!(CacheKey::new("k", &json!({"a": 1}), &whole), CacheKey::new("k", &json!({"a": 2}), &whole));
+    }
+
+    #[tokio::test]
+    async fn single_flight_hit_and_release() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("cache");
+        let redis = RedisConfig {
+            url: prefix.url.clone(),
+            key_prefix: prefix.prefix.clone(),
+            op_timeout: Duration::from_millis(500),
+        };
+        let state = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
+        let mut policies = PoliciesConfig::default();
+        policies.cache.insert("llm.chat".into(), "1m by prompt".into());
+        let cache = state.cache(&policies);
+        let key = cache.key_for("llm.chat", &json!({"prompt": "hello"})).unwrap();
+        assert!(cache.key_for("echo", &json!({})).is_none());
+
+        let CacheClaim::Leader(owner) = cache.claim(&key, Duration::from_secs(5)).await else { panic!("not leader") };
+        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Follower);
+        // A waiter gets the leader's result as soon as it is stored.
+        let waiter = {
+            let (cache, key) = (cache.clone(), key.clone());
+            tokio::spawn(async move { cache.wait_for(&key, Duration::from_secs(5), Duration::from_secs(5)).await })
+        };
+        tokio::time::sleep(Duration::from_millis(30)).await;
+        cache.store(&key, &owner, &json!({"text": "hi"}), Some(0.002)).await;
+        let expected = CachedResult { result: json!({"text": "hi"}), cost_usd: Some(0.002) };
+        assert_eq!(waiter.await.unwrap(), CacheClaim::Hit(expected.clone()));
+        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Hit(expected));
+
+        // A failed leader releases its lease: the next claimant leads.
+        let other = cache.key_for("llm.chat", &json!({"prompt": "other"})).unwrap();
+        let CacheClaim::Leader(owner) = cache.claim(&other, Duration::from_secs(5)).await else { panic!() };
+        cache.release(&other, &owner).await;
+        assert!(matches!(cache.claim(&other, Duration::from_secs(5)).await, CacheClaim::Leader(_)));
+
+        // Redis unreachable: bypass.
+        let down = RedisConfig { url: "redis://127.0.0.1:1".into(), ..redis };
+        let cache = SharedState::connect(&down).unwrap().cache(&policies);
+        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Unavailable);
+    }
+}

@@ -1,0 +1,203 @@
+//! The fleet's shared state in Redis: what every worker must see the same.
+//!
+//! - [`ResultCache`]: results of cacheable task kinds, with single-flight (identical tasks
+//!   running at the same time run once; the others wait for that result).
+//! - [`RateLimiter`]: named fleet-wide rate limits, one atomic GCRA script call per token.
+//! - [`Breakers`]: circuit breakers per dependency, state kept in Redis.
+//!
+//! Redis is an accelerator, not a source of truth. Every call has a timeout
+//! (`redis.op_timeout`); when Redis does not answer, the call falls back (the cache is bypassed,
+//! each worker enforces `policies.local_limit_share` of every limit itself, breakers keep local
+//! state), the fallback is counted in `taskfleet_redis_fallback_total{op}` and logged once per
+//! outage, and the connection is re-established in the background.
+
+mod breaker;
+mod cache;
+mod limiter;
+
+pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
+pub use cache::{CacheClaim, CacheKey, CachedResult, ResultCache};
+pub use limiter::{Decision, RateLimiter};
+
+use redis::aio::ConnectionManager;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use taskfleet_config::{ConfigError, PoliciesConfig, RedisConfig};
+
+/// Why a shared-state call failed (the public API falls back instead of returning these).
+#[derive(Debug, thiserror::Error)]
+pub enum SharedStateError {
+    /// Not connected yet, or the connection is being re-established.
+    #[error("redis is not connected")]
+    NotConnected,
+    /// The command did not answer within `redis.op_timeout`.
+    #[error("redis did not answer within {0:?}")]
+    Timeout(Duration),
+    /// Redis answered with an error, or the connection broke.
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    /// The configuration does not parse.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+/// A handle on the shared state; cheap to clone.
+#[derive(Clone, Debug)]
+pub struct SharedState {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    conn: Mutex<Option<ConnectionManager>>,
+    prefix: String,
+    op_timeout: Duration,
+    up: AtomicBool,
+}
+
+impl std::fmt::Debug for Inner {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SharedState").field("prefix", &self.prefix).field("up", &self.up).finish()
+    }
+}
+
+impl SharedState {
+    /// Starts connecting to Redis in the background and returns at once: until the first
+    /// connection is made every call falls back, so a worker starts (and runs tasks) with Redis
+    /// down.
+    pub fn connect(config: &RedisConfig) -> Result<SharedState, SharedStateError> {
+        let client = redis::Client::open(config.url.as_str())?;
+        let state = SharedState {
+            inner: Arc::new(Inner {
+                conn: Mutex::new(None),
+                prefix: config.key_prefix.clone(),
+                op_timeout: config.op_timeout,
+                up: AtomicBool::new(false),
+            }),
+        };
+        let weak = Arc::downgrade(&state.inner);
+        let timeout = config.op_timeout.max(Duration::from_millis(50));
+        tokio::spawn(async move {
+            let settings = redis::aio::ConnectionManagerConfig::new()
+                .set_connection_timeout(Some(timeout * 4))
+                .set_response_timeout(Some(timeout))
+                .set_number_of_retries(2)
+                .set_max_delay(Duration::from_secs(2));
+            let mut wait = Duration::from_millis(100);
+            loop {
+                let Some(inner) = weak.upgrade() else { return };
+                match ConnectionManager::new_with_config(client.clone(), settings.clone()).await {
+                    Ok(conn) => {
+                        if let Ok(mut slot) = inner.conn.lock() {
+                            *slot = Some(conn);
+                        }
+                        inner.mark_up();
+                        return;
+                    }
+                    Err(e) => {
+                        if wait == Duration::from_millis(100) {
+                            tracing::warn!(error = %e, "cannot connect to Redis yet; running on local fallbacks");
+                        }
+                    }
+                }
+                drop(inner);
+                tokio::time::sleep(wait).await;
+                wait = (wait * 2).min(Duration::from_secs(2));
+            }
+        });
+        Ok(state)
+    }
+
+    /// Connects and waits up to `wait` for the first connection (tests, tools).
+    pub async fn connect_and_wait(config: &RedisConfig, wait: Duration) -> Result<SharedState, SharedStateError> {
+        let state = SharedState::connect(config)?;
+        let deadline = tokio::time::Instant::now() + wait;
+        while !state.is_up() && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        Ok(state)
+    }
+
+    /// True while the last Redis call succeeded.
+    pub fn is_up(&self) -> bool {
+        self.inner.up.load(Ordering::Relaxed)
+    }
+
+    /// The key prefix of this fleet.
+    pub fn prefix(&self) -> &str {
+        &self.inner.prefix
+    }
+
+    /// The result cache.
+    pub fn cache(&self, policies: &PoliciesConfig) -> ResultCache {
+        ResultCache::new(self.clone(), policies)
+    }
+
+    /// The fleet's rate limits as configured.
+    pub fn rate_limiter(&self, policies: &PoliciesConfig) -> Result<RateLimiter, SharedStateError> {
+        Ok(RateLimiter::new(self.clone(), policies.parsed_rate_limits()?, policies.local_limit_share))
+    }
+
+    /// The fleet's circuit breakers as configured.
+    pub fn breakers(&self, policies: &PoliciesConfig) -> Breakers {
+        Breakers::new(self.clone(), BreakerSettings::from(policies))
+    }
+
+    /// Runs one command (or script invocation) with the op timeout; marks Redis down or up.
+    pub(crate) async fn run<T: redis::FromRedisValue>(
+        &self,
+        op: &'static str,
+        f: impl AsyncFnOnce(ConnectionManager) -> redis::RedisResult<T>,
+    ) -> Result<T, SharedStateError> {
+        let conn = self.inner.conn.lock().ok().and_then(|c| c.clone());
+        let Some(conn) = conn else {
+            self.inner.fell_back(op, &SharedStateError::NotConnected);
+            return Err(SharedStateError::NotConnected);
+        };
+        let result = match tokio::time::timeout(self.inner.op_timeout, f(conn)).await {
+            Ok(Ok(v)) => Ok(v),
+            Ok(Err(e)) => Err(SharedStateError::Redis(e)),
+            Err(_) => Err(SharedStateError::Timeout(self.inner.op_timeout)),
+        };
+        match &result {
+            Ok(_) => self.inner.mark_up(),
+            Err(e) => self.inner.fell_back(op, e),
+        }
+        result
+    }
+
+    pub(crate) fn key(&self, parts: &[&str]) -> String {
+        let mut k = self.inner.prefix.clone();
+        for (i, p) in parts.iter().enumerate() {
+            if i > 0 {
+                k.push(':');
+            }
+            k.push_str(p);
+        }
+        k
+    }
+}
+
+impl Inner {
+    fn mark_up(&self) {
+        if !self.up.swap(true, Ordering::Relaxed) {
+            tracing::info!("Redis reachable: shared cache, rate limits and breakers in use");
+            metrics::gauge!("taskfleet_redis_up").set(1.0);
+        }
+    }
+
+    fn fell_back(&self, op: &'static str, error: &SharedStateError) {
+        metrics::counter!("taskfleet_redis_fallback_total", "op" => op).increment(1);
+        if self.up.swap(false, Ordering::Relaxed) {
+            tracing::warn!(%error, op, "Redis unreachable: cache bypassed, local rate limit shares and breakers until it is back");
+            metrics::gauge!("taskfleet_redis_up").set(0.0);
+        } else {
+            tracing::debug!(%error, op, "Redis call fell back");
+        }
+    }
+}
+
+/// Microseconds since the Unix epoch (for local fallbacks; Redis scripts use Redis' clock).
+pub(crate) fn now_us() -> i64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}

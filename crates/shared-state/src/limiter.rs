@@ -1,0 +1,170 @@
+//! Fleet-wide rate limits: GCRA (generic cell rate algorithm) in one atomic Redis script, on
+//! Redis' clock, so every worker draws from the same budget. One round trip per token.
+
+use crate::{SharedState, now_us};
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+use taskfleet_config::RateLimitSpec;
+
+/// KEYS[1]: the limit's theoretical arrival time (TAT, µs). ARGV: emission interval (µs), burst.
+/// Returns {allowed (0/1), retry_after_us}.
+const GCRA: &str = r#"
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
+local interval = tonumber(ARGV[1])
+local burst = tonumber(ARGV[2])
+local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
+if tat < now then tat = now end
+local new_tat = tat + interval
+local allow_at = new_tat - burst * interval
+if now < allow_at then
+  return {0, allow_at - now}
+end
+redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
+return {1, 0}
+"#;
+
+/// The answer to a token request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Decision {
+    /// Go ahead.
+    Allowed,
+    /// Not before this delay.
+    Denied {
+        /// When a token will be available.
+        retry_after: Duration,
+    },
+}
+
+/// Why a limit cannot be applied.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[error("no rate limit named {0:?} in policies.rate_limits")]
+pub struct UnknownLimit(pub String);
+
+/// The fleet's named rate limits.
+#[derive(Clone, Debug)]
+pub struct RateLimiter {
+    state: SharedState,
+    limits: Arc<BTreeMap<String, RateLimitSpec>>,
+    script: Arc<redis::Script>,
+    local: Arc<Mutex<HashMap<String, i64>>>,
+    local_share: f64,
+}
+
+impl RateLimiter {
+    pub(crate) fn new(state: SharedState, limits: BTreeMap<String, RateLimitSpec>, local_share: f64) -> Self {
+        RateLimiter {
+            state,
+            limits: Arc::new(limits),
+            script: Arc::new(redis::Script::new(GCRA)),
+            local: Default::default(),
+            local_share,
+        }
+    }
+
+    /// True when `name` is a configured limit.
+    pub fn knows(&self, name: &str) -> bool {
+        self.limits.contains_key(name)
+    }
+
+    /// Takes one token of limit `name`, fleet-wide; with Redis down, from this worker's share.
+    pub async fn acquire(&self, name: &str) -> Result<Decision, UnknownLimit> {
+        let spec = *self.limits.get(name).ok_or_else(|| UnknownLimit(name.to_string()))?;
+        let interval_us = spec.interval().as_micros().max(1) as i64;
+        let key = self.state.key(&["limit", name]);
+        let script = self.script.clone();
+        let answer = self
+            .state
+            .run("rate_limit", async move |mut conn| {
+                script.key(&key).arg(interval_us).arg(spec.burst).invoke_async::<(i64, i64)>(&mut conn).await
+            })
+            .await;
+        let decision = match answer {
+            Ok((1, _)) => Decision::Allowed,
+            Ok((_, wait_us)) => Decision::Denied { retry_after: Duration::from_micros(wait_us.max(1) as u64) },
+            Err(_) => self.acquire_local(name, spec),
+        };
+        let outcome = if decision == Decision::Allowed { "allowed" } else { "denied" };
+        metrics::counter!("taskfleet_rate_limit_total", "limit" => name.to_string(), "outcome" => outcome).increment(1);
+        Ok(decision)
+    }
+
+    /// The same algorithm in process, on this worker's share of the limit.
+    fn acquire_local(&self, name: &str, spec: RateLimitSpec) -> Decision {
+        let interval = (spec.interval().as_micros() as f64 / self.local_share).max(1.0) as i64;
+        let burst = ((spec.burst as f64 * self.local_share).floor() as i64).max(1);
+        let now = now_us();
+        let Ok(mut tats) = self.local.lock() else { return Decision::Allowed };
+        let tat = tats.get(name).copied().unwrap_or(0).max(now);
+        let new_tat = tat + interval;
+        let allow_at = new_tat - burst * interval;
+        if now < allow_at {
+            return Decision::Denied { retry_after: Duration::from_micros((allow_at - now) as u64) };
+        }
+        tats.insert(name.to_string(), new_tat);
+        Decision::Allowed
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskfleet_config::{PoliciesConfig, RedisConfig};
+
+    fn config(prefix: &str, url: &str) -> RedisConfig {
+        RedisConfig { url: url.into(), key_prefix: prefix.into(), op_timeout: Duration::from_millis(200) }
+    }
+
+    fn policies(spec: &str) -> PoliciesConfig {
+        let mut p = PoliciesConfig::default();
+        p.rate_limits.insert("api".into(), spec.into());
+        p
+    }
+
+    #[tokio::test]
+    async fn burst_then_steady_rate_fleet_wide() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("limiter");
+        let redis = config(&prefix.prefix, &prefix.url);
+        // Two workers' limiters on the same Redis share one budget.
+        let a = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
+        let b = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
+        assert!(a.is_up());
+        let la = a.rate_limiter(&policies("10/s burst 5")).unwrap();
+        let lb = b.rate_limiter(&policies("10/s burst 5")).unwrap();
+        let mut allowed = 0;
+        let mut denied_wait = None;
+        for i in 0..20 {
+            let l = if i % 2 == 0 { &la } else { &lb };
+            match l.acquire("api").await.unwrap() {
+                Decision::Allowed => allowed += 1,
+                Decision::Denied { retry_after } => denied_wait = denied_wait.or(Some(retry_after)),
+            }
+        }
+        // The burst, plus at most one token that became due while the loop ran.
+        assert!((5..=6).contains(&allowed), "allowed {allowed}");
+        let wait = denied_wait.unwrap();
+        assert!(wait <= Duration::from_millis(100), "{wait:?}");
+        tokio::time::sleep(wait).await;
+        assert_eq!(la.acquire("api").await.unwrap(), Decision::Allowed);
+        assert_eq!(la.acquire("nope").await, Err(UnknownLimit("nope".into())));
+    }
+
+    #[tokio::test]
+    async fn falls_back_to_a_local_share_without_redis() {
+        // Nothing listens on port 1.
+        let state = SharedState::connect(&config("tf:none:", "redis://127.0.0.1:1")).unwrap();
+        let mut p = policies("100/s burst 8");
+        p.local_limit_share = 0.25;
+        let l = state.rate_limiter(&p).unwrap();
+        let mut allowed = 0;
+        for _ in 0..10 {
+            if l.acquire("api").await.unwrap() == Decision::Allowed {
+                allowed += 1;
+            }
+        }
+        // A quarter of the burst: 2.
+        assert_eq!(allowed, 2);
+        assert!(!state.is_up());
+    }
+}

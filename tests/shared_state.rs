@@ -1,0 +1,286 @@
+//! The fleet's shared state in Redis with the real binaries and a local mock of the outside
+//! APIs: fleet-wide rate limits (overshoot with 8 workers), circuit breakers with provider and
+//! model fallbacks, `Retry-After` on 429, the result cache with single-flight, and Redis down.
+
+use serde_json::json;
+use std::time::{Duration, Instant};
+use taskfleet_e2e::Fleet;
+use taskfleet_mock_api::{Behaviour, Control, MockApi, MockConfig, RunningMock};
+use taskfleet_proto::{RetryBackoff, TaskEnvelope};
+
+async fn mock(name: &str, behaviour: Behaviour) -> RunningMock {
+    MockApi::start(MockConfig { name: name.into(), behaviour, ..MockConfig::default() }).await.unwrap()
+}
+
+fn search(query: &str) -> TaskEnvelope {
+    let mut t = TaskEnvelope::new(
+        "http",
+        json!({ "provider": "search", "method": "POST", "path": "/v1/search", "json": { "query": query } }),
+    );
+    t.max_attempts = 5;
+    t.retry = Some(RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
+    t
+}
+
+fn chat(model: &str, prompt: &str) -> TaskEnvelope {
+    let mut t =
+        TaskEnvelope::new("llm.chat", json!({ "model": model, "messages": [{ "role": "user", "content": prompt }] }));
+    t.max_attempts = 5;
+    t.retry = Some(RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
+    t
+}
+
+/// (outcome, usage) of every attempt of every task, in task order.
+async fn attempts(pool: &sqlx::PgPool) -> Vec<(uuid::Uuid, i32, String, Option<serde_json::Value>)> {
+    sqlx::query_as("SELECT task_id, attempt, outcome, usage FROM task_attempts ORDER BY task_id, attempt")
+        .fetch_all(pool)
+        .await
+        .unwrap()
+}
+
+async fn results(pool: &sqlx::PgPool) -> Vec<serde_json::Value> {
+    sqlx::query_scalar("SELECT result FROM tasks WHERE state = 'succeeded' ORDER BY id").fetch_all(pool).await.unwrap()
+}
+
+/// Eight workers hammer one limit of 200/s (burst 10) with 1,200 search calls: the mock API
+/// sees no more than the limit allows in any 2 s window (overshoot under 1%), and tasks that
+/// find no token are deferred, not failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rate_limit_holds_across_eight_workers() {
+    let api = mock("search-api", Behaviour::default()).await;
+    let mut fleet = Fleet::new("ratelimit");
+    fleet
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("search={}", api.url()))
+        .set("TASKFLEET_PROVIDERS_LIMITS", "search=search")
+        .set("TASKFLEET_POLICIES_RATE_LIMITS", "search=200/s burst 10")
+        .set("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "16");
+    fleet.start_coordinator();
+    for _ in 0..8 {
+        fleet.start_worker(&[]);
+    }
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let n = 1_200;
+    let tasks: Vec<TaskEnvelope> = (0..n).map(|i| search(&format!("q{i}"))).collect();
+    fleet.submit_all(&client, &tasks).await;
+    let counts = fleet.wait_final(&pool, n as i64, Duration::from_secs(90)).await;
+    assert_eq!(counts.get("succeeded"), Some(&(n as i64)), "{counts:?}");
+
+    let stats = api.stats();
+    let accepted = stats.accepted_ms.len();
+    assert_eq!(accepted, n, "one call per task");
+    let window_ms = 2_000.0;
+    let allowed = 200.0 * window_ms / 1000.0 + 10.0;
+    let worst = stats.max_in_window(window_ms) as f64;
+    let span_s = (stats.accepted_ms[accepted - 1] - stats.accepted_ms[0]) / 1000.0;
+    let overall = (accepted as f64 - 10.0) / span_s;
+    let overshoot = ((worst - allowed) / allowed).max(0.0) * 100.0;
+    println!(
+        "rate limit 200/s burst 10, 8 workers, {n} calls: busiest 2 s window {worst} calls (limit allows {allowed}), \
+         overshoot {overshoot:.2}%; overall {overall:.1} calls/s over {span_s:.2} s"
+    );
+    assert!(overshoot < 1.0, "overshoot {overshoot:.2}%: {worst} calls in a 2 s window, {allowed} allowed");
+    assert!(overall <= 200.0 * 1.01, "overall rate {overall:.1}/s");
+    // The limit was the bottleneck, not the fleet: the run took about n / rate.
+    assert!(span_s > 5.0, "{span_s}");
+}
+
+/// A failing model opens its breaker after 3 failures; tasks then go to the fallback model,
+/// whose tokens and cost are counted. Once the first model heals, a trial after the cooldown
+/// closes its breaker and tasks go back to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn breaker_opens_fallback_takes_over_and_recovers() {
+    let primary = mock("primary", Behaviour { error_rate: 1.0, ..Behaviour::default() }).await;
+    let backup = mock("backup", Behaviour::default()).await;
+    let mut fleet = Fleet::new("breaker");
+    fleet
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("primary={}/v1,backup={}/v1", primary.url(), backup.url()))
+        .set("TASKFLEET_PROVIDERS_MODELS", "model-a=primary,model-b=backup")
+        .set("TASKFLEET_PROVIDERS_MODEL_FALLBACKS", "model-a=model-a>model-b")
+        .set("TASKFLEET_PROVIDERS_PRICES", "model-a=1/2,model-b=0.5/1.5")
+        .set("TASKFLEET_POLICIES_BREAKER_FAILURES", "3")
+        .set("TASKFLEET_POLICIES_BREAKER_COOLDOWN", "1s")
+        .set("TASKFLEET_POLICIES_BREAKER_SUCCESSES", "1")
+        .set("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "2");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let first: Vec<TaskEnvelope> = (0..20).map(|i| chat("model-a", &format!("question {i}"))).collect();
+    fleet.submit_all(&client, &first).await;
+    let counts = fleet.wait_final(&pool, 20, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("succeeded"), Some(&20), "{counts:?}");
+    let failed_calls = primary.stats().count(500);
+    println!(
+        "model-a failing: {failed_calls} calls to it before its breaker opened; backup served {}",
+        backup.stats().count(200)
+    );
+    // The breaker opened at the third failure; calls already in flight (2 slots) may add one.
+    assert!((3..=4).contains(&failed_calls), "{failed_calls} calls to the failing model");
+    assert_eq!(backup.stats().count(200), 20);
+    for r in results(&pool).await {
+        assert_eq!(r["model"], "model-b", "{r}");
+        assert_eq!(r["provider"], "backup");
+    }
+    // Tokens and cost of the fallback model, from its price.
+    let used: Vec<_> = attempts(&pool).await.into_iter().filter(|a| a.2 == "succeeded").collect();
+    assert_eq!(used.len(), 20);
+    for (_, _, _, usage) in &used {
+        let u = usage.as_ref().expect("usage recorded");
+        let (p, c) = (u["prompt_tokens"].as_f64().unwrap(), u["completion_tokens"].as_f64().unwrap());
+        assert!(p > 0.0 && c > 0.0, "{u}");
+        let cost = u["cost_usd"].as_f64().unwrap();
+        assert!((cost - (0.5 * p + 1.5 * c) / 1e6).abs() < 1e-12, "{u}");
+    }
+
+    // The primary heals; after the cooldown one trial call closes the breaker.
+    primary.control(&Control { error_rate: Some(0.0), ..Control::default() }).unwrap();
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    let second: Vec<TaskEnvelope> = (0..10).map(|i| chat("model-a", &format!("later {i}"))).collect();
+    fleet.submit_all(&client, &second).await;
+    fleet.wait_final(&pool, 30, Duration::from_secs(60)).await;
+    // The first call after the cooldown is the one trial; a task checking at the same moment
+    // (2 slots) still goes to the fallback.
+    let served = primary.stats().count(200);
+    assert!((9..=10).contains(&served), "the healed model serves again: {served} of 10");
+}
+
+/// A 429 with `Retry-After: 1` is retried no sooner than a second later.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn retry_after_is_honoured() {
+    let api = mock("limited", Behaviour { rate_429: 1.0, retry_after_s: 1, ..Behaviour::default() }).await;
+    let mut fleet = Fleet::new("retryafter");
+    fleet.set("TASKFLEET_PROVIDERS_URLS", &format!("search={}", api.url()));
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let task = search("busy");
+    fleet.submit_all(&client, std::slice::from_ref(&task)).await;
+    // Let the first attempt meet the 429, then let the API answer.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while api.stats().count(429) == 0 {
+        assert!(Instant::now() < deadline, "no call reached the API\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    api.control(&Control { rate_429: Some(0.0), ..Control::default() }).unwrap();
+    fleet.wait_final(&pool, 1, Duration::from_secs(30)).await;
+    let rows: Vec<(i32, String, Option<serde_json::Value>, f64)> = sqlx::query_as(
+        "SELECT a.attempt, a.outcome, a.error,
+                extract(epoch FROM (SELECT started_at FROM task_attempts b WHERE b.task_id = a.task_id AND b.attempt = 2)
+                                   - a.finished_at)::float8
+         FROM task_attempts a WHERE a.task_id = $1 ORDER BY attempt",
+    )
+    .bind(task.id)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    assert_eq!(rows[0].1, "retrying");
+    assert_eq!(rows[0].2.as_ref().unwrap()["code"], "http_429");
+    assert_eq!(rows[1].1, "succeeded");
+    let gap = rows[0].3;
+    println!("429 with Retry-After: 1 → next attempt {gap:.3} s later");
+    assert!(gap >= 0.99, "retried after {gap} s");
+}
+
+/// A repeated-query workload: 10 distinct prompts, each submitted 5 times at once and then
+/// again. The API is called once per distinct prompt (single-flight for the simultaneous
+/// copies, cache hits after); the hits report what they saved.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cache_runs_identical_tasks_once() {
+    let api = mock("llm", Behaviour { latency_ms: 300, ..Behaviour::default() }).await;
+    let mut fleet = Fleet::new("cache");
+    fleet
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("llm={}/v1", api.url()))
+        .set("TASKFLEET_PROVIDERS_MODELS", "model-a=llm")
+        .set("TASKFLEET_PROVIDERS_PRICES", "model-a=1/2")
+        .set("TASKFLEET_POLICIES_CACHE", "llm.chat=10m by model+messages");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let round = || -> Vec<TaskEnvelope> { (0..50).map(|i| chat("model-a", &format!("prompt {}", i % 10))).collect() };
+    fleet.submit_all(&client, &round()).await;
+    fleet.wait_final(&pool, 50, Duration::from_secs(60)).await;
+    assert_eq!(api.stats().count(200), 10, "one call per distinct prompt");
+    fleet.submit_all(&client, &round()).await;
+    let counts = fleet.wait_final(&pool, 100, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("succeeded"), Some(&100), "{counts:?}");
+    assert_eq!(api.stats().count(200), 10, "the second round is served from the cache");
+
+    let all = attempts(&pool).await;
+    let hits = all.iter().filter(|a| a.3.as_ref().is_some_and(|u| u["cache_hit"] == true)).count();
+    let paid: f64 = all.iter().filter_map(|a| a.3.as_ref().and_then(|u| u["cost_usd"].as_f64())).sum();
+    let saved: f64 = all.iter().filter_map(|a| a.3.as_ref().and_then(|u| u["saved_usd"].as_f64())).sum();
+    println!(
+        "repeated queries: 100 tasks, 10 calls, {hits} cache hits ({}% hit rate), 90 calls saved, \
+         paid ${paid:.6}, saved ${saved:.6}",
+        hits
+    );
+    assert_eq!(hits, 90);
+    assert!(saved > 8.9 * paid && saved < 9.1 * paid, "saved {saved} vs paid {paid}");
+    // Identical prompts give identical results, whoever computed them.
+    let rows: Vec<(serde_json::Value, serde_json::Value)> =
+        sqlx::query_as("SELECT payload, result FROM tasks").fetch_all(&pool).await.unwrap();
+    let mut by_prompt = std::collections::HashMap::new();
+    for (payload, result) in rows {
+        let prev = by_prompt.entry(payload.to_string()).or_insert_with(|| result.clone());
+        assert_eq!(*prev, result);
+    }
+}
+
+/// Redis killed: tasks still run (cache bypassed, local rate limit share), and when Redis is
+/// back the shared cache is used again without restarting anything.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_run_while_redis_is_down() {
+    let mut redis = taskfleet_test_support::RedisServer::start();
+    let api = mock("llm", Behaviour::default()).await;
+    let mut fleet = Fleet::new("redisdown");
+    fleet
+        .set("TASKFLEET_REDIS_URL", &redis.url)
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("llm={}/v1", api.url()))
+        .set("TASKFLEET_PROVIDERS_MODELS", "model-a=llm")
+        .set("TASKFLEET_PROVIDERS_LIMITS", "llm=llm")
+        .set("TASKFLEET_POLICIES_RATE_LIMITS", "llm=1000/s burst 100")
+        .set("TASKFLEET_POLICIES_CACHE", "llm.chat=10m");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    fleet.submit_all(&client, &[chat("model-a", "warm")]).await;
+    fleet.wait_final(&pool, 1, Duration::from_secs(30)).await;
+
+    redis.kill();
+    let during: Vec<TaskEnvelope> = (0..20).map(|i| chat("model-a", &format!("down {}", i % 2))).collect();
+    fleet.submit_all(&client, &during).await;
+    let counts = fleet.wait_final(&pool, 21, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("succeeded"), Some(&21), "{counts:?}");
+    // No cache: every task called the API.
+    assert_eq!(api.stats().count(200), 21);
+    let log = fleet.logs();
+    assert!(log.contains("Redis unreachable"), "the outage is logged\n{log}");
+
+    redis.restart();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut total = 21;
+    for round in 0.. {
+        // The same prompt twice, one after the other: the second is a hit once Redis is back.
+        let before = api.stats().count(200);
+        for _ in 0..2 {
+            fleet.submit_all(&client, &[chat("model-a", &format!("after {round}"))]).await;
+            total += 1;
+            fleet.wait_final(&pool, total, Duration::from_secs(30)).await;
+        }
+        if api.stats().count(200) == before + 1 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the cache did not come back\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(500)).await;
+    }
+    assert!(fleet.logs().contains("Redis reachable"), "the recovery is logged");
+}
