@@ -40,9 +40,17 @@ pub struct SubmitArgs {
     /// Ids of tasks that must succeed first.
     #[arg(long = "depends-on")]
     depends_on: Vec<uuid::Uuid>,
-    /// Submit this many generated tasks (payload `{"i": n}` merged into an object payload).
+    /// A fleet-wide rate limit (from `policies.rate_limits`) the task takes a token from; repeatable.
+    #[arg(long = "limit")]
+    limits: Vec<String>,
+    /// Submit this many generated tasks, each with its index `n` written into the payload at
+    /// `--index-at` (into an object payload, or `{"i": n}` for a null one).
     #[arg(long, default_value_t = 1)]
     count: usize,
+    /// Where the index goes in each generated payload, as a JSON pointer (objects on the way are
+    /// created), e.g. `/json/i` for an `http` task's body.
+    #[arg(long, default_value = "/i")]
+    index_at: String,
     /// Publishes awaiting their JetStream acknowledgement at once, with --count.
     #[arg(long, default_value_t = 2048)]
     in_flight: usize,
@@ -70,19 +78,17 @@ fn priority_for(spec: &str, i: usize) -> anyhow::Result<Priority> {
 fn envelope(args: &SubmitArgs, payload: &serde_json::Value, i: usize) -> anyhow::Result<TaskEnvelope> {
     let mut payload = payload.clone();
     if args.count > 1 {
-        match &mut payload {
-            serde_json::Value::Object(map) => {
-                map.insert("i".into(), i.into());
-            }
-            serde_json::Value::Null => payload = serde_json::json!({ "i": i }),
-            _ => {}
+        if payload.is_null() {
+            payload = serde_json::json!({});
         }
+        set_at(&mut payload, &args.index_at, i.into())?;
     }
     let mut env =
         TaskEnvelope::new(&args.kind, payload).with_queue(&args.queue).with_priority(priority_for(&args.priority, i)?);
     env.max_attempts = args.max_attempts.unwrap_or(0);
     env.timeout_ms = args.timeout.as_millis() as u64;
     env.depends_on = args.depends_on.clone();
+    env.limits = args.limits.clone();
     env.idempotency_key = match (&args.key, args.count) {
         (Some(k), 1) => Some(k.clone()),
         (Some(k), _) => Some(format!("{k}-{i}")),
@@ -90,6 +96,26 @@ fn envelope(args: &SubmitArgs, payload: &serde_json::Value, i: usize) -> anyhow:
     };
     env.validate(usize::MAX).map_err(|e| anyhow!("{e}"))?;
     Ok(env)
+}
+
+/// Writes `value` at a JSON pointer, creating objects on the way.
+fn set_at(target: &mut serde_json::Value, pointer: &str, value: serde_json::Value) -> anyhow::Result<()> {
+    let Some(path) = pointer.strip_prefix('/') else {
+        return Err(anyhow!("--index-at {pointer:?} must start with /"));
+    };
+    let mut here = target;
+    let parts: Vec<String> = path.split('/').map(|p| p.replace("~1", "/").replace("~0", "~")).collect();
+    for (n, part) in parts.iter().enumerate() {
+        let serde_json::Value::Object(map) = here else {
+            return Err(anyhow!("--index-at {pointer:?}: the payload has no object at {part:?}"));
+        };
+        if n + 1 == parts.len() {
+            map.insert(part.clone(), value);
+            return Ok(());
+        }
+        here = map.entry(part.clone()).or_insert_with(|| serde_json::json!({}));
+    }
+    Ok(())
 }
 
 fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {

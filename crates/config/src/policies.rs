@@ -40,6 +40,11 @@ pub struct PoliciesConfig {
     pub breaker_cooldown: Duration,
     /// Successful trial calls that close a half-open breaker.
     pub breaker_successes: u32,
+    /// How far ahead a task may book a rate-limit token: it then waits for its slot (in memory,
+    /// without a slot) and runs without asking again. Longer horizons save Redis round trips on
+    /// a saturated limit; shorter ones let more urgent tasks get tokens sooner.
+    #[serde(with = "humantime_serde")]
+    pub rate_limit_horizon: Duration,
     /// With Redis unreachable, each worker enforces this fraction of every rate limit on its
     /// own (about 1 / the number of workers).
     pub local_limit_share: f64,
@@ -62,6 +67,7 @@ impl Default for PoliciesConfig {
             breaker_window: Duration::from_secs(30),
             breaker_cooldown: Duration::from_secs(15),
             breaker_successes: 2,
+            rate_limit_horizon: Duration::from_secs(1),
             local_limit_share: 0.25,
             defer_hold_max: Duration::from_secs(60),
         }
@@ -186,6 +192,12 @@ impl PoliciesConfig {
             return Err(ConfigError::Invalid {
                 field: "policies.breaker_failures",
                 message: "breaker_failures and breaker_successes must be at least 1".into(),
+            });
+        }
+        if self.rate_limit_horizon > self.defer_hold_max {
+            return Err(ConfigError::Invalid {
+                field: "policies.rate_limit_horizon",
+                message: "must not exceed policies.defer_hold_max (a booked token must be waited for in memory)".into(),
             });
         }
         if !(self.local_limit_share > 0.0 && self.local_limit_share <= 1.0) {

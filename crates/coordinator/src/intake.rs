@@ -2,6 +2,12 @@
 //! dispatch → acknowledgement. A submission is acknowledged only after its row is committed
 //! (and, when ready, its dispatch message stored), so a crash at any point leads to a
 //! redelivery, which the store recognises by id.
+//!
+//! Batches are pipelined: once a batch is committed, its post-commit stage (dispatch, acks,
+//! replies, refusal reports) runs in a task of its own while the next batch is decoded and
+//! inserted, with at most `coordinator.intake_pipeline_depth` such stages in flight. Inserts
+//! stay strictly one after another, so a batch's rows are written only after every earlier
+//! batch has committed (a child task still finds a parent submitted in an earlier batch).
 
 use crate::{Ctx, dispatch};
 use async_nats::HeaderMap;
@@ -14,18 +20,27 @@ use taskfleet_proto::{
     CONTENT_TYPE_MSGPACK, EventBatch, EventKind, RejectReason, SubmitReply, TaskEnvelope, TaskErrorInfo, TaskEvent,
     decode_envelope, encode, headers,
 };
+use taskfleet_store::InsertOutcome;
+use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let batch = ctx.config.coordinator.submit_batch_size;
+    let depth = ctx.config.coordinator.intake_pipeline_depth;
+    // One permit per post-commit stage in flight.
+    let stages = Arc::new(Semaphore::new(depth));
     taskfleet_bus::consume_batches(
         "submissions",
         batch,
         shutdown.cancelled(),
-        || ctx.topology.submit_consumer((batch * 4) as i64),
-        |msgs| process(&ctx, msgs),
+        // Room for the stages in flight, the batch being inserted and the next pull.
+        || ctx.topology.submit_consumer((batch * (depth + 2)) as i64),
+        |msgs| process(&ctx, &stages, msgs),
     )
     .await;
+    // Let the stages in flight finish: their submissions are acknowledged (or handed back)
+    // before the coordinator exits.
+    let _ = stages.acquire_many(depth as u32).await;
     Ok(())
 }
 
@@ -41,7 +56,9 @@ fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
     m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-async fn process(ctx: &Ctx, msgs: Vec<Message>) {
+/// Decodes and validates a batch and writes it to Postgres, then hands the rest to a
+/// post-commit stage of its own once one of the `stages` permits is free.
+async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
     let cfg = &ctx.config.coordinator;
     let subjects = &ctx.topology.subjects;
     let mut envs: Vec<TaskEnvelope> = Vec::with_capacity(msgs.len());
@@ -109,6 +126,26 @@ async fn process(ctx: &Ctx, msgs: Vec<Message>) {
         ));
     }
 
+    // Committed: the next batch may be inserted while this one is dispatched and acknowledged.
+    let permit = stages.clone().acquire_owned().await.expect("the intake semaphore is never closed");
+    let ctx = ctx.clone();
+    tokio::spawn(async move {
+        after_commit(&ctx, msgs, envs, env_msg, outcome, refusals).await;
+        drop(permit);
+    });
+}
+
+/// The post-commit stage of a batch: dispatches the ready tasks, then acknowledges every
+/// submission and answers the submitters. On a dispatch failure the whole batch is handed back
+/// unacknowledged.
+async fn after_commit(
+    ctx: &Ctx,
+    msgs: Vec<Message>,
+    envs: Vec<TaskEnvelope>,
+    env_msg: Vec<usize>,
+    outcome: InsertOutcome,
+    refusals: Vec<(usize, Refusal)>,
+) {
     // Dispatch what is ready, carrying each submission's trace context when it had one.
     let out: Vec<_> = outcome
         .dispatch

@@ -135,7 +135,12 @@ impl SharedState {
 
     /// The fleet's rate limits as configured.
     pub fn rate_limiter(&self, policies: &PoliciesConfig) -> Result<RateLimiter, SharedStateError> {
-        Ok(RateLimiter::new(self.clone(), policies.parsed_rate_limits()?, policies.local_limit_share))
+        Ok(RateLimiter::new(
+            self.clone(),
+            policies.parsed_rate_limits()?,
+            policies.local_limit_share,
+            policies.rate_limit_horizon,
+        ))
     }
 
     /// The fleet's circuit breakers as configured.

@@ -1,5 +1,12 @@
 //! Fleet-wide rate limits: GCRA (generic cell rate algorithm) in one atomic Redis script, on
-//! Redis' clock, so every worker draws from the same budget. One round trip per token.
+//! Redis' clock, so every worker draws from the same budget.
+//!
+//! A caller may *reserve* a token up to `horizon` ahead: the script books the next free slot
+//! and answers how long to wait for it. Waiting callers therefore hold distinct slots instead of
+//! all retrying when the next token frees up, so a saturated limit costs about one round trip
+//! per call and is still never exceeded. A slot further away than the horizon is refused with
+//! the time until it comes within the horizon (bounding how long a reservation can hold back
+//! more urgent work).
 
 use crate::{SharedState, now_us};
 use std::collections::{BTreeMap, HashMap};
@@ -7,32 +14,40 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use taskfleet_config::RateLimitSpec;
 
-/// KEYS[1]: the limit's theoretical arrival time (TAT, µs). ARGV: emission interval (µs), burst.
-/// Returns {allowed (0/1), retry_after_us}.
+/// KEYS[1]: the limit's theoretical arrival time (TAT, µs). ARGV: emission interval (µs),
+/// burst, reservation horizon (µs). Returns {granted (0/1), wait_us}: granted after waiting
+/// `wait_us`, or refused for `wait_us`.
 const GCRA: &str = r#"
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000000 + tonumber(t[2])
 local interval = tonumber(ARGV[1])
 local burst = tonumber(ARGV[2])
+local horizon = tonumber(ARGV[3])
 local tat = tonumber(redis.call('GET', KEYS[1]) or '0')
 if tat < now then tat = now end
 local new_tat = tat + interval
-local allow_at = new_tat - burst * interval
-if now < allow_at then
-  return {0, allow_at - now}
+local wait = new_tat - burst * interval - now
+if wait > horizon then
+  return {0, wait - horizon}
 end
 redis.call('SET', KEYS[1], string.format('%d', new_tat), 'PX', math.ceil((new_tat - now) / 1000) + 1)
-return {1, 0}
+if wait < 0 then wait = 0 end
+return {1, wait}
 "#;
 
 /// The answer to a token request.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Decision {
-    /// Go ahead.
+    /// Go ahead now.
     Allowed,
-    /// Not before this delay.
+    /// A token is booked for this caller: go ahead after `wait` (without asking again).
+    Reserved {
+        /// Time until the booked slot.
+        wait: Duration,
+    },
+    /// No slot within the horizon: ask again after `retry_after`.
     Denied {
-        /// When a token will be available.
+        /// Time until a slot comes within the horizon.
         retry_after: Duration,
     },
 }
@@ -50,16 +65,23 @@ pub struct RateLimiter {
     script: Arc<redis::Script>,
     local: Arc<Mutex<HashMap<String, i64>>>,
     local_share: f64,
+    horizon: Duration,
 }
 
 impl RateLimiter {
-    pub(crate) fn new(state: SharedState, limits: BTreeMap<String, RateLimitSpec>, local_share: f64) -> Self {
+    pub(crate) fn new(
+        state: SharedState,
+        limits: BTreeMap<String, RateLimitSpec>,
+        local_share: f64,
+        horizon: Duration,
+    ) -> Self {
         RateLimiter {
             state,
             limits: Arc::new(limits),
             script: Arc::new(redis::Script::new(GCRA)),
             local: Default::default(),
             local_share,
+            horizon,
         }
     }
 
@@ -72,20 +94,31 @@ impl RateLimiter {
     pub async fn acquire(&self, name: &str) -> Result<Decision, UnknownLimit> {
         let spec = *self.limits.get(name).ok_or_else(|| UnknownLimit(name.to_string()))?;
         let interval_us = spec.interval().as_micros().max(1) as i64;
+        let horizon_us = self.horizon.as_micros() as i64;
         let key = self.state.key(&["limit", name]);
         let script = self.script.clone();
         let answer = self
             .state
             .run("rate_limit", async move |mut conn| {
-                script.key(&key).arg(interval_us).arg(spec.burst).invoke_async::<(i64, i64)>(&mut conn).await
+                script
+                    .key(&key)
+                    .arg(interval_us)
+                    .arg(spec.burst)
+                    .arg(horizon_us)
+                    .invoke_async::<(i64, i64)>(&mut conn)
+                    .await
             })
             .await;
         let decision = match answer {
-            Ok((1, _)) => Decision::Allowed,
+            Ok((1, wait_us)) => granted(wait_us),
             Ok((_, wait_us)) => Decision::Denied { retry_after: Duration::from_micros(wait_us.max(1) as u64) },
             Err(_) => self.acquire_local(name, spec),
         };
-        let outcome = if decision == Decision::Allowed { "allowed" } else { "denied" };
+        let outcome = match decision {
+            Decision::Allowed => "allowed",
+            Decision::Reserved { .. } => "reserved",
+            Decision::Denied { .. } => "denied",
+        };
         metrics::counter!("taskfleet_rate_limit_total", "limit" => name.to_string(), "outcome" => outcome).increment(1);
         Ok(decision)
     }
@@ -95,16 +128,21 @@ impl RateLimiter {
         let interval = (spec.interval().as_micros() as f64 / self.local_share).max(1.0) as i64;
         let burst = ((spec.burst as f64 * self.local_share).floor() as i64).max(1);
         let now = now_us();
+        let horizon = self.horizon.as_micros() as i64;
         let Ok(mut tats) = self.local.lock() else { return Decision::Allowed };
         let tat = tats.get(name).copied().unwrap_or(0).max(now);
         let new_tat = tat + interval;
-        let allow_at = new_tat - burst * interval;
-        if now < allow_at {
-            return Decision::Denied { retry_after: Duration::from_micros((allow_at - now) as u64) };
+        let wait = new_tat - burst * interval - now;
+        if wait > horizon {
+            return Decision::Denied { retry_after: Duration::from_micros((wait - horizon) as u64) };
         }
         tats.insert(name.to_string(), new_tat);
-        Decision::Allowed
+        granted(wait)
     }
+}
+
+fn granted(wait_us: i64) -> Decision {
+    if wait_us <= 0 { Decision::Allowed } else { Decision::Reserved { wait: Duration::from_micros(wait_us as u64) } }
 }
 
 #[cfg(test)]
@@ -119,6 +157,7 @@ mod tests {
     fn policies(spec: &str) -> PoliciesConfig {
         let mut p = PoliciesConfig::default();
         p.rate_limits.insert("api".into(), spec.into());
+        p.rate_limit_horizon = Duration::from_millis(500);
         p
     }
 
@@ -132,21 +171,24 @@ mod tests {
         assert!(a.is_up());
         let la = a.rate_limiter(&policies("10/s burst 5")).unwrap();
         let lb = b.rate_limiter(&policies("10/s burst 5")).unwrap();
-        let mut allowed = 0;
-        let mut denied_wait = None;
+        let (mut allowed, mut reserved, mut denied) = (0, Vec::new(), 0);
         for i in 0..20 {
             let l = if i % 2 == 0 { &la } else { &lb };
             match l.acquire("api").await.unwrap() {
                 Decision::Allowed => allowed += 1,
-                Decision::Denied { retry_after } => denied_wait = denied_wait.or(Some(retry_after)),
+                Decision::Reserved { wait } => reserved.push(wait),
+                Decision::Denied { .. } => denied += 1,
             }
         }
-        // The burst, plus at most one token that became due while the loop ran.
+        // The burst goes at once (plus at most one token that came due while the loop ran);
+        // the next callers book the following slots, 100 ms apart, up to the 500 ms horizon.
         assert!((5..=6).contains(&allowed), "allowed {allowed}");
-        let wait = denied_wait.unwrap();
-        assert!(wait <= Duration::from_millis(100), "{wait:?}");
-        tokio::time::sleep(wait).await;
-        assert_eq!(la.acquire("api").await.unwrap(), Decision::Allowed);
+        assert!((5..=6).contains(&reserved.len()), "{reserved:?}");
+        assert!(reserved.windows(2).all(|w| w[1] > w[0] + Duration::from_millis(90)), "{reserved:?}");
+        assert!(reserved.iter().all(|w| *w <= Duration::from_millis(500)), "{reserved:?}");
+        assert_eq!(allowed + reserved.len() + denied, 20);
+        let Decision::Denied { retry_after } = la.acquire("api").await.unwrap() else { panic!("beyond the horizon") };
+        assert!(retry_after <= Duration::from_millis(150), "{retry_after:?}");
         assert_eq!(la.acquire("nope").await, Err(UnknownLimit("nope".into())));
     }
 
@@ -163,7 +205,8 @@ mod tests {
                 allowed += 1;
             }
         }
-        // A quarter of the burst: 2.
+        // A quarter of the burst (2) at once; the rest are booked 40 ms apart (a quarter of
+        // the rate) or refused beyond the horizon.
         assert_eq!(allowed, 2);
         assert!(!state.is_up());
     }

@@ -133,12 +133,18 @@ impl TaskContext {
         }
     }
 
-    /// Takes a token of the fleet-wide rate limit `name`; when none is available the error
-    /// defers the task (return it with `?`). Without Redis configured (a bare context) it allows.
+    /// Takes a token of the fleet-wide rate limit `name`, waiting for a booked slot when the
+    /// next one is within the reservation horizon; when none is, the error defers the task
+    /// (return it with `?`). Without Redis configured (a bare context) it allows.
     pub async fn acquire(&self, name: &str) -> Result<(), TaskError> {
         let Some(shared) = &self.shared else { return Ok(()) };
         match shared.limiter.acquire(name).await {
             Ok(Decision::Allowed) => Ok(()),
+            Ok(Decision::Reserved { wait }) => {
+                // A booked slot, at most the reservation horizon away.
+                tokio::time::sleep(wait).await;
+                Ok(())
+            }
             Ok(Decision::Denied { retry_after }) => {
                 Err(TaskError::deferred("rate_limited", format!("rate limit {name} has no token"), retry_after))
             }

@@ -12,6 +12,8 @@ pub(crate) struct Delivery {
     pub priority: usize,
     /// Holds a place in its puller's prefetch budget until the task leaves the buffer.
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
+    /// Rate limits whose token this task already holds (booked before a deferral).
+    pub granted: Vec<String>,
 }
 
 struct State {

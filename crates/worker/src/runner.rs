@@ -277,7 +277,7 @@ impl Worker {
     }
 
     async fn run_delivery(&self, token: u64, delivery: Delivery, lp: Loop) {
-        let Delivery { msg, permit, priority: lane } = delivery;
+        let Delivery { msg, permit, priority: lane, granted } = delivery;
         let Loop { events, running, progress_tx, policies, .. } = lp.clone();
         let received_at = now_ms();
         let inner = &self.inner;
@@ -385,17 +385,33 @@ impl Worker {
                 CacheClaim::Follower | CacheClaim::Unavailable => {}
             }
         }
+        let mut granted = granted;
         for name in policies.limits_for(&env) {
+            if granted.contains(&name) {
+                continue;
+            }
             let refusal = match policies.shared.limiter.acquire(&name).await {
-                Ok(Decision::Allowed) => continue,
-                Ok(Decision::Denied { retry_after }) => Ok(retry_after),
+                Ok(Decision::Allowed) => {
+                    granted.push(name);
+                    continue;
+                }
+                Ok(Decision::Reserved { wait }) => {
+                    // Wait for the booked slot without a slot of this worker, then run.
+                    granted.push(name);
+                    Ok((wait, true))
+                }
+                Ok(Decision::Denied { retry_after }) => Ok((retry_after, false)),
                 Err(e) => Err(e),
             };
             if let Some((key, owner)) = &lease {
                 policies.cache.release(key, owner).await;
             }
             match refusal {
-                Ok(retry_after) => self.defer(token, msg, lane, permit, base, retry_after, "rate_limited", &lp),
+                Ok((wait, booked)) => {
+                    let reason = if booked { "rate_limit_booked" } else { "rate_limited" };
+                    let after = Deferral { token, lane, permit, granted, delay: wait, jitter: !booked };
+                    self.defer(msg, base, after, reason, &lp)
+                }
                 Err(e) => {
                     let mut ev = base;
                     ev.kind = EventKind::Failed;
@@ -497,7 +513,8 @@ impl Worker {
             // Not an attempt: the handler could not start its call yet.
             let delay = err.retry_after.unwrap_or(Duration::from_secs(1));
             let code = err.code.clone();
-            self.defer(token, msg, lane, None, base, delay, &code, &lp);
+            let after = Deferral { token, lane, permit: None, granted: Vec::new(), delay, jitter: true };
+            self.defer(msg, base, after, &code, &lp);
             return;
         }
         let mut ev = base;
@@ -545,21 +562,12 @@ impl Worker {
     /// Runs the task again after `delay` without counting an attempt. Short deferrals wait in
     /// memory (heartbeated, cancellable, holding the task's prefetch place but no slot); longer
     /// ones go back to JetStream with that delay.
-    #[allow(clippy::too_many_arguments)]
-    fn defer(
-        &self,
-        token: u64,
-        msg: async_nats::jetstream::Message,
-        lane: usize,
-        permit: Option<OwnedSemaphorePermit>,
-        base: TaskEvent,
-        delay: Duration,
-        reason: &str,
-        lp: &Loop,
-    ) {
+    fn defer(&self, msg: async_nats::jetstream::Message, base: TaskEvent, after: Deferral, reason: &str, lp: &Loop) {
+        let Deferral { token, lane, permit, granted, delay, jitter } = after;
         metrics::counter!("taskfleet_worker_deferred_total", "reason" => reason.to_string()).increment(1);
-        // Up to 10% later, so tasks refused together do not come back together.
-        let delay = delay + delay.mul_f64(rand::random::<f64>() * 0.1);
+        // Up to 10% later, so tasks refused together do not come back together (a booked slot
+        // is exact).
+        let delay = if jitter { delay + delay.mul_f64(rand::random::<f64>() * 0.1) } else { delay };
         tracing::debug!(task_id = %base.task_id, ?delay, reason, "task deferred");
         if delay > lp.policies.defer_hold_max {
             tokio::spawn(async move {
@@ -590,12 +598,23 @@ impl Worker {
                 return;
             }
             stats.buffered.fetch_add(1, Ordering::Relaxed);
-            if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit }) {
+            if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit, granted }) {
                 stats.buffered.fetch_sub(1, Ordering::Relaxed);
                 let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
             }
         });
     }
+}
+
+/// Where a deferred task goes back to, and when.
+struct Deferral {
+    token: u64,
+    lane: usize,
+    permit: Option<OwnedSemaphorePermit>,
+    /// Rate limits it holds tokens of.
+    granted: Vec<String>,
+    delay: Duration,
+    jitter: bool,
 }
 
 /// What every task of a running worker shares.
@@ -727,7 +746,12 @@ async fn pull_loop(
                         continue;
                     };
                     stats.buffered.fetch_add(1, Ordering::Relaxed);
-                    if let Some(d) = lanes.push(Delivery { msg, priority: priority.index(), permit: Some(permit) }) {
+                    if let Some(d) = lanes.push(Delivery {
+                        msg,
+                        priority: priority.index(),
+                        permit: Some(permit),
+                        granted: Vec::new(),
+                    }) {
                         stats.buffered.fetch_sub(1, Ordering::Relaxed);
                         let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
                     }
