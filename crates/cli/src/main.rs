@@ -1,9 +1,11 @@
-//! `taskfleet`: the command line of a taskfleet fleet. Talks to NATS only: submissions go to
-//! JetStream, queries go to the coordinator's request/reply API.
+//! `taskfleet`: the command line of a taskfleet fleet. Talks to NATS: submissions go to
+//! JetStream, queries go to the coordinator's request/reply API; `top` reads the aggregator's HTTP
+//! `/v1/stats`.
 
 mod bench;
 mod client;
 mod submit;
+mod top;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -87,6 +89,8 @@ enum Command {
         #[arg(long)]
         queue: Option<String>,
     },
+    /// Live fleet figures from the aggregator, refreshed every second until Ctrl-C.
+    Top(top::TopArgs),
 }
 
 #[derive(Subcommand)]
@@ -111,7 +115,13 @@ enum DeadCommand {
 #[tokio::main]
 async fn main() {
     let cli = Cli::parse();
-    match run(cli).await {
+    let mut telemetry = None;
+    let result = run(cli, &mut telemetry).await;
+    // `process::exit` runs no destructors: flush the spans still buffered first.
+    if let Some(t) = telemetry {
+        t.shutdown();
+    }
+    match result {
         Ok(code) => std::process::exit(code),
         Err(e) => {
             eprintln!("error: {e:#}");
@@ -120,7 +130,12 @@ async fn main() {
     }
 }
 
-async fn run(cli: Cli) -> anyhow::Result<i32> {
+async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -> anyhow::Result<i32> {
+    // `top` reads the aggregator over HTTP: it needs neither the fleet configuration nor NATS.
+    let command = match cli.command {
+        Command::Top(args) => return top::run(args).await,
+        command => command,
+    };
     let mut config = taskfleet_config::Config::load().map_err(|e| anyhow::anyhow!("{e}"))?;
     if let Some(url) = cli.nats_url {
         config.nats.url = url;
@@ -128,8 +143,14 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
     if let Some(p) = cli.subject_prefix {
         config.nats.subject_prefix = p;
     }
+    // Spans (exported when `OTEL_EXPORTER_OTLP_ENDPOINT` is set) under the service name
+    // `taskfleet`; the log shows warnings only unless `TASKFLEET_LOG` asks for more.
+    if std::env::var_os("TASKFLEET_LOG").is_none() {
+        config.telemetry.log = "warn".into();
+    }
+    *telemetry = Some(taskfleet_telemetry::init("taskfleet", &config.telemetry)?);
     let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
-    match cli.command {
+    match command {
         Command::Submit(args) => submit::run(&fleet, args).await,
         Command::Status { id } => {
             let task = fleet.get(id).await?;
@@ -229,5 +250,6 @@ async fn run(cli: Cli) -> anyhow::Result<i32> {
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(0)
         }
+        Command::Top(args) => top::run(args).await,
     }
 }

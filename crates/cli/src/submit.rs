@@ -10,6 +10,7 @@ use futures::stream::FuturesUnordered;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
+use tracing::Instrument;
 use taskfleet_proto::{
     CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
 };
@@ -156,15 +157,26 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
     let pb = bar(args.quiet || args.count == 1, envs.len(), "submitted");
     let mut acks = FuturesUnordered::new();
     let mut duplicates = 0usize;
+    // When spans are exported, each submission is the root of its task's trace: a `task.submit`
+    // span, open until JetStream stores the submission, whose context rides in the headers.
+    let tracing = taskfleet_telemetry::exporting();
     for env in &envs {
         let mut h = HeaderMap::new();
         h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         if args.confirm {
             h.insert(headers::REPLY_TO, inbox.as_str());
         }
+        let span = if tracing {
+            let span = tracing::info_span!("task.submit", otel.kind = "producer", task_id = %env.id,
+                                           kind = %env.kind, queue = %env.queue, priority = %env.priority);
+            taskfleet_telemetry::inject_context(&span, &mut h);
+            span
+        } else {
+            tracing::Span::none()
+        };
         let publish = PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
         let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
-        acks.push(std::future::IntoFuture::into_future(ack));
+        acks.push(std::future::IntoFuture::into_future(ack).instrument(span));
         while acks.len() >= args.in_flight {
             if let Some(r) = acks.next().await {
                 duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);

@@ -68,6 +68,7 @@ impl Config {
         self.coordinator.validate()?;
         self.worker.validate(&self.nats)?;
         self.policies.validate()?;
+        self.aggregator.validate()?;
         self.providers.validate(&self.policies)?;
         if self.coordinator.rescue_idle <= self.nats.ack_wait {
             return Err(ConfigError::Invalid {

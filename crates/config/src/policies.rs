@@ -341,7 +341,7 @@ fn split_plus(s: &str) -> Vec<String> {
 }
 
 /// A map of strings that also takes numbers (an environment value like `a=1` parses as one).
-fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
+pub(crate) fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
     let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
     raw.into_iter()
         .map(|(k, v)| match v {

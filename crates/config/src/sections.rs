@@ -332,6 +332,9 @@ pub struct WorkerConfig {
     /// Largest retry delay.
     #[serde(with = "humantime_serde")]
     pub retry_max: Duration,
+    /// How often the worker reports its in-flight count, CPU and memory to the aggregator.
+    #[serde(with = "humantime_serde")]
+    pub status_interval: Duration,
 }
 
 impl Default for WorkerConfig {
@@ -350,6 +353,7 @@ impl Default for WorkerConfig {
             retry_base: Duration::from_secs(1),
             retry_factor: 2.0,
             retry_max: Duration::from_secs(300),
+            status_interval: Duration::from_secs(5),
         }
     }
 }
@@ -394,13 +398,120 @@ impl WorkerConfig {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct AggregatorConfig {
-    /// Address of the aggregator's HTTP endpoints (`/metrics`, `/v1/stats`, dashboard).
+    /// Address of the aggregator's HTTP endpoints (`/` dashboard, `/metrics`, `/v1/stats`).
     pub http_addr: String,
+    /// The sliding window of the live figures (throughput, percentiles, rates).
+    #[serde(with = "humantime_serde")]
+    pub window: Duration,
+    /// How often the aggregator appends its per-minute rollups to Postgres (and acknowledges
+    /// the events they hold).
+    #[serde(with = "humantime_serde")]
+    pub flush_interval: Duration,
+    /// How much history the dashboard shows (reloaded from the rollups after a restart).
+    #[serde(with = "humantime_serde")]
+    pub history: Duration,
+    /// Alert rules, `METRIC < or > THRESHOLD`, by name; `off` disables a default rule. Metrics:
+    /// `p50_ms`, `p95_ms`, `p99_ms`, `max_ms` (end to end), `queue_wait_p95_ms`, `run_p95_ms`,
+    /// `error_rate`, `retry_rate`, `cache_hit_rate`, `throughput_per_s`, `utilization` (0..1),
+    /// `memory_percent`, `cpu_percent` (the highest worker's).
+    #[serde(deserialize_with = "crate::policies::string_map")]
+    pub alert_rules: std::collections::BTreeMap<String, String>,
+    /// How often alert rules are evaluated.
+    #[serde(with = "humantime_serde")]
+    pub alert_interval: Duration,
+    /// Final states the window must hold before latency and rate rules are evaluated.
+    pub alert_min_samples: u64,
+    /// A worker that has not reported for this long is no longer counted.
+    #[serde(with = "humantime_serde")]
+    pub worker_timeout: Duration,
 }
 
 impl Default for AggregatorConfig {
     fn default() -> Self {
-        AggregatorConfig { http_addr: "0.0.0.0:9090".into() }
+        let rules = [
+            ("low_cache_hit_rate", "cache_hit_rate < 0.5"),
+            ("high_p95_latency", "p95_ms > 5000"),
+            ("high_error_rate", "error_rate > 0.05"),
+            ("high_memory", "memory_percent > 80"),
+        ];
+        AggregatorConfig {
+            http_addr: "0.0.0.0:9090".into(),
+            window: Duration::from_secs(60),
+            flush_interval: Duration::from_secs(10),
+            history: Duration::from_secs(3600),
+            alert_rules: rules.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            alert_interval: Duration::from_secs(5),
+            alert_min_samples: 20,
+            worker_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+/// A parsed alert rule.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AlertRule {
+    /// Rule name.
+    pub name: String,
+    /// The figure it watches.
+    pub metric: String,
+    /// True for `>`, false for `<`.
+    pub above: bool,
+    /// The threshold.
+    pub threshold: f64,
+}
+
+/// Figures an alert rule may watch.
+pub const ALERT_METRICS: &[&str] = &[
+    "p50_ms",
+    "p95_ms",
+    "p99_ms",
+    "max_ms",
+    "queue_wait_p95_ms",
+    "run_p95_ms",
+    "error_rate",
+    "retry_rate",
+    "cache_hit_rate",
+    "throughput_per_s",
+    "utilization",
+    "memory_percent",
+    "cpu_percent",
+];
+
+impl AggregatorConfig {
+    /// The enabled alert rules, parsed.
+    pub fn parsed_alert_rules(&self) -> Result<Vec<AlertRule>, ConfigError> {
+        let mut out = Vec::new();
+        for (name, spec) in &self.alert_rules {
+            let spec = spec.trim();
+            if spec.is_empty() || spec == "off" {
+                continue;
+            }
+            let bad =
+                |m: String| ConfigError::Invalid { field: "aggregator.alert_rules", message: format!("{name}: {m}") };
+            let parts: Vec<&str> = spec.split_whitespace().collect();
+            let [metric, op, threshold] = parts[..] else {
+                return Err(bad(format!("{spec:?} is not `METRIC < or > THRESHOLD`")));
+            };
+            if !ALERT_METRICS.contains(&metric) {
+                return Err(bad(format!("unknown metric {metric:?}; known: {}", ALERT_METRICS.join(", "))));
+            }
+            let above = match op {
+                ">" => true,
+                "<" => false,
+                other => return Err(bad(format!("operator {other:?} is not < or >"))),
+            };
+            let threshold: f64 = threshold.parse().map_err(|_| bad(format!("{threshold:?} is not a number")))?;
+            out.push(AlertRule { name: name.clone(), metric: metric.to_string(), above, threshold });
+        }
+        Ok(out)
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        self.parsed_alert_rules()?;
+        if self.window < Duration::from_secs(5) || self.flush_interval < Duration::from_millis(100) {
+            return invalid("aggregator.window", "window must be at least 5s and flush_interval at least 100ms".into());
+        }
+        Ok(())
     }
 }
 

@@ -63,6 +63,8 @@ async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
     let subjects = &ctx.topology.subjects;
     let mut envs: Vec<TaskEnvelope> = Vec::with_capacity(msgs.len());
     let mut env_msg: Vec<usize> = Vec::with_capacity(msgs.len());
+    // One `task.intake` span per traced submission, open until its dispatch is stored.
+    let mut spans: Vec<Option<tracing::Span>> = Vec::with_capacity(msgs.len());
     let mut refusals: Vec<(usize, Refusal)> = Vec::new();
 
     for (i, m) in msgs.iter().enumerate() {
@@ -91,6 +93,7 @@ async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
                     refusals.push((i, refuse(RejectReason::UnknownKind, msg, env.id, env.kind)));
                     continue;
                 }
+                spans.push(intake_span(m, &env));
                 envs.push(env);
                 env_msg.push(i);
             }
@@ -130,14 +133,14 @@ async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
     let permit = stages.clone().acquire_owned().await.expect("the intake semaphore is never closed");
     let ctx = ctx.clone();
     tokio::spawn(async move {
-        after_commit(&ctx, msgs, envs, env_msg, outcome, refusals).await;
+        after_commit(&ctx, msgs, envs, env_msg, outcome, refusals, spans).await;
         drop(permit);
     });
 }
 
 /// The post-commit stage of a batch: dispatches the ready tasks, then acknowledges every
 /// submission and answers the submitters. On a dispatch failure the whole batch is handed back
-/// unacknowledged.
+/// unacknowledged. `spans` (one per envelope) end when the stage does.
 async fn after_commit(
     ctx: &Ctx,
     msgs: Vec<Message>,
@@ -145,17 +148,27 @@ async fn after_commit(
     env_msg: Vec<usize>,
     outcome: InsertOutcome,
     refusals: Vec<(usize, Refusal)>,
+    spans: Vec<Option<tracing::Span>>,
 ) {
-    // Dispatch what is ready, carrying each submission's trace context when it had one.
+    // Dispatch what is ready, carrying the trace context: the task's `task.intake` span when
+    // this coordinator exports spans, else the submission's own, when it had one.
     let out: Vec<_> = outcome
         .dispatch
         .iter()
         .map(|&i| {
-            let m = &msgs[env_msg[i]];
-            let trace = traced_headers(m, &envs[i]);
-            dispatch::message(&ctx.topology, &envs[i], trace.as_ref())
+            let Some(span) = &spans[i] else {
+                return dispatch::message(&ctx.topology, &envs[i], msgs[env_msg[i]].headers.as_ref());
+            };
+            let mut h = HeaderMap::new();
+            taskfleet_telemetry::inject_context(span, &mut h);
+            dispatch::message(&ctx.topology, &envs[i], Some(&h))
         })
         .collect();
+    for &i in &outcome.dispatch {
+        if let Some(span) = &spans[i] {
+            span.record("dispatched", true);
+        }
+    }
     if let Err(e) = dispatch::publish(&ctx.topology, out).await {
         // Rows are committed as queued; redelivering the submissions dispatches them again.
         tracing::error!(error = %e, "cannot dispatch; submissions will be redelivered");
@@ -197,14 +210,18 @@ async fn after_commit(
     }
 }
 
-fn traced_headers(m: &Message, env: &TaskEnvelope) -> Option<HeaderMap> {
-    let h = m.headers.as_ref()?;
-    h.get("traceparent")?;
-    let span = tracing::info_span!("task.intake", task_id = %env.id, kind = %env.kind, queue = %env.queue);
-    taskfleet_telemetry::set_parent_from(&span, Some(h));
-    let mut out = HeaderMap::new();
-    taskfleet_telemetry::inject_context(&span, &mut out);
-    Some(out)
+/// The `task.intake` span of a submission, from decoding to its dispatch being stored: a child
+/// of the submission's `traceparent`, or a root when it has none. Only when spans are exported;
+/// otherwise the submission's trace context, if any, is passed on unchanged.
+fn intake_span(m: &Message, env: &TaskEnvelope) -> Option<tracing::Span> {
+    if !taskfleet_telemetry::exporting() {
+        return None;
+    }
+    let span = tracing::info_span!("task.intake", otel.kind = "consumer", task_id = %env.id, kind = %env.kind,
+                                   queue = %env.queue, priority = %env.priority, dispatched = false);
+    let parent = m.headers.as_ref().filter(|h| h.get(taskfleet_telemetry::TRACEPARENT).is_some());
+    taskfleet_telemetry::set_parent_from(&span, parent);
+    Some(span)
 }
 
 async fn reply_json(ctx: &Ctx, subject: &str, body: &SubmitReply) {

@@ -109,15 +109,21 @@ async fn decode_events(m: &Message) -> Option<Vec<TaskEvent>> {
 }
 
 async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
+    let spans = record_spans(&events);
     let outcome = match ctx.store.record_events(&events).await {
         Ok(o) => o,
         Err(e) => {
+            for span in &spans {
+                span.record("otel.status_code", "ERROR");
+            }
             metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "record").increment(1);
             tracing::error!(error = %e, events = events.len(), "cannot record events; will retry");
             taskfleet_bus::hand_back(&msgs, Duration::from_secs(1)).await;
             return;
         }
     };
+    // Committed: the `task.record` spans end here.
+    drop(spans);
     metrics::counter!("taskfleet_coordinator_events_total").increment(events.len() as u64);
     metrics::counter!("taskfleet_coordinator_events_ignored_total").increment(outcome.ignored as u64);
     metrics::counter!("taskfleet_coordinator_finalized_total").increment(outcome.finalized.len() as u64);
@@ -140,6 +146,26 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     if !dead.is_empty() {
         publish_dead_letters(ctx, &dead).await;
     }
+}
+
+/// One `task.record` span per event that carries its attempt's trace context, a child of that
+/// attempt's `task.run` span, open until the batch's transaction ends. None when this
+/// coordinator exports no spans.
+fn record_spans(events: &[TaskEvent]) -> Vec<tracing::Span> {
+    if !taskfleet_telemetry::exporting() {
+        return Vec::new();
+    }
+    events
+        .iter()
+        .filter_map(|ev| {
+            let traceparent = ev.traceparent.as_deref()?;
+            let span = tracing::info_span!("task.record", task_id = %ev.task_id, event = ev.kind.as_str(),
+                                           attempt = ev.attempt, batch = events.len(),
+                                           otel.status_code = tracing::field::Empty);
+            taskfleet_telemetry::set_parent_from_traceparent(&span, traceparent);
+            Some(span)
+        })
+        .collect()
 }
 
 /// Tells watchers (`taskfleet wait`, `submit --wait`) which tasks just became final: one core

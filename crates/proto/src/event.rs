@@ -202,6 +202,11 @@ pub struct TaskEvent {
     /// For a cache hit: what the cached result cost when it was computed, in US dollars.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub saved_usd: Option<f64>,
+    /// W3C `traceparent` of the attempt that produced the event (its `task.run` span), when the
+    /// worker exports traces: the coordinator records the event under it. Events travel in
+    /// batches, so per-task trace context cannot ride in message headers.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub traceparent: Option<String>,
 }
 
 impl TaskEvent {
@@ -224,6 +229,7 @@ impl TaskEvent {
             cost_usd: None,
             retry_in_ms: None,
             saved_usd: None,
+            traceparent: None,
         }
     }
 }

@@ -11,6 +11,7 @@ mod codec;
 mod envelope;
 mod error;
 mod event;
+mod fleet;
 mod priority;
 mod subjects;
 
@@ -24,6 +25,7 @@ pub use event::{
     CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings,
     TokenUsage,
 };
+pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use priority::Priority;
 pub use subjects::{Subjects, headers};
 

@@ -86,6 +86,18 @@ impl Subjects {
     pub fn committed_all(&self) -> String {
         format!("{}.committed.>", self.prefix)
     }
+    /// Core-NATS worker status reports ([`crate::WorkerStatus`]).
+    pub fn worker_status(&self) -> String {
+        format!("{}.workers.status", self.prefix)
+    }
+    /// Core-NATS alert state changes ([`crate::Alert`]).
+    pub fn alerts(&self) -> String {
+        format!("{}.alerts", self.prefix)
+    }
+    /// Core-NATS snapshots of the aggregator's live figures (the `/v1/stats` JSON).
+    pub fn stats(&self) -> String {
+        format!("{}.stats", self.prefix)
+    }
     /// The coordinator's request/reply API, e.g. `api("task.get")`.
     pub fn api(&self, verb: &str) -> String {
         format!("{}.api.{verb}", self.prefix)

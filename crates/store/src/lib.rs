@@ -6,12 +6,14 @@ mod error;
 mod events;
 mod maintenance;
 mod queries;
+mod rollups;
 mod submit;
 
 pub use error::StoreError;
 pub use events::{Finalized, RecordOutcome};
 pub use maintenance::{CancelOutcome, LeaderLock, Redispatch};
 pub use queries::{ListFilter, TaskRecord};
+pub use rollups::Rollup;
 pub use submit::{Duplicate, InsertOutcome, Rejected};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -1,15 +1,29 @@
 //! Logs and traces for every taskfleet binary: a `tracing` subscriber (text or JSON), an
 //! OpenTelemetry layer that exports spans over OTLP when `OTEL_EXPORTER_OTLP_ENDPOINT` is set,
-//! and W3C trace-context propagation through NATS message headers.
+//! and W3C trace-context propagation through NATS message headers and event fields.
+//!
+//! The log filter (`TASKFLEET_LOG`) applies to the log output only: taskfleet's own spans
+//! (`info` level, targets `taskfleet*`) reach the exporter whatever the log level, so a quiet
+//! log does not cut traces short. The standard SDK variables apply as well: the sampler
+//! (`OTEL_TRACES_SAMPLER`, `OTEL_TRACES_SAMPLER_ARG`) and the batch processor
+//! (`OTEL_BSP_SCHEDULE_DELAY`, `OTEL_BSP_MAX_QUEUE_SIZE`, `OTEL_BSP_MAX_EXPORT_BATCH_SIZE`).
 
 use async_nats::HeaderMap;
 use opentelemetry::propagation::{Extractor, Injector, TextMapPropagator};
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry_sdk::propagation::TraceContextPropagator;
 use opentelemetry_sdk::trace::SdkTracerProvider;
+use std::sync::atomic::{AtomicBool, Ordering};
 use taskfleet_config::{LogFormat, TelemetryConfig};
 use tracing_opentelemetry::OpenTelemetrySpanExt;
-use tracing_subscriber::{EnvFilter, layer::SubscriberExt, util::SubscriberInitExt};
+use tracing_subscriber::filter::{FilterExt, Targets};
+use tracing_subscriber::{EnvFilter, Layer, layer::SubscriberExt, util::SubscriberInitExt};
+
+/// Name of the W3C trace-context header that carries trace id, parent span id and flags.
+pub const TRACEPARENT: &str = "traceparent";
+
+/// Whether this process exports spans; set once by [`init`].
+static EXPORTING: AtomicBool = AtomicBool::new(false);
 
 /// Why telemetry could not start.
 #[derive(Debug, thiserror::Error)]
@@ -60,8 +74,13 @@ impl Drop for Telemetry {
 /// `OTEL_EXPORTER_OTLP_ENDPOINT` is set; the OpenTelemetry layer is installed either way so
 /// that trace ids flow through NATS headers.
 pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, TelemetryError> {
-    let filter = EnvFilter::try_new(&cfg.log)
-        .map_err(|e| TelemetryError::Filter { filter: cfg.log.clone(), message: e.to_string() })?;
+    let parse = || {
+        EnvFilter::try_new(&cfg.log)
+            .map_err(|e| TelemetryError::Filter { filter: cfg.log.clone(), message: e.to_string() })
+    };
+    let log_filter = parse()?;
+    // Spans for export: what the log filter lets through, and taskfleet's own spans always.
+    let span_filter = parse()?.or(Targets::new().with_target("taskfleet", tracing::Level::INFO));
     opentelemetry::global::set_text_map_propagator(TraceContextPropagator::new());
 
     let service_name = std::env::var("OTEL_SERVICE_NAME").unwrap_or_else(|_| service.to_string());
@@ -76,17 +95,21 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, Telemetry
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
-    let otel_layer = tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string()));
+    let otel_layer =
+        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string())).with_filter(span_filter);
 
-    let registry = tracing_subscriber::registry().with(filter).with(otel_layer);
+    let registry = tracing_subscriber::registry().with(otel_layer);
     let result = match cfg.log_format {
-        LogFormat::Json => {
-            registry.with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr)).try_init()
-        }
-        LogFormat::Text => registry.with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr)).try_init(),
+        LogFormat::Json => registry
+            .with(tracing_subscriber::fmt::layer().json().with_writer(std::io::stderr).with_filter(log_filter))
+            .try_init(),
+        LogFormat::Text => registry
+            .with(tracing_subscriber::fmt::layer().with_writer(std::io::stderr).with_filter(log_filter))
+            .try_init(),
     };
     result.map_err(|e| TelemetryError::AlreadyInstalled(e.to_string()))?;
     opentelemetry::global::set_tracer_provider(provider.clone());
+    EXPORTING.store(exporting, Ordering::Relaxed);
     tracing::debug!(exporting, "telemetry initialised");
     Ok(Telemetry { provider: Some(provider) })
 }
@@ -116,12 +139,50 @@ pub fn inject_context(span: &tracing::Span, headers: &mut HeaderMap) {
     TraceContextPropagator::new().inject_context(&cx, &mut HeaderInjector(headers));
 }
 
-/// Makes `span` a child of the trace context found in NATS headers, if any.
+/// Makes `span` a child of the trace context found in NATS headers, if any. Call it right
+/// after creating the span, before entering it or creating children.
 pub fn set_parent_from(span: &tracing::Span, headers: Option<&HeaderMap>) {
     if let Some(headers) = headers {
         let cx = TraceContextPropagator::new().extract(&HeaderExtractor(headers));
         let _ = span.set_parent(cx);
     }
+}
+
+/// True when [`init`] found `OTEL_EXPORTER_OTLP_ENDPOINT`: spans leave this process. Callers
+/// use it to skip tracing work nobody would see (root spans per submission, trace context in
+/// events).
+pub fn exporting() -> bool {
+    EXPORTING.load(Ordering::Relaxed)
+}
+
+/// The W3C `traceparent` of `span` when it is part of a sampled trace, e.g. to carry it in a
+/// message body where headers cannot be per task.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    use opentelemetry::trace::TraceContextExt;
+    let cx = span.context();
+    let sc = cx.span().span_context().clone();
+    if !sc.is_valid() || !sc.is_sampled() {
+        return None;
+    }
+    Some(format!("00-{}-{}-{:02x}", sc.trace_id(), sc.span_id(), sc.trace_flags().to_u8()))
+}
+
+struct OneHeader<'a>(&'a str);
+
+impl Extractor for OneHeader<'_> {
+    fn get(&self, key: &str) -> Option<&str> {
+        (key == TRACEPARENT).then_some(self.0)
+    }
+    fn keys(&self) -> Vec<&str> {
+        vec![TRACEPARENT]
+    }
+}
+
+/// Makes `span` a child of a W3C `traceparent` value (as [`traceparent`] writes it); an
+/// unreadable value leaves the span a root. Call it right after creating the span.
+pub fn set_parent_from_traceparent(span: &tracing::Span, traceparent: &str) {
+    let cx = TraceContextPropagator::new().extract(&OneHeader(traceparent));
+    let _ = span.set_parent(cx);
 }
 
 #[cfg(test)]
@@ -146,5 +207,30 @@ mod tests {
             let child_trace = child.context().span().span_context().trace_id();
             assert_eq!(parent_trace, child_trace);
         });
+    }
+
+    #[test]
+    fn traceparent_string_round_trips() {
+        use opentelemetry::trace::TraceContextExt;
+        let provider = SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("test")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = tracing::info_span!("parent");
+            let tp = traceparent(&parent).expect("a sampled span has a traceparent");
+            let mut headers = HeaderMap::new();
+            inject_context(&parent, &mut headers);
+            assert_eq!(headers.get(TRACEPARENT).map(|v| v.as_str()), Some(tp.as_str()));
+            let child = tracing::info_span!("child");
+            set_parent_from_traceparent(&child, &tp);
+            let p = parent.context().span().span_context().clone();
+            let c = child.context().span().span_context().clone();
+            assert_eq!(p.trace_id(), c.trace_id());
+            assert_ne!(p.span_id(), c.span_id());
+            let orphan = tracing::info_span!("orphan");
+            set_parent_from_traceparent(&orphan, "garbage");
+            assert_ne!(orphan.context().span().span_context().trace_id(), p.trace_id());
+        });
+        assert!(traceparent(&tracing::Span::none()).is_none());
     }
 }

@@ -1,4 +1,5 @@
-//! Handlers every worker binary registers: `echo` and `sleep`, for tests, demos and benchmarks.
+//! Handlers every worker binary registers: `echo`, `sleep` and `fanout`, for tests, demos and
+//! benchmarks.
 
 use crate::{TaskContext, TaskError};
 use serde_json::{Value, json};
@@ -26,6 +27,41 @@ pub async fn sleep(ctx: TaskContext, payload: Value) -> Result<Value, TaskError>
     }
 }
 
+/// Most children one `fanout` task may submit.
+pub const FANOUT_MAX: u64 = 1_000;
+
+/// Submits `{"count": N}` child tasks of `{"kind": K}` (default `echo`, N at most
+/// [`FANOUT_MAX`]) in its own queue and priority, each with payload
+/// `{"parent": <id>, "i": i, "payload": <payload>}`, and returns `{"children": [ids]}`. The
+/// children carry this task's trace context, so they appear in its trace. Child ids derive from
+/// the parent's id, so a retried attempt does not create them twice.
+pub async fn fanout(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
+    let count = payload.get("count").and_then(Value::as_u64).unwrap_or(1);
+    if count > FANOUT_MAX {
+        return Err(TaskError::fatal(format!("count {count} is more than {FANOUT_MAX}")).with_code("invalid_payload"));
+    }
+    let kind = payload.get("kind").and_then(Value::as_str).unwrap_or("echo");
+    let inner = payload.get("payload").cloned().unwrap_or(Value::Null);
+    let mut children = Vec::with_capacity(count as usize);
+    for i in 0..count {
+        let mut env = ctx.child_envelope(kind, json!({ "parent": ctx.task_id, "i": i, "payload": inner }));
+        env.id = child_id(ctx.task_id, i);
+        ctx.submit(&env).await?;
+        children.push(env.id);
+    }
+    Ok(json!({ "children": children }))
+}
+
+/// The id of child `i` of `parent`: the parent's UUIDv7 with its last 48 random bits mixed with
+/// `i + 1`, so it stays a valid UUIDv7 from the same millisecond.
+fn child_id(parent: uuid::Uuid, i: u64) -> uuid::Uuid {
+    let mut bytes = *parent.as_bytes();
+    for (b, x) in bytes[10..].iter_mut().zip((i + 1).to_be_bytes()[2..].iter()) {
+        *b ^= x;
+    }
+    uuid::Uuid::from_bytes(bytes)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -38,5 +74,21 @@ mod tests {
         assert_eq!(out, json!({"slept_ms": 5}));
         let err = sleep(TaskContext::for_test("sleep"), json!({"fail": "fatal"})).await.unwrap_err();
         assert!(!err.is_retryable());
+        // Outside a worker there is no fleet to submit to.
+        let err = fanout(TaskContext::for_test("fanout"), json!({"count": 2})).await.unwrap_err();
+        assert_eq!(err.code, "submit_failed");
+        let err = fanout(TaskContext::for_test("fanout"), json!({"count": 5000})).await.unwrap_err();
+        assert_eq!(err.code, "invalid_payload");
+    }
+
+    #[test]
+    fn child_ids_are_stable_and_distinct() {
+        let parent = uuid::Uuid::now_v7();
+        let a: Vec<uuid::Uuid> = (0..100).map(|i| child_id(parent, i)).collect();
+        let b: Vec<uuid::Uuid> = (0..100).map(|i| child_id(parent, i)).collect();
+        assert_eq!(a, b);
+        let distinct: std::collections::HashSet<_> = a.iter().chain([&parent]).collect();
+        assert_eq!(distinct.len(), 101);
+        assert!(a.iter().all(|id| id.get_version_num() == 7 && id.as_bytes()[..10] == parent.as_bytes()[..10]));
     }
 }

@@ -7,7 +7,7 @@ use serde_json::Value;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use taskfleet_proto::{Priority, TaskId, TokenUsage};
+use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Priority, Subjects, TaskEnvelope, TaskId, TokenUsage, encode, headers};
 use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
@@ -105,6 +105,16 @@ pub struct TaskContext {
     pub(crate) progress: Option<tokio::sync::mpsc::UnboundedSender<(TaskId, Value)>>,
     pub(crate) shared: Option<Arc<Shared>>,
     pub(crate) usage: Arc<Mutex<Usage>>,
+    /// The attempt's `handler` span: the parent of child tasks' traces.
+    pub(crate) span: tracing::Span,
+    pub(crate) submitter: Option<Arc<Submitter>>,
+}
+
+/// Where a handler's child tasks go: the fleet's submit subjects.
+#[derive(Debug, Clone)]
+pub(crate) struct Submitter {
+    pub js: async_nats::jetstream::Context,
+    pub subjects: Subjects,
 }
 
 /// The fleet-wide state a handler can use: rate limits and circuit breakers in Redis.
@@ -181,6 +191,48 @@ impl TaskContext {
         self.deadline.saturating_duration_since(Instant::now())
     }
 
+    /// The trace context of this attempt (its `handler` span) as NATS headers (`traceparent`,
+    /// `tracestate`). Put them on a submission to make the submitted task part of this task's
+    /// trace: the coordinator's `task.intake` span of the child is then a child of this
+    /// handler. [`TaskContext::submit`] does it for you; this is for handlers that publish
+    /// submissions themselves. Empty when the worker has no tracing (a bare test context).
+    pub fn trace_headers(&self) -> async_nats::HeaderMap {
+        let mut h = async_nats::HeaderMap::new();
+        taskfleet_telemetry::inject_context(&self.span, &mut h);
+        h
+    }
+
+    /// A new task of `kind` in this task's queue and at its priority, for
+    /// [`TaskContext::submit`]. Its id is fresh: set `id` (or `idempotency_key`) to something
+    /// derived from [`TaskContext::task_id`] when a retried attempt must not create it twice.
+    pub fn child_envelope(&self, kind: impl Into<String>, payload: Value) -> TaskEnvelope {
+        TaskEnvelope::new(kind, payload).with_queue(&self.queue).with_priority(self.priority)
+    }
+
+    /// Submits a task (a child of this one) to the fleet, carrying this attempt's trace
+    /// context ([`TaskContext::trace_headers`]), and returns once JetStream has stored the
+    /// submission. Resubmitting the same id or idempotency key within the dedup window stores
+    /// nothing new. Fails with a retryable `submit_failed` error when the submission cannot be
+    /// stored, and a fatal one outside a running worker.
+    pub async fn submit(&self, env: &TaskEnvelope) -> Result<(), TaskError> {
+        let Some(to) = &self.submitter else {
+            return Err(TaskError::fatal("no fleet to submit to (not running in a worker)").with_code("submit_failed"));
+        };
+        let mut h = self.trace_headers();
+        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        let publish = async_nats::jetstream::message::PublishMessage::build()
+            .payload(bytes::Bytes::from(encode(env)))
+            .headers(h)
+            .message_id(env.dedup_key());
+        let stored = match to.js.send_publish(to.subjects.submit(&env.queue), publish).await {
+            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        stored.map_err(|e| {
+            TaskError::retryable(format!("cannot submit child task {}: {e}", env.id)).with_code("submit_failed")
+        })
+    }
+
     /// A context for calling a handler directly, e.g. in unit tests.
     pub fn for_test(kind: &str) -> TaskContext {
         TaskContext {
@@ -195,6 +247,8 @@ impl TaskContext {
             progress: None,
             shared: None,
             usage: Default::default(),
+            span: tracing::Span::none(),
+            submitter: None,
         }
     }
 }

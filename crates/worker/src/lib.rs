@@ -20,6 +20,7 @@ mod error;
 mod events;
 mod handler;
 mod lanes;
+mod presence;
 pub mod providers;
 mod retry;
 mod runner;

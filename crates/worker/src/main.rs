@@ -23,6 +23,7 @@ async fn main() -> anyhow::Result<()> {
     let worker = Worker::builder(config.clone())
         .handler("echo", builtin::echo)
         .handler("sleep", builtin::sleep)
+        .handler("fanout", builtin::fanout)
         .handler("http", providers.http_handler())
         .handler("llm.chat", providers.llm_chat_handler())
         .build();

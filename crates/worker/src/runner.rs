@@ -1,7 +1,7 @@
 //! The worker run loop: pull, pick by priority, run with a timeout, report.
 
 use crate::events::{AfterPublish, EventSender, spawn_publisher};
-use crate::handler::{Shared, Usage};
+use crate::handler::{Shared, Submitter, Usage};
 use crate::lanes::{Delivery, Lanes};
 use crate::{Handler, RetryPolicy, TaskContext, TaskError, WorkerError};
 use async_nats::jetstream::consumer::PullConsumer;
@@ -202,6 +202,16 @@ impl Worker {
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let progress = tokio::spawn(progress_loop(progress_rx, running.clone(), events.clone()));
 
+        let presence = crate::presence::Presence {
+            client: client.clone(),
+            subject: topology.subjects.worker_status(),
+            id: inner.id.clone(),
+            queues: cfg.worker.queues.clone(),
+            max_concurrent: cfg.worker.max_concurrent_tasks as u64,
+            stats: inner.stats.clone(),
+            every: cfg.worker.status_interval.max(Duration::from_millis(100)),
+        };
+        let presence = tokio::spawn(presence.run(shutdown.clone()));
         inner.stats.ready.store(true, Ordering::Relaxed);
         tracing::info!(worker = %inner.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
                        max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
@@ -213,6 +223,7 @@ impl Worker {
             progress_tx: progress_tx.clone(),
             lanes: lanes.clone(),
             policies,
+            submitter: Arc::new(Submitter { js: topology.js.clone(), subjects: topology.subjects.clone() }),
         };
         let mut next_token: u64 = 0;
         loop {
@@ -271,6 +282,7 @@ impl Worker {
         let _ = tokio::time::timeout(Duration::from_secs(10), publisher).await;
         heartbeat.abort();
         watcher.abort();
+        let _ = presence.await;
         let _ = client.flush().await;
         tracing::info!("worker stopped");
         Ok(())
@@ -296,8 +308,14 @@ impl Worker {
         };
         let (delivered, offset) = attempt_parts(&msg);
         let attempt = offset + delivered;
-        let span = tracing::info_span!("task.run", task_id = %env.id, kind = %env.kind, queue = %env.queue,
-                                       priority = %env.priority, attempt);
+        // One span per attempt (and per run after an in-memory deferral), in the trace of the
+        // dispatch message's context; a redelivered message keeps its headers, so every retry
+        // lands in the same trace.
+        let span = tracing::info_span!("task.run", otel.kind = "consumer", task_id = %env.id, kind = %env.kind,
+                                       queue = %env.queue, priority = %env.priority, attempt,
+                                       worker = %inner.id, cache_hit = tracing::field::Empty,
+                                       deferred = tracing::field::Empty, outcome = tracing::field::Empty,
+                                       otel.status_code = tracing::field::Empty);
         taskfleet_telemetry::set_parent_from(&span, msg.headers.as_ref());
 
         let mut base = TaskEvent::new(env.id, EventKind::Started, &env.queue);
@@ -305,11 +323,16 @@ impl Worker {
         base.priority = env.priority;
         base.attempt = attempt;
         base.worker = Some(inner.id.clone());
+        if taskfleet_telemetry::exporting() {
+            // The coordinator records this attempt's events under its span.
+            base.traceparent = taskfleet_telemetry::traceparent(&span);
+        }
 
         if inner.is_cancelled(&env.id) {
             // Cancelled while queued: skip it. The coordinator already recorded `cancelled`.
             let mut ev = base.clone();
             ev.kind = EventKind::Cancelled;
+            record_outcome(&span, ev.kind);
             events.send(ev, AfterPublish::Ack(msg));
             return;
         }
@@ -323,6 +346,7 @@ impl Worker {
                 message: format!("attempt {attempt} exceeds max_attempts {max_attempts}"),
                 retryable: false,
             });
+            record_outcome(&span, ev.kind);
             events.send(ev, AfterPublish::Ack(msg));
             return;
         }
@@ -340,6 +364,7 @@ impl Worker {
                 ),
                 retryable: false,
             });
+            record_outcome(&span, ev.kind);
             events.send(ev, AfterPublish::Ack(msg));
             return;
         };
@@ -351,11 +376,29 @@ impl Worker {
         // task is deferred without holding a slot.
         let mut lease: Option<(CacheKey, String)> = None;
         if let Some(key) = policies.cache.key_for(&env.kind, &env.payload) {
-            let mut claim = policies.cache.claim(&key, timeout).await;
-            if claim == CacheClaim::Follower {
+            let lookup = tracing::info_span!(parent: &span, "cache.lookup", kind = %env.kind,
+                                             result = tracing::field::Empty, waited = false);
+            let claim = async {
+                let claim = policies.cache.claim(&key, timeout).await;
+                if claim != CacheClaim::Follower {
+                    return claim;
+                }
+                // An identical task is running elsewhere: wait for its result.
+                lookup.record("waited", true);
                 let wait = policies.cache.single_flight_wait().min(timeout);
-                claim = policies.cache.wait_for(&key, timeout, wait).await;
+                policies.cache.wait_for(&key, timeout, wait).await
             }
+            .instrument(lookup.clone())
+            .await;
+            let result = match &claim {
+                CacheClaim::Hit(_) => "hit",
+                CacheClaim::Leader(_) => "miss",
+                CacheClaim::Follower => "wait_expired",
+                CacheClaim::Unavailable => "unavailable",
+            };
+            lookup.record("result", result);
+            span.record("cache_hit", matches!(claim, CacheClaim::Hit(_)));
+            drop(lookup);
             match claim {
                 CacheClaim::Hit(hit) => {
                     drop(permit);
@@ -375,6 +418,7 @@ impl Worker {
                         Some(Timings { created_at: env.created_at, received_at, started_at: now, finished_at: now });
                     inner.stats.finished.fetch_add(1, Ordering::Relaxed);
                     metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
+                    record_outcome(&span, ev.kind);
                     events.send(ev, AfterPublish::Ack(msg));
                     return;
                 }
@@ -386,11 +430,21 @@ impl Worker {
             }
         }
         let mut granted = granted;
-        for name in policies.limits_for(&env) {
+        let limits = policies.limits_for(&env);
+        // Taking the tokens, and a deferral's wait when one is refused. None on a run after a
+        // booked slot (its tokens are taken) or for a task without limits.
+        let limit_span = if limits.iter().any(|l| !granted.contains(l)) {
+            tracing::info_span!(parent: &span, "rate_limit.wait", limits = %limits.join(","), deferred = false,
+                                reason = tracing::field::Empty, delay_ms = tracing::field::Empty,
+                                held = tracing::field::Empty)
+        } else {
+            tracing::Span::none()
+        };
+        for name in limits {
             if granted.contains(&name) {
                 continue;
             }
-            let refusal = match policies.shared.limiter.acquire(&name).await {
+            let refusal = match policies.shared.limiter.acquire(&name).instrument(limit_span.clone()).await {
                 Ok(Decision::Allowed) => {
                     granted.push(name);
                     continue;
@@ -409,7 +463,10 @@ impl Worker {
             match refusal {
                 Ok((wait, booked)) => {
                     let reason = if booked { "rate_limit_booked" } else { "rate_limited" };
-                    let after = Deferral { token, lane, permit, granted, delay: wait, jitter: !booked };
+                    limit_span.record("deferred", true);
+                    span.record("deferred", true);
+                    let after =
+                        Deferral { token, lane, permit, granted, delay: wait, jitter: !booked, span: limit_span };
                     self.defer(msg, base, after, reason, &lp)
                 }
                 Err(e) => {
@@ -417,15 +474,18 @@ impl Worker {
                     ev.kind = EventKind::Failed;
                     ev.error =
                         Some(TaskErrorInfo { code: "unknown_limit".into(), message: e.to_string(), retryable: false });
+                    record_outcome(&span, ev.kind);
                     events.send(ev, AfterPublish::Ack(msg));
                 }
             }
             return;
         }
+        drop(limit_span);
         drop(permit);
 
         let cancel = CancellationToken::new();
         let usage: Arc<std::sync::Mutex<Usage>> = Default::default();
+        let handler_span = tracing::info_span!(parent: &span, "handler", kind = %env.kind);
         let ctx = TaskContext {
             task_id: env.id,
             kind: env.kind.clone(),
@@ -438,6 +498,8 @@ impl Worker {
             progress: Some(progress_tx),
             shared: Some(policies.shared.clone()),
             usage: usage.clone(),
+            span: handler_span.clone(),
+            submitter: Some(lp.submitter.clone()),
         };
         if let Ok(mut m) = running.lock() {
             m.insert(token, RunningTask { reply: msg.reply.clone(), cancel: cancel.clone(), base: base.clone() });
@@ -448,7 +510,7 @@ impl Worker {
 
         let retry = inner.retry_for(&env);
         let payload = env.payload;
-        let call = tokio::spawn(handler.call(ctx, payload).instrument(tracing::info_span!(parent: &span, "handler")));
+        let call = tokio::spawn(handler.call(ctx, payload).instrument(handler_span));
         let abort = call.abort_handle();
         let started_delay = inner.config.worker.started_event_delay;
         let outcome = async {
@@ -513,7 +575,10 @@ impl Worker {
             // Not an attempt: the handler could not start its call yet.
             let delay = err.retry_after.unwrap_or(Duration::from_secs(1));
             let code = err.code.clone();
-            let after = Deferral { token, lane, permit: None, granted: Vec::new(), delay, jitter: true };
+            span.record("deferred", true);
+            let wait = tracing::info_span!(parent: &span, "deferral", reason = %code,
+                                           delay_ms = tracing::field::Empty, held = tracing::field::Empty);
+            let after = Deferral { token, lane, permit: None, granted: Vec::new(), delay, jitter: true, span: wait };
             self.defer(msg, base, after, &code, &lp);
             return;
         }
@@ -554,6 +619,7 @@ impl Worker {
             }
         };
         metrics::counter!("taskfleet_worker_attempts_total", "outcome" => ev.kind.as_str()).increment(1);
+        record_outcome(&span, ev.kind);
         events.send(ev, after);
     }
 }
@@ -563,13 +629,17 @@ impl Worker {
     /// memory (heartbeated, cancellable, holding the task's prefetch place but no slot); longer
     /// ones go back to JetStream with that delay.
     fn defer(&self, msg: async_nats::jetstream::Message, base: TaskEvent, after: Deferral, reason: &str, lp: &Loop) {
-        let Deferral { token, lane, permit, granted, delay, jitter } = after;
+        let Deferral { token, lane, permit, granted, delay, jitter, span } = after;
         metrics::counter!("taskfleet_worker_deferred_total", "reason" => reason.to_string()).increment(1);
         // Up to 10% later, so tasks refused together do not come back together (a booked slot
         // is exact).
         let delay = if jitter { delay + delay.mul_f64(rand::random::<f64>() * 0.1) } else { delay };
         tracing::debug!(task_id = %base.task_id, ?delay, reason, "task deferred");
-        if delay > lp.policies.defer_hold_max {
+        let held = delay <= lp.policies.defer_hold_max;
+        span.record("reason", reason);
+        span.record("delay_ms", delay.as_millis() as u64);
+        span.record("held", held);
+        if !held {
             tokio::spawn(async move {
                 let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
             });
@@ -581,28 +651,32 @@ impl Worker {
         }
         let lp = lp.clone();
         let stats = self.inner.stats.clone();
-        tokio::spawn(async move {
-            let cancelled = tokio::select! {
-                _ = tokio::time::sleep(delay) => false,
-                _ = cancel.cancelled() => true,
-            };
-            // Gone from the map: the drain handed it back already.
-            if !lp.running.lock().map(|mut m| m.remove(&token).is_some()).unwrap_or(false) {
-                return;
+        tokio::spawn(
+            async move {
+                let cancelled = tokio::select! {
+                    _ = tokio::time::sleep(delay) => false,
+                    _ = cancel.cancelled() => true,
+                };
+                // Gone from the map: the drain handed it back already.
+                if !lp.running.lock().map(|mut m| m.remove(&token).is_some()).unwrap_or(false) {
+                    return;
+                }
+                if cancelled {
+                    let mut ev = base;
+                    ev.kind = EventKind::Cancelled;
+                    ev.at = now_ms();
+                    lp.events.send(ev, AfterPublish::Ack(msg));
+                    return;
+                }
+                stats.buffered.fetch_add(1, Ordering::Relaxed);
+                if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit, granted }) {
+                    stats.buffered.fetch_sub(1, Ordering::Relaxed);
+                    let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
+                }
             }
-            if cancelled {
-                let mut ev = base;
-                ev.kind = EventKind::Cancelled;
-                ev.at = now_ms();
-                lp.events.send(ev, AfterPublish::Ack(msg));
-                return;
-            }
-            stats.buffered.fetch_add(1, Ordering::Relaxed);
-            if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit, granted }) {
-                stats.buffered.fetch_sub(1, Ordering::Relaxed);
-                let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
-            }
-        });
+            // The wait's span (and so its attempt's `task.run`) ends when the task is back in line.
+            .instrument(span),
+        );
     }
 }
 
@@ -615,6 +689,8 @@ struct Deferral {
     granted: Vec<String>,
     delay: Duration,
     jitter: bool,
+    /// Covers the wait (`rate_limit.wait` or `deferral`, a child of the attempt's `task.run`).
+    span: tracing::Span,
 }
 
 /// What every task of a running worker shares.
@@ -625,6 +701,8 @@ struct Loop {
     progress_tx: mpsc::UnboundedSender<(uuid::Uuid, serde_json::Value)>,
     lanes: Arc<Lanes>,
     policies: Arc<Policies>,
+    /// Where handlers submit child tasks.
+    submitter: Arc<Submitter>,
 }
 
 /// The fleet-wide policies as this worker applies them.
@@ -674,6 +752,14 @@ struct RunningTask {
 
 fn running_count(running: &std::sync::Mutex<HashMap<u64, RunningTask>>) -> usize {
     running.lock().map(|m| m.len()).unwrap_or(0)
+}
+
+/// Notes an attempt's outcome on its `task.run` span; failures mark it as an error.
+fn record_outcome(span: &tracing::Span, kind: EventKind) {
+    span.record("outcome", kind.as_str());
+    if matches!(kind, EventKind::Failed | EventKind::Dead | EventKind::Retrying) {
+        span.record("otel.status_code", "ERROR");
+    }
 }
 
 /// Delivery count from JetStream and attempts spent before this dispatch (header).
