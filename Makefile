@@ -19,10 +19,12 @@ test: services
 	cargo build --workspace --bins --locked
 	. .dev/nats-bin && export TASKFLEET_NATS_SERVER_BIN && cargo test --workspace --locked
 
-## taskfleet against BullMQ and Celery on the same workload, one table (see bench/README.md).
+## Every benchmark (bench/all.sh): taskfleet against BullMQ, Celery and apalis on the same
+## workload, latency, scaling, priority, cache and rate-limit costs, the aggregator's ceiling.
+## QUICK=1 make bench is a smoke run of the suite.
 bench: services
 	cargo build --release --locked --workspace --bins
-	bench/compare.sh
+	bench/all.sh
 
 ## Formatting and lints.
 lint:

@@ -78,6 +78,12 @@ fn check_dom(dom: &str, worker: &str) -> Option<String> {
     if number(text_of(dom, "p95")).is_none() {
         return Some(format!("p95 shows {:?}", text_of(dom, "p95")));
     }
+    if number(text_of(dom, "chart-throughput-now").map(|t| t.trim_end_matches("/s"))).is_none() {
+        return Some(format!("the throughput chart shows {:?}", text_of(dom, "chart-throughput-now")));
+    }
+    if !dom.contains(r#"<li class="firing" data-rule="busy">"#) {
+        return Some("the firing alert `busy` is not in the alerts list".into());
+    }
     None
 }
 
@@ -90,8 +96,8 @@ fn artifacts_dir() -> PathBuf {
 }
 
 /// While `sleep` tasks trickle in, the dashboard in headless Chromium shows non-zero live
-/// figures and this fleet's worker; a screenshot is kept in `target/test-artifacts`. Then
-/// `taskfleet top --once` shows the same figures in the terminal.
+/// figures, this fleet's worker and a firing alert; a screenshot is kept in
+/// `target/test-artifacts`. Then `taskfleet top --once` shows the same figures in the terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_top_show_live_figures() {
     assert!(
@@ -102,6 +108,11 @@ async fn dashboard_and_top_show_live_figures() {
     let mut fleet = Fleet::new("dashboard");
     fleet.start_coordinator();
     fleet.start_worker(&[("TASKFLEET_WORKER_ID", WORKER), ("TASKFLEET_WORKER_STATUS_INTERVAL", "1s")]);
+    // An alert that fires as soon as tasks finish, so that the page shows one.
+    fleet
+        .set("TASKFLEET_AGGREGATOR_ALERT_RULES", "busy=throughput_per_s > 0.5")
+        .set("TASKFLEET_AGGREGATOR_ALERT_INTERVAL", "500ms")
+        .set("TASKFLEET_AGGREGATOR_ALERT_MIN_SAMPLES", "5");
     fleet.start_aggregator();
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
@@ -109,11 +120,11 @@ async fn dashboard_and_top_show_live_figures() {
     let url = format!("http://{addr}/");
 
     // A steady trickle: 10 tasks of 20 ms every 100 ms until the browser checks are done (at
-    // most 60 s).
+    // most 90 s).
     let stop = Arc::new(AtomicBool::new(false));
     let trickle = async {
         let mut submitted = 0usize;
-        let deadline = Instant::now() + Duration::from_secs(60);
+        let deadline = Instant::now() + Duration::from_secs(90);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let envs: Vec<TaskEnvelope> = (0..10)
                 .map(|i| TaskEnvelope::new("sleep", serde_json::json!({ "ms": 20, "i": submitted + i })))
@@ -126,8 +137,9 @@ async fn dashboard_and_top_show_live_figures() {
     };
 
     let browse = async {
-        // Let the aggregator see some finished tasks and a worker report first.
-        let deadline = Instant::now() + Duration::from_secs(30);
+        // Let the aggregator see finished tasks, a worker report, the alert and two chart points
+        // (one per 5 s) first.
+        let deadline = Instant::now() + Duration::from_secs(40);
         loop {
             let a = addr.clone();
             let stats = tokio::task::spawn_blocking(move || taskfleet_test_support::http_get(&a, "/v1/stats"))
@@ -139,6 +151,8 @@ async fn dashboard_and_top_show_live_figures() {
                 .is_some_and(|s| {
                     s["fleet"]["completed_total"].as_f64().unwrap_or(0.0) > 0.0
                         && s["workers"].as_array().is_some_and(|w| !w.is_empty())
+                        && s["alerts"].as_array().is_some_and(|a| !a.is_empty())
+                        && s["history"].as_array().is_some_and(|h| h.len() >= 2)
                 });
             if ready || Instant::now() > deadline {
                 break;
@@ -222,6 +236,7 @@ async fn dashboard_and_top_show_live_figures() {
         stdout.split("throughput ").nth(1).and_then(|rest| rest.split("/s").next()).and_then(|n| n.trim().parse().ok());
     assert!(throughput.is_some_and(|t| t > 0.0), "no throughput figure in:\n{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with(WORKER)), "no row for worker {WORKER} in:\n{stdout}");
+    assert!(stdout.contains("FIRING  busy: "), "no firing alert in:\n{stdout}");
     let completed: Option<f64> =
         stdout.split("completed ").nth(1).and_then(|rest| rest.split_whitespace().next()).and_then(|n| n.parse().ok());
     assert!(completed.is_some_and(|n| n >= submitted as f64), "completed >= {submitted} expected in:\n{stdout}");

@@ -1,4 +1,5 @@
-//! `taskfleet bench latency`: per-task latency at a steady, low rate.
+//! `taskfleet bench latency`: per-task latency at a steady, low rate; `taskfleet bench events`:
+//! synthetic events for measuring the aggregator.
 
 use crate::client::Fleet;
 use anyhow::anyhow;
@@ -30,6 +31,73 @@ pub struct LatencyArgs {
     /// Priority.
     #[arg(long, default_value = "normal")]
     priority: Priority,
+}
+
+#[derive(clap::Args)]
+pub struct EventsArgs {
+    /// Events to publish.
+    #[arg(long, default_value_t = 1_000_000)]
+    count: usize,
+    /// Events per message (a busy worker sends up to 500).
+    #[arg(long, default_value_t = 100)]
+    batch: usize,
+    /// Queue.
+    #[arg(long, default_value = "default")]
+    queue: String,
+}
+
+/// Publishes `count` `succeeded` events with realistic timings, `batch` per message, over the
+/// four priority lanes and four kinds.
+pub async fn events(fleet: &Fleet, args: EventsArgs) -> anyhow::Result<i32> {
+    use taskfleet_proto::{EventKind, TaskEvent, Timings, now_ms};
+    let start = Instant::now();
+    let mut acks = futures::stream::FuturesUnordered::new();
+    let mut sent = 0usize;
+    while sent < args.count {
+        let n = args.batch.max(1).min(args.count - sent);
+        let priority = Priority::ALL[(sent / n) % 4];
+        let now = now_ms();
+        let events: Vec<TaskEvent> = (0..n)
+            .map(|i| {
+                let mut ev = TaskEvent::new(uuid::Uuid::now_v7(), EventKind::Succeeded, &args.queue);
+                ev.task_kind = ["echo", "http", "llm.chat", "sleep"][(sent + i) % 4].to_string();
+                ev.priority = priority;
+                ev.attempt = 1;
+                let e2e = ((sent + i) % 200) as u64;
+                ev.timings = Some(Timings {
+                    created_at: now - e2e,
+                    received_at: now - e2e / 2,
+                    started_at: now - e2e / 3,
+                    finished_at: now,
+                });
+                ev
+            })
+            .collect();
+        let mut h = HeaderMap::new();
+        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
+        let body = Bytes::from(encode(&EventBatch { v: taskfleet_proto::PROTOCOL_VERSION, events }));
+        let ack = fleet
+            .js
+            .send_publish(
+                fleet.subjects.events(&args.queue, priority),
+                PublishMessage::build().payload(body).headers(h),
+            )
+            .await
+            .map_err(|e| anyhow!("{e}"))?;
+        acks.push(ack.into_future());
+        while acks.len() > 256 {
+            if let Some(r) = acks.next().await {
+                r.map_err(|e| anyhow!("{e}"))?;
+            }
+        }
+        sent += n;
+    }
+    while let Some(r) = acks.next().await {
+        r.map_err(|e| anyhow!("{e}"))?;
+    }
+    let secs = start.elapsed().as_secs_f64();
+    println!("published {sent} events in {secs:.2}s ({:.0} events/s)", sent as f64 / secs);
+    Ok(0)
 }
 
 fn summary(name: &str, mut v: Vec<f64>) -> String {

@@ -97,6 +97,9 @@ enum Command {
 enum BenchCommand {
     /// Per-task latency at a steady low rate: submit → worker's event, submit → committed.
     Latency(bench::LatencyArgs),
+    /// Publishes synthetic `succeeded` events straight into the event stream (for measuring
+    /// the aggregator's throughput); run it against a fleet without workers or coordinator.
+    Events(bench::EventsArgs),
 }
 
 #[derive(Subcommand)]
@@ -245,6 +248,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             Ok(0)
         }
         Command::Bench { command: BenchCommand::Latency(args) } => bench::latency(&fleet, args).await,
+        Command::Bench { command: BenchCommand::Events(args) } => bench::events(&fleet, args).await,
         Command::Counts { queue } => {
             let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);

@@ -10,10 +10,10 @@ use futures::stream::FuturesUnordered;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use tracing::Instrument;
 use taskfleet_proto::{
     CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
 };
+use tracing::Instrument;
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
@@ -159,14 +159,14 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
     let mut duplicates = 0usize;
     // When spans are exported, each submission is the root of its task's trace: a `task.submit`
     // span, open until JetStream stores the submission, whose context rides in the headers.
-    let tracing = taskfleet_telemetry::exporting();
+    let traced = taskfleet_telemetry::exporting();
     for env in &envs {
         let mut h = HeaderMap::new();
         h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         if args.confirm {
             h.insert(headers::REPLY_TO, inbox.as_str());
         }
-        let span = if tracing {
+        let span = if traced {
             let span = tracing::info_span!("task.submit", otel.kind = "producer", task_id = %env.id,
                                            kind = %env.kind, queue = %env.queue, priority = %env.priority);
             taskfleet_telemetry::inject_context(&span, &mut h);

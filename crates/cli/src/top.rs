@@ -386,7 +386,9 @@ pub fn render(s: &Snapshot, source: &str) -> String {
             a.message.clone()
         };
         let since = a.since.map(clock).unwrap_or_else(|| DASH.into());
-        let _ = writeln!(out, "FIRING  {}: {message}  (since {since})", a.rule);
+        // Messages usually start with the rule's name already.
+        let text = if message.starts_with(&a.rule) { message } else { format!("{}: {message}", a.rule) };
+        let _ = writeln!(out, "FIRING  {text}  (since {since})");
     }
     out
 }

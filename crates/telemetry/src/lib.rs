@@ -88,6 +88,9 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, Telemetry
     let mut builder = SdkTracerProvider::builder().with_resource(resource);
     let exporting = std::env::var("OTEL_EXPORTER_OTLP_ENDPOINT").is_ok_and(|v| !v.is_empty());
     if exporting {
+        // The exporter's HTTP client (reqwest, `rustls-no-provider`) needs the process's TLS
+        // crypto provider, the one every taskfleet binary uses; a second call is a no-op.
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let exporter = opentelemetry_otlp::SpanExporter::builder()
             .with_http()
             .build()
