@@ -66,7 +66,10 @@ impl SharedState {
     /// connection is made every call falls back, so a worker starts (and runs tasks) with Redis
     /// down.
     pub fn connect(config: &RedisConfig) -> Result<SharedState, SharedStateError> {
-        let client = redis::Client::open(config.url.as_str())?;
+        // Commands are small and latency-bound: no Nagle delay (redis-rs leaves it on).
+        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
+        let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
+        let client = redis::Client::open(info.set_tcp_settings(tcp))?;
         let state = SharedState {
             inner: Arc::new(Inner {
                 conn: Mutex::new(None),

@@ -5,6 +5,7 @@
 mod error;
 mod events;
 mod maintenance;
+mod nodelay;
 mod queries;
 mod rollups;
 mod submit;
@@ -49,6 +50,12 @@ impl Store {
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
+            .after_connect(|_conn, _meta| {
+                Box::pin(async {
+                    nodelay::set_on_tcp_sockets();
+                    Ok(())
+                })
+            })
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;

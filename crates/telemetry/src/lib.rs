@@ -98,8 +98,13 @@ pub fn init(service: &str, cfg: &TelemetryConfig) -> Result<Telemetry, Telemetry
         builder = builder.with_batch_exporter(exporter);
     }
     let provider = builder.build();
-    let otel_layer =
-        tracing_opentelemetry::layer().with_tracer(provider.tracer(service.to_string())).with_filter(span_filter);
+    // No source locations or thread names on spans: taskfleet's span names are unique, and a
+    // task hops between threads anyway; that keeps each exported span about a third smaller.
+    let otel_layer = tracing_opentelemetry::layer()
+        .with_tracer(provider.tracer(service.to_string()))
+        .with_location(false)
+        .with_threads(false)
+        .with_filter(span_filter);
 
     let registry = tracing_subscriber::registry().with(otel_layer);
     let result = match cfg.log_format {
