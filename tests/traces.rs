@@ -1,7 +1,7 @@
 //! Traces end to end: the CLI, the coordinator and the worker export their spans over OTLP/HTTP
 //! to a receiver in this test, and one task's spans, from all three services, form one trace
 //! with the right parent/child tree, including the child tasks a handler submits and every
-//! retry of a failing task.
+//! retry of a failing task; a trace the client's sampler drops is dropped everywhere.
 
 use axum::http::StatusCode;
 use axum::routing::post;
@@ -338,4 +338,14 @@ async fn one_task_is_one_trace_across_services() {
     assert_eq!(code, 1, "the task should end dead: {out}\n{}", fleet.logs());
     let shown = wait_for(&receiver, &fleet, Duration::from_secs(15), |spans| check_retries(spans, &failing)).await;
     println!("{shown}");
+
+    // A client whose sampler drops the trace: the services follow its decision (parent-based
+    // sampling, the default) and export nothing for the task.
+    fleet.set("OTEL_TRACES_SAMPLER", "always_off");
+    let (code, dropped, out) = submit(&fleet, &["--kind", "echo", "--payload", r#"{"unsampled": true}"#]);
+    assert_eq!(code, 0, "{out}\n{}", fleet.logs());
+    // Long enough for the exporters (100 ms schedule) to ship anything they had.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let leaked: Vec<Rec> = receiver.spans().into_iter().filter(|s| s.attr("task_id") == dropped).collect();
+    assert!(leaked.is_empty(), "spans of an unsampled task were exported: {}", dump(&leaked));
 }

@@ -151,7 +151,8 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
     if std::env::var_os("TASKFLEET_LOG").is_none() {
         config.telemetry.log = "warn".into();
     }
-    *telemetry = Some(taskfleet_telemetry::init("taskfleet", &config.telemetry)?);
+    // A bulk submit makes a span per task faster than the exporter ships them: a deeper queue.
+    *telemetry = Some(taskfleet_telemetry::init_with_queue("taskfleet", &config.telemetry, 1 << 16)?);
     let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
     match command {
         Command::Submit(args) => submit::run(&fleet, args).await,

@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use taskfleet_proto::{
     CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
 };
-use tracing::Instrument;
+use taskfleet_telemetry::{KeyValue, SpanKind};
 
 #[derive(clap::Args)]
 pub struct SubmitArgs {
@@ -166,17 +166,26 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
         if args.confirm {
             h.insert(headers::REPLY_TO, inbox.as_str());
         }
-        let span = if traced {
-            let span = tracing::info_span!("task.submit", otel.kind = "producer", task_id = %env.id,
-                                           kind = %env.kind, queue = %env.queue, priority = %env.priority);
-            taskfleet_telemetry::inject_context(&span, &mut h);
+        let span = traced.then(|| {
+            let span = taskfleet_telemetry::root_span("task.submit", SpanKind::Producer, || {
+                vec![
+                    KeyValue::new("task_id", env.id.to_string()),
+                    KeyValue::new("kind", env.kind.clone()),
+                    KeyValue::new("queue", env.queue.clone()),
+                    KeyValue::new("priority", env.priority.as_str()),
+                ]
+            });
+            span.inject(&mut h);
             span
-        } else {
-            tracing::Span::none()
-        };
+        });
         let publish = PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
         let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
-        acks.push(std::future::IntoFuture::into_future(ack).instrument(span));
+        acks.push(async move {
+            let stored = ack.await;
+            // The span ends once JetStream has stored the submission.
+            drop(span);
+            stored
+        });
         while acks.len() >= args.in_flight {
             if let Some(r) = acks.next().await {
                 duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);

@@ -211,10 +211,11 @@ async fn after_commit(
 }
 
 /// The `task.intake` span of a submission, from decoding to its dispatch being stored: a child
-/// of the submission's `traceparent`, or a root when it has none. Only when spans are exported;
-/// otherwise the submission's trace context, if any, is passed on unchanged.
+/// of the submission's `traceparent`, or a root when it has none. Only when spans are exported
+/// and the submission's trace is not one the sampler drops; otherwise the submission's trace
+/// context, if any, is passed on unchanged.
 fn intake_span(m: &Message, env: &TaskEnvelope) -> Option<tracing::Span> {
-    if !taskfleet_telemetry::exporting() {
+    if !taskfleet_telemetry::exporting() || taskfleet_telemetry::unsampled_parent(m.headers.as_ref()) {
         return None;
     }
     let span = tracing::info_span!("task.intake", otel.kind = "consumer", task_id = %env.id, kind = %env.kind,

@@ -147,19 +147,29 @@ impl TaskContext {
     /// next one is within the reservation horizon; when none is, the error defers the task
     /// (return it with `?`). Without Redis configured (a bare context) it allows.
     pub async fn acquire(&self, name: &str) -> Result<(), TaskError> {
+        use tracing::Instrument;
         let Some(shared) = &self.shared else { return Ok(()) };
-        match shared.limiter.acquire(name).await {
-            Ok(Decision::Allowed) => Ok(()),
-            Ok(Decision::Reserved { wait }) => {
-                // A booked slot, at most the reservation horizon away.
-                tokio::time::sleep(wait).await;
-                Ok(())
+        // A `rate_limit.wait` span under the handler's, covering a booked slot's wait.
+        let span = tracing::info_span!(parent: &self.span, "rate_limit.wait", limits = name,
+                                       deferred = false, delay_ms = tracing::field::Empty);
+        async {
+            match shared.limiter.acquire(name).await {
+                Ok(Decision::Allowed) => Ok(()),
+                Ok(Decision::Reserved { wait }) => {
+                    // A booked slot, at most the reservation horizon away.
+                    span.record("delay_ms", wait.as_millis() as u64);
+                    tokio::time::sleep(wait).await;
+                    Ok(())
+                }
+                Ok(Decision::Denied { retry_after }) => {
+                    span.record("deferred", true);
+                    Err(TaskError::deferred("rate_limited", format!("rate limit {name} has no token"), retry_after))
+                }
+                Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
             }
-            Ok(Decision::Denied { retry_after }) => {
-                Err(TaskError::deferred("rate_limited", format!("rate limit {name} has no token"), retry_after))
-            }
-            Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
         }
+        .instrument(span.clone())
+        .await
     }
 
     /// The fleet's circuit breakers, when the worker has them.
