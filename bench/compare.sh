@@ -29,7 +29,10 @@ cleanup() { redis-cli -p "$redis_port" shutdown nosave >/dev/null 2>&1 || true; 
 trap cleanup EXIT
 
 echo "== taskfleet" >&2
-TASKS=$TASKS WORKERS=$WORKERS bench/e2e.sh | tee /dev/stderr | grep '^{' >> "$results"
+# (Not `tee /dev/stderr`: when stderr is a file, reopening it truncates what came before.)
+out=$(TASKS=$TASKS WORKERS=$WORKERS bench/e2e.sh)
+echo "$out" >&2
+grep '^{' <<<"$out" >> "$results"
 
 redis-server --daemonize yes --bind 127.0.0.1 --port "$redis_port" --dir "$work" --appendonly yes \
     --appendfsync everysec --save "" --logfile "$work/redis.log"
