@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Brings a local fleet up and runs a demo workload: services (deploy/dev-services.sh), a
-# release build, one coordinator, two workers and the aggregator, then a demo batch.
+# release build, one coordinator, two workers, the aggregator and a mock LLM API, then a demo
+# workload (echo and sleep tasks, then LLM calls through the shared cache and a rate limit).
 # The fleet keeps running afterwards; `make stop` (deploy/dev.sh stop) stops it.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,6 +41,12 @@ spawn() { # name binary [VAR=value ...]
     env "$@" "$BIN/$bin" >".dev/logs/$name.log" 2>&1 &
     echo $! > ".dev/pids/$name.pid"
 }
+# The demo's LLM provider: the mock API (taskfleet-mock-api), 30 ms per call; its results are
+# cached fleet-wide for an hour and its calls limited to 50/s across both workers.
+export TASKFLEET_PROVIDERS_URLS=demo-llm=http://127.0.0.1:8089/v1 TASKFLEET_PROVIDERS_MODELS=demo-model=demo-llm
+export TASKFLEET_PROVIDERS_PRICES=demo-model=0.15/0.60 TASKFLEET_PROVIDERS_LIMITS=demo-llm=demo-llm
+export TASKFLEET_POLICIES_RATE_LIMITS="demo-llm=50/s burst 10" TASKFLEET_POLICIES_CACHE="llm.chat=1h by model+messages"
+spawn mock-api taskfleet-mock-api TASKFLEET_MOCK_ADDR=127.0.0.1:8089 TASKFLEET_MOCK_NAME=demo-llm TASKFLEET_MOCK_LATENCY_MS=30
 spawn coordinator taskfleet-coordinator TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:8080
 spawn worker-1 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8081 TASKFLEET_WORKER_ID=worker-1
 spawn worker-2 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8082 TASKFLEET_WORKER_ID=worker-2
@@ -59,6 +66,7 @@ wait_ready coordinator 127.0.0.1:8080
 wait_ready worker-1 127.0.0.1:8081
 wait_ready worker-2 127.0.0.1:8082
 wait_ready aggregator 127.0.0.1:9090
+for _ in $(seq 100); do curl -fsS http://127.0.0.1:8089/healthz >/dev/null 2>&1 && break; sleep 0.1; done
 log "fleet up: coordinator :8080, workers :8081 :8082, aggregator :9090 (logs in .dev/logs)"
 
 log "demo: one task, submitted and awaited"
@@ -69,6 +77,18 @@ log "first task finished $((first_ms / 1000)).$(printf '%03d' $((first_ms % 1000
 log "demo: 2,000 tasks across all priorities (echo and 20 ms sleeps)"
 $BIN/taskfleet submit --kind echo --count 1000 --priority mixed --wait
 $BIN/taskfleet submit --kind sleep --payload '{"ms":20}' --count 1000 --priority mixed --wait
+log "demo: 200 LLM calls over 20 distinct prompts (cache, single-flight, 50/s rate limit)"
+submitters=()
+for p in $(seq 0 19); do
+    # 10 copies of each prompt at once: one calls the API, the others wait for its result.
+    $BIN/taskfleet submit --kind llm.chat --count 10 --index-at /metadata/copy --wait --quiet \
+        --payload "{\"model\":\"demo-model\",\"messages\":[{\"role\":\"user\",\"content\":\"question $p\"}]}" >/dev/null &
+    submitters+=($!)
+done
+wait "${submitters[@]}"
+log "demo: $(curl -fsS 127.0.0.1:8089/stats | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["by_status"]["200"], "calls reached the LLM API for 200 tasks")')"
+sleep 5   # workers report every 5 s
+$BIN/taskfleet top --once --aggregator http://127.0.0.1:9090 || true
 log "demo: recent tasks"
 $BIN/taskfleet ls --limit 5
 $BIN/taskfleet counts
@@ -76,6 +96,7 @@ cat >&2 <<MSG
 
 The fleet is running. Try:
   source .dev/env && target/release/taskfleet submit --kind sleep --payload '{"ms":500}' --wait
+  open http://localhost:9090/            # the dashboard (also: target/release/taskfleet top)
   curl -s localhost:9090/v1/stats        # aggregator
   curl -s localhost:8080/v1/counts       # coordinator
   make stop                              # stop the fleet

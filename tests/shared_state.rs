@@ -103,6 +103,39 @@ async fn breaker_opens_fallback_takes_over_and_recovers() {
     assert!((9..=10).contains(&served), "the healed model serves again: {served} of 10");
 }
 
+/// Every provider of a chain down for good: tasks wait for a breaker to close for at most
+/// `breaker_max_wait` per attempt, then fail that attempt, and end `dead` instead of waiting
+/// forever.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dependency_that_stays_down_ends_its_tasks() {
+    let closed = format!("http://127.0.0.1:{}", taskfleet_test_support::free_port());
+    let mut fleet = Fleet::new("alldown");
+    fleet
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("a={closed},b={closed}"))
+        .set("TASKFLEET_PROVIDERS_CHAINS", "search=a>b")
+        .set("TASKFLEET_POLICIES_BREAKER_FAILURES", "1")
+        .set("TASKFLEET_POLICIES_BREAKER_COOLDOWN", "10s")
+        .set("TASKFLEET_POLICIES_BREAKER_MAX_WAIT", "1s");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let tasks: Vec<TaskEnvelope> = (0..5)
+        .map(|i| {
+            let mut t = search(&format!("q{i}"));
+            t.max_attempts = 2;
+            t
+        })
+        .collect();
+    let started = Instant::now();
+    fleet.submit_all(&client, &tasks).await;
+    let counts = fleet.wait_final(&pool, 5, Duration::from_secs(60)).await;
+    println!("every provider down: 5 tasks final in {:?}: {counts:?}", started.elapsed());
+    assert_eq!(counts.get("dead"), Some(&5), "{counts:?}");
+    let codes: Vec<String> = sqlx::query_scalar("SELECT error->>'code' FROM tasks").fetch_all(&pool).await.unwrap();
+    assert!(codes.iter().all(|c| c == "breaker_open" || c == "http_connect"), "{codes:?}");
+}
+
 /// A 429 with `Retry-After: 1` is retried no sooner than a second later.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn retry_after_is_honoured() {

@@ -40,6 +40,11 @@ pub struct PoliciesConfig {
     pub breaker_cooldown: Duration,
     /// Successful trial calls that close a half-open breaker.
     pub breaker_successes: u32,
+    /// How long a task waits (deferred, without counting an attempt) for one of its providers'
+    /// breakers to close; after that the attempt fails with `breaker_open` and is retried with
+    /// backoff, so a dependency that stays down ends its tasks `dead` instead of holding them.
+    #[serde(with = "humantime_serde")]
+    pub breaker_max_wait: Duration,
     /// How far ahead a task may book a rate-limit token: it then waits for its slot (in memory,
     /// without a slot) and runs without asking again. Longer horizons save Redis round trips on
     /// a saturated limit; shorter ones let more urgent tasks get tokens sooner.
@@ -67,6 +72,7 @@ impl Default for PoliciesConfig {
             breaker_window: Duration::from_secs(30),
             breaker_cooldown: Duration::from_secs(15),
             breaker_successes: 2,
+            breaker_max_wait: Duration::from_secs(300),
             rate_limit_horizon: Duration::from_secs(1),
             local_limit_share: 0.25,
             defer_hold_max: Duration::from_secs(60),

@@ -14,6 +14,8 @@ pub(crate) struct Delivery {
     pub permit: Option<tokio::sync::OwnedSemaphorePermit>,
     /// Rate limits whose token this task already holds (booked before a deferral).
     pub granted: Vec<String>,
+    /// When this delivery was first deferred by its handler (every provider's breaker open).
+    pub deferred_since: Option<std::time::Instant>,
 }
 
 struct State {

@@ -289,7 +289,7 @@ impl Worker {
     }
 
     async fn run_delivery(&self, token: u64, delivery: Delivery, lp: Loop) {
-        let Delivery { msg, permit, priority: lane, granted } = delivery;
+        let Delivery { msg, permit, priority: lane, granted, deferred_since } = delivery;
         let Loop { events, running, progress_tx, policies, .. } = lp.clone();
         let received_at = now_ms();
         let inner = &self.inner;
@@ -465,8 +465,16 @@ impl Worker {
                     let reason = if booked { "rate_limit_booked" } else { "rate_limited" };
                     limit_span.record("deferred", true);
                     span.record("deferred", true);
-                    let after =
-                        Deferral { token, lane, permit, granted, delay: wait, jitter: !booked, span: limit_span };
+                    let after = Deferral {
+                        token,
+                        lane,
+                        permit,
+                        granted,
+                        delay: wait,
+                        jitter: !booked,
+                        span: limit_span,
+                        deferred_since,
+                    };
                     self.defer(msg, base, after, reason, &lp)
                 }
                 Err(e) => {
@@ -568,9 +576,13 @@ impl Worker {
             (_, Some((key, owner))) => policies.cache.release(key, owner).await,
             _ => {}
         }
+        // A dependency that stays down must not hold its tasks forever: after
+        // `breaker_max_wait` of deferrals the task fails this attempt (and is retried or dies).
+        let gave_up = deferred_since.is_some_and(|t| t.elapsed() >= policies.breaker_max_wait);
         if let Err(err) = &outcome
             && err.deferred
             && !cancelled
+            && !(err.code == "breaker_open" && gave_up)
         {
             // Not an attempt: the handler could not start its call yet.
             let delay = err.retry_after.unwrap_or(Duration::from_secs(1));
@@ -578,7 +590,17 @@ impl Worker {
             span.record("deferred", true);
             let wait = tracing::info_span!(parent: &span, "deferral", reason = %code,
                                            delay_ms = tracing::field::Empty, held = tracing::field::Empty);
-            let after = Deferral { token, lane, permit: None, granted: Vec::new(), delay, jitter: true, span: wait };
+            let since = Some(deferred_since.unwrap_or_else(std::time::Instant::now));
+            let after = Deferral {
+                token,
+                lane,
+                permit: None,
+                granted: Vec::new(),
+                delay,
+                jitter: true,
+                span: wait,
+                deferred_since: since,
+            };
             self.defer(msg, base, after, &code, &lp);
             return;
         }
@@ -629,7 +651,7 @@ impl Worker {
     /// memory (heartbeated, cancellable, holding the task's prefetch place but no slot); longer
     /// ones go back to JetStream with that delay.
     fn defer(&self, msg: async_nats::jetstream::Message, base: TaskEvent, after: Deferral, reason: &str, lp: &Loop) {
-        let Deferral { token, lane, permit, granted, delay, jitter, span } = after;
+        let Deferral { token, lane, permit, granted, delay, jitter, span, deferred_since } = after;
         metrics::counter!("taskfleet_worker_deferred_total", "reason" => reason.to_string()).increment(1);
         // Up to 10% later, so tasks refused together do not come back together (a booked slot
         // is exact).
@@ -669,7 +691,7 @@ impl Worker {
                     return;
                 }
                 stats.buffered.fetch_add(1, Ordering::Relaxed);
-                if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit, granted }) {
+                if let Some(d) = lp.lanes.push(Delivery { msg, priority: lane, permit, granted, deferred_since }) {
                     stats.buffered.fetch_sub(1, Ordering::Relaxed);
                     let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
                 }
@@ -687,6 +709,8 @@ struct Deferral {
     permit: Option<OwnedSemaphorePermit>,
     /// Rate limits it holds tokens of.
     granted: Vec<String>,
+    /// When the task was first deferred by its handler.
+    deferred_since: Option<std::time::Instant>,
     delay: Duration,
     jitter: bool,
     /// Covers the wait (`rate_limit.wait` or `deferral`, a child of the attempt's `task.run`).
@@ -711,6 +735,7 @@ struct Policies {
     shared: Arc<Shared>,
     kind_limits: HashMap<String, Vec<String>>,
     defer_hold_max: Duration,
+    breaker_max_wait: Duration,
 }
 
 impl Policies {
@@ -728,6 +753,7 @@ impl Policies {
             shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies) }),
             kind_limits,
             defer_hold_max: cfg.policies.defer_hold_max,
+            breaker_max_wait: cfg.policies.breaker_max_wait,
         })
     }
 
@@ -837,6 +863,7 @@ async fn pull_loop(
                         priority: priority.index(),
                         permit: Some(permit),
                         granted: Vec::new(),
+                        deferred_since: None,
                     }) {
                         stats.buffered.fetch_sub(1, Ordering::Relaxed);
                         let _ = d.msg.ack_with(async_nats::jetstream::AckKind::Nak(None)).await;
