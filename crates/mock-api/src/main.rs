@@ -57,29 +57,7 @@ async fn main() -> anyhow::Result<()> {
         limit_burst: args.limit_burst,
     };
     let mock = MockApi::start(MockConfig { addr: args.addr, name: args.name, seed: args.seed, behaviour }).await?;
-    mock.run_until(wait_for_signal()).await?;
+    mock.run_until(taskfleet_service::wait_for_signal()).await?;
     tracing::info!("mock API stopped");
     Ok(())
-}
-
-async fn wait_for_signal() {
-    #[cfg(unix)]
-    {
-        use tokio::signal::unix::{SignalKind, signal};
-        match signal(SignalKind::terminate()) {
-            Ok(mut term) => {
-                tokio::select! {
-                    _ = term.recv() => {}
-                    _ = tokio::signal::ctrl_c() => {}
-                }
-            }
-            Err(_) => {
-                let _ = tokio::signal::ctrl_c().await;
-            }
-        }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
-    }
 }

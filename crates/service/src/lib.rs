@@ -93,7 +93,8 @@ impl Service {
     }
 }
 
-async fn wait_for_signal() {
+/// Resolves on SIGTERM or Ctrl-C: what every taskfleet process stops on.
+pub async fn wait_for_signal() {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{SignalKind, signal};
