@@ -167,3 +167,15 @@ impl Fleet {
         std::process::Command::new(bin).args(args).envs(self.env_with(&[])).output().expect("run taskfleet CLI")
     }
 }
+
+/// An `http` task searching `query` through the provider (or chain) named `search`, with 5
+/// attempts and a short backoff.
+pub fn search(query: &str) -> TaskEnvelope {
+    let mut t = TaskEnvelope::new(
+        "http",
+        serde_json::json!({ "provider": "search", "method": "POST", "path": "/v1/search", "json": { "query": query } }),
+    );
+    t.max_attempts = 5;
+    t.retry = Some(taskfleet_proto::RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
+    t
+}

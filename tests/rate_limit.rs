@@ -2,21 +2,10 @@
 //! at a local mock of the outside API. In a test binary of its own so that no other test loads
 //! the machine while it measures.
 
-use serde_json::json;
 use std::time::Duration;
-use taskfleet_e2e::Fleet;
+use taskfleet_e2e::{Fleet, search};
 use taskfleet_mock_api::{Behaviour, MockApi, MockConfig};
-use taskfleet_proto::{RetryBackoff, TaskEnvelope};
-
-fn search(query: &str) -> TaskEnvelope {
-    let mut t = TaskEnvelope::new(
-        "http",
-        json!({ "provider": "search", "method": "POST", "path": "/v1/search", "json": { "query": query } }),
-    );
-    t.max_attempts = 5;
-    t.retry = Some(RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
-    t
-}
+use taskfleet_proto::TaskEnvelope;
 
 /// Eight workers hammer one limit of 200/s (burst 10) with 1,200 search calls: the mock API
 /// sees no more than the limit allows in any 2 s window (overshoot under 1%), and tasks that

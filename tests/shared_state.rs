@@ -4,22 +4,12 @@
 
 use serde_json::json;
 use std::time::{Duration, Instant};
-use taskfleet_e2e::Fleet;
+use taskfleet_e2e::{Fleet, search};
 use taskfleet_mock_api::{Behaviour, Control, MockApi, MockConfig, RunningMock};
 use taskfleet_proto::{RetryBackoff, TaskEnvelope};
 
 async fn mock(name: &str, behaviour: Behaviour) -> RunningMock {
     MockApi::start(MockConfig { name: name.into(), behaviour, ..MockConfig::default() }).await.unwrap()
-}
-
-fn search(query: &str) -> TaskEnvelope {
-    let mut t = TaskEnvelope::new(
-        "http",
-        json!({ "provider": "search", "method": "POST", "path": "/v1/search", "json": { "query": query } }),
-    );
-    t.max_attempts = 5;
-    t.retry = Some(RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
-    t
 }
 
 fn chat(model: &str, prompt: &str) -> TaskEnvelope {
