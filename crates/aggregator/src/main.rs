@@ -8,7 +8,7 @@
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-use async_nats::jetstream::{AckKind, Message};
+use async_nats::jetstream::AckKind;
 use axum::http::header;
 use axum::response::{Html, IntoResponse};
 use axum::{Router, routing::get};
@@ -27,10 +27,12 @@ use taskfleet_store::Store;
 /// Name of the aggregator's durable consumer on the event stream.
 const CONSUMER: &str = "aggregator";
 
-/// Events counted but not yet written to Postgres, with the messages that carried them.
+/// Events counted but not yet written to Postgres, with the acknowledgement subjects of the
+/// messages that carried them (only the subjects: a held message's body would keep up to a
+/// megabyte of results in memory until the next flush).
 struct Shared {
     stats: Mutex<Stats>,
-    held: Mutex<Vec<Message>>,
+    held: Mutex<Vec<async_nats::Subject>>,
     snapshot: Mutex<Arc<Vec<u8>>>,
     alerts: Mutex<Alerts>,
 }
@@ -162,7 +164,7 @@ async fn main() -> anyhow::Result<()> {
 
     // Rollups to Postgres every flush_interval; the events they hold are acknowledged after.
     let flusher = {
-        let (shared, store) = (shared.clone(), store.clone());
+        let (shared, store, client) = (shared.clone(), store.clone(), client.clone());
         // Held events must be acknowledged well within ack_wait, or JetStream redelivers them.
         let every = cfg.flush_interval.min(config.nats.ack_wait / 3);
         let stop = service.shutdown.clone();
@@ -172,7 +174,7 @@ async fn main() -> anyhow::Result<()> {
                     _ = tokio::time::sleep(every) => false,
                     _ = stop.cancelled() => true,
                 };
-                flush(&shared, &store).await;
+                flush(&shared, &store, &client).await;
                 if stopping {
                     return;
                 }
@@ -184,6 +186,9 @@ async fn main() -> anyhow::Result<()> {
     taskfleet_bus::consume_batches(
         "aggregator events",
         256,
+        // Bodies are dropped once counted (only ack subjects are held), so this bounds the
+        // decoded batch in memory.
+        8 << 20,
         service.shutdown.cancelled(),
         || topology.events_consumer(CONSUMER, topology.subjects.events_all(), 8192),
         |msgs| {
@@ -207,7 +212,9 @@ async fn main() -> anyhow::Result<()> {
                                     stats.observe(ev, now);
                                     observe_prometheus(ev);
                                 }
-                                keep.push(msg);
+                                if let Some(reply) = msg.reply.clone() {
+                                    keep.push(reply);
+                                }
                             }
                             Err(e) => {
                                 metrics::counter!("taskfleet_aggregator_malformed_events_total").increment(1);
@@ -237,7 +244,7 @@ async fn main() -> anyhow::Result<()> {
 /// Writes the pending rollups and acknowledges the events they hold; on failure keeps both
 /// (the rows are written with the next flush, the messages get an in-progress ack so they are
 /// not redelivered meanwhile).
-async fn flush(shared: &Shared, store: &Store) {
+async fn flush(shared: &Shared, store: &Store, client: &async_nats::Client) {
     let (rows, held) = {
         let mut stats = lock(&shared.stats);
         let held = std::mem::take(&mut *lock(&shared.held));
@@ -249,14 +256,14 @@ async fn flush(shared: &Shared, store: &Store) {
     match store.insert_rollups(&rows).await {
         Ok(()) => {
             metrics::counter!("taskfleet_aggregator_rollups_written_total").increment(rows.len() as u64);
-            for m in held {
-                let _ = m.ack().await;
+            for reply in held {
+                let _ = client.publish(reply, "+ACK".into()).await;
             }
         }
         Err(e) => {
             tracing::warn!(error = %e, rows = rows.len(), "cannot write rollups; keeping them for the next flush");
-            for m in &held {
-                let _ = m.ack_with(AckKind::Progress).await;
+            for reply in &held {
+                let _ = client.publish(reply.clone(), "+WPI".into()).await;
             }
             lock(&shared.stats).restore_pending(rows);
             let mut h = lock(&shared.held);

@@ -15,12 +15,14 @@ pub async fn hand_back(msgs: &[Message], delay: Duration) {
 }
 
 /// Consumes a durable consumer until `stop` resolves: hands every group of messages that are
-/// ready at once (at most `max`, a lone message is not held back) to `handle`, and re-opens the
+/// ready at once (at most `max` messages and, unless one message is larger, `max_bytes` of
+/// bodies; a lone message is not held back) to `handle`, and re-opens the
 /// pull stream with backoff whenever it ends or fails (a restarted nats-server, a deleted
 /// consumer that `open` re-creates). Individual pull status errors are logged and skipped.
 pub async fn consume_batches<O, OF, H, HF>(
     name: &str,
     max: usize,
+    max_bytes: usize,
     stop: impl Future<Output = ()>,
     open: O,
     mut handle: H,
@@ -37,6 +39,7 @@ pub async fn consume_batches<O, OF, H, HF>(
             Ok(consumer) => consumer
                 .stream()
                 .max_messages_per_batch(max)
+                .max_bytes_per_batch(max_bytes)
                 .expires(Duration::from_secs(30))
                 .heartbeat(Duration::from_secs(5))
                 .messages()
@@ -69,9 +72,17 @@ pub async fn consume_batches<O, OF, H, HF>(
             // A broken pull (missed heartbeats, server restart) arrives as an error item and
             // the stream goes on by itself: log it and keep the messages.
             let mut msgs = Vec::with_capacity(chunk.len());
+            let mut bytes = 0;
             for m in chunk {
                 match m {
-                    Ok(m) => msgs.push(m),
+                    Ok(m) => {
+                        if !msgs.is_empty() && bytes + m.payload.len() > max_bytes {
+                            handle(std::mem::take(&mut msgs)).await;
+                            bytes = 0;
+                        }
+                        bytes += m.payload.len();
+                        msgs.push(m);
+                    }
                     Err(e) => tracing::debug!(consumer = name, error = %e, "pull status"),
                 }
             }

@@ -4,7 +4,7 @@ use crate::BusError;
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
-    stream::{self, RetentionPolicy, StorageType},
+    stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use std::time::Duration;
 use taskfleet_config::{NatsConfig, StorageKind};
@@ -99,11 +99,27 @@ impl Topology {
     /// configuration.
     pub async fn ensure_streams(&self) -> Result<(), BusError> {
         let s = &self.subjects;
+        // Work queues refuse new messages when full (a submitter or the coordinator gets an
+        // error and retries: backpressure, nothing lost); the event and dead-letter logs drop
+        // their oldest messages (the coordinator records events long before, and an alert
+        // fires when its backlog ages; see the coordinator's stream watch).
         let streams = [
-            self.stream(s.submit_stream(), s.submit_all(), RetentionPolicy::WorkQueue, None),
-            self.stream(s.dispatch_stream(), s.dispatch_all(), RetentionPolicy::WorkQueue, None),
-            self.stream(s.dead_stream(), s.dead_all(), RetentionPolicy::Limits, Some(self.cfg.dead_max_age)),
-            self.stream(s.events_stream(), s.events_all(), RetentionPolicy::Limits, Some(self.cfg.events_max_age)),
+            self.stream(s.submit_stream(), s.submit_all(), RetentionPolicy::WorkQueue, None, DiscardPolicy::New),
+            self.stream(s.dispatch_stream(), s.dispatch_all(), RetentionPolicy::WorkQueue, None, DiscardPolicy::New),
+            self.stream(
+                s.dead_stream(),
+                s.dead_all(),
+                RetentionPolicy::Limits,
+                Some(self.cfg.dead_max_age),
+                DiscardPolicy::Old,
+            ),
+            self.stream(
+                s.events_stream(),
+                s.events_all(),
+                RetentionPolicy::Limits,
+                Some(self.cfg.events_max_age),
+                DiscardPolicy::Old,
+            ),
         ];
         for config in streams {
             let name = config.name.clone();
@@ -130,6 +146,7 @@ impl Topology {
         subject: String,
         retention: RetentionPolicy,
         max_age: Option<Duration>,
+        discard: DiscardPolicy,
     ) -> stream::Config {
         let max_age = max_age.unwrap_or_default();
         let duplicate_window =
@@ -139,6 +156,8 @@ impl Topology {
             subjects: vec![subject],
             retention,
             max_age,
+            max_bytes: self.cfg.stream_max_bytes as i64,
+            discard,
             duplicate_window,
             storage: self.storage(),
             num_replicas: self.cfg.replicas,
@@ -152,6 +171,7 @@ impl Topology {
             bucket: self.subjects.cancel_bucket(),
             history: 1,
             max_age: self.cfg.cancel_max_age,
+            max_bytes: (self.cfg.stream_max_bytes / 16) as i64,
             storage: self.storage(),
             num_replicas: self.cfg.replicas,
             ..Default::default()
@@ -175,6 +195,58 @@ impl Topology {
             .await
             .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
         Ok((info.num_pending, info.num_ack_pending))
+    }
+
+    /// What a consumer has done so far: see [`ConsumerProgress`].
+    pub async fn consumer_progress(&self, stream: &str, consumer: &str) -> Result<ConsumerProgress, BusError> {
+        let what = || format!("consumer {consumer} on {stream}");
+        let stream = self
+            .js
+            .get_stream_no_info(stream)
+            .await
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let info = stream
+            .consumer_info(consumer)
+            .await
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let floor_idle = info.ack_floor.last_active.map(|t| {
+            let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+            (now.as_nanos() as i128 - t.unix_timestamp_nanos()).max(0) as u64
+        });
+        Ok(ConsumerProgress {
+            pending: info.num_pending,
+            ack_pending: info.num_ack_pending,
+            ack_floor: info.ack_floor.stream_sequence,
+            floor_idle: floor_idle.map(Duration::from_nanos),
+        })
+    }
+
+    /// How full a stream is: (bytes stored, `max_bytes`).
+    pub async fn stream_fill(&self, stream: &str) -> Result<(u64, i64), BusError> {
+        let mut s = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
+        Ok((info.state.bytes, info.config.max_bytes))
+    }
+
+    /// The sequence of the last message stored in a stream.
+    pub async fn stream_last_seq(&self, stream: &str) -> Result<u64, BusError> {
+        let mut s = self
+            .js
+            .get_stream(stream)
+            .await
+            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
+        let info = s
+            .info()
+            .await
+            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
+        Ok(info.state.last_sequence)
     }
 
     /// The coordinator's consumer of submissions. `max_deliver` is unlimited on purpose: while
@@ -269,5 +341,27 @@ mod tests {
         assert_eq!(parse_version("v2.15.1-beta"), (2, 15, 1));
         assert!(parse_version("2.10.22") < (2, 10, 23));
         assert_eq!(parse_version("garbage"), (0, 0, 0));
+    }
+}
+
+/// A consumer's position: messages not yet delivered, delivered and not yet acknowledged, and
+/// the stream sequence up to which every message of the consumer is acknowledged (or
+/// terminated).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ConsumerProgress {
+    /// Messages waiting for their first delivery.
+    pub pending: u64,
+    /// Messages delivered and not acknowledged yet.
+    pub ack_pending: usize,
+    /// Every message of the consumer up to this stream sequence is settled.
+    pub ack_floor: u64,
+    /// How long ago the floor last moved, when the server says.
+    pub floor_idle: Option<Duration>,
+}
+
+impl ConsumerProgress {
+    /// True when the consumer holds nothing at all.
+    pub fn is_idle(&self) -> bool {
+        self.pending == 0 && self.ack_pending == 0
     }
 }

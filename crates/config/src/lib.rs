@@ -70,15 +70,6 @@ impl Config {
         self.policies.validate()?;
         self.aggregator.validate()?;
         self.providers.validate(&self.policies)?;
-        if self.coordinator.rescue_idle <= self.nats.ack_wait {
-            return Err(ConfigError::Invalid {
-                field: "coordinator.rescue_idle",
-                message: format!(
-                    "{:?} must exceed nats.ack_wait ({:?}), or tasks still held by live workers would be dispatched twice",
-                    self.coordinator.rescue_idle, self.nats.ack_wait
-                ),
-            });
-        }
         Ok(())
     }
 

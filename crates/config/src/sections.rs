@@ -38,8 +38,10 @@ pub struct NatsConfig {
     /// Workers heartbeat every third of it, so it can stay short.
     #[serde(with = "humantime_serde")]
     pub ack_wait: Duration,
-    /// Deliveries of one dispatch message before JetStream gives up on it (a safety net above
-    /// every task's `max_attempts`; the worker enforces `max_attempts` itself).
+    /// Deliveries of one dispatch message that may end without an outcome (its worker lost, its
+    /// event not publishable, a drain) before the task ends `dead` with `deliveries_exhausted`.
+    /// Handler attempts do not count here (that is `max_attempts`): retries and deferrals are
+    /// new dispatch messages. A budget against a task that kills every worker that runs it.
     pub max_deliver: i64,
     /// Dispatched tasks of one queue and priority that may be delivered and unacknowledged at
     /// once, across the whole fleet.
@@ -54,6 +56,10 @@ pub struct NatsConfig {
     /// any task waits in a queue).
     #[serde(with = "humantime_serde")]
     pub cancel_max_age: Duration,
+    /// Largest size of each stream, in bytes (the cancellation bucket gets a sixteenth). Full
+    /// work queues (submissions, dispatch) refuse new messages; the event and dead-letter
+    /// streams drop their oldest. An alert fires at 80%.
+    pub stream_max_bytes: u64,
 }
 
 impl Default for NatsConfig {
@@ -71,6 +77,7 @@ impl Default for NatsConfig {
             events_max_age: Duration::from_secs(24 * 3600),
             dead_max_age: Duration::from_secs(14 * 24 * 3600),
             cancel_max_age: Duration::from_secs(7 * 24 * 3600),
+            stream_max_bytes: 1 << 30,
         }
     }
 }
@@ -92,6 +99,9 @@ impl NatsConfig {
         }
         if self.max_deliver < 1 || self.max_ack_pending < 1 {
             return invalid("nats.max_deliver", "max_deliver and max_ack_pending must be positive".into());
+        }
+        if self.stream_max_bytes < 1 << 20 || self.stream_max_bytes > i64::MAX as u64 {
+            return invalid("nats.stream_max_bytes", "must be at least 1 MiB".into());
         }
         if !(1..=5).contains(&self.replicas) {
             return invalid("nats.replicas", format!("{} is outside 1..=5", self.replicas));
@@ -216,10 +226,16 @@ pub struct CoordinatorConfig {
     /// runs it at a time (Postgres advisory lock).
     #[serde(with = "humantime_serde")]
     pub rescue_interval: Duration,
-    /// A task in flight with no event for this long, in a queue and priority whose JetStream
-    /// consumer holds nothing, is dispatched again. Keep it above `nats.ack_wait`.
+    /// Margin of the rescuer: a task is dispatched again only when it was dispatched, and last
+    /// touched, this long before the moment up to which its lane's messages are all settled
+    /// in JetStream and every event is recorded. It covers the time between a dispatch's
+    /// commit and its publish (retried for a few seconds while NATS is unreachable).
     #[serde(with = "humantime_serde")]
     pub rescue_idle: Duration,
+    /// Longest sleep of the loop that dispatches due retries and deferrals (it wakes sooner
+    /// for the earliest one it knows of, and when this coordinator records a retry).
+    #[serde(with = "humantime_serde")]
+    pub promote_interval: Duration,
 }
 
 impl Default for CoordinatorConfig {
@@ -233,8 +249,9 @@ impl Default for CoordinatorConfig {
             event_batch_size: 1000,
             max_attempts: taskfleet_proto::DEFAULT_MAX_ATTEMPTS,
             kind_max_attempts: Default::default(),
-            rescue_interval: Duration::from_secs(10),
-            rescue_idle: Duration::from_secs(60),
+            rescue_interval: Duration::from_secs(5),
+            rescue_idle: Duration::from_secs(10),
+            promote_interval: Duration::from_secs(1),
         }
     }
 }
@@ -257,6 +274,12 @@ impl CoordinatorConfig {
         }
         if self.rescue_interval < Duration::from_millis(100) {
             return invalid("coordinator.rescue_interval", "must be at least 100ms".into());
+        }
+        if self.rescue_idle < Duration::from_secs(1) {
+            return invalid("coordinator.rescue_idle", "must be at least 1s".into());
+        }
+        if !(Duration::from_millis(10)..=Duration::from_secs(60)).contains(&self.promote_interval) {
+            return invalid("coordinator.promote_interval", "must be between 10ms and 60s".into());
         }
         if self.max_body_bytes < 256 {
             return invalid("coordinator.max_body_bytes", "must be at least 256".into());

@@ -8,6 +8,7 @@
 //! | `task.counts` | `{"queue"?}` | `{"<state>": n, …}` |
 //! | `task.cancel` | `{"id": "<uuid>"}` | `{"cancelled": bool, "previous": state}` |
 //! | `task.replay` | `{"ids": [..]}` or `{"all": true, "queue"?}` | `{"replayed": [ids]}` |
+//! | `task.runnable` | `{"tasks": [{"id", "generation"}, ..]}` | `{"answers": ["run" \| "final" \| "stale" \| "unknown", ..]}` (workers ask before running a redelivered or later-generation message) |
 
 use crate::Ctx;
 use axum::extract::{Path, Query, State};
@@ -50,36 +51,44 @@ struct CountsRequest {
 async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
     let parse_err = |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
     let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
-    let result = match verb {
-        "task.get" => match serde_json::from_slice::<IdRequest>(body) {
-            Err(e) => return parse_err(e),
-            Ok(r) => ctx.store.get_task(r.id).await.map(|t| match t {
-                Some(t) => serde_json::to_value(t).unwrap_or(Value::Null),
-                None => json!({ "error": format!("no task {}", r.id), "not_found": true }),
-            }),
-        },
-        "task.list" => match serde_json::from_slice::<ListFilter>(body) {
-            Err(e) => return parse_err(e),
-            Ok(f) => ctx.store.list_tasks(&f).await.map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
-        },
-        "task.counts" => match serde_json::from_slice::<CountsRequest>(body) {
-            Err(e) => return parse_err(e),
-            Ok(r) => ctx
-                .store
-                .count_by_state(r.queue.as_deref())
-                .await
-                .map(|rows| Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())),
-        },
-        "task.cancel" => match serde_json::from_slice::<IdRequest>(body) {
-            Err(e) => return parse_err(e),
-            Ok(r) => return cancel(ctx, r.id).await,
-        },
-        "task.replay" => match serde_json::from_slice::<ReplayRequest>(body) {
-            Err(e) => return parse_err(e),
-            Ok(r) => return replay(ctx, r).await,
-        },
-        other => return json!({ "error": format!("unknown API verb {other:?}") }),
-    };
+    let result =
+        match verb {
+            "task.get" => match serde_json::from_slice::<IdRequest>(body) {
+                Err(e) => return parse_err(e),
+                Ok(r) => ctx.store.get_task(r.id).await.map(|t| match t {
+                    Some(t) => serde_json::to_value(t).unwrap_or(Value::Null),
+                    None => json!({ "error": format!("no task {}", r.id), "not_found": true }),
+                }),
+            },
+            "task.list" => match serde_json::from_slice::<ListFilter>(body) {
+                Err(e) => return parse_err(e),
+                Ok(f) => ctx.store.list_tasks(&f).await.map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
+            },
+            "task.counts" => match serde_json::from_slice::<CountsRequest>(body) {
+                Err(e) => return parse_err(e),
+                Ok(r) => ctx
+                    .store
+                    .count_by_state(r.queue.as_deref())
+                    .await
+                    .map(|rows| Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())),
+            },
+            "task.cancel" => match serde_json::from_slice::<IdRequest>(body) {
+                Err(e) => return parse_err(e),
+                Ok(r) => return cancel(ctx, r.id).await,
+            },
+            "task.replay" => match serde_json::from_slice::<ReplayRequest>(body) {
+                Err(e) => return parse_err(e),
+                Ok(r) => return replay(ctx, r).await,
+            },
+            "task.runnable" => match serde_json::from_slice::<taskfleet_proto::RunnableRequest>(body) {
+                Err(e) => return parse_err(e),
+                Ok(r) if r.tasks.len() > 10_000 => return json!({ "error": "at most 10000 tasks per request" }),
+                Ok(r) => ctx.store.runnable(&r.tasks).await.map(|answers| {
+                    serde_json::to_value(taskfleet_proto::RunnableReply { answers }).unwrap_or(Value::Null)
+                }),
+            },
+            other => return json!({ "error": format!("unknown API verb {other:?}") }),
+        };
     result.unwrap_or_else(|e| json!({ "error": e.to_string() }))
 }
 

@@ -13,8 +13,10 @@ pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&He
 
 /// A dispatch message. Its dedup id is `<id>:<generation>`: dispatching the same generation
 /// twice within the dedup window (a coordinator that crashed between publishing and
-/// acknowledging the submission) stores it once, while a rescue or replay (the next
-/// generation) is a new message. `attempt_offset` is the number of attempts already spent.
+/// acknowledging the submission) stores it once, while a retry, deferral, rescue or replay
+/// (the next generation) is a new message. `attempt_offset` is the number of handler attempts
+/// already recorded. Generations after the first travel in a header, so that a worker can ask
+/// whether a later one superseded the message it holds.
 pub(crate) fn redispatch_message(
     topology: &Topology,
     env: &TaskEnvelope,
@@ -26,6 +28,9 @@ pub(crate) fn redispatch_message(
     h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
     if attempt_offset > 0 {
         h.insert(headers::ATTEMPT_OFFSET, attempt_offset.to_string().as_str());
+    }
+    if generation > 1 {
+        h.insert(headers::GENERATION, generation.to_string().as_str());
     }
     if let Some(trace) = trace {
         for key in ["traceparent", "tracestate"] {
@@ -67,4 +72,21 @@ pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Res
         }
     }
     Err(last.unwrap_or(taskfleet_bus::BusError::Publish { subject: "dispatch".into(), message: "unknown".into() }))
+}
+
+/// Publishes the claimed tasks' next dispatch, then commits the claim. When the publish fails
+/// the claim is rolled back: the rows stay as they were and are claimed again later.
+pub(crate) async fn publish_claimed(topology: &Topology, claimed: taskfleet_store::Claimed) -> anyhow::Result<usize> {
+    let n = claimed.tasks.len();
+    if n == 0 {
+        return Ok(0);
+    }
+    let out = claimed
+        .tasks
+        .iter()
+        .map(|t| redispatch_message(topology, &t.envelope, None, t.attempt_offset, t.generation))
+        .collect();
+    publish(topology, out).await?;
+    claimed.commit().await?;
+    Ok(n)
 }

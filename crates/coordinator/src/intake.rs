@@ -32,6 +32,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
     taskfleet_bus::consume_batches(
         "submissions",
         batch,
+        16 << 20,
         shutdown.cancelled(),
         // Room for the stages in flight, the batch being inserted and the next pull.
         || ctx.topology.submit_consumer((batch * (depth + 2)) as i64),

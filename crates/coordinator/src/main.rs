@@ -9,8 +9,10 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod api;
 mod dispatch;
 mod intake;
+mod promoter;
 mod recorder;
 mod rescuer;
+mod stream_watch;
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -27,6 +29,9 @@ pub(crate) struct Ctx {
     pub store: Store,
     /// Bucket of cancelled task ids that workers watch.
     pub cancel_bucket: async_nats::jetstream::kv::Store,
+    /// Woken when the recorder stores a retry or deferral, so the promoter can dispatch it
+    /// when due.
+    pub retries_recorded: tokio::sync::Notify,
 }
 
 #[tokio::main]
@@ -41,7 +46,14 @@ async fn main() -> anyhow::Result<()> {
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
     let cancel_bucket = topology.cancel_bucket().await?;
-    let ctx = Arc::new(Ctx { config: config.clone(), client, topology, store, cancel_bucket });
+    let ctx = Arc::new(Ctx {
+        config: config.clone(),
+        client,
+        topology,
+        store,
+        cancel_bucket,
+        retries_recorded: tokio::sync::Notify::new(),
+    });
 
     let ready = Arc::new(AtomicBool::new(false));
     let http = service
@@ -60,6 +72,8 @@ async fn main() -> anyhow::Result<()> {
         tokio::spawn(recorder::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(api::serve_nats(ctx.clone(), shutdown.clone())),
         tokio::spawn(rescuer::run(ctx.clone(), shutdown.clone())),
+        tokio::spawn(promoter::run(ctx.clone(), shutdown.clone())),
+        tokio::spawn(stream_watch::run(ctx.clone(), shutdown.clone())),
         tokio::spawn(readiness(ctx.clone(), ready, shutdown.clone())),
     ];
     tracing::info!(schema = %config.database.schema, prefix = %config.nats.subject_prefix, "coordinator running");

@@ -10,12 +10,15 @@ use std::time::Duration;
 use taskfleet_bus::Topology;
 use taskfleet_proto::Priority;
 use taskfleet_proto::TaskState;
-use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, TaskEvent, decode, encode, headers};
+use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, EventKind, TaskEvent, decode, encode, headers};
 use taskfleet_store::Finalized;
 use tokio_util::sync::CancellationToken;
 
 /// Event messages pulled per request; each carries up to a worker's event batch.
 const MESSAGES_PER_PULL: usize = 256;
+/// Bytes of event messages pulled per request and lane. With two such groups buffered per
+/// lane and one being recorded, the recorder holds at most about 12 × this in memory.
+const BYTES_PER_PULL: usize = 8 << 20;
 
 /// Records events of every priority lane. One puller per lane feeds a small bounded buffer;
 /// a single recorder drains the buffers most urgent lane first, so a critical task's result
@@ -36,6 +39,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
             taskfleet_bus::consume_batches(
                 &name,
                 MESSAGES_PER_PULL,
+                BYTES_PER_PULL,
                 shutdown.cancelled(),
                 || ctx.topology.events_consumer(&name, filter.clone(), (MESSAGES_PER_PULL * 8) as i64),
                 |chunk| {
@@ -75,13 +79,15 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
         // critical event waits at most for the transaction in progress.
         let mut group: Vec<Message> = Vec::new();
         let mut events: Vec<TaskEvent> = Vec::new();
+        let mut bytes = 0;
         'fill: for lane in waiting.iter_mut() {
             while let Some(m) = lane.pop_front() {
+                bytes += m.payload.len();
                 if let Some(batch) = decode_events(&m).await {
                     events.extend(batch);
                     group.push(m);
                 }
-                if events.len() >= limit {
+                if events.len() >= limit || bytes >= BYTES_PER_PULL {
                     break 'fill;
                 }
             }
@@ -110,7 +116,7 @@ async fn decode_events(m: &Message) -> Option<Vec<TaskEvent>> {
 
 async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     let spans = record_spans(&events);
-    let outcome = match ctx.store.record_events(&events).await {
+    let outcome = match ctx.store.record_events_isolating(&events).await {
         Ok(o) => o,
         Err(e) => {
             for span in &spans {
@@ -127,6 +133,12 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     metrics::counter!("taskfleet_coordinator_events_total").increment(events.len() as u64);
     metrics::counter!("taskfleet_coordinator_events_ignored_total").increment(outcome.ignored as u64);
     metrics::counter!("taskfleet_coordinator_finalized_total").increment(outcome.finalized.len() as u64);
+    if outcome.unstorable > 0 {
+        metrics::counter!("taskfleet_coordinator_events_unstorable_total").increment(outcome.unstorable as u64);
+    }
+    if events.iter().any(|e| matches!(e.kind, EventKind::Retrying | EventKind::Deferred)) {
+        ctx.retries_recorded.notify_one();
+    }
 
     if !outcome.released.is_empty() {
         let out = outcome.released.iter().map(|env| dispatch::message(&ctx.topology, env, None)).collect();

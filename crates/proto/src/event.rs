@@ -19,6 +19,10 @@ pub enum EventKind {
     Retrying,
     /// The last attempt failed; the task is dead and can be replayed.
     Dead,
+    /// The task could not start yet (a rate limit or an open breaker further away than a
+    /// worker holds tasks): not an attempt. The coordinator dispatches it again after
+    /// `retry_in_ms`.
+    Deferred,
     /// The task was cancelled.
     Cancelled,
     /// A submission was refused at intake; `error` says why.
@@ -38,6 +42,7 @@ impl EventKind {
             EventKind::Succeeded => TaskState::Succeeded,
             EventKind::Failed => TaskState::Failed,
             EventKind::Retrying => TaskState::Retrying,
+            EventKind::Deferred => TaskState::Queued,
             EventKind::Dead => TaskState::Dead,
             EventKind::Cancelled => TaskState::Cancelled,
             EventKind::Rejected => return None,
@@ -53,6 +58,7 @@ impl EventKind {
             EventKind::Failed => "failed",
             EventKind::Retrying => "retrying",
             EventKind::Dead => "dead",
+            EventKind::Deferred => "deferred",
             EventKind::Cancelled => "cancelled",
             EventKind::Rejected => "rejected",
         }
@@ -196,7 +202,7 @@ pub struct TaskEvent {
     /// Cost of the attempt in US dollars, for paid APIs.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cost_usd: Option<f64>,
-    /// Delay before the next attempt, for `retrying`.
+    /// Delay before the next attempt, for `retrying` and `deferred`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_in_ms: Option<u64>,
     /// For a cache hit: what the cached result cost when it was computed, in US dollars.
@@ -254,6 +260,55 @@ impl EventBatch {
     pub fn new(events: Vec<TaskEvent>) -> Self {
         EventBatch { v: PROTOCOL_VERSION, events }
     }
+
+    /// The MessagePack body of a batch of events already encoded one by one (with
+    /// [`crate::encode`]): byte for byte what encoding the whole batch gives, so a producer can
+    /// learn each event's size, cut batches by bytes, and encode every event once.
+    pub fn assemble(encoded_events: &[impl AsRef<[u8]>]) -> Vec<u8> {
+        let total: usize = encoded_events.iter().map(|e| e.as_ref().len()).sum();
+        let mut out = Vec::with_capacity(total + 16);
+        out.push(0x82); // a map of two entries
+        out.extend_from_slice(&[0xa1, b'v']);
+        out.extend_from_slice(&crate::encode(&PROTOCOL_VERSION));
+        out.extend_from_slice(&[0xa6, b'e', b'v', b'e', b'n', b't', b's']);
+        let n = encoded_events.len();
+        if n < 16 {
+            out.push(0x90 | n as u8);
+        } else if n <= u16::MAX as usize {
+            out.push(0xdc);
+            out.extend_from_slice(&(n as u16).to_be_bytes());
+        } else {
+            out.push(0xdd);
+            out.extend_from_slice(&(n as u32).to_be_bytes());
+        }
+        for e in encoded_events {
+            out.extend_from_slice(e.as_ref());
+        }
+        out
+    }
+
+    /// Bytes a batch adds around its encoded events, at most.
+    pub const ENVELOPE_BYTES: usize = 16;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_assembled_batch_is_the_encoded_batch() {
+        for n in [0usize, 1, 15, 16, 300, 70_000] {
+            let events: Vec<TaskEvent> = (0..n)
+                .map(|i| {
+                    let mut e = TaskEvent::new(uuid::Uuid::now_v7(), EventKind::Succeeded, "q");
+                    e.result = Some(serde_json::json!({ "i": i }));
+                    e
+                })
+                .collect();
+            let parts: Vec<Vec<u8>> = events.iter().map(crate::encode).collect();
+            assert_eq!(EventBatch::assemble(&parts), crate::encode(&EventBatch::new(events)), "{n} events");
+        }
+    }
 }
 
 /// One task whose final state the coordinator has just committed.
@@ -291,4 +346,43 @@ pub struct SubmitReply {
     /// Human-readable error.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+}
+
+/// A dispatch message a worker asks about before running it, because it may be stale: it was
+/// delivered before, or it belongs to a later dispatch generation (a retry, rescue or replay).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnableQuery {
+    /// The task.
+    pub id: TaskId,
+    /// The dispatch generation of the message (header [`crate::headers::GENERATION`]).
+    pub generation: i32,
+}
+
+/// Whether a worker may run a dispatch message, as the coordinator's `task.runnable` verb
+/// answers from Postgres.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Runnable {
+    /// The task is not final and the message is of its current generation (or a newer one).
+    Run,
+    /// The task already has its final state: terminate the message.
+    Final,
+    /// A later dispatch of the task exists: this message is a leftover; terminate it.
+    Stale,
+    /// No such task (its row was removed): terminate the message.
+    Unknown,
+}
+
+/// Request body of `<prefix>.api.task.runnable` (JSON).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnableRequest {
+    /// The messages asked about.
+    pub tasks: Vec<RunnableQuery>,
+}
+
+/// Reply body of `<prefix>.api.task.runnable` (JSON): one answer per asked task, in order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunnableReply {
+    /// The answers.
+    pub answers: Vec<Runnable>,
 }

@@ -22,8 +22,8 @@ pub use envelope::{
 };
 pub use error::{DecodeError, RejectReason};
 pub use event::{
-    CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings,
-    TokenUsage,
+    CommittedBatch, CommittedTask, EventBatch, EventKind, Runnable, RunnableQuery, RunnableReply, RunnableRequest,
+    SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings, TokenUsage,
 };
 pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use priority::Priority;

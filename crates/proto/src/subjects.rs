@@ -10,9 +10,12 @@ pub mod headers {
     /// Where the coordinator sends a [`crate::SubmitReply`] once the task is committed in
     /// Postgres or has been rejected (a "confirmed submit").
     pub const REPLY_TO: &str = "Taskfleet-Reply-To";
-    /// On dispatch messages: attempts already spent before this dispatch, so that the attempt
-    /// number is this plus JetStream's delivery count.
+    /// On dispatch messages: handler attempts already recorded before this dispatch; the
+    /// attempt a worker runs is this plus one, however often the message is delivered.
     pub const ATTEMPT_OFFSET: &str = "Taskfleet-Attempt-Offset";
+    /// On dispatch messages: the task's dispatch generation (1 for the first dispatch; each
+    /// retry, deferral, rescue or replay dispatches the next one).
+    pub const GENERATION: &str = "Taskfleet-Generation";
     /// JetStream's deduplication id.
     pub const MSG_ID: &str = "Nats-Msg-Id";
 }

@@ -26,6 +26,17 @@ pub struct RecordOutcome {
     pub released: Vec<TaskEnvelope>,
     /// Events that changed nothing: duplicates, stale events, unknown tasks.
     pub ignored: usize,
+    /// Events Postgres refused (see [`Store::record_events_isolating`]).
+    pub unstorable: usize,
+}
+
+impl RecordOutcome {
+    fn merge(&mut self, other: RecordOutcome) {
+        self.finalized.extend(other.finalized);
+        self.released.extend(other.released);
+        self.ignored += other.ignored;
+        self.unstorable += other.unstorable;
+    }
 }
 
 fn ms_or_null(ms: u64) -> Option<i64> {
@@ -115,8 +126,13 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
-        let (mut results, mut errors, mut started, mut finished) =
-            (Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n), Vec::with_capacity(n));
+        let (mut results, mut errors, mut started, mut finished, mut delays) = (
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+            Vec::with_capacity(n),
+        );
         for id in &order {
             let ev = decisive[id];
             let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
@@ -133,11 +149,18 @@ impl Store {
             } else {
                 None
             });
+            // A retry or a deferral is dispatched again by the coordinator once it is due.
+            let waits = matches!(ev.kind, EventKind::Retrying | EventKind::Deferred);
+            delays.push(waits.then(|| ev.retry_in_ms.unwrap_or(1_000).min(i64::MAX as u64) as i64));
         }
+        // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone; a late
+        // `started` or `progress` of an attempt that already asked for a retry changes nothing.
         let changed: Vec<(Uuid, String, String, bool)> = sqlx::query_as(
             "UPDATE tasks t SET
                  state = u.state,
-                 attempt = GREATEST(t.attempt, u.attempt),
+                 attempt = CASE WHEN u.state = 'queued' THEN t.attempt ELSE GREATEST(t.attempt, u.attempt) END,
+                 run_at = CASE WHEN u.delay_ms IS NULL THEN NULL
+                               ELSE now() + make_interval(secs => u.delay_ms / 1000.0) END,
                  worker = COALESCE(u.worker, t.worker),
                  result = COALESCE(u.result, t.result),
                  error = CASE WHEN u.state = 'succeeded' THEN NULL ELSE COALESCE(u.error, t.error) END,
@@ -145,11 +168,12 @@ impl Store {
                  finished_at = to_timestamp(u.finished_ms / 1000.0),
                  updated_at = now()
              FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
-                         $8::int8[], $9::int8[])
-                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms)
+                         $8::int8[], $9::int8[], $10::int8[])
+                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms)
              WHERE t.id = u.id
                AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
-               AND (u.final OR u.attempt >= t.attempt)
+               AND (u.final OR u.attempt > t.attempt
+                    OR (u.attempt = t.attempt AND NOT (t.state = 'retrying' AND u.state = 'running')))
              RETURNING t.id, t.queue, t.state, t.has_dependents",
         )
         .bind(&ids)
@@ -161,6 +185,7 @@ impl Store {
         .bind(&errors)
         .bind(&started)
         .bind(&finished)
+        .bind(&delays)
         .fetch_all(&mut *tx)
         .await?;
         out.ignored += n - changed.len();
@@ -188,6 +213,68 @@ impl Store {
         tx.commit().await?;
         Ok(out)
     }
+}
+
+impl Store {
+    /// Records a batch like [`Store::record_events`], isolating events that Postgres refuses
+    /// (a result holding a NUL character, a value beyond a limit): on a data error the batch
+    /// is split in halves until each refused event stands alone. A refused event that ends an
+    /// attempt is recorded instead as the task's `failed` final state with the code
+    /// `result_unstorable` and the database's words; a refused `started` or `progress` is
+    /// dropped. The rest of the batch is recorded as usual. An outage error is returned as is.
+    pub async fn record_events_isolating(&self, events: &[TaskEvent]) -> Result<RecordOutcome, StoreError> {
+        let mut out = RecordOutcome::default();
+        // Slices still to record, as (start, end) into `events`, first half first.
+        let mut todo = vec![(0, events.len())];
+        while let Some((start, end)) = todo.pop() {
+            let part = &events[start..end];
+            match self.record_events(part).await {
+                Ok(o) => out.merge(o),
+                Err(e) if !e.is_data_error() => return Err(e),
+                Err(e) if part.len() == 1 => {
+                    out.unstorable += 1;
+                    let Some(replacement) = unstorable_replacement(&part[0], &e) else { continue };
+                    match self.record_events(std::slice::from_ref(&replacement)).await {
+                        Ok(o) => out.merge(o),
+                        Err(e2) if e2.is_data_error() => {
+                            tracing::error!(task_id = %part[0].task_id, error = %e2, "cannot record even the failure of an unstorable event");
+                        }
+                        Err(e2) => return Err(e2),
+                    }
+                }
+                Err(_) => {
+                    let mid = start + part.len() / 2;
+                    todo.push((mid, end));
+                    todo.push((start, mid));
+                }
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// What is recorded in place of an event Postgres refused: the end of its task as `failed`
+/// (`result_unstorable`), when the event ended an attempt; nothing for `started`/`progress`.
+fn unstorable_replacement(ev: &TaskEvent, err: &StoreError) -> Option<TaskEvent> {
+    if !matches!(
+        ev.kind,
+        EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
+    ) {
+        return None;
+    }
+    let mut r = TaskEvent::new(ev.task_id, EventKind::Failed, ev.queue.clone());
+    r.task_kind = ev.task_kind.clone();
+    r.priority = ev.priority;
+    r.attempt = ev.attempt;
+    r.worker = ev.worker.clone();
+    r.timings = ev.timings;
+    r.at = ev.at;
+    r.error = Some(taskfleet_proto::TaskErrorInfo {
+        code: "result_unstorable".into(),
+        message: format!("the attempt's {} event could not be stored: {err}", ev.kind.as_str()),
+        retryable: false,
+    });
+    Some(r)
 }
 
 /// Cancels every pending task that depends, directly or not, on one of `parents`.

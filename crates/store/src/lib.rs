@@ -12,7 +12,7 @@ mod submit;
 
 pub use error::StoreError;
 pub use events::{Finalized, RecordOutcome};
-pub use maintenance::{CancelOutcome, LeaderLock, Redispatch};
+pub use maintenance::{CancelOutcome, Claimed, LeaderLock, Redispatch};
 pub use queries::{ListFilter, TaskRecord};
 pub use rollups::Rollup;
 pub use submit::{Duplicate, InsertOutcome, Rejected};

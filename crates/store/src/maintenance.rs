@@ -3,16 +3,55 @@
 
 use crate::events::{ReleasedRow, envelope_from_row};
 use crate::{Finalized, Store, StoreError};
+use std::collections::HashMap;
 use std::time::Duration;
-use taskfleet_proto::{TaskEnvelope, TaskId, TaskState};
+use taskfleet_proto::{Runnable, RunnableQuery, TaskEnvelope, TaskId, TaskState};
 use uuid::Uuid;
+
+/// Tasks claimed for a new dispatch, inside the transaction that claimed them: publish their
+/// messages, then [`Claimed::commit`]. Dropped without a commit, the claim is rolled back and
+/// the rows stay as they were, so a failed publish never strands a task.
+pub struct Claimed {
+    tx: sqlx::Transaction<'static, sqlx::Postgres>,
+    /// The claimed tasks, with their new generation.
+    pub tasks: Vec<Redispatch>,
+}
+
+impl Claimed {
+    /// Commits the claim.
+    pub async fn commit(self) -> Result<(), StoreError> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+}
+
+/// The decision for one message: a message of a newer generation than the row's was
+/// published by a claim that did not commit and may run; an older one is a leftover; one of
+/// the current generation may run unless its attempt already handed the task back (a retry or
+/// deferral is scheduled).
+fn runnable_of(state: &str, current: i32, waits: bool, generation: i32) -> Runnable {
+    if TaskState::parse(state).is_some_and(|s| s.is_final()) {
+        Runnable::Final
+    } else if generation > current {
+        Runnable::Run
+    } else if generation < current || state == "retrying" || waits {
+        Runnable::Stale
+    } else {
+        Runnable::Run
+    }
+}
+
+fn time_of(t: std::time::SystemTime) -> time::OffsetDateTime {
+    let ms = t.duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as i128).unwrap_or(0);
+    time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
+}
 
 /// A task to publish to the dispatch stream again.
 #[derive(Debug, Clone)]
 pub struct Redispatch {
-    /// The task, with `max_attempts` raised by `attempt_offset` for a replay.
+    /// The task.
     pub envelope: TaskEnvelope,
-    /// Attempts already spent; the worker's attempt number is this plus the delivery count.
+    /// Handler attempts already recorded; the worker runs attempt `attempt_offset + 1`.
     pub attempt_offset: u32,
     /// Dispatch generation (1 for the first dispatch); part of the deduplication id.
     pub generation: i32,
@@ -66,15 +105,11 @@ type RedispatchRow = (
     i32,
 );
 
-fn redispatch_from_row(r: RedispatchRow, replay: bool) -> Redispatch {
+fn redispatch_from_row(r: RedispatchRow) -> Redispatch {
     let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options, attempt, dispatches) = r;
-    let mut envelope =
+    let envelope =
         envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options));
-    let offset = attempt.max(0) as u32;
-    if replay {
-        envelope.max_attempts += offset;
-    }
-    Redispatch { envelope, attempt_offset: offset, generation: dispatches }
+    Redispatch { envelope, attempt_offset: attempt.max(0) as u32, generation: dispatches }
 }
 
 impl Store {
@@ -87,33 +122,84 @@ impl Store {
         .await?)
     }
 
-    /// Claims in-flight tasks of one lane that nothing has touched for `idle`, for a new
-    /// dispatch: bumps their dispatch generation and returns them. The caller has established
-    /// that JetStream holds nothing for this lane, so these tasks' messages were lost.
+    /// Claims in-flight tasks of one lane whose dispatch message is known to be gone: the
+    /// caller has established that every message of this lane published before `settled_before`
+    /// is acknowledged or terminated and that every event stored before then is recorded, so
+    /// a task dispatched before it, untouched since, and still in flight has lost its message.
+    /// The claim bumps their dispatch generation; the caller publishes them, then commits.
     pub async fn claim_lost(
         &self,
         queue: &str,
         priority: &str,
-        idle: Duration,
+        settled_before: std::time::SystemTime,
         limit: i64,
-    ) -> Result<Vec<Redispatch>, StoreError> {
+    ) -> Result<Claimed, StoreError> {
+        let bound = time_of(settled_before);
         const SQL: &str = concat!(
-            "UPDATE tasks t SET state = 'queued', dispatches = t.dispatches + 1, dispatched_at = now(), updated_at = now()
+            "UPDATE tasks t SET state = 'queued', dispatches = t.dispatches + 1, dispatched_at = now(),
+                    updated_at = now(), run_at = NULL,
+                    attempt = CASE WHEN t.state = 'running' THEN GREATEST(t.attempt - 1, 0) ELSE t.attempt END
              WHERE t.id IN (SELECT id FROM tasks
-                            WHERE state IN ('queued', 'running', 'retrying') AND queue = $1 AND priority = $2
-                              AND updated_at < now() - make_interval(secs => $3)
+                            WHERE state IN ('queued', 'running', 'retrying') AND run_at IS NULL
+                              AND queue = $1 AND priority = $2
+                              AND updated_at < $3 AND COALESCE(dispatched_at, updated_at) < $3
                             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
              RETURNING ",
             envelope_columns!()
         );
-        let rows: Vec<RedispatchRow> = sqlx::query_as(SQL)
-            .bind(queue)
-            .bind(priority)
-            .bind(idle.as_secs_f64())
-            .bind(limit)
-            .fetch_all(&self.pool)
-            .await?;
-        Ok(rows.into_iter().map(|r| redispatch_from_row(r, false)).collect())
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<RedispatchRow> =
+            sqlx::query_as(SQL).bind(queue).bind(priority).bind(bound).bind(limit).fetch_all(&mut *tx).await?;
+        Ok(Claimed { tx, tasks: rows.into_iter().map(|r| redispatch_from_row(r)).collect() })
+    }
+
+    /// Claims retries and deferrals that are due (`run_at` passed), oldest first, for their
+    /// next dispatch: any coordinator may call this at any time (`FOR UPDATE SKIP LOCKED`).
+    /// The caller publishes them, then commits; if it cannot, dropping the claim leaves them
+    /// waiting for the next call.
+    pub async fn claim_due(&self, limit: i64) -> Result<Claimed, StoreError> {
+        const SQL: &str = concat!(
+            "UPDATE tasks t SET state = 'queued', dispatches = t.dispatches + 1, dispatched_at = now(),
+                    updated_at = now(), run_at = NULL
+             WHERE t.id IN (SELECT id FROM tasks WHERE run_at <= now()
+                              AND state IN ('queued', 'retrying')
+                            ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
+             RETURNING ",
+            envelope_columns!()
+        );
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<RedispatchRow> = sqlx::query_as(SQL).bind(limit).fetch_all(&mut *tx).await?;
+        Ok(Claimed { tx, tasks: rows.into_iter().map(|r| redispatch_from_row(r)).collect() })
+    }
+
+    /// The earliest `run_at` of any waiting retry or deferral.
+    pub async fn next_due(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
+        let ms: Option<i64> = sqlx::query_scalar(
+            "SELECT (extract(epoch FROM min(run_at)) * 1000)::int8 FROM tasks WHERE run_at IS NOT NULL",
+        )
+        .fetch_one(&self.pool)
+        .await?;
+        Ok(ms.map(|ms| std::time::UNIX_EPOCH + Duration::from_millis(ms.max(0) as u64)))
+    }
+
+    /// Whether dispatch messages of the given generations may still run (see [`Runnable`]),
+    /// in the order asked.
+    pub async fn runnable(&self, asked: &[RunnableQuery]) -> Result<Vec<Runnable>, StoreError> {
+        let ids: Vec<Uuid> = asked.iter().map(|q| q.id).collect();
+        let rows: Vec<(Uuid, String, i32, bool)> =
+            sqlx::query_as("SELECT id, state, dispatches, run_at IS NOT NULL FROM tasks WHERE id = ANY($1)")
+                .bind(&ids)
+                .fetch_all(&self.pool)
+                .await?;
+        let by_id: HashMap<Uuid, (String, i32, bool)> =
+            rows.into_iter().map(|(id, state, gen_, waits)| (id, (state, gen_, waits))).collect();
+        Ok(asked
+            .iter()
+            .map(|q| match by_id.get(&q.id) {
+                None => Runnable::Unknown,
+                Some((state, current, waits)) => runnable_of(state, *current, *waits, q.generation),
+            })
+            .collect())
     }
 
     /// Pending tasks whose dependencies have all succeeded (a release that was missed), moved
@@ -132,7 +218,8 @@ impl Store {
         Ok(rows.into_iter().map(envelope_from_row).collect())
     }
 
-    /// Moves dead tasks back to `queued` for another `max_attempts` attempts: the given ids, or
+    /// Moves dead tasks back to `queued` for another `max_attempts` attempts (the row's budget
+    /// grows by the attempts already spent, so retries after the replay keep it): the given ids, or
     /// every dead task (of `queue`, if given) when `ids` is `None`. Their history stays in
     /// `task_attempts`.
     pub async fn replay_dead(
@@ -143,7 +230,7 @@ impl Store {
     ) -> Result<Vec<Redispatch>, StoreError> {
         const SQL: &str = concat!(
             "UPDATE tasks t SET state = 'queued', dispatches = t.dispatches + 1, dispatched_at = now(),
-                    updated_at = now(), finished_at = NULL
+                    updated_at = now(), finished_at = NULL, max_attempts = t.max_attempts + t.attempt
              WHERE t.id IN (SELECT id FROM tasks WHERE state = 'dead'
                               AND ($1::uuid[] IS NULL OR id = ANY($1))
                               AND ($2::text IS NULL OR queue = $2)
@@ -153,7 +240,7 @@ impl Store {
         );
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(ids).bind(queue).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(|r| redispatch_from_row(r, true)).collect())
+        Ok(rows.into_iter().map(|r| redispatch_from_row(r)).collect())
     }
 
     /// Cancels a task that is not final yet, and its pending dependents.
@@ -229,5 +316,25 @@ impl Store {
         let got: bool =
             sqlx::query_scalar("SELECT pg_try_advisory_lock(hashtext($1))").bind(&key).fetch_one(&mut *conn).await?;
         Ok(got.then_some(LeaderLock { conn }))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::runnable_of;
+    use taskfleet_proto::Runnable;
+
+    #[test]
+    fn a_message_runs_only_while_it_is_the_tasks_live_dispatch() {
+        assert_eq!(runnable_of("succeeded", 1, false, 1), Runnable::Final);
+        assert_eq!(runnable_of("dead", 1, false, 5), Runnable::Final);
+        assert_eq!(runnable_of("queued", 1, false, 1), Runnable::Run);
+        assert_eq!(runnable_of("running", 2, false, 2), Runnable::Run);
+        assert_eq!(runnable_of("queued", 3, false, 2), Runnable::Stale);
+        // Its attempt asked for a retry, or it was deferred: the next generation will come.
+        assert_eq!(runnable_of("retrying", 2, true, 2), Runnable::Stale);
+        assert_eq!(runnable_of("queued", 2, true, 2), Runnable::Stale);
+        // Published by a claim whose commit did not happen (yet).
+        assert_eq!(runnable_of("retrying", 2, true, 3), Runnable::Run);
     }
 }

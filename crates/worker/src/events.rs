@@ -5,15 +5,15 @@ use async_nats::jetstream::{self, AckKind, Message, message::PublishMessage};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, EventBatch, Priority, Subjects, TaskEvent, encode, headers};
+use taskfleet_proto::{
+    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, Priority, Subjects, TaskErrorInfo, TaskEvent, encode, headers,
+};
 use tokio::sync::{Semaphore, mpsc};
 
 /// What to do with the dispatch message once its event is stored in JetStream.
 pub(crate) enum AfterPublish {
     /// Done with it.
     Ack(Message),
-    /// Redeliver after the delay (a retry).
-    Nak(Message, Duration),
     /// Nothing (progress and start events).
     Nothing,
 }
@@ -24,6 +24,12 @@ const MAX_IN_FLIGHT: usize = 64;
 pub(crate) struct Outbound {
     pub event: TaskEvent,
     pub after: AfterPublish,
+}
+
+/// An event encoded for its batch.
+struct Encoded {
+    bytes: Vec<u8>,
+    after: AfterPublish,
 }
 
 /// Handle for queuing events; cheap to clone.
@@ -43,15 +49,16 @@ impl EventSender {
 }
 
 /// Starts the publisher task. It collects events for up to `linger` or `batch_size` events
-/// (a lone event is not held back),
-/// publishes one [`EventBatch`] per queue, and after the JetStream acknowledgement performs
-/// each event's [`AfterPublish`]. Publishing never waits for earlier batches' acknowledgements,
-/// so several batches are in flight at once.
+/// (a lone event is not held back), publishes them as [`EventBatch`]es per queue and priority,
+/// each at most `max_bytes` long (below the server's `max_payload`), and after the JetStream
+/// acknowledgement performs each event's [`AfterPublish`]. Publishing never waits for earlier
+/// batches' acknowledgements, so several batches are in flight at once.
 pub(crate) fn spawn_publisher(
     js: jetstream::Context,
     subjects: Subjects,
     batch_size: usize,
     linger: Duration,
+    max_bytes: usize,
 ) -> (EventSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let handle = tokio::spawn(async move {
@@ -74,20 +81,23 @@ pub(crate) fn spawn_publisher(
                     }
                 }
             }
-            let mut by_lane: HashMap<(String, Priority), Vec<Outbound>> = HashMap::new();
+            let mut by_lane: HashMap<(String, Priority), Vec<Encoded>> = HashMap::new();
             for o in buf.drain(..) {
-                by_lane.entry((o.event.queue.clone(), o.event.priority)).or_default().push(o);
+                let lane = (o.event.queue.clone(), o.event.priority);
+                by_lane.entry(lane).or_default().push(encode_within(o, max_bytes));
             }
-            for ((queue, priority), outs) in by_lane {
-                let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                    return;
-                };
-                let js = js.clone();
-                let subject = subjects.events(&queue, priority);
-                tokio::spawn(async move {
-                    publish_batch(&js, subject, outs).await;
-                    drop(permit);
-                });
+            for ((queue, priority), encoded) in by_lane {
+                for batch in cut_by_bytes(encoded, max_bytes) {
+                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
+                        return;
+                    };
+                    let js = js.clone();
+                    let subject = subjects.events(&queue, priority);
+                    tokio::spawn(async move {
+                        publish_batch(&js, subject, batch).await;
+                        drop(permit);
+                    });
+                }
             }
         }
         // Wait for the batches still in flight.
@@ -96,12 +106,69 @@ pub(crate) fn spawn_publisher(
     (EventSender { tx }, handle)
 }
 
-async fn publish_batch(js: &jetstream::Context, subject: String, outs: Vec<Outbound>) {
-    let (events, afters): (Vec<TaskEvent>, Vec<AfterPublish>) = outs.into_iter().map(|o| (o.event, o.after)).unzip();
-    let n = events.len();
-    let body = bytes::Bytes::from(encode(&EventBatch::new(events)));
+/// Encodes an event, making it fit in one message: an attempt whose result is too large to
+/// publish ends `failed` with `result_too_large` (running it again would give the same
+/// result), and a progress report too large loses its value.
+fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
+    let Outbound { mut event, after } = o;
+    let bytes = encode(&event);
+    let room = max_bytes.saturating_sub(EventBatch::ENVELOPE_BYTES);
+    if bytes.len() <= room {
+        return Encoded { bytes, after };
+    }
+    metrics::counter!("taskfleet_worker_results_too_large_total").increment(1);
+    tracing::warn!(task_id = %event.task_id, bytes = bytes.len(), limit = room, kind = event.kind.as_str(),
+                   "event too large to publish; its result is dropped");
+    if matches!(event.kind, EventKind::Succeeded | EventKind::Retrying | EventKind::Dead | EventKind::Failed) {
+        event.kind = EventKind::Failed;
+        event.error = Some(TaskErrorInfo {
+            code: "result_too_large".into(),
+            message: format!(
+                "the attempt's {} bytes of events exceed the largest message the NATS server takes ({room} bytes)",
+                bytes.len()
+            ),
+            retryable: false,
+        });
+        event.retry_in_ms = None;
+    }
+    event.result = None;
+    if let Some(e) = &mut event.error {
+        e.message.truncate(4096);
+    }
+    Encoded { bytes: encode(&event), after }
+}
+
+/// Splits a lane's events into batches of at most `max_bytes` each.
+fn cut_by_bytes(encoded: Vec<Encoded>, max_bytes: usize) -> Vec<Vec<Encoded>> {
+    let room = max_bytes.saturating_sub(EventBatch::ENVELOPE_BYTES);
+    let mut batches: Vec<Vec<Encoded>> = Vec::new();
+    let mut size = 0;
+    for e in encoded {
+        if batches.is_empty() || size + e.bytes.len() > room {
+            batches.push(Vec::new());
+            size = 0;
+        }
+        size += e.bytes.len();
+        if let Some(b) = batches.last_mut() {
+            b.push(e);
+        }
+    }
+    batches
+}
+
+/// Publishes one batch, retrying until JetStream stores it: finished work is never thrown
+/// away while the worker lives. While it retries (NATS unreachable), the batch's dispatch
+/// messages get in-progress acks so that they are not redelivered to run again; if the worker
+/// stops first they are redelivered after `ack_wait` (at-least-once).
+async fn publish_batch(js: &jetstream::Context, subject: String, batch: Vec<Encoded>) {
+    let (parts, afters): (Vec<Vec<u8>>, Vec<AfterPublish>) = batch.into_iter().map(|e| (e.bytes, e.after)).unzip();
+    let n = parts.len();
+    let body = bytes::Bytes::from(EventBatch::assemble(&parts));
+    drop(parts);
     let mut delay = Duration::from_millis(50);
-    for attempt in 1..=5 {
+    let mut attempt = 0u32;
+    loop {
+        attempt += 1;
         let publish = PublishMessage::build().payload(body.clone()).header(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         let result = match js.send_publish(subject.clone(), publish).await {
             Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
@@ -117,26 +184,63 @@ async fn publish_batch(js: &jetstream::Context, subject: String, outs: Vec<Outbo
                 return;
             }
             Err(e) => {
-                tracing::warn!(%subject, attempt, events = n, error = %e, "publishing events failed");
+                metrics::counter!("taskfleet_worker_event_publish_failures_total").increment(1);
+                if attempt == 1 || attempt.is_power_of_two() {
+                    tracing::warn!(%subject, attempt, events = n, error = %e, "publishing events failed; retrying");
+                }
                 tokio::time::sleep(delay).await;
-                delay *= 2;
+                delay = (delay * 2).min(Duration::from_secs(2));
+                for after in &afters {
+                    keep_alive(after).await;
+                }
             }
         }
     }
-    // The events could not be stored. Leave the dispatch messages unacknowledged: JetStream
-    // redelivers them after ack_wait and the tasks run again (at-least-once).
-    metrics::counter!("taskfleet_worker_event_publish_failures_total").increment(1);
-    tracing::error!(%subject, events = n, "giving up on an event batch; its tasks will be redelivered");
+}
+
+/// An in-progress ack for the dispatch message behind an event that waits to be published.
+async fn keep_alive(after: &AfterPublish) {
+    if let AfterPublish::Ack(m) = after {
+        let _ = m.ack_with(AckKind::Progress).await;
+    }
 }
 
 async fn apply(after: AfterPublish) {
-    let (msg, kind) = match after {
-        AfterPublish::Ack(m) => (m, AckKind::Ack),
-        AfterPublish::Nak(m, d) => (m, AckKind::Nak(Some(d))),
-        AfterPublish::Nothing => return,
-    };
-    if let Err(e) = msg.ack_with(kind).await {
+    let AfterPublish::Ack(msg) = after else { return };
+    if let Err(e) = msg.ack().await {
         // A lost ack means a redelivery, which the coordinator recognises by task id.
         tracing::warn!(error = %e, "acknowledging a dispatch message failed");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn outbound(result_bytes: usize) -> Outbound {
+        let mut e = TaskEvent::new(uuid::Uuid::now_v7(), EventKind::Succeeded, "default");
+        e.result = Some(serde_json::Value::String("x".repeat(result_bytes)));
+        Outbound { event: e, after: AfterPublish::Nothing }
+    }
+
+    #[test]
+    fn batches_are_cut_below_the_byte_limit() {
+        let encoded: Vec<Encoded> = (0..40).map(|_| encode_within(outbound(300_000), 1 << 20)).collect();
+        let batches = cut_by_bytes(encoded, 1 << 20);
+        assert_eq!(batches.iter().map(Vec::len).sum::<usize>(), 40);
+        for b in &batches {
+            let parts: Vec<&[u8]> = b.iter().map(|e| e.bytes.as_slice()).collect();
+            assert!(EventBatch::assemble(&parts).len() <= 1 << 20);
+        }
+        assert_eq!(batches.len(), 14, "three 300 KB results per 1 MiB message");
+    }
+
+    #[test]
+    fn a_result_larger_than_a_message_fails_its_task_clearly() {
+        let e = encode_within(outbound(2 << 20), 1 << 20);
+        let ev: TaskEvent = taskfleet_proto::decode(&e.bytes, None, 1 << 20).expect("decodes");
+        assert_eq!(ev.kind, EventKind::Failed);
+        assert_eq!(ev.error.expect("an error").code, "result_too_large");
+        assert!(ev.result.is_none());
     }
 }

@@ -18,6 +18,7 @@
 pub mod builtin;
 mod error;
 mod events;
+mod gate;
 mod handler;
 mod lanes;
 mod presence;

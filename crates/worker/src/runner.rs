@@ -13,7 +13,9 @@ use std::time::{Duration, Instant};
 use taskfleet_bus::Topology;
 use taskfleet_config::CacheSpec;
 use taskfleet_config::Config;
-use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms};
+use taskfleet_proto::{
+    EventKind, Priority, Runnable, TaskEnvelope, TaskErrorInfo, TaskEvent, Timings, decode, headers, now_ms,
+};
 use taskfleet_shared_state::{CacheClaim, CacheKey, Decision, ResultCache, SharedState};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -167,11 +169,14 @@ impl Worker {
                 consumers.push((p, topology.dispatch_consumer(queue, p).await?));
             }
         }
+        // Event batches stay below the largest message the server takes (its headers aside).
+        let max_payload = client.server_info().max_payload.max(64 * 1024);
         let (events, publisher) = spawn_publisher(
             topology.js.clone(),
             topology.subjects.clone(),
             cfg.worker.event_batch_size,
             cfg.worker.event_linger,
+            max_payload - 4 * 1024,
         );
         let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
         let pulling = CancellationToken::new();
@@ -224,6 +229,7 @@ impl Worker {
             lanes: lanes.clone(),
             policies,
             submitter: Arc::new(Submitter { js: topology.js.clone(), subjects: topology.subjects.clone() }),
+            gate: crate::gate::Gate::spawn(client.clone(), topology.subjects.api("task.runnable")),
         };
         let mut next_token: u64 = 0;
         loop {
@@ -306,8 +312,10 @@ impl Worker {
                 return;
             }
         };
-        let (delivered, offset) = attempt_parts(&msg);
-        let attempt = offset + delivered;
+        let dispatch = DispatchInfo::of(&msg);
+        // Attempts are handler executions: a redelivery (a worker lost, an event that could not
+        // be published, an outage) runs the same attempt again and uses up none.
+        let attempt = dispatch.attempt_offset + 1;
         // One span per attempt (and per run after an in-memory deferral), in the trace of the
         // dispatch message's context; a redelivered message keeps its headers, so every retry
         // lands in the same trace.
@@ -328,6 +336,40 @@ impl Worker {
             base.traceparent = taskfleet_telemetry::traceparent(&span);
         }
 
+        if dispatch.delivered > 1 || dispatch.generation > 1 {
+            // It may have ended, or been dispatched again, since this message was published.
+            let verdict = lp.gate.check(env.id, dispatch.generation).await;
+            if verdict != Runnable::Run {
+                let reason = match verdict {
+                    Runnable::Final => "final",
+                    Runnable::Stale => "stale",
+                    _ => "unknown",
+                };
+                metrics::counter!("taskfleet_worker_skipped_total", "reason" => reason).increment(1);
+                tracing::debug!(task_id = %env.id, generation = dispatch.generation, delivered = dispatch.delivered,
+                                reason, "not running a dispatch message: terminating it");
+                record_outcome(&span, EventKind::Cancelled);
+                let _ = msg.ack_with(async_nats::jetstream::AckKind::Term).await;
+                return;
+            }
+        }
+        if dispatch.delivered >= inner.config.nats.max_deliver.max(1) as u32 {
+            // The last delivery JetStream makes of a message that never produced an outcome
+            // (each earlier one was lost with its worker): something kills its workers.
+            let mut ev = base.clone();
+            ev.kind = EventKind::Dead;
+            ev.error = Some(TaskErrorInfo {
+                code: "deliveries_exhausted".into(),
+                message: format!(
+                    "delivered {} times (nats.max_deliver) without any attempt ending: workers holding it were lost",
+                    dispatch.delivered
+                ),
+                retryable: false,
+            });
+            record_outcome(&span, ev.kind);
+            events.send(ev, AfterPublish::Ack(msg));
+            return;
+        }
         if inner.is_cancelled(&env.id) {
             // Cancelled while queued: skip it. The coordinator already recorded `cancelled`.
             let mut ev = base.clone();
@@ -338,7 +380,7 @@ impl Worker {
         }
         let max_attempts = env.effective_max_attempts();
         if attempt > max_attempts {
-            // Earlier deliveries were lost with their workers (each counts as an attempt).
+            // Only a replayed task with a lowered budget gets here.
             let mut ev = base.clone();
             ev.kind = EventKind::Dead;
             ev.error = Some(TaskErrorInfo {
@@ -609,7 +651,6 @@ impl Worker {
         ev.at = timings.finished_at;
         ev.tokens = spent.tokens;
         ev.cost_usd = spent.cost_usd;
-        let max_deliver = inner.config.nats.max_deliver.max(1) as u32;
         let after = match outcome {
             _ if cancelled => {
                 ev.kind = EventKind::Cancelled;
@@ -626,11 +667,12 @@ impl Worker {
                     message: err.message.clone(),
                     retryable: err.retryable,
                 });
-                if err.retryable && attempt < max_attempts && delivered < max_deliver {
+                if err.retryable && attempt < max_attempts {
+                    // The coordinator dispatches the next attempt when the backoff has passed.
                     let delay = retry.delay(attempt, err.retry_after);
                     ev.kind = EventKind::Retrying;
                     ev.retry_in_ms = Some(delay.as_millis() as u64);
-                    AfterPublish::Nak(msg, delay)
+                    AfterPublish::Ack(msg)
                 } else if err.retryable {
                     ev.kind = EventKind::Dead;
                     AfterPublish::Ack(msg)
@@ -649,7 +691,8 @@ impl Worker {
 impl Worker {
     /// Runs the task again after `delay` without counting an attempt. Short deferrals wait in
     /// memory (heartbeated, cancellable, holding the task's prefetch place but no slot); longer
-    /// ones go back to JetStream with that delay.
+    /// ones are handed to the coordinator (`deferred`), which dispatches the task again when
+    /// the delay has passed, so a task behind a slow limit uses up no JetStream deliveries.
     fn defer(&self, msg: async_nats::jetstream::Message, base: TaskEvent, after: Deferral, reason: &str, lp: &Loop) {
         let Deferral { token, lane, permit, granted, delay, jitter, span, deferred_since } = after;
         metrics::counter!("taskfleet_worker_deferred_total", "reason" => reason.to_string()).increment(1);
@@ -662,9 +705,16 @@ impl Worker {
         span.record("delay_ms", delay.as_millis() as u64);
         span.record("held", held);
         if !held {
-            tokio::spawn(async move {
-                let _ = msg.ack_with(async_nats::jetstream::AckKind::Nak(Some(delay))).await;
+            let mut ev = base;
+            ev.kind = EventKind::Deferred;
+            ev.at = now_ms();
+            ev.retry_in_ms = Some(delay.as_millis() as u64);
+            ev.error = Some(TaskErrorInfo {
+                code: reason.to_string(),
+                message: format!("could not start yet; deferred for {delay:?}"),
+                retryable: true,
             });
+            lp.events.send(ev, AfterPublish::Ack(msg));
             return;
         }
         let cancel = CancellationToken::new();
@@ -727,6 +777,8 @@ struct Loop {
     policies: Arc<Policies>,
     /// Where handlers submit child tasks.
     submitter: Arc<Submitter>,
+    /// Asks the coordinator whether a possibly stale message still runs.
+    gate: crate::gate::Gate,
 }
 
 /// The fleet-wide policies as this worker applies them.
@@ -788,16 +840,23 @@ fn record_outcome(span: &tracing::Span, kind: EventKind) {
     }
 }
 
-/// Delivery count from JetStream and attempts spent before this dispatch (header).
-fn attempt_parts(msg: &async_nats::jetstream::Message) -> (u32, u32) {
-    let delivered = msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1);
-    let offset = msg
-        .headers
-        .as_ref()
-        .and_then(|h| h.get(headers::ATTEMPT_OFFSET))
-        .and_then(|v| v.as_str().parse::<u32>().ok())
-        .unwrap_or(0);
-    (delivered, offset)
+/// What a dispatch message says about itself: JetStream's delivery count, the handler
+/// attempts recorded before this dispatch and its dispatch generation (headers).
+struct DispatchInfo {
+    delivered: u32,
+    attempt_offset: u32,
+    generation: i32,
+}
+
+impl DispatchInfo {
+    fn of(msg: &async_nats::jetstream::Message) -> DispatchInfo {
+        let header = |name: &str| msg.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str().to_string());
+        DispatchInfo {
+            delivered: msg.info().map(|i| i.delivered.max(1) as u32).unwrap_or(1),
+            attempt_offset: header(headers::ATTEMPT_OFFSET).and_then(|v| v.parse().ok()).unwrap_or(0),
+            generation: header(headers::GENERATION).and_then(|v| v.parse().ok()).unwrap_or(1),
+        }
+    }
 }
 
 /// Heartbeats every third of `ack_wait`: often enough that one lost heartbeat does not cause a

@@ -1,0 +1,131 @@
+//! The stream watch: warns before JetStream refuses or drops anything. Every
+//! `STREAM_WATCH_INTERVAL` it reads how full each stream is and how long the coordinator's
+//! event recording has been stuck, exports both as gauges, and publishes an [`Alert`] on
+//! `<prefix>.alerts` when a rule starts or stops firing:
+//!
+//! * `stream_nearly_full`: a stream holds more than 80% of `nats.stream_max_bytes`. A full
+//!   work queue (submissions, dispatch) refuses new messages (submitters get errors); a full
+//!   event stream drops its oldest events, which matters only when the coordinator has not
+//!   recorded them yet.
+//! * `events_unrecorded_aging`: events wait to be recorded (Postgres is down, say) and the
+//!   coordinator's position has not moved for half of `nats.events_max_age`. Events older than
+//!   `events_max_age` are dropped by JetStream unrecorded: their tasks' dispatch messages are
+//!   already acknowledged, so the rescuer runs those tasks again (their results are lost, the
+//!   tasks are not).
+//!
+//! One replica watches at a time (a Postgres advisory lock), so each alert is sent once.
+
+use crate::Ctx;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+use taskfleet_bus::Topology;
+use taskfleet_proto::{Alert, AlertState, Priority, now_ms};
+use tokio_util::sync::CancellationToken;
+
+const STREAM_WATCH_INTERVAL: Duration = Duration::from_secs(10);
+/// Share of `stream_max_bytes` above which `stream_nearly_full` fires.
+const FULL_SHARE: f64 = 0.8;
+
+pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
+    let mut lock: Option<taskfleet_store::LeaderLock> = None;
+    let mut firing: HashMap<String, bool> = HashMap::new();
+    loop {
+        tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            _ = tokio::time::sleep(STREAM_WATCH_INTERVAL) => {}
+        }
+        if let Some(l) = lock.as_mut()
+            && !l.still_held().await
+        {
+            lock = None;
+        }
+        if lock.is_none() {
+            match ctx.store.try_leader_lock("stream-watch").await {
+                Ok(Some(l)) => lock = Some(l),
+                Ok(None) | Err(_) => continue,
+            }
+        }
+        for check in checks(&ctx).await {
+            let was = firing.insert(check.key.clone(), check.firing).unwrap_or(false);
+            if was != check.firing {
+                announce(&ctx, &check).await;
+            }
+        }
+    }
+}
+
+/// One rule's verdict on one stream.
+struct Check {
+    key: String,
+    rule: &'static str,
+    metric: &'static str,
+    value: f64,
+    threshold: f64,
+    firing: bool,
+    message: String,
+}
+
+async fn checks(ctx: &Ctx) -> Vec<Check> {
+    let s = &ctx.topology.subjects;
+    let mut out = Vec::new();
+    for stream in [s.submit_stream(), s.dispatch_stream(), s.events_stream(), s.dead_stream()] {
+        let Ok((bytes, max)) = ctx.topology.stream_fill(&stream).await else { continue };
+        let share = if max > 0 { bytes as f64 / max as f64 } else { 0.0 };
+        metrics::gauge!("taskfleet_stream_fill_ratio", "stream" => stream.clone()).set(share);
+        out.push(Check {
+            key: format!("full:{stream}"),
+            rule: "stream_nearly_full",
+            metric: "fill_ratio",
+            value: share,
+            threshold: FULL_SHARE,
+            firing: share > FULL_SHARE,
+            message: format!("stream {stream} holds {bytes} of {max} bytes"),
+        });
+    }
+    let max_age = ctx.config.nats.events_max_age;
+    let mut stuck = Duration::ZERO;
+    for lane in Priority::ALL {
+        let consumer = Topology::coordinator_events_consumer(lane);
+        let Ok(p) = ctx.topology.consumer_progress(&s.events_stream(), &consumer).await else { continue };
+        if !p.is_idle() {
+            stuck = stuck.max(p.floor_idle.unwrap_or_default());
+        }
+    }
+    metrics::gauge!("taskfleet_coordinator_events_stuck_seconds").set(stuck.as_secs_f64());
+    out.push(Check {
+        key: "events_aging".into(),
+        rule: "events_unrecorded_aging",
+        metric: "stuck_seconds",
+        value: stuck.as_secs_f64(),
+        threshold: (max_age / 2).as_secs_f64(),
+        firing: stuck > max_age / 2,
+        message: format!(
+            "events have waited {stuck:?} without being recorded; JetStream drops them after events_max_age ({max_age:?})"
+        ),
+    });
+    out
+}
+
+async fn announce(ctx: &Ctx, c: &Check) {
+    let state = if c.firing { AlertState::Firing } else { AlertState::Resolved };
+    if c.firing {
+        tracing::warn!(rule = c.rule, value = c.value, threshold = c.threshold, "{}", c.message);
+    } else {
+        tracing::info!(rule = c.rule, "resolved: {}", c.message);
+    }
+    let alert = Alert {
+        rule: c.rule.into(),
+        state,
+        metric: c.metric.into(),
+        value: c.value,
+        op: ">".into(),
+        threshold: c.threshold,
+        since: now_ms(),
+        message: c.message.clone(),
+    };
+    let body = serde_json::to_vec(&alert).unwrap_or_default();
+    if let Err(e) = ctx.client.publish(ctx.topology.subjects.alerts(), body.into()).await {
+        tracing::debug!(error = %e, "cannot publish a stream alert");
+    }
+}
