@@ -319,3 +319,27 @@ async fn two_coordinators_share_the_work() {
     let intake: Vec<bool> = logs.iter().map(|l| !l.contains("coordinator loop failed")).collect();
     assert_eq!(intake, vec![true, true]);
 }
+
+/// Large results are never thrown away: 40 `echo` tasks of 300 KB each fill event batches far
+/// beyond one NATS message, and every task succeeds with its one attempt (batches are cut by
+/// bytes below the server's `max_payload`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn large_results_are_recorded_once() {
+    let mut fleet = Fleet::new("large_results");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let text = "x".repeat(300_000);
+    let tasks: Vec<TaskEnvelope> =
+        (0..40).map(|i| TaskEnvelope::new("echo", serde_json::json!({ "i": i, "text": text }))).collect();
+    fleet.submit_all(&client, &tasks).await;
+    let counts = fleet.wait_final(&pool, 40, Duration::from_secs(60)).await;
+    assert_eq!(counts.get("succeeded"), Some(&40), "{counts:?}");
+    let attempts: i64 = sqlx::query_scalar("SELECT count(*) FROM task_attempts").fetch_one(&pool).await.unwrap();
+    assert_eq!(attempts, 40, "each ran once");
+    let sizes: Vec<i32> =
+        sqlx::query_scalar("SELECT length(result->>'text') FROM tasks").fetch_all(&pool).await.unwrap();
+    assert!(sizes.iter().all(|n| *n == 300_000), "results kept whole");
+    assert!(!fleet.logs().contains("max payload"), "{}", fleet.logs());
+}

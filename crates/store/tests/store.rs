@@ -165,3 +165,58 @@ async fn dependencies_release_and_cancel() {
     f.depends_on = vec![a.id];
     assert_eq!(s.store.insert_tasks(&[f]).await.unwrap().dispatch, vec![0]);
 }
+
+/// A result Postgres refuses (a NUL character, which `jsonb` cannot hold) ends its own task
+/// `failed` with `result_unstorable`, and the other events of the batch are recorded.
+#[tokio::test]
+async fn an_unstorable_result_fails_its_task_and_spares_the_batch() {
+    let s = Schema::new("store_unstorable").await;
+    let tasks: Vec<TaskEnvelope> = (0..9).map(|i| TaskEnvelope::new("echo", serde_json::json!(i))).collect();
+    s.store.insert_tasks(&tasks).await.unwrap();
+    let mut events: Vec<TaskEvent> = tasks.iter().map(|t| event(t, EventKind::Succeeded, 1)).collect();
+    events[4].result = Some(serde_json::json!({ "body": "a\u{0}b" }));
+    let err = s.store.record_events(&events).await.expect_err("Postgres refuses a NUL in jsonb");
+    assert!(err.is_data_error(), "{err}");
+
+    let out = s.store.record_events_isolating(&events).await.unwrap();
+    assert_eq!(out.unstorable, 1);
+    assert_eq!(out.finalized.len(), 9);
+    for (i, t) in tasks.iter().enumerate() {
+        let row = s.store.get_task(t.id).await.unwrap().unwrap();
+        if i == 4 {
+            assert_eq!(row.state, "failed");
+            let error = row.error.expect("an error");
+            assert_eq!(error["code"], "result_unstorable");
+            assert!(error["message"].as_str().unwrap().contains("Unicode"), "{error}");
+        } else {
+            assert_eq!(row.state, "succeeded", "task {i}");
+        }
+    }
+}
+
+/// A retry is recorded with the time it is due, and claimed for its next dispatch then (with
+/// the attempts spent as the offset and the next generation); a message of the old generation
+/// is then stale, and one of a final task is final.
+#[tokio::test]
+async fn retries_wait_in_postgres_until_due() {
+    use taskfleet_proto::{Runnable, RunnableQuery};
+    let s = Schema::new("store_retry_due").await;
+    let t = TaskEnvelope::new("echo", serde_json::json!(1));
+    s.store.insert_tasks(std::slice::from_ref(&t)).await.unwrap();
+    let mut retry = event(&t, EventKind::Retrying, 1);
+    retry.retry_in_ms = Some(300);
+    s.store.record_events(&[retry]).await.unwrap();
+    assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "not due yet");
+    let ask = |generation| [RunnableQuery { id: t.id, generation }];
+    assert_eq!(s.store.runnable(&ask(1)).await.unwrap(), vec![Runnable::Stale], "its attempt asked for a retry");
+    tokio::time::sleep(std::time::Duration::from_millis(400)).await;
+    let claimed = s.store.claim_due(10).await.unwrap();
+    assert_eq!(claimed.tasks.len(), 1);
+    assert_eq!((claimed.tasks[0].attempt_offset, claimed.tasks[0].generation), (1, 2));
+    claimed.commit().await.unwrap();
+    assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "claimed once");
+    assert_eq!(s.store.runnable(&ask(1)).await.unwrap(), vec![Runnable::Stale]);
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
+    s.store.record_events(&[event(&t, EventKind::Succeeded, 2)]).await.unwrap();
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Final]);
+}
