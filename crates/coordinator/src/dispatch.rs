@@ -84,7 +84,14 @@ pub(crate) async fn publish_claimed(topology: &Topology, claimed: taskfleet_stor
     let out = claimed
         .tasks
         .iter()
-        .map(|t| redispatch_message(topology, &t.envelope, None, t.attempt_offset, t.generation))
+        .map(|t| {
+            let trace = t.traceparent.as_deref().map(|tp| {
+                let mut h = HeaderMap::new();
+                h.insert("traceparent", tp);
+                h
+            });
+            redispatch_message(topology, &t.envelope, trace.as_ref(), t.attempt_offset, t.generation)
+        })
         .collect();
     publish(topology, out).await?;
     claimed.commit().await?;

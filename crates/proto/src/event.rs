@@ -213,6 +213,10 @@ pub struct TaskEvent {
     /// batches, so per-task trace context cannot ride in message headers.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub traceparent: Option<String>,
+    /// For `retrying` and `deferred`: the W3C `traceparent` the task's next dispatch carries
+    /// (the one its dispatch message had), so that every attempt stays in one trace.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub next_traceparent: Option<String>,
 }
 
 impl TaskEvent {
@@ -236,6 +240,7 @@ impl TaskEvent {
             retry_in_ms: None,
             saved_usd: None,
             traceparent: None,
+            next_traceparent: None,
         }
     }
 }

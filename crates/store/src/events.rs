@@ -133,6 +133,7 @@ impl Store {
             Vec::with_capacity(n),
             Vec::with_capacity(n),
         );
+        let mut traces = Vec::with_capacity(n);
         for id in &order {
             let ev = decisive[id];
             let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
@@ -152,6 +153,7 @@ impl Store {
             // A retry or a deferral is dispatched again by the coordinator once it is due.
             let waits = matches!(ev.kind, EventKind::Retrying | EventKind::Deferred);
             delays.push(waits.then(|| ev.retry_in_ms.unwrap_or(1_000).min(i64::MAX as u64) as i64));
+            traces.push(ev.next_traceparent.as_deref().filter(|_| waits));
         }
         // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone; a late
         // `started` or `progress` of an attempt that already asked for a retry changes nothing.
@@ -161,6 +163,7 @@ impl Store {
                  attempt = CASE WHEN u.state = 'queued' THEN t.attempt ELSE GREATEST(t.attempt, u.attempt) END,
                  run_at = CASE WHEN u.delay_ms IS NULL THEN NULL
                                ELSE now() + make_interval(secs => u.delay_ms / 1000.0) END,
+                 next_traceparent = u.next_trace,
                  worker = COALESCE(u.worker, t.worker),
                  result = COALESCE(u.result, t.result),
                  error = CASE WHEN u.state = 'succeeded' THEN NULL ELSE COALESCE(u.error, t.error) END,
@@ -168,8 +171,8 @@ impl Store {
                  finished_at = to_timestamp(u.finished_ms / 1000.0),
                  updated_at = now()
              FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
-                         $8::int8[], $9::int8[], $10::int8[])
-                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms)
+                         $8::int8[], $9::int8[], $10::int8[], $11::text[])
+                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace)
              WHERE t.id = u.id
                AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
                AND (u.final OR u.attempt > t.attempt
@@ -186,6 +189,7 @@ impl Store {
         .bind(&started)
         .bind(&finished)
         .bind(&delays)
+        .bind(&traces)
         .fetch_all(&mut *tx)
         .await?;
         out.ignored += n - changed.len();

@@ -55,6 +55,8 @@ pub struct Redispatch {
     pub attempt_offset: u32,
     /// Dispatch generation (1 for the first dispatch); part of the deduplication id.
     pub generation: i32,
+    /// Trace context for the dispatch (a retry's or deferral's, kept from its earlier dispatch).
+    pub traceparent: Option<String>,
 }
 
 /// What a cancellation did.
@@ -71,7 +73,7 @@ pub struct CancelOutcome {
 macro_rules! envelope_columns {
     () => {
         "t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms, t.idempotency_key,
-         (extract(epoch FROM t.created_at) * 1000)::int8, t.options, t.attempt, t.dispatches"
+         (extract(epoch FROM t.created_at) * 1000)::int8, t.options, t.attempt, t.dispatches, t.next_traceparent"
     };
 }
 
@@ -103,13 +105,28 @@ type RedispatchRow = (
     Option<serde_json::Value>,
     i32,
     i32,
+    Option<String>,
 );
 
 fn redispatch_from_row(r: RedispatchRow) -> Redispatch {
-    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options, attempt, dispatches) = r;
+    let (
+        id,
+        kind,
+        queue,
+        priority,
+        payload,
+        max_attempts,
+        timeout_ms,
+        key,
+        created,
+        options,
+        attempt,
+        dispatches,
+        trace,
+    ) = r;
     let envelope =
         envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options));
-    Redispatch { envelope, attempt_offset: attempt.max(0) as u32, generation: dispatches }
+    Redispatch { envelope, attempt_offset: attempt.max(0) as u32, generation: dispatches, traceparent: trace }
 }
 
 impl Store {

@@ -672,6 +672,7 @@ impl Worker {
                     let delay = retry.delay(attempt, err.retry_after);
                     ev.kind = EventKind::Retrying;
                     ev.retry_in_ms = Some(delay.as_millis() as u64);
+                    ev.next_traceparent = traceparent_of(&msg);
                     AfterPublish::Ack(msg)
                 } else if err.retryable {
                     ev.kind = EventKind::Dead;
@@ -709,6 +710,7 @@ impl Worker {
             ev.kind = EventKind::Deferred;
             ev.at = now_ms();
             ev.retry_in_ms = Some(delay.as_millis() as u64);
+            ev.next_traceparent = traceparent_of(&msg);
             ev.error = Some(TaskErrorInfo {
                 code: reason.to_string(),
                 message: format!("could not start yet; deferred for {delay:?}"),
@@ -857,6 +859,11 @@ impl DispatchInfo {
             generation: header(headers::GENERATION).and_then(|v| v.parse().ok()).unwrap_or(1),
         }
     }
+}
+
+/// The trace context a dispatch message carries, for the task's next dispatch.
+fn traceparent_of(msg: &async_nats::jetstream::Message) -> Option<String> {
+    msg.headers.as_ref().and_then(|h| h.get(taskfleet_telemetry::TRACEPARENT)).map(|v| v.as_str().to_string())
 }
 
 /// Heartbeats every third of `ack_wait`: often enough that one lost heartbeat does not cause a
