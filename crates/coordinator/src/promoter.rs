@@ -24,7 +24,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
         let sleep = match promote_due(&ctx).await {
             // A full claim: more may be due.
             Ok(n) if n as i64 >= CLAIM_LIMIT => Duration::ZERO,
-            Ok(_) => until_next_due(&ctx).await.min(longest),
+            // At least a moment: a due row another coordinator holds locked is not ours to wait on.
+            Ok(_) => until_next_due(&ctx).await.clamp(Duration::from_millis(20), longest),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dispatch due retries; will try again");
                 longest

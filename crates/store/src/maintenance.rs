@@ -192,7 +192,8 @@ impl Store {
     /// The earliest `run_at` of any waiting retry or deferral.
     pub async fn next_due(&self) -> Result<Option<std::time::SystemTime>, StoreError> {
         let ms: Option<i64> = sqlx::query_scalar(
-            "SELECT (extract(epoch FROM min(run_at)) * 1000)::int8 FROM tasks WHERE run_at IS NOT NULL",
+            "SELECT (extract(epoch FROM min(run_at)) * 1000)::int8 FROM tasks
+             WHERE run_at IS NOT NULL AND state IN ('queued', 'retrying')",
         )
         .fetch_one(&self.pool)
         .await?;
@@ -275,7 +276,7 @@ impl Store {
             return Ok(CancelOutcome { previous, cancelled: false, finalized: Vec::new() });
         }
         sqlx::query(
-            "UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(),
+            "UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(), run_at = NULL,
                     error = jsonb_build_object('code', 'cancelled', 'message', 'cancelled by request', 'retryable', false)
              WHERE id = $1",
         )
