@@ -25,7 +25,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
             // A full claim: more may be due.
             Ok(n) if n as i64 >= CLAIM_LIMIT => Duration::ZERO,
             // At least a moment: a due row another coordinator holds locked is not ours to wait on.
-            Ok(_) => until_next_due(&ctx).await.clamp(Duration::from_millis(20), longest),
+            Ok(_) => until_next_due(&ctx).await.max(Duration::from_millis(20)).min(longest),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dispatch due retries; will try again");
                 longest
