@@ -10,12 +10,12 @@ use uuid::Uuid;
 pub struct InsertOutcome {
     /// Tasks newly written.
     pub inserted: Vec<TaskId>,
-    /// Tasks (new, or earlier rows still queued) that must now be dispatched, by index into
-    /// the submitted slice.
+    /// Tasks (new, or redelivered submissions whose rows are still queued) that must now be
+    /// dispatched, by index into the submitted slice.
     pub dispatch: Vec<usize>,
     /// Submissions that matched an existing task (same id, or same idempotency key).
     pub duplicates: Vec<Duplicate>,
-    /// Submissions refused because a dependency does not exist.
+    /// Submissions refused: a dependency does not exist, or Postgres refused the row.
     pub rejected: Vec<Rejected>,
     /// Tasks written straight into `cancelled` because a dependency had already failed.
     pub cancelled: Vec<TaskId>,
@@ -41,6 +41,17 @@ pub struct Rejected {
     pub message: String,
 }
 
+impl InsertOutcome {
+    /// Adds the outcome of the sub-batch starting at index `offset`.
+    fn append(&mut self, part: InsertOutcome, offset: usize) {
+        self.inserted.extend(part.inserted);
+        self.dispatch.extend(part.dispatch.into_iter().map(|i| i + offset));
+        self.duplicates.extend(part.duplicates.into_iter().map(|d| Duplicate { index: d.index + offset, ..d }));
+        self.rejected.extend(part.rejected.into_iter().map(|r| Rejected { index: r.index + offset, ..r }));
+        self.cancelled.extend(part.cancelled);
+    }
+}
+
 impl Store {
     /// Writes a batch of validated envelopes in one transaction.
     ///
@@ -49,7 +60,58 @@ impl Store {
     /// has its row). Tasks with dependencies are `pending`, or `queued` when every dependency
     /// already succeeded, or `cancelled` when one already ended otherwise. A dependency must be
     /// an existing task or come earlier in the same batch.
+    ///
+    /// Every submission counts as fresh: see [`Store::insert_submissions`].
     pub async fn insert_tasks(&self, tasks: &[TaskEnvelope]) -> Result<InsertOutcome, StoreError> {
+        self.insert_submissions(tasks, &[]).await
+    }
+
+    /// [`Store::insert_tasks`], where `redelivered[i]` says that `tasks[i]` is a redelivery of a
+    /// submission already handled once (JetStream's delivery count above 1; missing entries
+    /// count as fresh). A redelivered submission whose row is still `queued` is dispatched again
+    /// (the coordinator may have stopped between commit and dispatch; the dispatch dedup id
+    /// makes a second copy harmless), while a fresh duplicate from a client never is: that would
+    /// put a second live dispatch message in JetStream once the first one's dedup window passed.
+    ///
+    /// Poison isolation: when Postgres refuses a row ([`StoreError::is_data_error`], e.g. a
+    /// value validation did not catch), the batch is split in halves, recursively, until the
+    /// refused submissions are alone; each is listed in `rejected` with
+    /// [`RejectReason::Unstorable`] and the database's words, and every other one is written
+    /// (in submission order, so dependencies still come first). Any other error is returned:
+    /// Postgres is unavailable, and the caller retries the whole batch later (parts already
+    /// written are then recognised as redelivered duplicates).
+    pub async fn insert_submissions(
+        &self,
+        tasks: &[TaskEnvelope],
+        redelivered: &[bool],
+    ) -> Result<InsertOutcome, StoreError> {
+        let mut out = InsertOutcome::default();
+        // Ranges still to write, the next one on top.
+        let mut todo = vec![(0, tasks.len())];
+        while let Some((start, end)) = todo.pop() {
+            let again: Vec<bool> = (start..end).map(|i| redelivered.get(i).copied().unwrap_or(false)).collect();
+            match self.insert_batch(&tasks[start..end], &again).await {
+                Ok(part) => out.append(part, start),
+                Err(e) if e.is_data_error() && end - start > 1 => {
+                    let mid = start + (end - start) / 2;
+                    todo.push((mid, end));
+                    todo.push((start, mid));
+                }
+                Err(e) if e.is_data_error() => {
+                    tracing::warn!(task_id = %tasks[start].id, error = %e, "Postgres refused a submission");
+                    out.rejected.push(Rejected {
+                        index: start,
+                        reason: RejectReason::Unstorable,
+                        message: format!("Postgres refused to store the task: {}", e.database_words()),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn insert_batch(&self, tasks: &[TaskEnvelope], redelivered: &[bool]) -> Result<InsertOutcome, StoreError> {
         let mut out = InsertOutcome::default();
         let mut tx = self.pool.begin().await?;
 
@@ -215,10 +277,9 @@ impl Store {
             for i in missing {
                 let t = &tasks[i];
                 if let Some(state) = by_id.get(&t.id) {
-                    // The same submission again (e.g. redelivered after a crash between commit
-                    // and ack): dispatch it again if it never got further than queued. The
-                    // dispatch dedup id makes a second copy harmless.
-                    if *state == TaskState::Queued.as_str() {
+                    // The same submission redelivered (e.g. after a crash between commit and
+                    // dispatch): dispatch it again if it never got further than queued.
+                    if *state == TaskState::Queued.as_str() && redelivered.get(i).copied().unwrap_or(false) {
                         out.dispatch.push(i);
                     }
                     out.duplicates.push(Duplicate { index: i, existing: t.id });
