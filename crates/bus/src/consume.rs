@@ -18,9 +18,24 @@ pub async fn hand_back(msgs: &[Message], delay: Duration) {
 /// ready at once (at most `max`, a lone message is not held back) to `handle`, and re-opens the
 /// pull stream with backoff whenever it ends or fails (a restarted nats-server, a deleted
 /// consumer that `open` re-creates). Individual pull status errors are logged and skipped.
-pub async fn consume_batches<O, OF, H, HF>(
+pub async fn consume_batches<O, OF, H, HF>(name: &str, max: usize, stop: impl Future<Output = ()>, open: O, handle: H)
+where
+    O: Fn() -> OF,
+    OF: Future<Output = Result<PullConsumer, crate::BusError>>,
+    H: FnMut(Vec<Message>) -> HF,
+    HF: Future<Output = ()>,
+{
+    consume_batches_bounded(name, max, 0, stop, open, handle).await
+}
+
+/// [`consume_batches`] with every pull also limited to `max_bytes` (0: no limit), which bounds
+/// the messages buffered in memory to about twice that (the next pull is requested when half of
+/// the current one is consumed). `max_bytes` must exceed the largest message (e.g. twice the
+/// server's `max_payload`): the server never delivers a message larger than a pull's limit.
+pub async fn consume_batches_bounded<O, OF, H, HF>(
     name: &str,
     max: usize,
+    max_bytes: usize,
     stop: impl Future<Output = ()>,
     open: O,
     mut handle: H,
@@ -37,6 +52,7 @@ pub async fn consume_batches<O, OF, H, HF>(
             Ok(consumer) => consumer
                 .stream()
                 .max_messages_per_batch(max)
+                .max_bytes_per_batch(max_bytes)
                 .expires(Duration::from_secs(30))
                 .heartbeat(Duration::from_secs(5))
                 .messages()

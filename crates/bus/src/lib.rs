@@ -17,7 +17,7 @@ mod error;
 mod publish;
 mod topology;
 
-pub use consume::{consume_batches, hand_back};
+pub use consume::{consume_batches, consume_batches_bounded, hand_back};
 pub use error::BusError;
 pub use publish::{Outgoing, publish_all};
 pub use topology::{COORDINATOR_CONSUMER, Topology, connect};
