@@ -257,10 +257,18 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+        // Submissions that wrote a row: the first of each id (a second copy of the same id in
+        // this batch is a duplicate of it, not a second new task).
+        let mut first_seen: HashSet<Uuid> = HashSet::new();
+        let wrote: HashSet<usize> = accepted
+            .iter()
+            .copied()
+            .filter(|i| inserted.contains(&tasks[*i].id) && first_seen.insert(tasks[*i].id))
+            .collect();
 
         // Submissions that wrote nothing matched an existing row, by id (a redelivered
         // submission) or by idempotency key.
-        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !inserted.contains(&tasks[*i].id)).collect();
+        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !wrote.contains(i)).collect();
         if !missing.is_empty() {
             let miss_ids: Vec<Uuid> = missing.iter().map(|i| tasks[*i].id).collect();
             let miss_keys: Vec<String> = missing.iter().filter_map(|i| tasks[*i].idempotency_key.clone()).collect();
@@ -287,14 +295,10 @@ impl Store {
                     out.duplicates.push(Duplicate { index: i, existing: *existing });
                 } else {
                     // Conflicted with a row of this very batch sharing its idempotency key.
-                    let first = accepted
+                    let first = wrote
                         .iter()
                         .map(|j| &tasks[*j])
-                        .find(|o| {
-                            o.idempotency_key.is_some()
-                                && o.idempotency_key == t.idempotency_key
-                                && inserted.contains(&o.id)
-                        })
+                        .find(|o| o.idempotency_key.is_some() && o.idempotency_key == t.idempotency_key)
                         .map(|o| o.id)
                         .unwrap_or(t.id);
                     out.duplicates.push(Duplicate { index: i, existing: first });
@@ -307,7 +311,7 @@ impl Store {
         let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
         for &i in &accepted {
             let t = &tasks[i];
-            if inserted.contains(&t.id) {
+            if wrote.contains(&i) {
                 for d in &t.depends_on {
                     edge_task.push(t.id);
                     edge_dep.push(*d);
@@ -335,7 +339,7 @@ impl Store {
 
         for &i in &accepted {
             let t = &tasks[i];
-            if !inserted.contains(&t.id) {
+            if !wrote.contains(&i) {
                 continue;
             }
             out.inserted.push(t.id);

@@ -73,6 +73,10 @@ async fn batch_insert_duplicates_and_one_final_state() {
     let fresh = s.store.insert_tasks(&tasks[..10]).await.unwrap();
     assert_eq!(fresh.duplicates.len(), 10);
     assert!(fresh.dispatch.is_empty(), "a client's duplicate must not be dispatched twice");
+    // Twice in one batch: one task, one dispatch, one duplicate.
+    let x = TaskEnvelope::new("echo", serde_json::json!("x"));
+    let twice = s.store.insert_tasks(&[x.clone(), x.clone()]).await.unwrap();
+    assert_eq!((twice.inserted.len(), twice.dispatch.clone(), twice.duplicates.len()), (1, vec![0], 1));
 
     // Idempotency key: a different id with the same key returns the first task's id.
     let mut a = TaskEnvelope::new("echo", serde_json::json!(1));
