@@ -217,6 +217,14 @@ mod tests {
         let v = json!([u64::MAX, i64::MIN, f64::MAX, f64::MIN_POSITIVE, 5e-324, -0.0, 0.1, 1e15]);
         assert_eq!(via_json(&v).unwrap(), v);
         assert_eq!(via_msgpack(&rmp_serde::to_vec(&v).unwrap()).unwrap(), v);
+        // Postgres prints every digit (309 for f64::MAX); serde_json must read that back exactly
+        // (its `float_roundtrip` feature), or the recorder and rescuer could not read the row.
+        let max = format!("17976931348623157{}", "0".repeat(292));
+        assert_eq!(serde_json::from_str::<Value>(&max).unwrap(), json!(f64::MAX));
+        assert_eq!(
+            serde_json::from_str::<f64>("-0.000000000000000000000000000000000000010729132283643165").unwrap(),
+            -1.0729132283643165e-38
+        );
         // Integral floats written with an exponent come back from jsonb as integers: kept as such.
         assert_eq!(
             via_json(&json!([1e16, -1e18, 1.8e19, 1e20])).unwrap(),
