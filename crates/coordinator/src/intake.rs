@@ -68,15 +68,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
 async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, mut msgs: Vec<Message>) {
     let max = ctx.config.coordinator.submit_batch_max_bytes;
     while !msgs.is_empty() {
-        let mut bytes = 0;
-        let n = msgs
-            .iter()
-            .take_while(|m| {
-                bytes += m.payload.len();
-                bytes <= max
-            })
-            .count()
-            .max(1);
+        let n = batch_len(msgs.iter().map(|m| m.payload.len()), max);
         let rest = msgs.split_off(n);
         if !process_batch(ctx, stages, msgs).await {
             taskfleet_bus::hand_back(&rest, Duration::from_secs(1)).await;
@@ -96,6 +88,20 @@ struct Refusal {
 
 fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
     m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
+}
+
+/// How many of the next bodies (their sizes, in order) form one batch of at most `max` bytes:
+/// at least one, so that a body larger than `max` still goes through (alone).
+fn batch_len(sizes: impl IntoIterator<Item = usize>, max: usize) -> usize {
+    let mut total = 0;
+    sizes
+        .into_iter()
+        .take_while(|size| {
+            total += size;
+            total <= max
+        })
+        .count()
+        .max(1)
 }
 
 /// The `Taskfleet-Reply-To` of a submission, when it names a subject replies may go to.
@@ -356,5 +362,19 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
         if let Err(e) = taskfleet_bus::publish_all(&ctx.topology.js, vec![out]).await {
             tracing::warn!(error = %e, "cannot publish rejection events");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_len;
+
+    #[test]
+    fn batches_are_cut_by_bytes() {
+        assert_eq!(batch_len([100; 10], 1000), 10);
+        assert_eq!(batch_len([400, 400, 400, 1], 1000), 2);
+        assert_eq!(batch_len([5000, 1], 1000), 1, "an oversize body goes alone");
+        assert_eq!(batch_len([600, 400, 1], 1000), 2);
+        assert_eq!(batch_len(std::iter::repeat_n(512 * 1024, 1000), 16 << 20), 32);
     }
 }
