@@ -429,3 +429,40 @@ async fn random_envelopes_round_trip_through_postgres() {
     assert!((20..=CASES - 50).contains(&refused), "{refused} of {CASES} refused");
     assert!(started.elapsed() < Duration::from_secs(30), "{:?}", started.elapsed());
 }
+
+/// A burst of large submissions is taken in batches bounded by bytes: the coordinator's peak
+/// memory stays far below the burst's size.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_burst_of_large_submissions_is_taken_in_bounded_batches() {
+    const N: usize = 200;
+    const SIZE: usize = 400 * 1024;
+    let mut fleet = Fleet::new("hostile_burst");
+    fleet.set("TASKFLEET_COORDINATOR_SUBMIT_BATCH_MAX_BYTES", &(2 << 20).to_string());
+    fleet.start_coordinator();
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let text = "x".repeat(SIZE);
+    let envs: Vec<TaskEnvelope> = (0..N).map(|i| TaskEnvelope::new("echo", json!({"i": i, "text": text}))).collect();
+    fleet.submit_all(&client, &envs).await;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(&pool).await.unwrap();
+        if rows == N as i64 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{rows} of {N} written\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let pid = fleet.coordinator.as_ref().and_then(|c| c.pid()).unwrap();
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    let peak_kib: u64 = status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmHWM:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap();
+    // 80 MiB of bodies: held at once they would be several times that (bodies, decoded
+    // envelopes, dispatch copies).
+    let burst_mib = (N * SIZE) >> 20;
+    assert!(peak_kib < 150 * 1024, "coordinator peak RSS {} MiB for a {burst_mib} MiB burst", peak_kib / 1024);
+    eprintln!("coordinator peak RSS {} MiB for a {burst_mib} MiB burst", peak_kib / 1024);
+}
