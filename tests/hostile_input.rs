@@ -241,7 +241,7 @@ async fn hostile_submissions_are_refused_clearly_and_the_rest_of_the_batch_runs(
 
     // The good ones all ran, none waited for the bad ones.
     let counts = fleet.wait_final(&pool, good + 2, Duration::from_secs(30)).await;
-    assert_eq!(counts.get("succeeded"), Some(&(good as i64 + 2)), "{counts:?}");
+    assert_eq!(counts.get("succeeded"), Some(&(good + 2)), "{counts:?}");
     assert_eq!(counts.get("queued"), Some(&1), "the llm task, once: {counts:?}");
     assert!(started.elapsed() < Duration::from_secs(30));
 
@@ -336,6 +336,9 @@ fn same(a: &Value, b: &Value) -> bool {
     }
 }
 
+/// A task row as read back: id, kind, priority, payload, idempotency key, `created_at` in ms.
+type Row = (uuid::Uuid, String, String, sqlx::types::Json<Value>, Option<String>, i64);
+
 /// A submission body; its id is a UUID string in JSON and 16 bytes in MessagePack.
 #[derive(serde::Serialize)]
 struct Body {
@@ -398,7 +401,7 @@ async fn random_envelopes_round_trip_through_postgres() {
         let i: usize = msg.subject.rsplit('.').next().unwrap().parse().unwrap();
         answered.insert(i, serde_json::from_slice::<SubmitReply>(&msg.payload).unwrap());
     }
-    let rows: Vec<(uuid::Uuid, String, String, sqlx::types::Json<Value>, Option<String>, i64)> = sqlx::query_as(
+    let rows: Vec<Row> = sqlx::query_as(
         "SELECT id, kind, priority, payload, idempotency_key, (extract(epoch FROM created_at) * 1000)::int8 FROM tasks",
     )
     .fetch_all(&pool)
