@@ -1,6 +1,7 @@
-//! Hostile input: every submission Postgres would refuse, every junk subject and forbidden reply
-//! subject gets its clear rejection (reply, `rejected` event, counter), is terminated in
-//! JetStream, and never holds back the good submissions of the same batch.
+//! Hostile and bad input: every malformed or invalid submission, everything Postgres would
+//! refuse, every junk subject and forbidden reply subject gets its clear rejection (reply,
+//! `rejected` event, counter), is terminated in JetStream, and never holds back the good
+//! submissions of the same batch; no service crashes.
 
 use async_nats::HeaderMap;
 use async_nats::jetstream::message::PublishMessage;
@@ -77,7 +78,8 @@ async fn dispatched(fleet: &Fleet, client: &async_nats::Client, filter: &str) ->
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hostile_submissions_are_refused_clearly_and_the_rest_of_the_batch_runs() {
     let mut fleet = Fleet::new("hostile");
-    fleet.set("TASKFLEET_COORDINATOR_QUEUES", "default,llm");
+    fleet.set("TASKFLEET_COORDINATOR_QUEUES", "default,llm").set("TASKFLEET_COORDINATOR_KINDS", "echo,poison");
+    fleet.set("TASKFLEET_COORDINATOR_MAX_BODY_BYTES", "4096");
     fleet.start_coordinator();
     let pool = fleet.env.pg_pool().await;
     // A row Postgres refuses although validation lets it through: isolated by the store.
@@ -145,6 +147,13 @@ async fn hostile_submissions_are_refused_clearly_and_the_rest_of_the_batch_runs(
         sub("body queue differs", &submit, json_body(json!({"queue": "llm"})), Some("invalid")),
         sub("queue outside the allow-list", &subjects.submit("other"), json_body(json!({})), Some("unknown_queue")),
         sub("refused by Postgres", &submit, json_body(json!({"kind": "poison"})), Some("unstorable")),
+        sub("not JSON", &submit, b"{ this is not json".to_vec(), Some("malformed")),
+        sub("MessagePack garbage", &submit, vec![0xc1, 0xff, 0x00, 0x93], Some("malformed")),
+        sub("missing kind", &submit, br#"{"payload":{"a":1}}"#.to_vec(), Some("malformed")),
+        sub("bad priority", &submit, json_body(json!({"priority": "urgent"})), Some("malformed")),
+        sub("unknown kind", &submit, json_body(json!({"kind": "summon.dragon"})), Some("unknown_kind")),
+        sub("oversize", &submit, json_body(json!({"payload": "x".repeat(10_000)})), Some("too_large")),
+        sub("too many attempts", &submit, json_body(json!({"max_attempts": 5000})), Some("invalid")),
     ];
     for (name, reply) in [
         ("reply to $KV", kv_victim.as_str()),
@@ -270,10 +279,30 @@ async fn hostile_submissions_are_refused_clearly_and_the_rest_of_the_batch_runs(
     let mut stream = js.get_stream(subjects.submit_stream()).await.unwrap();
     assert_eq!(stream.info().await.unwrap().state.messages, 0);
     let (_, metrics) = http_get(&fleet.coordinator_http, "/metrics").unwrap();
-    for reason in ["invalid", "unknown_queue", "invalid_reply_to", "unstorable"] {
+    for reason in
+        ["malformed", "too_large", "unknown_kind", "invalid", "unknown_queue", "invalid_reply_to", "unstorable"]
+    {
         assert!(metrics.contains(&format!("reason=\"{reason}\"")), "no counter for {reason}:\n{metrics}");
     }
     assert!(!metrics.contains("qqqqqqqq") && !metrics.contains("\"other\""), "{metrics}");
+    // A plain `nats pub` (core NATS, no headers) still runs, and the coordinator is still up.
+    client.publish(submit.clone(), Bytes::from_static(br#"{"kind":"echo","payload":{"ok":true}}"#)).await.unwrap();
+    let counts = fleet.wait_final(&pool, good + 3, Duration::from_secs(30)).await;
+    assert_eq!(counts.get("succeeded"), Some(&(good + 3)), "{counts:?}");
+    assert!(fleet.coordinator.as_mut().unwrap().is_running());
+}
+
+/// A kind no worker knows fails at the worker with a clear, non-retryable error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_kind_fails_at_the_worker() {
+    let mut fleet = Fleet::new("unknown_kind");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let out = fleet.cli(&["submit", "--kind", "no.such.kind", "--wait", "--wait-timeout", "30s"]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(out.status.code(), Some(1), "{stdout}");
+    assert!(stdout.contains(r#""state": "failed""#) && stdout.contains("unknown_kind"), "{stdout}");
+    assert!(stdout.contains(r#""attempt": 1"#), "not retried: {stdout}");
 }
 
 /// Any character, NUL, control characters and astral planes included.
