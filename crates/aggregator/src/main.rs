@@ -187,8 +187,8 @@ async fn main() -> anyhow::Result<()> {
         "aggregator events",
         256,
         // Bodies are dropped once counted (only ack subjects are held), so this bounds the
-        // decoded batch in memory.
-        8 << 20,
+        // decoded batch in memory; a pull must fit the largest message the server takes.
+        (8 << 20).max(2 * client.server_info().max_payload),
         service.shutdown.cancelled(),
         || topology.events_consumer(CONSUMER, topology.subjects.events_all(), 8192),
         |msgs| {

@@ -19,6 +19,11 @@ pub async fn hand_back(msgs: &[Message], delay: Duration) {
 /// bodies; a lone message is not held back) to `handle`, and re-opens the
 /// pull stream with backoff whenever it ends or fails (a restarted nats-server, a deleted
 /// consumer that `open` re-creates). Individual pull status errors are logged and skipped.
+///
+/// Every pull is limited to `max_bytes`, which bounds the messages buffered in memory to about
+/// twice that (the next pull is requested when half of the current one is consumed).
+/// `max_bytes` must exceed the largest message (e.g. twice the server's `max_payload`): the
+/// server never delivers a message larger than a pull's limit.
 pub async fn consume_batches<O, OF, H, HF>(
     name: &str,
     max: usize,

@@ -70,6 +70,13 @@ impl Config {
         self.policies.validate()?;
         self.aggregator.validate()?;
         self.providers.validate(&self.policies)?;
+        let own = format!("{}.", self.nats.subject_prefix);
+        if self.coordinator.reply_prefix.starts_with(&own) || own.starts_with(&self.coordinator.reply_prefix) {
+            return Err(ConfigError::Invalid {
+                field: "coordinator.reply_prefix",
+                message: format!("{:?} overlaps the fleet's own subjects ({own}…)", self.coordinator.reply_prefix),
+            });
+        }
         Ok(())
     }
 

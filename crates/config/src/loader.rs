@@ -176,9 +176,15 @@ mod tests {
                 ("TASKFLEET_NATS_ACK_WAIT", "45s"),
                 ("TASKFLEET_PRIORITY_WEIGHTS", "critical=9,high=5,normal=2,low=1"),
                 ("TASKFLEET_UNRELATED_THING", "x"),
+                ("TASKFLEET_COORDINATOR_QUEUES", "default, llm"),
+                ("TASKFLEET_REPLY_PREFIX", "_R."),
+                ("TASKFLEET_COORDINATOR_SUBMIT_BATCH_MAX_BYTES", "1048576"),
             ]),
         )
         .unwrap();
+        assert_eq!(c.coordinator.queues, vec!["default".to_string(), "llm".to_string()]);
+        assert_eq!(c.coordinator.reply_prefix, "_R.");
+        assert_eq!(c.coordinator.submit_batch_max_bytes, 1 << 20);
         assert_eq!(c.worker.max_concurrent_tasks, 7);
         assert_eq!(c.worker.queues, vec!["a".to_string(), "b".to_string()]);
         assert_eq!(c.nats.ack_wait, Duration::from_secs(45));
@@ -213,5 +219,13 @@ mod tests {
         assert!(err.to_string().contains("invalid"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_WORKER_QUEUES", "a.b")])).unwrap_err();
         assert!(err.to_string().contains("queues"), "{err}");
+        let err = Config::load_from(None, env(&[("TASKFLEET_COORDINATOR_QUEUES", "ok,a>b")])).unwrap_err();
+        assert!(err.to_string().contains("coordinator.queues"), "{err}");
+        for bad in ["", "$JS.", "_INBOX.*", "taskfleet.", "tas"] {
+            let err = Config::load_from(None, env(&[("TASKFLEET_COORDINATOR_REPLY_PREFIX", bad)])).unwrap_err();
+            assert!(err.to_string().contains("reply_prefix"), "{bad:?}: {err}");
+        }
+        let err = Config::load_from(None, env(&[("TASKFLEET_SUBMIT_BATCH_MAX_BYTES", "1000")])).unwrap_err();
+        assert!(err.to_string().contains("submit_batch_max_bytes"), "{err}");
     }
 }

@@ -4,7 +4,7 @@
 use crate::ConfigError;
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
-use taskfleet_proto::validate_name;
+use taskfleet_proto::{validate_name, validate_queue};
 
 /// JetStream storage backend for taskfleet's streams.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -208,10 +208,21 @@ pub struct CoordinatorConfig {
     /// Task kinds accepted at intake; empty accepts any kind (workers then reject kinds they do
     /// not know).
     pub kinds: Vec<String>,
+    /// Queues accepted at intake (`TASKFLEET_COORDINATOR_QUEUES=default,llm`); empty accepts any
+    /// valid queue name. A submission to another queue is rejected (`unknown_queue`).
+    pub queues: Vec<String>,
+    /// Replies (`Taskfleet-Reply-To`) go only to subjects starting with this prefix; a
+    /// submission naming another subject is rejected (`invalid_reply_to`) and gets no reply.
+    /// `$…` subjects and the fleet's own subjects are refused whatever the prefix.
+    pub reply_prefix: String,
     /// Largest accepted submission body (and payload), in bytes.
     pub max_body_bytes: usize,
     /// Most submissions taken from JetStream and written to Postgres in one batch.
     pub submit_batch_size: usize,
+    /// Most body bytes of the submissions pulled at once and of one Postgres batch (a batch
+    /// is cut by whichever of this and `submit_batch_size` comes first), bounding the
+    /// coordinator's memory under large submissions. At least `max_body_bytes`.
+    pub submit_batch_max_bytes: usize,
     /// Most submission batches whose post-commit stage (dispatch, acknowledgements, replies) runs
     /// at once, overlapping the Postgres write of the next batch.
     pub intake_pipeline_depth: usize,
@@ -243,8 +254,11 @@ impl Default for CoordinatorConfig {
         CoordinatorConfig {
             http_addr: "0.0.0.0:8080".into(),
             kinds: Vec::new(),
+            queues: Vec::new(),
+            reply_prefix: "_INBOX.".into(),
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
+            submit_batch_max_bytes: 16 << 20,
             intake_pipeline_depth: 2,
             event_batch_size: 1000,
             max_attempts: taskfleet_proto::DEFAULT_MAX_ATTEMPTS,
@@ -283,6 +297,27 @@ impl CoordinatorConfig {
         }
         if self.max_body_bytes < 256 {
             return invalid("coordinator.max_body_bytes", "must be at least 256".into());
+        }
+        if !(self.max_body_bytes..=256 << 20).contains(&self.submit_batch_max_bytes) {
+            return invalid(
+                "coordinator.submit_batch_max_bytes",
+                format!(
+                    "{} must be between max_body_bytes ({}) and 256 MiB",
+                    self.submit_batch_max_bytes, self.max_body_bytes
+                ),
+            );
+        }
+        for q in &self.queues {
+            validate_queue("queues", q)
+                .map_err(|e| ConfigError::Invalid { field: "coordinator.queues", message: e.to_string() })?;
+        }
+        let p = &self.reply_prefix;
+        let plain = p.chars().all(|c| c.is_ascii_graphic() && c != '*' && c != '>') && !p.contains("..");
+        if p.is_empty() || p.len() > 128 || !plain || p.starts_with('$') || p.starts_with('.') {
+            return invalid(
+                "coordinator.reply_prefix",
+                format!("{p:?} must be 1..=128 printable characters without wildcards, not starting with '$' or '.'"),
+            );
         }
         Ok(())
     }
@@ -387,7 +422,7 @@ impl WorkerConfig {
             return invalid("worker.queues", "name at least one queue".into());
         }
         for q in &self.queues {
-            validate_name("queues", q, false)
+            validate_queue("queues", q)
                 .map_err(|e| ConfigError::Invalid { field: "worker.queues", message: e.to_string() })?;
         }
         if !(1..=100_000).contains(&self.max_concurrent_tasks) {

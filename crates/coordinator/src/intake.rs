@@ -8,31 +8,48 @@
 //! inserted, with at most `coordinator.intake_pipeline_depth` such stages in flight. Inserts
 //! stay strictly one after another, so a batch's rows are written only after every earlier
 //! batch has committed (a child task still finds a parent submitted in an earlier batch).
+//!
+//! Hostile input never stalls intake: bodies, subjects (`<prefix>.submit.<queue>`, a valid and
+//! allowed queue) and reply subjects are checked before anything is written, and a row that
+//! Postgres still refuses is isolated by the store (`unstorable`) while the rest commits. Every
+//! refusal gets a `rejected` event, a reply when a valid reply subject was named, a count, and
+//! is terminated in JetStream.
 
 use crate::{Ctx, dispatch};
 use async_nats::HeaderMap;
-use async_nats::jetstream::Message;
+use async_nats::jetstream::{AckKind, Message};
 use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, RejectReason, SubmitReply, TaskEnvelope, TaskErrorInfo, TaskEvent,
-    decode_envelope, encode, headers,
+    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, INVALID_QUEUE, RejectReason, SubmitReply, TaskEnvelope, TaskErrorInfo,
+    TaskEvent, decode_envelope, encode, headers,
 };
 use taskfleet_store::InsertOutcome;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let batch = ctx.config.coordinator.submit_batch_size;
-    let depth = ctx.config.coordinator.intake_pipeline_depth;
+    let cfg = &ctx.config.coordinator;
+    let (batch, depth) = (cfg.submit_batch_size, cfg.intake_pipeline_depth);
+    // Memory: a pull brings at most `pull_bytes` of submissions (the next one is requested when
+    // half is consumed, so about twice that waits in the client), `process` cuts it into
+    // batches of at most `submit_batch_max_bytes` of bodies, and at most `depth` committed
+    // batches plus the one being written are held at once. With the defaults (16 MiB, depth 2)
+    // that is about 5 × 16 MiB of bodies, plus their decoded envelopes (about the same size for
+    // text payloads, more for payloads of many small numbers) and their dispatch copies: well
+    // under the 512 Mi pod limit even when every submission is 512 KiB. The consumer's
+    // `max_ack_pending` only bounds how many messages may be out unacknowledged; it is a count,
+    // so it bounds bytes only through the pulls above. A pull must fit the largest message the
+    // server accepts, or that message would never be delivered, hence twice `max_payload`.
+    let pull_bytes = cfg.submit_batch_max_bytes.max(2 * ctx.client.server_info().max_payload);
     // One permit per post-commit stage in flight.
     let stages = Arc::new(Semaphore::new(depth));
     taskfleet_bus::consume_batches(
         "submissions",
         batch,
-        16 << 20,
+        pull_bytes,
         shutdown.cancelled(),
         // Room for the stages in flight, the batch being inserted and the next pull.
         || ctx.topology.submit_consumer((batch * (depth + 2)) as i64),
@@ -43,6 +60,22 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
     // before the coordinator exits.
     let _ = stages.acquire_many(depth as u32).await;
     Ok(())
+}
+
+/// Processes pulled submissions in batches of at most `submit_batch_max_bytes` of bodies, in
+/// order. Once one batch is handed back (Postgres unavailable) the rest is too, so that a
+/// later batch is never written before an earlier one (a child before its parent).
+async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, mut msgs: Vec<Message>) {
+    let max = ctx.config.coordinator.submit_batch_max_bytes;
+    while !msgs.is_empty() {
+        let n = batch_len(msgs.iter().map(|m| m.payload.len()), max);
+        let rest = msgs.split_off(n);
+        if !process_batch(ctx, stages, msgs).await {
+            taskfleet_bus::hand_back(&rest, Duration::from_secs(1)).await;
+            return;
+        }
+        msgs = rest;
+    }
 }
 
 struct Refusal {
@@ -57,44 +90,99 @@ fn header<'a>(m: &'a Message, name: &str) -> Option<&'a str> {
     m.headers.as_ref().and_then(|h| h.get(name)).map(|v| v.as_str())
 }
 
-/// Decodes and validates a batch and writes it to Postgres, then hands the rest to a
-/// post-commit stage of its own once one of the `stages` permits is free.
-async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
+/// How many of the next bodies (their sizes, in order) form one batch of at most `max` bytes:
+/// at least one, so that a body larger than `max` still goes through (alone).
+fn batch_len(sizes: impl IntoIterator<Item = usize>, max: usize) -> usize {
+    let mut total = 0;
+    sizes
+        .into_iter()
+        .take_while(|size| {
+            total += size;
+            total <= max
+        })
+        .count()
+        .max(1)
+}
+
+/// The `Taskfleet-Reply-To` of a submission, when it names a subject replies may go to.
+fn reply_to<'a>(ctx: &Ctx, m: &'a Message) -> Option<&'a str> {
+    let reply = header(m, headers::REPLY_TO)?;
+    ctx.topology.subjects.check_reply_to(reply, &ctx.config.coordinator.reply_prefix).ok().map(|_| reply)
+}
+
+/// Checks what the message says besides its body: its subject's queue (valid and allowed) and
+/// its reply subject. `Err` carries the queue to report the refusal under.
+fn check_message<'a>(ctx: &Ctx, m: &'a Message) -> Result<&'a str, (&'a str, RejectReason, String)> {
     let cfg = &ctx.config.coordinator;
-    let subjects = &ctx.topology.subjects;
+    let queue = ctx.topology.subjects.submit_queue(&m.subject).map_err(|e| {
+        (
+            INVALID_QUEUE,
+            e.reason(),
+            format!("subject {:?}: {e}", m.subject.as_str().chars().take(200).collect::<String>()),
+        )
+    })?;
+    if !cfg.queues.is_empty() && !cfg.queues.iter().any(|q| q == queue) {
+        let msg = format!("queue {queue:?} is not accepted here; accepted queues: {}", cfg.queues.join(", "));
+        return Err((INVALID_QUEUE, RejectReason::UnknownQueue, msg));
+    }
+    if let Some(reply) = header(m, headers::REPLY_TO) {
+        ctx.topology
+            .subjects
+            .check_reply_to(reply, &cfg.reply_prefix)
+            .map_err(|e| (queue, e.reason(), e.to_string()))?;
+    }
+    Ok(queue)
+}
+
+/// Decodes and validates a batch and writes it to Postgres, then hands the rest to a
+/// post-commit stage of its own once one of the `stages` permits is free. `false` when the
+/// batch was handed back because Postgres could not take it.
+async fn process_batch(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) -> bool {
+    let cfg = &ctx.config.coordinator;
     let mut envs: Vec<TaskEnvelope> = Vec::with_capacity(msgs.len());
     let mut env_msg: Vec<usize> = Vec::with_capacity(msgs.len());
+    // JetStream redeliveries: the coordinator may have stopped between commit and dispatch.
+    let mut redelivered: Vec<bool> = Vec::with_capacity(msgs.len());
     // One `task.intake` span per traced submission, open until its dispatch is stored.
     let mut spans: Vec<Option<tracing::Span>> = Vec::with_capacity(msgs.len());
     let mut refusals: Vec<(usize, Refusal)> = Vec::new();
 
     for (i, m) in msgs.iter().enumerate() {
-        let queue = subjects.queue_of(&m.subject).unwrap_or("default").to_string();
-        let refuse = |reason: RejectReason, message: String, task_id: uuid::Uuid, kind: String| Refusal {
-            queue: queue.clone(),
+        let decoded = decode_envelope(&m.payload, header(m, headers::CONTENT_TYPE), cfg.max_body_bytes);
+        let (task_id, kind) = decoded.as_ref().map(|e| (e.id, e.kind.clone())).unwrap_or_default();
+        let refuse = |queue: &str, reason: RejectReason, message: String| Refusal {
+            queue: queue.to_string(),
             task_id,
-            kind,
+            kind: kind.clone(),
             reason,
             message,
         };
-        match decode_envelope(&m.payload, header(m, headers::CONTENT_TYPE), cfg.max_body_bytes) {
-            Err(e) => refusals.push((i, refuse(e.reason(), e.to_string(), uuid::Uuid::nil(), String::new()))),
+        let queue = match check_message(ctx, m) {
+            Ok(queue) => queue,
+            Err((queue, reason, message)) => {
+                refusals.push((i, refuse(queue, reason, message)));
+                continue;
+            }
+        };
+        match decoded {
+            Err(e) => refusals.push((i, refuse(queue, e.reason(), e.to_string()))),
             Ok(mut env) => {
                 if env.queue != queue && env.queue != taskfleet_proto::DEFAULT_QUEUE {
                     let msg = format!("queue {:?} in the body differs from the subject's queue {queue:?}", env.queue);
-                    refusals.push((i, refuse(RejectReason::Invalid, msg, env.id, env.kind)));
+                    refusals.push((i, refuse(queue, RejectReason::Invalid, msg)));
                     continue;
                 }
-                env.queue = queue.clone();
+                env.queue = queue.to_string();
                 if env.max_attempts == 0 {
                     env.max_attempts = cfg.kind_max_attempts.get(&env.kind).copied().unwrap_or(cfg.max_attempts);
                 }
                 if !cfg.kinds.is_empty() && !cfg.kinds.contains(&env.kind) {
                     let msg = format!("unknown task kind {:?}; accepted kinds: {}", env.kind, cfg.kinds.join(", "));
-                    refusals.push((i, refuse(RejectReason::UnknownKind, msg, env.id, env.kind)));
+                    refusals.push((i, refuse(queue, RejectReason::UnknownKind, msg)));
                     continue;
                 }
                 spans.push(intake_span(m, &env));
+                redelivered.push(m.info().is_ok_and(|info| info.delivered > 1));
                 envs.push(env);
                 env_msg.push(i);
             }
@@ -104,15 +192,18 @@ async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
     let outcome = if envs.is_empty() {
         Default::default()
     } else {
-        match ctx.store.insert_tasks(&envs).await {
+        // Rows Postgres refuses come back in `rejected` (`unstorable`); the rest is written.
+        match ctx.store.insert_submissions(&envs, &redelivered).await {
             Ok(o) => o,
             Err(e) => {
-                // Postgres is unavailable: hand the whole batch back; JetStream redelivers it
-                // (submissions have no delivery limit) and nothing is lost.
+                // Postgres is unavailable (or failing for a reason that is not the data): hand
+                // the whole batch back; JetStream redelivers it (submissions have no delivery
+                // limit), nothing is lost, and rows already written are recognised.
                 metrics::counter!("taskfleet_coordinator_store_errors_total", "op" => "insert").increment(1);
-                tracing::error!(error = %e, tasks = envs.len(), "cannot write submissions; will retry");
+                tracing::error!(error = %e, unavailable = e.is_unavailable(), tasks = envs.len(),
+                                "cannot write submissions; will retry");
                 taskfleet_bus::hand_back(&msgs, Duration::from_secs(1)).await;
-                return;
+                return false;
             }
         }
     };
@@ -137,6 +228,7 @@ async fn process(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Message>) {
         after_commit(&ctx, msgs, envs, env_msg, outcome, refusals, spans).await;
         drop(permit);
     });
+    true
 }
 
 /// The post-commit stage of a batch: dispatches the ready tasks, then acknowledges every
@@ -177,8 +269,11 @@ async fn after_commit(
         return;
     }
 
-    for m in &msgs {
-        if let Err(e) = m.ack().await {
+    // Refused submissions are terminated: no redelivery could make them acceptable.
+    let refused: HashMap<usize, &Refusal> = refusals.iter().map(|(i, r)| (*i, r)).collect();
+    for (i, m) in msgs.iter().enumerate() {
+        let ack = if refused.contains_key(&i) { AckKind::Term } else { AckKind::Ack };
+        if let Err(e) = m.ack_with(ack).await {
             tracing::warn!(error = %e, "acknowledging a submission failed; it will be redelivered and recognised");
         }
     }
@@ -189,12 +284,11 @@ async fn after_commit(
 
     // Replies for confirmed submits.
     let dup: HashMap<usize, uuid::Uuid> = outcome.duplicates.iter().map(|d| (d.index, d.existing)).collect();
-    let refused: HashMap<usize, &Refusal> = refusals.iter().map(|(i, r)| (*i, r)).collect();
     for (k, &mi) in env_msg.iter().enumerate() {
         if refused.contains_key(&mi) {
             continue;
         }
-        if let Some(reply) = header(&msgs[mi], headers::REPLY_TO) {
+        if let Some(reply) = reply_to(ctx, &msgs[mi]) {
             let existing = dup.get(&k).copied();
             let body = SubmitReply {
                 ok: true,
@@ -240,7 +334,7 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
         metrics::counter!("taskfleet_coordinator_submissions_total", "result" => "rejected", "reason" => r.reason.as_str())
             .increment(1);
         tracing::warn!(queue = %r.queue, task_id = %r.task_id, reason = r.reason.as_str(), error = %r.message, "submission rejected");
-        if let Some(reply) = header(&msgs[i], headers::REPLY_TO) {
+        if let Some(reply) = reply_to(ctx, &msgs[i]) {
             let body = SubmitReply {
                 ok: false,
                 task_id: (!r.task_id.is_nil()).then_some(r.task_id),
@@ -268,5 +362,19 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
         if let Err(e) = taskfleet_bus::publish_all(&ctx.topology.js, vec![out]).await {
             tracing::warn!(error = %e, "cannot publish rejection events");
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::batch_len;
+
+    #[test]
+    fn batches_are_cut_by_bytes() {
+        assert_eq!(batch_len([100; 10], 1000), 10);
+        assert_eq!(batch_len([400, 400, 400, 1], 1000), 2);
+        assert_eq!(batch_len([5000, 1], 1000), 1, "an oversize body goes alone");
+        assert_eq!(batch_len([600, 400, 1], 1000), 2);
+        assert_eq!(batch_len(std::iter::repeat_n(512 * 1024, 1000), 16 << 20), 32);
     }
 }

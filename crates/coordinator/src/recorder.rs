@@ -39,7 +39,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
             taskfleet_bus::consume_batches(
                 &name,
                 MESSAGES_PER_PULL,
-                BYTES_PER_PULL,
+                BYTES_PER_PULL.max(2 * ctx.client.server_info().max_payload),
                 shutdown.cancelled(),
                 || ctx.topology.events_consumer(&name, filter.clone(), (MESSAGES_PER_PULL * 8) as i64),
                 |chunk| {

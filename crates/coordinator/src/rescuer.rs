@@ -199,7 +199,7 @@ mod tests {
     use std::time::Duration;
 
     fn progress(pending: u64, ack_pending: usize, ack_floor: u64) -> ConsumerProgress {
-        ConsumerProgress { pending, ack_pending, ack_floor }
+        ConsumerProgress { pending, ack_pending, ack_floor, floor_idle: None }
     }
 
     #[test]

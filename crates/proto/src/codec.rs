@@ -52,12 +52,15 @@ pub fn decode<T: DeserializeOwned>(body: &[u8], content_type: Option<&str>, limi
     if body.len() > limit {
         return Err(DecodeError::TooLarge { size: body.len(), limit });
     }
-    match Encoding::detect(content_type, body)? {
-        Encoding::Json => serde_json::from_slice(body)
-            .map_err(|e| DecodeError::Malformed { encoding: "json", message: e.to_string() }),
-        Encoding::MsgPack => rmp_serde::from_slice(body)
-            .map_err(|e| DecodeError::Malformed { encoding: "msgpack", message: e.to_string() }),
-    }
+    let (encoding, result) = match Encoding::detect(content_type, body)? {
+        Encoding::Json => ("json", serde_json::from_slice(body).map_err(|e| e.to_string())),
+        Encoding::MsgPack => ("msgpack", rmp_serde::from_slice(body).map_err(|e| e.to_string())),
+    };
+    result.map_err(|message| match message.split_once(crate::payload::INVALID_MARK) {
+        // A payload that decoded but breaks the payload rules (depth, NUL, non-finite number).
+        Some((_, reason)) => DecodeError::Invalid { field: "payload", reason: reason.to_string() },
+        None => DecodeError::Malformed { encoding, message },
+    })
 }
 
 /// Decodes and validates a submitted envelope. `max_body_bytes` bounds the whole body and the
@@ -122,6 +125,50 @@ mod tests {
         assert_eq!(future.reason(), crate::RejectReason::UnsupportedVersion);
         let ct = decode_envelope(b"kind=echo", Some("text/plain"), LIMIT).unwrap_err();
         assert!(matches!(ct, DecodeError::UnsupportedContentType(_)));
+    }
+
+    #[test]
+    fn what_postgres_refuses_is_invalid_in_both_codecs() {
+        let deep = (0..crate::MAX_PAYLOAD_DEPTH + 1).fold(serde_json::json!(0), |v, _| serde_json::json!([v]));
+        let mut bodies: Vec<(&str, serde_json::Value)> = vec![
+            ("payload", serde_json::json!({"kind": "echo", "payload": {"a": "x\u{0}y"}})),
+            ("payload", serde_json::json!({"kind": "echo", "payload": {"k\u{0}": 1}})),
+            ("payload", serde_json::json!({"kind": "echo", "payload": deep})),
+            ("idempotency_key", serde_json::json!({"kind": "echo", "idempotency_key": "a\u{0}"})),
+            ("created_at", serde_json::json!({"kind": "echo", "created_at": crate::MAX_CREATED_AT_MS + 1})),
+            ("created_at", serde_json::json!({"kind": "echo", "created_at": u64::MAX})),
+            ("kind", serde_json::json!({"kind": "ec\u{0}ho"})),
+            ("limits", serde_json::json!({"kind": "echo", "limits": ["a\u{0}"]})),
+        ];
+        bodies.push(("queue", serde_json::json!({"kind": "echo", "queue": "q".repeat(crate::MAX_QUEUE_LEN + 1)})));
+        for (field, body) in bodies {
+            for bytes in [serde_json::to_vec(&body).unwrap(), rmp_serde::to_vec_named(&body).unwrap()] {
+                match decode_envelope(&bytes, None, LIMIT) {
+                    Err(DecodeError::Invalid { field: f, reason }) => assert_eq!(f, field, "{body}: {reason}"),
+                    other => panic!("{body}: {other:?}"),
+                }
+            }
+        }
+        // The edges themselves are fine.
+        let edge = serde_json::json!({"kind": "echo", "created_at": crate::MAX_CREATED_AT_MS,
+                                      "payload": {"n": [u64::MAX, i64::MIN, f64::MAX, f64::MIN_POSITIVE]}});
+        assert!(decode_envelope(&serde_json::to_vec(&edge).unwrap(), None, LIMIT).is_ok());
+        // A NaN (MessagePack only) is refused, not stored as null.
+        let mut map: std::collections::BTreeMap<&str, rmpv_like::V> = Default::default();
+        map.insert("kind", rmpv_like::V::S("echo"));
+        map.insert("payload", rmpv_like::V::F(f64::NAN));
+        let err = decode_envelope(&rmp_serde::to_vec_named(&map).unwrap(), None, LIMIT).unwrap_err();
+        assert!(matches!(&err, DecodeError::Invalid { field: "payload", .. }), "{err}");
+    }
+
+    /// A MessagePack map with a float payload, which `serde_json::Value` cannot express.
+    mod rmpv_like {
+        #[derive(serde::Serialize)]
+        #[serde(untagged)]
+        pub enum V {
+            S(&'static str),
+            F(f64),
+        }
     }
 
     #[test]

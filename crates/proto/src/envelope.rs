@@ -10,13 +10,22 @@ pub type TaskId = Uuid;
 
 /// Queue a task lands in when it names none.
 pub const DEFAULT_QUEUE: &str = "default";
+/// Queue that rejections of submissions with an invalid or not allowed subject queue are
+/// reported under (event subject, metric label), so that junk subjects create no lanes or
+/// label series.
+pub const INVALID_QUEUE: &str = "invalid";
 /// Attempts a task gets when neither it nor the coordinator's configuration for its kind names a
 /// limit.
 pub const DEFAULT_MAX_ATTEMPTS: u32 = 3;
 /// Per-attempt timeout when a task names none: five minutes, long enough for an LLM call.
 pub const DEFAULT_TIMEOUT_MS: u64 = 300_000;
-/// Longest allowed queue name, kind and idempotency key.
+/// Longest allowed kind, rate limit name and idempotency key.
 pub const MAX_ID_LEN: usize = 128;
+/// Longest allowed queue name (see [`validate_queue`]).
+pub const MAX_QUEUE_LEN: usize = 64;
+/// Latest accepted `created_at`: 9999-12-31T23:59:59.999Z in Unix milliseconds, inside what
+/// Postgres' `to_timestamp` and `timestamptz` take.
+pub const MAX_CREATED_AT_MS: u64 = 253_402_300_799_999;
 /// Most dependencies one task may name.
 pub const MAX_DEPENDENCIES: usize = 1_000;
 /// Most rate limits one task may name.
@@ -44,8 +53,9 @@ pub struct TaskEnvelope {
     /// Scheduling priority.
     #[serde(default)]
     pub priority: Priority,
-    /// Handler input, any JSON value.
-    #[serde(default)]
+    /// Handler input, any JSON value within the rules of [`crate::check_json`] (depth, no NUL,
+    /// finite numbers), which decoding enforces.
+    #[serde(default, deserialize_with = "crate::payload::deserialize")]
     pub payload: serde_json::Value,
     /// Attempts before the task is declared dead, 1..=1000. Zero (or absent) leaves it to the
     /// coordinator: its default for the kind, else its fleet default.
@@ -61,7 +71,8 @@ pub struct TaskEnvelope {
     /// Tasks that must succeed before this one runs.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub depends_on: Vec<TaskId>,
-    /// Creation time, Unix epoch milliseconds; filled at intake when zero.
+    /// Creation time, Unix epoch milliseconds, at most [`MAX_CREATED_AT_MS`]; filled at intake
+    /// when zero.
     #[serde(default)]
     pub created_at: u64,
     /// Backoff between attempts for this task; the worker's policy for the kind when absent.
@@ -181,7 +192,7 @@ impl TaskEnvelope {
             return Err(DecodeError::UnsupportedVersion { found: self.v, supported: PROTOCOL_VERSION });
         }
         validate_name("kind", &self.kind, true)?;
-        validate_name("queue", &self.queue, false)?;
+        validate_queue("queue", &self.queue)?;
         if self.id.is_nil() {
             return Err(DecodeError::Invalid { field: "id", reason: "must not be the nil UUID".into() });
         }
@@ -198,11 +209,17 @@ impl TaskEnvelope {
             });
         }
         if let Some(key) = &self.idempotency_key
-            && (key.is_empty() || key.len() > MAX_ID_LEN)
+            && (key.is_empty() || key.len() > MAX_ID_LEN || key.contains('\0'))
         {
             return Err(DecodeError::Invalid {
                 field: "idempotency_key",
-                reason: format!("length must be 1..={MAX_ID_LEN}"),
+                reason: format!("length must be 1..={MAX_ID_LEN} bytes, without NUL (U+0000)"),
+            });
+        }
+        if self.created_at > MAX_CREATED_AT_MS {
+            return Err(DecodeError::Invalid {
+                field: "created_at",
+                reason: format!("{} ms is after 9999-12-31 ({MAX_CREATED_AT_MS} ms)", self.created_at),
             });
         }
         if self.depends_on.len() > MAX_DEPENDENCIES {
@@ -231,6 +248,7 @@ impl TaskEnvelope {
                 reason: "needs 1 <= factor <= 100 and base_ms <= max_ms <= 1 day".into(),
             });
         }
+        crate::check_json(&self.payload).map_err(|reason| DecodeError::Invalid { field: "payload", reason })?;
         let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);
         if size > max_payload_bytes {
             return Err(DecodeError::TooLarge { size, limit: max_payload_bytes });
@@ -256,6 +274,16 @@ pub fn validate_name(field: &'static str, value: &str, allow_dots: bool) -> Resu
         });
     }
     Ok(())
+}
+
+/// Checks a queue name: 1..=[`MAX_QUEUE_LEN`] characters of `[A-Za-z0-9_-]`. A queue name is
+/// one NATS subject token (`<prefix>.submit.<queue>`), a consumer name part and a metric label,
+/// so dots, wildcards, spaces and anything else are refused.
+pub fn validate_queue(field: &'static str, value: &str) -> Result<(), DecodeError> {
+    if value.len() > MAX_QUEUE_LEN {
+        return Err(DecodeError::Invalid { field, reason: format!("length must be 1..={MAX_QUEUE_LEN}") });
+    }
+    validate_name(field, value, false)
 }
 
 /// Milliseconds since the Unix epoch, now.

@@ -42,6 +42,14 @@ pub enum DecodeError {
     /// The `Content-Type` header names an encoding this decoder does not speak.
     #[error("unsupported content type {0:?} (use application/msgpack or application/json)")]
     UnsupportedContentType(String),
+    /// The `Taskfleet-Reply-To` header names a subject replies may not go to.
+    #[error("invalid Taskfleet-Reply-To {subject:?}: {reason}")]
+    InvalidReplyTo {
+        /// The subject named.
+        subject: String,
+        /// Why no reply may go there.
+        reason: String,
+    },
 }
 
 impl DecodeError {
@@ -52,6 +60,7 @@ impl DecodeError {
             DecodeError::UnsupportedVersion { .. } => RejectReason::UnsupportedVersion,
             DecodeError::TooLarge { .. } => RejectReason::TooLarge,
             DecodeError::Invalid { .. } => RejectReason::Invalid,
+            DecodeError::InvalidReplyTo { .. } => RejectReason::InvalidReplyTo,
         }
     }
 }
@@ -72,6 +81,12 @@ pub enum RejectReason {
     UnknownKind,
     /// A dependency names a task that does not exist.
     UnknownDependency,
+    /// The queue is not in the coordinator's allow-list (`coordinator.queues`).
+    UnknownQueue,
+    /// The `Taskfleet-Reply-To` header names a subject replies may not go to.
+    InvalidReplyTo,
+    /// Postgres refused to store the submission (the message carries the database's words).
+    Unstorable,
 }
 
 impl RejectReason {
@@ -84,6 +99,9 @@ impl RejectReason {
             RejectReason::Invalid => "invalid",
             RejectReason::UnknownKind => "unknown_kind",
             RejectReason::UnknownDependency => "unknown_dependency",
+            RejectReason::UnknownQueue => "unknown_queue",
+            RejectReason::InvalidReplyTo => "invalid_reply_to",
+            RejectReason::Unstorable => "unstorable",
         }
     }
 }

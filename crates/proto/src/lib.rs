@@ -12,13 +12,14 @@ mod envelope;
 mod error;
 mod event;
 mod fleet;
+mod payload;
 mod priority;
 mod subjects;
 
 pub use codec::{CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, decode, decode_envelope, encode, encode_json};
 pub use envelope::{
-    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, MAX_ID_LEN, RetryBackoff, TaskEnvelope, TaskId, now_ms,
-    validate_name,
+    DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, INVALID_QUEUE, MAX_CREATED_AT_MS, MAX_ID_LEN,
+    MAX_QUEUE_LEN, RetryBackoff, TaskEnvelope, TaskId, now_ms, validate_name, validate_queue,
 };
 pub use error::{DecodeError, RejectReason};
 pub use event::{
@@ -26,8 +27,9 @@ pub use event::{
     SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings, TokenUsage,
 };
 pub use fleet::{Alert, AlertState, WorkerStatus};
+pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
 pub use priority::Priority;
-pub use subjects::{Subjects, headers};
+pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};
 
 /// Version of the wire format written by this crate; decoders accept versions up to this one.
 pub const PROTOCOL_VERSION: u16 = 1;

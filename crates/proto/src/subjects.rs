@@ -1,7 +1,10 @@
 //! NATS subject and stream names, all derived from one prefix so that several fleets (or
 //! several tests) share a server without seeing each other.
 
-use crate::Priority;
+use crate::{DecodeError, Priority};
+
+/// Longest accepted `Taskfleet-Reply-To` subject, in bytes.
+pub const MAX_REPLY_TO_LEN: usize = 256;
 
 /// Header names taskfleet reads and writes.
 pub mod headers {
@@ -114,6 +117,40 @@ impl Subjects {
         let rest = subject.strip_prefix(self.prefix.as_str())?.strip_prefix('.')?;
         rest.split('.').nth(1)
     }
+    /// The queue of a submit subject, which must be exactly `<prefix>.submit.<queue>` with a
+    /// valid queue name ([`crate::validate_queue`]).
+    pub fn submit_queue<'a>(&self, subject: &'a str) -> Result<&'a str, DecodeError> {
+        let queue = subject
+            .strip_prefix(self.prefix.as_str())
+            .and_then(|r| r.strip_prefix(".submit."))
+            .ok_or_else(|| DecodeError::Invalid { field: "subject", reason: "not a submit subject".into() })?;
+        crate::validate_queue("queue", queue)?;
+        Ok(queue)
+    }
+    /// Checks a `Taskfleet-Reply-To` subject: a plain subject (no wildcards, spaces or empty
+    /// tokens, at most [`MAX_REPLY_TO_LEN`] bytes) starting with `allowed_prefix`, and never a
+    /// system subject (`$KV.`, `$JS.`, `$SYS.`, anything starting with `$`) nor one of this
+    /// fleet's own subjects, whatever the prefix allows.
+    pub fn check_reply_to(&self, subject: &str, allowed_prefix: &str) -> Result<(), DecodeError> {
+        let refuse = |reason: &str| Err(DecodeError::InvalidReplyTo { subject: subject.into(), reason: reason.into() });
+        if subject.is_empty() || subject.len() > MAX_REPLY_TO_LEN {
+            return refuse("must be 1..=256 bytes");
+        }
+        let bad_token = |t: &str| t.is_empty() || t == "*" || t == ">";
+        if subject.chars().any(|c| c.is_whitespace() || c.is_control()) || subject.split('.').any(bad_token) {
+            return refuse("not a plain NATS subject");
+        }
+        if subject.starts_with('$') {
+            return refuse("replies never go to system subjects ($KV, $JS, $SYS, ...)");
+        }
+        if subject == self.prefix || subject.starts_with(&format!("{}.", self.prefix)) {
+            return refuse("replies never go to the fleet's own subjects");
+        }
+        if !subject.starts_with(allowed_prefix) {
+            return refuse(&format!("replies go only to subjects starting with {allowed_prefix:?}"));
+        }
+        Ok(())
+    }
     /// Stream holding submissions (WorkQueue retention, deduplication window).
     pub fn submit_stream(&self) -> String {
         format!("{}_SUBMIT", self.stream_prefix)
@@ -163,5 +200,43 @@ mod tests {
         assert_eq!(s.events_of_priority(Priority::Low), "t1.events.*.low");
         assert_eq!(s.queue_of("t2.submit.default"), None);
         assert_eq!(s.dispatch_consumer("q", Priority::Low), "dispatch-q-low");
+    }
+
+    #[test]
+    fn submit_queue_is_strict() {
+        let s = Subjects::new("t1", "T1");
+        assert_eq!(s.submit_queue("t1.submit.default"), Ok("default"));
+        assert_eq!(s.submit_queue(&s.submit(&"q".repeat(64))).map(str::len), Ok(64));
+        for junk in ["t1.submit.a.b", "t1.submit.", "t2.submit.a", "t1.dispatch.a", "t1.submit.é", "t1.submit.%"] {
+            assert!(s.submit_queue(junk).is_err(), "{junk}");
+        }
+        assert!(s.submit_queue(&s.submit(&"q".repeat(65))).is_err());
+    }
+
+    #[test]
+    fn replies_only_to_inboxes() {
+        let s = Subjects::new("t1", "T1");
+        assert!(s.check_reply_to("_INBOX.abc.1", "_INBOX.").is_ok());
+        let refused = [
+            "$KV.TASKFLEET_CANCELLED.x",
+            "$JS.API.STREAM.LIST",
+            "$SYS.REQ.SERVER.PING",
+            "t1.submit.default",
+            "t1",
+            "_INBOX.*",
+            "_INBOX.>",
+            "_INBOX..a",
+            "_INBOX.a b",
+            "other.inbox",
+            "",
+        ];
+        for r in refused {
+            let e = s.check_reply_to(r, "_INBOX.").unwrap_err();
+            assert_eq!(e.reason(), crate::RejectReason::InvalidReplyTo, "{r}");
+        }
+        // Whatever the configured prefix allows, system and fleet subjects stay refused.
+        assert!(s.check_reply_to("$KV.X.y", "$").is_err());
+        assert!(s.check_reply_to("t1.api.x", "t1").is_err());
+        assert!(s.check_reply_to(&"_INBOX.".repeat(40), "_INBOX.").is_err());
     }
 }

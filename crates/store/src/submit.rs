@@ -10,12 +10,12 @@ use uuid::Uuid;
 pub struct InsertOutcome {
     /// Tasks newly written.
     pub inserted: Vec<TaskId>,
-    /// Tasks (new, or earlier rows still queued) that must now be dispatched, by index into
-    /// the submitted slice.
+    /// Tasks (new, or redelivered submissions whose rows are still queued) that must now be
+    /// dispatched, by index into the submitted slice.
     pub dispatch: Vec<usize>,
     /// Submissions that matched an existing task (same id, or same idempotency key).
     pub duplicates: Vec<Duplicate>,
-    /// Submissions refused because a dependency does not exist.
+    /// Submissions refused: a dependency does not exist, or Postgres refused the row.
     pub rejected: Vec<Rejected>,
     /// Tasks written straight into `cancelled` because a dependency had already failed.
     pub cancelled: Vec<TaskId>,
@@ -41,6 +41,17 @@ pub struct Rejected {
     pub message: String,
 }
 
+impl InsertOutcome {
+    /// Adds the outcome of the sub-batch starting at index `offset`.
+    fn append(&mut self, part: InsertOutcome, offset: usize) {
+        self.inserted.extend(part.inserted);
+        self.dispatch.extend(part.dispatch.into_iter().map(|i| i + offset));
+        self.duplicates.extend(part.duplicates.into_iter().map(|d| Duplicate { index: d.index + offset, ..d }));
+        self.rejected.extend(part.rejected.into_iter().map(|r| Rejected { index: r.index + offset, ..r }));
+        self.cancelled.extend(part.cancelled);
+    }
+}
+
 impl Store {
     /// Writes a batch of validated envelopes in one transaction.
     ///
@@ -49,7 +60,58 @@ impl Store {
     /// has its row). Tasks with dependencies are `pending`, or `queued` when every dependency
     /// already succeeded, or `cancelled` when one already ended otherwise. A dependency must be
     /// an existing task or come earlier in the same batch.
+    ///
+    /// Every submission counts as fresh: see [`Store::insert_submissions`].
     pub async fn insert_tasks(&self, tasks: &[TaskEnvelope]) -> Result<InsertOutcome, StoreError> {
+        self.insert_submissions(tasks, &[]).await
+    }
+
+    /// [`Store::insert_tasks`], where `redelivered[i]` says that `tasks[i]` is a redelivery of a
+    /// submission already handled once (JetStream's delivery count above 1; missing entries
+    /// count as fresh). A redelivered submission whose row is still `queued` is dispatched again
+    /// (the coordinator may have stopped between commit and dispatch; the dispatch dedup id
+    /// makes a second copy harmless), while a fresh duplicate from a client never is: that would
+    /// put a second live dispatch message in JetStream once the first one's dedup window passed.
+    ///
+    /// Poison isolation: when Postgres refuses a row ([`StoreError::is_data_error`], e.g. a
+    /// value validation did not catch), the batch is split in halves, recursively, until the
+    /// refused submissions are alone; each is listed in `rejected` with
+    /// [`RejectReason::Unstorable`] and the database's words, and every other one is written
+    /// (in submission order, so dependencies still come first). Any other error is returned:
+    /// Postgres is unavailable, and the caller retries the whole batch later (parts already
+    /// written are then recognised as redelivered duplicates).
+    pub async fn insert_submissions(
+        &self,
+        tasks: &[TaskEnvelope],
+        redelivered: &[bool],
+    ) -> Result<InsertOutcome, StoreError> {
+        let mut out = InsertOutcome::default();
+        // Ranges still to write, the next one on top.
+        let mut todo = vec![(0, tasks.len())];
+        while let Some((start, end)) = todo.pop() {
+            let again: Vec<bool> = (start..end).map(|i| redelivered.get(i).copied().unwrap_or(false)).collect();
+            match self.insert_batch(&tasks[start..end], &again).await {
+                Ok(part) => out.append(part, start),
+                Err(e) if e.is_data_error() && end - start > 1 => {
+                    let mid = start + (end - start) / 2;
+                    todo.push((mid, end));
+                    todo.push((start, mid));
+                }
+                Err(e) if e.is_data_error() => {
+                    tracing::warn!(task_id = %tasks[start].id, error = %e, "Postgres refused a submission");
+                    out.rejected.push(Rejected {
+                        index: start,
+                        reason: RejectReason::Unstorable,
+                        message: format!("Postgres refused to store the task: {}", e.database_words()),
+                    });
+                }
+                Err(e) => return Err(e),
+            }
+        }
+        Ok(out)
+    }
+
+    async fn insert_batch(&self, tasks: &[TaskEnvelope], redelivered: &[bool]) -> Result<InsertOutcome, StoreError> {
         let mut out = InsertOutcome::default();
         let mut tx = self.pool.begin().await?;
 
@@ -195,10 +257,18 @@ impl Store {
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
+        // Submissions that wrote a row: the first of each id (a second copy of the same id in
+        // this batch is a duplicate of it, not a second new task).
+        let mut first_seen: HashSet<Uuid> = HashSet::new();
+        let wrote: HashSet<usize> = accepted
+            .iter()
+            .copied()
+            .filter(|i| inserted.contains(&tasks[*i].id) && first_seen.insert(tasks[*i].id))
+            .collect();
 
         // Submissions that wrote nothing matched an existing row, by id (a redelivered
         // submission) or by idempotency key.
-        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !inserted.contains(&tasks[*i].id)).collect();
+        let missing: Vec<usize> = accepted.iter().copied().filter(|i| !wrote.contains(i)).collect();
         if !missing.is_empty() {
             let miss_ids: Vec<Uuid> = missing.iter().map(|i| tasks[*i].id).collect();
             let miss_keys: Vec<String> = missing.iter().filter_map(|i| tasks[*i].idempotency_key.clone()).collect();
@@ -215,10 +285,9 @@ impl Store {
             for i in missing {
                 let t = &tasks[i];
                 if let Some(state) = by_id.get(&t.id) {
-                    // The same submission again (e.g. redelivered after a crash between commit
-                    // and ack): dispatch it again if it never got further than queued. The
-                    // dispatch dedup id makes a second copy harmless.
-                    if *state == TaskState::Queued.as_str() {
+                    // The same submission redelivered (e.g. after a crash between commit and
+                    // dispatch): dispatch it again if it never got further than queued.
+                    if *state == TaskState::Queued.as_str() && redelivered.get(i).copied().unwrap_or(false) {
                         out.dispatch.push(i);
                     }
                     out.duplicates.push(Duplicate { index: i, existing: t.id });
@@ -226,14 +295,10 @@ impl Store {
                     out.duplicates.push(Duplicate { index: i, existing: *existing });
                 } else {
                     // Conflicted with a row of this very batch sharing its idempotency key.
-                    let first = accepted
+                    let first = wrote
                         .iter()
                         .map(|j| &tasks[*j])
-                        .find(|o| {
-                            o.idempotency_key.is_some()
-                                && o.idempotency_key == t.idempotency_key
-                                && inserted.contains(&o.id)
-                        })
+                        .find(|o| o.idempotency_key.is_some() && o.idempotency_key == t.idempotency_key)
                         .map(|o| o.id)
                         .unwrap_or(t.id);
                     out.duplicates.push(Duplicate { index: i, existing: first });
@@ -246,7 +311,7 @@ impl Store {
         let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
         for &i in &accepted {
             let t = &tasks[i];
-            if inserted.contains(&t.id) {
+            if wrote.contains(&i) {
                 for d in &t.depends_on {
                     edge_task.push(t.id);
                     edge_dep.push(*d);
@@ -274,7 +339,7 @@ impl Store {
 
         for &i in &accepted {
             let t = &tasks[i];
-            if !inserted.contains(&t.id) {
+            if !wrote.contains(&i) {
                 continue;
             }
             out.inserted.push(t.id);

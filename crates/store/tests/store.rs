@@ -2,7 +2,7 @@
 
 use taskfleet_config::DatabaseConfig;
 use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings};
-use taskfleet_store::Store;
+use taskfleet_store::{Store, StoreError};
 use taskfleet_test_support::{database_url, unique_name};
 
 struct Schema {
@@ -64,12 +64,19 @@ async fn batch_insert_duplicates_and_one_final_state() {
     assert_eq!(out.inserted.len(), 500);
     assert_eq!(out.dispatch.len(), 500);
 
-    // The same batch again (a redelivered submission) writes nothing and is dispatched again
-    // because the rows are still queued.
-    let again = s.store.insert_tasks(&tasks[..10]).await.unwrap();
+    // The same batch again writes nothing; as a JetStream redelivery it is dispatched again
+    // because the rows are still queued, as a fresh resubmission it is not.
+    let again = s.store.insert_submissions(&tasks[..10], &[true; 10]).await.unwrap();
     assert!(again.inserted.is_empty());
     assert_eq!(again.duplicates.len(), 10);
     assert_eq!(again.dispatch.len(), 10);
+    let fresh = s.store.insert_tasks(&tasks[..10]).await.unwrap();
+    assert_eq!(fresh.duplicates.len(), 10);
+    assert!(fresh.dispatch.is_empty(), "a client's duplicate must not be dispatched twice");
+    // Twice in one batch: one task, one dispatch, one duplicate.
+    let x = TaskEnvelope::new("echo", serde_json::json!("x"));
+    let twice = s.store.insert_tasks(&[x.clone(), x.clone()]).await.unwrap();
+    assert_eq!((twice.inserted.len(), twice.dispatch.clone(), twice.duplicates.len()), (1, vec![0], 1));
 
     // Idempotency key: a different id with the same key returns the first task's id.
     let mut a = TaskEnvelope::new("echo", serde_json::json!(1));
@@ -219,4 +226,61 @@ async fn retries_wait_in_postgres_until_due() {
     assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
     s.store.record_events(&[event(&t, EventKind::Succeeded, 2)]).await.unwrap();
     assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Final]);
+}
+
+/// Rows Postgres refuses are found by splitting the batch and rejected as `unstorable` with the
+/// database's words; the rest of the batch is written.
+#[tokio::test]
+async fn refused_rows_are_isolated_and_the_rest_is_written() {
+    let s = Schema::new("store_poison").await;
+    sqlx::query("ALTER TABLE tasks ADD CONSTRAINT no_poison CHECK (kind <> 'poison')")
+        .execute(s.store.pool())
+        .await
+        .unwrap();
+    let mut tasks: Vec<TaskEnvelope> = (0..40).map(|i| TaskEnvelope::new("echo", serde_json::json!(i))).collect();
+    tasks[3].kind = "poison".into();
+    tasks[17].payload = serde_json::json!({"text": "nul \u{0} here"}); // jsonb refuses it
+    tasks[29].created_at = 300_000_000_000_000_000; // beyond timestamptz
+    tasks[30].kind = "poison".into();
+    // A dependent of a refused task is refused as well; one of a written task is pending.
+    let mut child = TaskEnvelope::new("echo", serde_json::json!("child"));
+    child.depends_on = vec![tasks[3].id];
+    let mut ok_child = TaskEnvelope::new("echo", serde_json::json!("ok child"));
+    ok_child.depends_on = vec![tasks[0].id];
+    tasks.push(child);
+    tasks.push(ok_child);
+
+    let single = s.store.insert_tasks(&tasks[3..4]).await.unwrap();
+    assert_eq!(single.rejected.len(), 1);
+    let out = s.store.insert_tasks(&tasks).await.unwrap();
+    let mut refused: Vec<(usize, taskfleet_proto::RejectReason, String)> =
+        out.rejected.iter().map(|r| (r.index, r.reason, r.message.clone())).collect();
+    refused.sort_by_key(|r| r.0);
+    let idx: Vec<usize> = refused.iter().map(|r| r.0).collect();
+    assert_eq!(idx, vec![3, 17, 29, 30, 40], "{refused:#?}");
+    for (i, reason, message) in &refused[..4] {
+        assert_eq!(*reason, taskfleet_proto::RejectReason::Unstorable, "{i}");
+        assert!(message.contains("SQLSTATE"), "{i}: {message}");
+    }
+    assert!(refused[0].2.contains("no_poison"), "{}", refused[0].2);
+    assert_eq!(refused[4].1, taskfleet_proto::RejectReason::UnknownDependency);
+    assert_eq!(out.inserted.len(), 37);
+    assert_eq!(out.dispatch.len(), 36, "every written dependency-free task is dispatched");
+    let rows: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks").fetch_one(s.store.pool()).await.unwrap();
+    assert_eq!(rows, 37);
+}
+
+/// Errors are classified so that callers retry an unavailable database and isolate bad data.
+#[tokio::test]
+async fn errors_tell_unavailable_from_refused_data() {
+    let s = Schema::new("store_errors").await;
+    let e = sqlx::query("SELECT '\\u0000'::jsonb").execute(s.store.pool()).await.map_err(StoreError::from).unwrap_err();
+    assert!(e.is_data_error() && !e.is_unavailable(), "{e}");
+    let e =
+        sqlx::query("SELECT * FROM no_such_table").execute(s.store.pool()).await.map_err(StoreError::from).unwrap_err();
+    assert!(!e.is_data_error() && !e.is_unavailable(), "{e}");
+    let down =
+        DatabaseConfig { url: "postgres://postgres@127.0.0.1:1/test".into(), schema: "x".into(), max_connections: 1 };
+    let e = Store::connect(&down).await.unwrap_err();
+    assert!(e.is_unavailable() && !e.is_data_error(), "{e}");
 }

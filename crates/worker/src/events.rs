@@ -111,6 +111,13 @@ pub(crate) fn spawn_publisher(
 /// result), and a progress report too large loses its value.
 fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
     let Outbound { mut event, after } = o;
+    if let Some(problem) = event.result.as_ref().and_then(|r| taskfleet_proto::check_json(r).err()) {
+        // Postgres could not store it (a NUL character) or the fleet could not read it back
+        // (nested too deep): a clear failure now, not a rejected batch later.
+        metrics::counter!("taskfleet_worker_results_unstorable_total").increment(1);
+        unstorable(&mut event, format!("the result cannot be stored: {problem}"));
+        return Encoded { bytes: encode(&event), after };
+    }
     let bytes = encode(&event);
     let room = max_bytes.saturating_sub(EventBatch::ENVELOPE_BYTES);
     if bytes.len() <= room {
@@ -119,16 +126,13 @@ fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
     metrics::counter!("taskfleet_worker_results_too_large_total").increment(1);
     tracing::warn!(task_id = %event.task_id, bytes = bytes.len(), limit = room, kind = event.kind.as_str(),
                    "event too large to publish; its result is dropped");
+    let message = format!(
+        "the attempt's {} bytes of events exceed the largest message the NATS server takes ({room} bytes)",
+        bytes.len()
+    );
     if matches!(event.kind, EventKind::Succeeded | EventKind::Retrying | EventKind::Dead | EventKind::Failed) {
         event.kind = EventKind::Failed;
-        event.error = Some(TaskErrorInfo {
-            code: "result_too_large".into(),
-            message: format!(
-                "the attempt's {} bytes of events exceed the largest message the NATS server takes ({room} bytes)",
-                bytes.len()
-            ),
-            retryable: false,
-        });
+        event.error = Some(TaskErrorInfo { code: "result_too_large".into(), message, retryable: false });
         event.retry_in_ms = None;
     }
     event.result = None;
@@ -136,6 +140,17 @@ fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
         e.message.truncate(4096);
     }
     Encoded { bytes: encode(&event), after }
+}
+
+/// Ends an attempt's event as `failed` with `result_unstorable` (a progress report just loses
+/// its value).
+fn unstorable(event: &mut TaskEvent, message: String) {
+    if event.kind != EventKind::Progress && event.kind != EventKind::Started {
+        event.kind = EventKind::Failed;
+        event.error = Some(TaskErrorInfo { code: "result_unstorable".into(), message, retryable: false });
+        event.retry_in_ms = None;
+    }
+    event.result = None;
 }
 
 /// Splits a lane's events into batches of at most `max_bytes` each.
@@ -233,6 +248,14 @@ mod tests {
             assert!(EventBatch::assemble(&parts).len() <= 1 << 20);
         }
         assert_eq!(batches.len(), 14, "three 300 KB results per 1 MiB message");
+    }
+
+    #[test]
+    fn a_result_postgres_cannot_hold_fails_its_task_clearly() {
+        let mut o = outbound(10);
+        o.event.result = Some(serde_json::json!({ "body": "a\u{0}b" }));
+        let ev: TaskEvent = taskfleet_proto::decode(&encode_within(o, 1 << 20).bytes, None, 1 << 20).expect("decodes");
+        assert_eq!((ev.kind, ev.error.expect("an error").code.as_str()), (EventKind::Failed, "result_unstorable"));
     }
 
     #[test]
