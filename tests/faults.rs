@@ -1,4 +1,4 @@
-//! Faults under load. While tasks are submitted steadily (100/s: half 20 ms `sleep` tasks, a
+//! Faults under load. While tasks are submitted steadily (100/s: half 1 s `sleep` tasks, a
 //! quarter `http` probes that call a counter in this test, a quarter `echo` tasks that go through
 //! the shared result cache and a kind rate limit), each phase injects one fault in the middle of its load window
 //! and restarts the component: a worker SIGKILL, a coordinator SIGKILL, a nats-server SIGKILL,
@@ -18,7 +18,8 @@
 //! * **ran after final**: an attempt row that started after the task's `finished_at`;
 //! * **ran twice**: more than one attempt row, a first recorded attempt above 1 (an earlier
 //!   delivery, which may have run the handler, left no row), or a probe called more than once;
-//! * **in flight at fault**: tasks not final in Postgres just before the fault;
+//! * **in flight at fault**: acknowledged submissions not final in Postgres just before the
+//!   fault (written or not);
 //! * **resumed after**: from the component's restart to the first commit notification of a task
 //!   submitted after the restart (the worst round; measured, not asserted);
 //! * **in flight done after**: from the restart to the last `finished_at` of the tasks in flight
@@ -27,26 +28,33 @@
 //! Asserted for every phase: lost, not succeeded, two final states, dead w/o handler failure and
 //! ran after final are 0; **ran twice is at most the tasks in flight at the phase's faults**
 //! (summed over rounds; 0 for the warm-up), since at-least-once delivery may re-run only work
-//! that was under way when something died. A task counts in the phase during which JetStream
-//! acknowledged its submission.
+//! that was under way when something died. **submitted** counts the submissions JetStream
+//! acknowledged during the phase; every other column counts a task against the last fault it
+//! was in flight for, or, if none, against the phase of its submission.
 //!
-//! Environment: `FAULT_ROUNDS` (default 1) rounds of every fault phase;
-//! `TASKFLEET_FAULT_PHASE_SECS` (default 3) load seconds per phase; `TASKFLEET_FAULT_RATE`
-//! (default 100) tasks per second; `TASKFLEET_FAULT_SLEEP_MS` (default 20) length of the sleeps; `TASKFLEET_FAULT_ACK_WAIT`
-//! (default `2s`; the fleet's default is `30s`); `TASKFLEET_FAULT_DOWN_SECS` (default 1) how long
-//! a killed component stays down, `TASKFLEET_FAULT_PG_DOWN_SECS` (default the same) for
-//! Postgres; `TASKFLEET_FAULT_PHASES` (default `worker,coordinator,nats,postgres,redis`);
-//! `TASKFLEET_FAULT_DRAIN_SECS` (default 60 + 2 × ack_wait) how long to wait for the final states.
+//! Environment (defaults in brackets):
+//! * `FAULT_ROUNDS` [1]: rounds of every fault phase (the warm-up runs once);
+//! * `TASKFLEET_FAULT_PHASES` [`worker,coordinator,nats,postgres,redis`]: the faults to inject;
+//! * `TASKFLEET_FAULT_PHASE_SECS` [3]: load seconds per phase, the fault in the middle;
+//! * `TASKFLEET_FAULT_RATE` [100]: tasks submitted per second;
+//! * `TASKFLEET_FAULT_SLEEP_MS` [1000]: length of the `sleep` tasks;
+//! * `TASKFLEET_FAULT_ACK_WAIT` [`2s`]: the fleet's `ack_wait` (its own default is `30s`);
+//! * `TASKFLEET_FAULT_DOWN_SECS` [5]: how long a killed component stays down (longer than the
+//!   short ack_wait, as real outages are); `TASKFLEET_FAULT_PG_DOWN_SECS` [the same] for Postgres
+//!   (120 for the two-minute outage);
+//! * `TASKFLEET_FAULT_DRAIN_SECS` [60 + 2 × ack_wait]: how long to wait for every final state.
 
 use async_nats::jetstream::message::PublishMessage;
 use bytes::Bytes;
 use futures::StreamExt;
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use taskfleet_e2e::Fleet;
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, TaskEnvelope, decode, encode, headers};
+use taskfleet_proto::{
+    CONTENT_TYPE_MSGPACK, CommittedBatch, DEFAULT_MAX_ATTEMPTS, Priority, TaskEnvelope, decode, encode, headers,
+};
 use taskfleet_test_support::{PgCluster, RedisServer};
 use uuid::Uuid;
 
@@ -89,7 +97,8 @@ impl Fault {
 /// One load window, with its fault injected in the middle.
 struct Window {
     fault: Fault,
-    /// Tasks not final in Postgres just before the fault.
+    /// Acknowledged submissions not final in Postgres just before the fault (written or not):
+    /// the tasks this fault may re-run. Empty for the warm-up.
     in_flight: Vec<Uuid>,
     /// When the component was back: monotonic, and milliseconds since the epoch.
     restarted: Option<(Instant, f64)>,
@@ -133,6 +142,8 @@ fn judge(task: Option<&TaskRow>, attempts: &[AttemptRow], notified: usize, probe
     // Timestamps are milliseconds from the worker's clock; allow rounding.
     let after_final = |ms: Option<f64>| matches!((ms, t.finished_ms), (Some(a), Some(f)) if a > f + 1.0);
     let final_rows: Vec<&AttemptRow> = attempts.iter().filter(|a| FINAL.contains(&a.outcome.as_str())).collect();
+    // The coordinator stores the effective budget; 0 would mean the default.
+    let max_attempts = if t.max_attempts > 0 { t.max_attempts as usize } else { DEFAULT_MAX_ATTEMPTS as usize };
     let handler_failures = attempts
         .iter()
         .filter(|a| matches!(a.outcome.as_str(), "retrying" | "failed" | "dead"))
@@ -142,10 +153,44 @@ fn judge(task: Option<&TaskRow>, attempts: &[AttemptRow], notified: usize, probe
         lost: !is_final,
         not_succeeded: is_final && t.state != "succeeded",
         two_final: final_rows.len() > 1 || notified > 1 || final_rows.iter().any(|a| after_final(a.finished_ms)),
-        dead_without_failure: t.state == "dead" && handler_failures < t.max_attempts.max(1) as usize,
+        dead_without_failure: t.state == "dead" && handler_failures < max_attempts,
         ran_after_final: is_final && attempts.iter().any(|a| after_final(a.started_ms)),
         ran_twice,
     }
+}
+
+/// One task's row, attempts (times in ms relative to the task's `finished_at`), commit
+/// notifications and probe calls, for failure messages.
+fn describe_task(
+    id: Uuid,
+    tasks: &HashMap<Uuid, TaskRow>,
+    attempts: &HashMap<Uuid, Vec<AttemptRow>>,
+    notified: &HashMap<Uuid, BTreeSet<&str>>,
+    probe_runs: &HashMap<String, u32>,
+) -> String {
+    let Some(t) = tasks.get(&id) else { return format!("{id}: no row") };
+    let rel = |ms: Option<f64>| match (ms, t.finished_ms) {
+        (Some(a), Some(f)) => format!("{:+.0}", a - f),
+        (Some(_), None) => "?".into(),
+        (None, _) => "-".into(),
+    };
+    let mut rows: Vec<&AttemptRow> = attempts.get(&id).map(|a| a.iter().collect()).unwrap_or_default();
+    rows.sort_by_key(|a| a.attempt);
+    let rows: Vec<String> = rows
+        .iter()
+        .map(|a| {
+            let code = a.code.as_deref().map(|c| format!(" {c}")).unwrap_or_default();
+            format!("#{} {}{code} {}..{} ms", a.attempt, a.outcome, rel(a.started_ms), rel(a.finished_ms))
+        })
+        .collect();
+    format!(
+        "{id}: {} (max_attempts {}), attempts [{}], notified {:?}, probe calls {}",
+        t.state,
+        t.max_attempts,
+        rows.join(", "),
+        notified.get(&id).cloned().unwrap_or_default(),
+        probe_runs.get(&id.to_string()).copied().unwrap_or(0)
+    )
 }
 
 /// The largest of per-round seconds (`None`: never happened), as a table cell.
@@ -205,11 +250,12 @@ fn load_task(i: usize, probe: &str, sleep_ms: u64) -> TaskEnvelope {
     task.with_priority(priority)
 }
 
-async fn not_final(pool: &sqlx::PgPool) -> Vec<Uuid> {
+/// Ids of the tasks final in Postgres.
+async fn final_ids(pool: &sqlx::PgPool) -> HashSet<Uuid> {
     for _ in 0..20 {
-        let q = "SELECT id FROM tasks WHERE state IN ('pending', 'queued', 'running', 'retrying')";
-        if let Ok(n) = sqlx::query_scalar(q).fetch_all(pool).await {
-            return n;
+        let q = "SELECT id FROM tasks WHERE state IN ('succeeded', 'failed', 'dead', 'cancelled')";
+        if let Ok(ids) = sqlx::query_scalar::<_, Uuid>(q).fetch_all(pool).await {
+            return ids.into_iter().collect();
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
     }
@@ -220,11 +266,11 @@ async fn not_final(pool: &sqlx::PgPool) -> Vec<Uuid> {
 async fn faults_lose_nothing_and_end_each_task_once() {
     let rounds = env_num("FAULT_ROUNDS", 1) as usize;
     let rate = env_num("TASKFLEET_FAULT_RATE", 100).max(1) as f64;
-    let sleep_ms = env_num("TASKFLEET_FAULT_SLEEP_MS", 20);
+    let sleep_ms = env_num("TASKFLEET_FAULT_SLEEP_MS", 1000);
     let phase_secs = env_num("TASKFLEET_FAULT_PHASE_SECS", 3).max(1) as f64;
     let ack_wait = std::env::var("TASKFLEET_FAULT_ACK_WAIT").unwrap_or_else(|_| "2s".into());
     let ack_wait_s = parse_secs(&ack_wait).expect("TASKFLEET_FAULT_ACK_WAIT like 2s or 30s");
-    let down = Duration::from_secs(env_num("TASKFLEET_FAULT_DOWN_SECS", 1));
+    let down = Duration::from_secs(env_num("TASKFLEET_FAULT_DOWN_SECS", 5));
     let pg_down = Duration::from_secs(env_num("TASKFLEET_FAULT_PG_DOWN_SECS", down.as_secs()));
     let drain = Duration::from_secs(env_num("TASKFLEET_FAULT_DRAIN_SECS", 60 + 2 * ack_wait_s.ceil() as u64));
     let selected =
@@ -328,7 +374,11 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     for fault in plan {
         window.store(windows.len(), Ordering::Relaxed);
         tokio::time::sleep(half).await;
-        let in_flight = not_final(&pool).await;
+        let finals = final_ids(&pool).await;
+        let in_flight: Vec<Uuid> = match fault {
+            Fault::None => Vec::new(),
+            _ => acked.lock().expect("acked").iter().map(|a| a.0).filter(|id| !finals.contains(id)).collect(),
+        };
         let restarted = match fault {
             Fault::None => None,
             Fault::Worker => {
@@ -418,6 +468,11 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     }
     let probe_runs = probe_runs.lock().expect("probe counter").clone();
 
+    // Each task counts against the last fault it was in flight for, else its submission's phase.
+    let mut home: HashMap<Uuid, usize> = acked.iter().map(|a| (a.0, a.1)).collect();
+    for (w, window) in windows.iter().enumerate() {
+        home.extend(window.in_flight.iter().map(|id| (*id, w)));
+    }
     // One row per fault: sums over its rounds.
     let order: Vec<Fault> = std::iter::once(Fault::None).chain(faults.iter().copied()).collect();
     let mut table = format!(
@@ -429,19 +484,23 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         pg_down.as_secs()
     );
     let mut failures = Vec::new();
+    let mut notes = String::new();
     for fault in order {
         let idx: Vec<usize> = (0..windows.len()).filter(|&w| windows[w].fault == fault).collect();
-        let budget =
-            if fault == Fault::None { 0 } else { idx.iter().map(|&w| windows[w].in_flight.len() as i64).sum() };
-        let mut sum = [0i64; 7];
-        for (id, _, _) in acked.iter().filter(|(_, w, _)| idx.contains(w)) {
+        let budget: i64 = idx.iter().map(|&w| windows[w].in_flight.len() as i64).sum();
+        let submitted = acked.iter().filter(|a| idx.contains(&a.1)).count();
+        let mut sum = [0i64; 6];
+        let mut examples: [Vec<Uuid>; 6] = Default::default();
+        for (id, _) in home.iter().filter(|(_, w)| idx.contains(w)) {
             let probe = probe_runs.get(&id.to_string()).copied().unwrap_or(0);
             let n = notified.get(id).map_or(0, BTreeSet::len);
             let v = judge(tasks.get(id), attempts.get(id).map_or(&[], Vec::as_slice), n, probe);
-            let flags =
-                [true, v.lost, v.not_succeeded, v.two_final, v.dead_without_failure, v.ran_after_final, v.ran_twice];
-            for (s, f) in sum.iter_mut().zip(flags) {
+            let flags = [v.lost, v.not_succeeded, v.two_final, v.dead_without_failure, v.ran_after_final, v.ran_twice];
+            for ((s, e), f) in sum.iter_mut().zip(examples.iter_mut()).zip(flags) {
                 *s += f as i64;
+                if f && e.len() < 3 {
+                    e.push(*id);
+                }
             }
         }
         // Per round: the first commit of a task submitted after the restart, and the last final
@@ -457,7 +516,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
                 windows[w].in_flight.iter().map(|id| finished_ms.get(id).copied().flatten()).collect();
             Some(ends.map(|e| (e.into_iter().fold(r_ms, f64::max) - r_ms) / 1000.0))
         }));
-        let [submitted, lost, not_ok, two, dead, after, twice] = sum;
+        let [lost, not_ok, two, dead, after, twice] = sum;
         let in_flight = if fault == Fault::None { "–".to_string() } else { budget.to_string() };
         table.push_str(&format!(
             "| {} | {} | {submitted} | {in_flight} | {lost} | {not_ok} | {two} | {dead} | {after} | {twice} (≤ {budget}) \
@@ -465,21 +524,30 @@ async fn faults_lose_nothing_and_end_each_task_once() {
             fault.name(),
             idx.len()
         ));
-        for (count, what) in [
-            (lost, "lost"),
-            (not_ok, "not succeeded"),
-            (two, "with two final states"),
-            (dead, "dead without a handler failure"),
-            (after, "ran after their final state"),
+        let describe = |ids: &[Uuid]| -> String {
+            ids.iter()
+                .map(|id| format!("\n      {}", describe_task(*id, &tasks, &attempts, &notified, &probe_runs)))
+                .collect()
+        };
+        for (k, what) in [
+            (0, "lost"),
+            (1, "not succeeded"),
+            (2, "with two final states"),
+            (3, "dead without a handler failure"),
+            (4, "ran after their final state"),
         ] {
-            if count > 0 {
-                failures.push(format!("{}: {count} tasks {what}", fault.name()));
+            if sum[k] > 0 {
+                failures.push(format!("{}: {} tasks {what}, e.g.{}", fault.name(), sum[k], describe(&examples[k])));
             }
+        }
+        if twice > 0 {
+            notes.push_str(&format!("{} ran twice, e.g.{}\n", fault.name(), describe(&examples[5])));
         }
         if twice > budget {
             failures.push(format!(
-                "{}: {twice} tasks ran twice, more than the {budget} in flight at the fault(s)",
-                fault.name()
+                "{}: {twice} tasks ran twice, more than the {budget} in flight at the fault(s), e.g.{}",
+                fault.name(),
+                describe(&examples[5])
             ));
         }
     }
@@ -497,7 +565,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         probe_runs.values().sum::<u32>(),
         probe_runs.len()
     ));
-    println!("{table}");
+    println!("{table}\n{notes}");
     if unexpected != 0 {
         failures.push(format!("{unexpected} rows more than acknowledged submissions"));
     }

@@ -38,7 +38,8 @@ impl PgCluster {
         let cluster =
             PgCluster { url: format!("postgres://postgres@127.0.0.1:{port}/{PG_DATABASE}"), port, bin, run_as, dir };
         let data = cluster.data_dir();
-        cluster.run("initdb", &["-D", path_str(&data)?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale"])?;
+        cluster
+            .run("initdb", &["-D", path_str(&data)?, "-U", "postgres", "--auth=trust", "-E", "UTF8", "--no-locale"])?;
         cluster.start_again()?;
         cluster.run("createdb", &["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "postgres", PG_DATABASE])?;
         Ok(cluster)
