@@ -36,6 +36,8 @@
 //! * `FAULT_ROUNDS` [1]: rounds of every fault phase (the warm-up runs once);
 //! * `TASKFLEET_FAULT_PHASES` [`worker,coordinator,nats,postgres,redis`]: the faults to inject;
 //! * `TASKFLEET_FAULT_PHASE_SECS` [3]: load seconds per phase, the fault in the middle;
+//! * `TASKFLEET_FAULT_SETTLE_SECS` [10 + 2 × ack_wait]: after a phase, how long the load may go on until the
+//!   tasks in flight at its fault are final, before the next fault;
 //! * `TASKFLEET_FAULT_RATE` [100]: tasks submitted per second;
 //! * `TASKFLEET_FAULT_SLEEP_MS` [1000]: length of the `sleep` tasks;
 //! * `TASKFLEET_FAULT_ACK_WAIT` [`2s`]: the fleet's `ack_wait` (its own default is `30s`);
@@ -273,6 +275,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     let down = Duration::from_secs(env_num("TASKFLEET_FAULT_DOWN_SECS", 5));
     let pg_down = Duration::from_secs(env_num("TASKFLEET_FAULT_PG_DOWN_SECS", down.as_secs()));
     let drain = Duration::from_secs(env_num("TASKFLEET_FAULT_DRAIN_SECS", 60 + 2 * ack_wait_s.ceil() as u64));
+    let settle = Duration::from_secs(env_num("TASKFLEET_FAULT_SETTLE_SECS", 10 + 2 * ack_wait_s.ceil() as u64));
     let selected =
         std::env::var("TASKFLEET_FAULT_PHASES").unwrap_or_else(|_| "worker,coordinator,nats,postgres,redis".into());
     let faults: Vec<Fault> =
@@ -411,8 +414,19 @@ async fn faults_lose_nothing_and_end_each_task_once() {
                 Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
             }
         };
-        windows.push(Window { fault, in_flight, restarted });
         tokio::time::sleep(half).await;
+        // Let this fault's tasks end before the next fault, so that each fault's effects are its own.
+        let deadline = Instant::now() + settle;
+        let q =
+            "SELECT count(*) FROM tasks WHERE id = ANY($1) AND state IN ('succeeded', 'failed', 'dead', 'cancelled')";
+        while Instant::now() < deadline {
+            let done: i64 = sqlx::query_scalar(q).bind(&in_flight).fetch_one(&pool).await.unwrap_or(-1);
+            if done == in_flight.len() as i64 {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        windows.push(Window { fault, in_flight, restarted });
     }
     stop.store(true, Ordering::Relaxed);
     loader.await.expect("loader");
