@@ -106,6 +106,12 @@ struct Window {
     restarted: Option<(Instant, f64)>,
 }
 
+/// Commit notifications: when each arrived, and the task and state it announced.
+type Commits = Arc<Mutex<Vec<(Instant, Uuid, &'static str)>>>;
+
+/// A `task_attempts` row as read: task, attempt, outcome, error code, start and end (ms).
+type AttemptTuple = (Uuid, i32, String, Option<String>, Option<f64>, Option<f64>);
+
 /// A task's row in `tasks`.
 struct TaskRow {
     state: String,
@@ -304,7 +310,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     let client = fleet.nats().await;
 
     // Commit notifications, with the time they arrived.
-    let commits: Arc<Mutex<Vec<(Instant, Uuid, &'static str)>>> = Arc::default();
+    let commits: Commits = Arc::default();
     let mut sub = client.subscribe(fleet.subjects().committed_all()).await.expect("subscribe to commits");
     let listener = {
         let commits = commits.clone();
@@ -461,7 +467,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         .into_iter()
         .map(|(id, state, max_attempts, finished_ms)| (id, TaskRow { state, max_attempts, finished_ms }))
         .collect();
-    let attempt_rows: Vec<(Uuid, i32, String, Option<String>, Option<f64>, Option<f64>)> = sqlx::query_as(
+    let attempt_rows: Vec<AttemptTuple> = sqlx::query_as(
         "SELECT task_id, attempt, outcome, error->>'code', (extract(epoch FROM started_at) * 1000)::float8,
                 (extract(epoch FROM finished_at) * 1000)::float8
          FROM task_attempts",
