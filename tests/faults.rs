@@ -297,7 +297,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         .set("TASKFLEET_REDIS_URL", &redis.url)
         .set("TASKFLEET_NATS_ACK_WAIT", &ack_wait)
         .set("TASKFLEET_COORDINATOR_RESCUE_INTERVAL", "1s")
-        .set("TASKFLEET_COORDINATOR_RESCUE_IDLE", "6s")
+        .set("TASKFLEET_COORDINATOR_RESCUE_IDLE", &format!("{}ms", (ack_wait_s * 3000.0) as u64))
         .set("TASKFLEET_WORKER_STARTED_EVENT_DELAY", "200ms")
         .set("TASKFLEET_POLICIES_CACHE", "echo=10m")
         .set("TASKFLEET_POLICIES_SINGLE_FLIGHT_WAIT", "2s")
@@ -388,38 +388,34 @@ async fn faults_lose_nothing_and_end_each_task_once() {
             Fault::None => Vec::new(),
             _ => acked.lock().expect("acked").iter().map(|a| a.0).filter(|id| !finals.contains(id)).collect(),
         };
-        let restarted = match fault {
-            Fault::None => None,
+        match fault {
+            Fault::None => {}
             Fault::Worker => {
                 fleet.workers.remove(0).kill();
-                fleet.start_worker(&[]);
-                Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
+                tokio::task::block_in_place(|| fleet.start_worker(&[]));
             }
             Fault::Coordinator => {
                 fleet.coordinator.as_mut().expect("coordinator").kill();
                 tokio::time::sleep(down).await;
-                fleet.start_coordinator();
-                Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
+                tokio::task::block_in_place(|| fleet.start_coordinator());
             }
             Fault::Nats => {
                 fleet.env.nats.kill();
                 tokio::time::sleep(down).await;
-                fleet.env.nats.restart();
-                Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
+                tokio::task::block_in_place(|| fleet.env.nats.restart());
             }
             Fault::Postgres => {
                 tokio::task::block_in_place(|| pg.stop_immediate()).expect("stop Postgres");
                 tokio::time::sleep(pg_down).await;
                 tokio::task::block_in_place(|| pg.start_again()).expect("start Postgres again");
-                Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
             }
             Fault::Redis => {
                 redis.kill();
                 tokio::time::sleep(down).await;
-                redis.restart();
-                Some((Instant::now(), taskfleet_test_support::now_ms() as f64))
+                tokio::task::block_in_place(|| redis.restart());
             }
-        };
+        }
+        let restarted = (fault != Fault::None).then(|| (Instant::now(), taskfleet_test_support::now_ms() as f64));
         tokio::time::sleep(half).await;
         // Let this fault's tasks end before the next fault, so that each fault's effects are its own.
         let deadline = Instant::now() + settle;
