@@ -22,8 +22,9 @@
 //!   fault (written or not);
 //! * **resumed after**: from the component's restart to the first commit notification of a task
 //!   submitted after the restart (the worst round; measured, not asserted);
-//! * **in flight done after**: from the restart to the last `finished_at` of the tasks in flight
-//!   at the fault (the worst round; "never" if one of them never ended; measured, not asserted).
+//! * **in flight final after**: from the restart until the final states of all the tasks in
+//!   flight at the fault were written (`updated_at`; the worst round; "never" if one of them
+//!   never ended; measured, not asserted).
 //!
 //! Asserted for every phase: lost, not succeeded, two final states, dead w/o handler failure and
 //! ran after final are 0; **ran twice is at most the tasks in flight at the phase's faults**
@@ -108,6 +109,10 @@ struct Window {
 
 /// Commit notifications: when each arrived, and the task and state it announced.
 type Commits = Arc<Mutex<Vec<(Instant, Uuid, &'static str)>>>;
+
+/// A `tasks` row as read: id, state, max_attempts, finished_at and, once final, when the final
+/// state was written (ms).
+type TaskTuple = (Uuid, String, i32, Option<f64>, Option<f64>);
 
 /// A `task_attempts` row as read: task, attempt, outcome, error code, start and end (ms).
 type AttemptTuple = (Uuid, i32, String, Option<String>, Option<f64>, Option<f64>);
@@ -452,16 +457,21 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     tokio::time::sleep(Duration::from_secs_f64(ack_wait_s + 2.0)).await;
     listener.abort();
 
-    let rows: Vec<(Uuid, String, i32, Option<f64>)> =
-        sqlx::query_as("SELECT id, state, max_attempts, (extract(epoch FROM finished_at) * 1000)::float8 FROM tasks")
-            .fetch_all(&pool)
-            .await
-            .expect("read tasks");
+    // `updated_at` of a final task is when its final state was written (never overwritten).
+    let rows: Vec<TaskTuple> = sqlx::query_as(
+        "SELECT id, state, max_attempts, (extract(epoch FROM finished_at) * 1000)::float8,
+                CASE WHEN state IN ('succeeded', 'failed', 'dead', 'cancelled')
+                     THEN (extract(epoch FROM updated_at) * 1000)::float8 END
+         FROM tasks",
+    )
+    .fetch_all(&pool)
+    .await
+    .expect("read tasks");
     let unexpected = rows.len() as i64 - acked.len() as i64;
-    let finished_ms: HashMap<Uuid, Option<f64>> = rows.iter().map(|r| (r.0, r.3)).collect();
+    let recorded_ms: HashMap<Uuid, Option<f64>> = rows.iter().map(|r| (r.0, r.4)).collect();
     let tasks: HashMap<Uuid, TaskRow> = rows
         .into_iter()
-        .map(|(id, state, max_attempts, finished_ms)| (id, TaskRow { state, max_attempts, finished_ms }))
+        .map(|(id, state, max_attempts, finished_ms, _)| (id, TaskRow { state, max_attempts, finished_ms }))
         .collect();
     let attempt_rows: Vec<AttemptTuple> = sqlx::query_as(
         "SELECT task_id, attempt, outcome, error->>'code', (extract(epoch FROM started_at) * 1000)::float8,
@@ -494,7 +504,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     let mut table = format!(
         "Faults under load ({rounds} round(s), {phase_secs} s phases, ack_wait {ack_wait}, down {} s, Postgres down {} s):\n\n\
          | fault | rounds | submitted | in flight at fault | lost | not succeeded | two final states \
-         | dead w/o handler failure | ran after final | ran twice (budget) | resumed after | in flight done after |\n\
+         | dead w/o handler failure | ran after final | ran twice (budget) | resumed after | in flight final after |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
         down.as_secs(),
         pg_down.as_secs()
@@ -520,7 +530,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
             }
         }
         // Per round: the first commit of a task submitted after the restart, and the last final
-        // state of the tasks in flight at the fault; the worst round.
+        // state written of the tasks in flight at the fault; the worst round.
         let resumed = worst(idx.iter().filter_map(|&w| {
             let (r, _) = windows[w].restarted?;
             let firsts = acked.iter().filter(|a| a.2 >= r).filter_map(|a| first_commit.get(&a.0));
@@ -529,7 +539,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         let in_flight_done = worst(idx.iter().filter_map(|&w| {
             let (_, r_ms) = windows[w].restarted?;
             let ends: Option<Vec<f64>> =
-                windows[w].in_flight.iter().map(|id| finished_ms.get(id).copied().flatten()).collect();
+                windows[w].in_flight.iter().map(|id| recorded_ms.get(id).copied().flatten()).collect();
             Some(ends.map(|e| (e.into_iter().fold(r_ms, f64::max) - r_ms) / 1000.0))
         }));
         let [lost, not_ok, two, dead, after, twice] = sum;
