@@ -18,8 +18,8 @@
 //! * **ran after final**: an attempt row that started after the task's `finished_at`;
 //! * **ran twice**: more than one attempt row, a first recorded attempt above 1 (an earlier
 //!   delivery, which may have run the handler, left no row), or a probe called more than once;
-//! * **in flight at fault**: acknowledged submissions not final in Postgres just before the
-//!   fault (written or not);
+//! * **in flight at fault**: submissions acknowledged when the fault struck and not final in
+//!   Postgres just before it (written or not);
 //! * **resumed after**: from the component's restart to the first commit notification of a task
 //!   submitted after the restart (the worst round; measured, not asserted);
 //! * **in flight final after**: from the restart until the final states of all the tasks in
@@ -388,34 +388,36 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     for fault in plan {
         window.store(windows.len(), Ordering::Relaxed);
         tokio::time::sleep(half).await;
+        // Final before the fault, and acknowledged by the time it struck: in flight.
         let finals = final_ids(&pool).await;
+        match fault {
+            Fault::None => {}
+            Fault::Worker => fleet.workers.remove(0).kill(),
+            Fault::Coordinator => fleet.coordinator.as_mut().expect("coordinator").kill(),
+            Fault::Nats => fleet.env.nats.kill(),
+            Fault::Postgres => tokio::task::block_in_place(|| pg.stop_immediate()).expect("stop Postgres"),
+            Fault::Redis => redis.kill(),
+        }
         let in_flight: Vec<Uuid> = match fault {
             Fault::None => Vec::new(),
             _ => acked.lock().expect("acked").iter().map(|a| a.0).filter(|id| !finals.contains(id)).collect(),
         };
         match fault {
             Fault::None => {}
-            Fault::Worker => {
-                fleet.workers.remove(0).kill();
-                tokio::task::block_in_place(|| fleet.start_worker(&[]));
-            }
+            Fault::Worker => tokio::task::block_in_place(|| fleet.start_worker(&[])),
             Fault::Coordinator => {
-                fleet.coordinator.as_mut().expect("coordinator").kill();
                 tokio::time::sleep(down).await;
                 tokio::task::block_in_place(|| fleet.start_coordinator());
             }
             Fault::Nats => {
-                fleet.env.nats.kill();
                 tokio::time::sleep(down).await;
                 tokio::task::block_in_place(|| fleet.env.nats.restart());
             }
             Fault::Postgres => {
-                tokio::task::block_in_place(|| pg.stop_immediate()).expect("stop Postgres");
                 tokio::time::sleep(pg_down).await;
                 tokio::task::block_in_place(|| pg.start_again()).expect("start Postgres again");
             }
             Fault::Redis => {
-                redis.kill();
                 tokio::time::sleep(down).await;
                 tokio::task::block_in_place(|| redis.restart());
             }
