@@ -1,10 +1,10 @@
 //! Faults under load. While tasks are submitted steadily (100/s: half 1 s `sleep` tasks, a
 //! quarter `http` probes that call a counter in this test, a quarter `echo` tasks that go through
-//! the shared result cache and a kind rate limit), each phase injects one fault in the middle of its load window
-//! and restarts the component: a worker SIGKILL, a coordinator SIGKILL, a nats-server SIGKILL,
-//! an immediate stop of Postgres (a private cluster, [`PgCluster`]: never the shared server) and
-//! a SIGKILL of Redis (a private `redis-server` without persistence). A warm-up phase without a
-//! fault comes first. After the load stops and every task is final (or the drain times out),
+//! the shared result cache and a kind rate limit), each phase injects one fault in the middle of
+//! its load window and restarts the component: a worker SIGKILL, a coordinator SIGKILL, a
+//! nats-server SIGKILL, an immediate stop of Postgres (a private cluster, [`PgCluster`]: never
+//! the shared server) and a SIGKILL of Redis (a private `redis-server` without persistence). A
+//! warm-up phase without a fault comes first. After the load stops and every task is final (or the drain times out),
 //! every column is computed from Postgres (`tasks`, `task_attempts`), from the commit
 //! notifications on `<prefix>.committed.<queue>` and from the probe counter:
 //!
@@ -37,8 +37,8 @@
 //! * `FAULT_ROUNDS` [1]: rounds of every fault phase (the warm-up runs once);
 //! * `TASKFLEET_FAULT_PHASES` [`worker,coordinator,nats,postgres,redis`]: the faults to inject;
 //! * `TASKFLEET_FAULT_PHASE_SECS` [3]: load seconds per phase, the fault in the middle;
-//! * `TASKFLEET_FAULT_SETTLE_SECS` [10 + 2 × ack_wait]: after a phase, how long the load may go on until the
-//!   tasks in flight at its fault are final, before the next fault;
+//! * `TASKFLEET_FAULT_SETTLE_SECS` [10 + 2 × ack_wait]: after a phase, how long the load may go
+//!   on until the tasks in flight at its fault are final, before the next fault;
 //! * `TASKFLEET_FAULT_RATE` [100]: tasks submitted per second;
 //! * `TASKFLEET_FAULT_SLEEP_MS` [1000]: length of the `sleep` tasks;
 //! * `TASKFLEET_FAULT_ACK_WAIT` [`2s`]: the fleet's `ack_wait` (its own default is `30s`);
@@ -504,7 +504,8 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     // One row per fault: sums over its rounds.
     let order: Vec<Fault> = std::iter::once(Fault::None).chain(faults.iter().copied()).collect();
     let mut table = format!(
-        "Faults under load ({rounds} round(s), {phase_secs} s phases, ack_wait {ack_wait}, down {} s, Postgres down {} s):\n\n\
+        "Faults under load ({rounds} round(s), {phase_secs} s phases, {rate} tasks/s, {sleep_ms} ms sleeps, \
+         ack_wait {ack_wait}, down {} s, Postgres down {} s):\n\n\
          | fault | rounds | submitted | in flight at fault | lost | not succeeded | two final states \
          | dead w/o handler failure | ran after final | ran twice (budget) | resumed after | in flight final after |\n\
          |---|---|---|---|---|---|---|---|---|---|---|---|\n",
@@ -547,8 +548,8 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         let [lost, not_ok, two, dead, after, twice] = sum;
         let in_flight = if fault == Fault::None { "–".to_string() } else { budget.to_string() };
         table.push_str(&format!(
-            "| {} | {} | {submitted} | {in_flight} | {lost} | {not_ok} | {two} | {dead} | {after} | {twice} (≤ {budget}) \
-             | {resumed} | {in_flight_done} |\n",
+            "| {} | {} | {submitted} | {in_flight} | {lost} | {not_ok} | {two} | {dead} | {after} \
+             | {twice} (≤ {budget}) | {resumed} | {in_flight_done} |\n",
             fault.name(),
             idx.len()
         ));
