@@ -47,6 +47,13 @@ impl Fleet {
         self
     }
 
+    /// Points every process started afterwards (and [`TestEnv::pg_pool`]) at another Postgres
+    /// server, e.g. a private [`taskfleet_test_support::PgCluster`] that the test may stop.
+    pub fn use_database(&mut self, url: &str) -> &mut Self {
+        self.env.database_url = url.to_string();
+        self
+    }
+
     fn env_with(&self, more: &[(&str, &str)]) -> Vec<(String, String)> {
         let mut env = self.env.fleet_env();
         env.extend(self.extra.iter().cloned());

