@@ -14,7 +14,7 @@
 //!   a final outcome that finished after the task's `finished_at`, or commit notifications with
 //!   two different states;
 //! * **dead w/o handler failure**: `dead` with fewer than `max_attempts` handler failures
-//!   (attempt rows that failed, other than `attempts_exhausted`);
+//!   (attempt rows that failed, other than `attempts_exhausted` or `deliveries_exhausted`);
 //! * **ran after final**: an attempt row that started after the task's `finished_at`;
 //! * **ran twice**: more than one attempt row, a first recorded attempt above 1 (an earlier
 //!   delivery, which may have run the handler, left no row), or a probe called more than once;
@@ -160,7 +160,7 @@ fn judge(task: Option<&TaskRow>, attempts: &[AttemptRow], notified: usize, probe
     let handler_failures = attempts
         .iter()
         .filter(|a| matches!(a.outcome.as_str(), "retrying" | "failed" | "dead"))
-        .filter(|a| a.code.as_deref() != Some("attempts_exhausted"))
+        .filter(|a| !matches!(a.code.as_deref(), Some("attempts_exhausted" | "deliveries_exhausted")))
         .count();
     Verdict {
         lost: !is_final,
