@@ -17,11 +17,13 @@ start_worker 1
 limit=$(grep -A3 'limits:' k8s/base/coordinator.yaml | grep -m1 memory | awk '{print $2}')
 python3 bench/rss.py 'taskfleet-coordinator' >"$work/rss-coordinator" &
 rss_c=$!
+pids+=($rss_c)
 python3 bench/rss.py 'taskfleet-worker' >"$work/rss-worker" &
 rss_w=$!
-payload=$(python3 -c "import json; print(json.dumps({'text': 'x' * ($KB * 1000)}))")
+pids+=($rss_w)
+python3 -c "import json; print(json.dumps({'text': 'x' * ($KB * 1000)}))" >"$work/payload.json"
 start=$(date +%s.%N)
-$BIN/taskfleet submit --kind echo --payload "$payload" --count "$N" --wait --quiet --wait-timeout 10m
+$BIN/taskfleet submit --kind echo --payload "@$work/payload.json" --count "$N" --wait --quiet --wait-timeout 10m
 end=$(date +%s.%N)
 kill -TERM $rss_c $rss_w
 wait $rss_c $rss_w 2>/dev/null || true

@@ -20,7 +20,7 @@ pub struct SubmitArgs {
     /// Task kind (handler name).
     #[arg(long)]
     kind: String,
-    /// Payload as JSON.
+    /// Payload as JSON, or `@FILE` to read it from a file (`@-`: standard input).
     #[arg(long, default_value = "null")]
     payload: String,
     /// Queue.
@@ -134,7 +134,12 @@ fn bar(quiet: bool, len: usize, what: &str) -> ProgressBar {
 }
 
 pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
-    let payload: serde_json::Value = serde_json::from_str(&args.payload).context("--payload is not valid JSON")?;
+    let text = match args.payload.strip_prefix('@') {
+        Some("-") => std::io::read_to_string(std::io::stdin()).context("cannot read the payload from stdin")?,
+        Some(path) => std::fs::read_to_string(path).with_context(|| format!("cannot read the payload from {path}"))?,
+        None => args.payload.clone(),
+    };
+    let payload: serde_json::Value = serde_json::from_str(&text).context("--payload is not valid JSON")?;
     let envs: Vec<TaskEnvelope> =
         (0..args.count.max(1)).map(|i| envelope(&args, &payload, i)).collect::<anyhow::Result<_>>()?;
     let ids: HashSet<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
