@@ -55,7 +55,8 @@ pub struct PoliciesConfig {
     pub local_limit_share: f64,
     /// A task deferred (no rate-limit token, every provider's breaker open) for up to this long
     /// waits in its worker's memory, without a slot and without counting an attempt; a longer
-    /// deferral hands it back to JetStream with that delay (which counts as a delivery).
+    /// deferral hands it to the coordinator, which dispatches it again when the delay has
+    /// passed (counting neither an attempt nor a delivery).
     #[serde(with = "humantime_serde")]
     pub defer_hold_max: Duration,
 }
