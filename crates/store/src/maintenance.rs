@@ -167,7 +167,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(queue).bind(priority).bind(bound).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(|r| redispatch_from_row(r)).collect() })
+        Ok(Claimed { tx, tasks: rows.into_iter().map(redispatch_from_row).collect() })
     }
 
     /// Claims retries and deferrals that are due (`run_at` passed), oldest first, for their
@@ -186,7 +186,7 @@ impl Store {
         );
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> = sqlx::query_as(SQL).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(|r| redispatch_from_row(r)).collect() })
+        Ok(Claimed { tx, tasks: rows.into_iter().map(redispatch_from_row).collect() })
     }
 
     /// The earliest `run_at` of any waiting retry or deferral.
@@ -258,7 +258,7 @@ impl Store {
         );
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(ids).bind(queue).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(|r| redispatch_from_row(r)).collect())
+        Ok(rows.into_iter().map(redispatch_from_row).collect())
     }
 
     /// Cancels a task that is not final yet, and its pending dependents.

@@ -11,6 +11,8 @@ use taskfleet_proto::{
 use tokio::sync::{Semaphore, mpsc};
 
 /// What to do with the dispatch message once its event is stored in JetStream.
+// Nearly every event carries its message (`Ack`); boxing it would cost an allocation per task.
+#[allow(clippy::large_enum_variant)]
 pub(crate) enum AfterPublish {
     /// Done with it.
     Ack(Message),
