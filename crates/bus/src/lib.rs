@@ -20,4 +20,4 @@ mod topology;
 pub use consume::{consume_batches, hand_back};
 pub use error::BusError;
 pub use publish::{Outgoing, publish_all};
-pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, Topology, connect};
+pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect};

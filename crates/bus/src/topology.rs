@@ -221,32 +221,20 @@ impl Topology {
         })
     }
 
-    /// How full a stream is: (bytes stored, `max_bytes`).
-    pub async fn stream_fill(&self, stream: &str) -> Result<(u64, i64), BusError> {
+    /// Where a stream stands: its last sequence and how full it is.
+    pub async fn stream_state(&self, stream: &str) -> Result<StreamState, BusError> {
+        let what = || format!("stream {stream}");
         let mut s = self
             .js
             .get_stream(stream)
             .await
-            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
-        let info = s
-            .info()
-            .await
-            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
-        Ok((info.state.bytes, info.config.max_bytes))
-    }
-
-    /// The sequence of the last message stored in a stream.
-    pub async fn stream_last_seq(&self, stream: &str) -> Result<u64, BusError> {
-        let mut s = self
-            .js
-            .get_stream(stream)
-            .await
-            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
-        let info = s
-            .info()
-            .await
-            .map_err(|e| BusError::Topology { what: format!("stream {stream}"), message: e.to_string() })?;
-        Ok(info.state.last_sequence)
+            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let info = s.info().await.map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        Ok(StreamState {
+            last_seq: info.state.last_sequence,
+            bytes: info.state.bytes,
+            max_bytes: info.config.max_bytes,
+        })
     }
 
     /// The coordinator's consumer of submissions. `max_deliver` is unlimited on purpose: while
@@ -342,6 +330,17 @@ mod tests {
         assert!(parse_version("2.10.22") < (2, 10, 23));
         assert_eq!(parse_version("garbage"), (0, 0, 0));
     }
+}
+
+/// A stream's position and size.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamState {
+    /// Sequence of the last message stored.
+    pub last_seq: u64,
+    /// Bytes stored.
+    pub bytes: u64,
+    /// The stream's `max_bytes` (-1: unlimited).
+    pub max_bytes: i64,
 }
 
 /// A consumer's position: messages not yet delivered, delivered and not yet acknowledged, and

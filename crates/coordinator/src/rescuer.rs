@@ -138,8 +138,8 @@ impl Watermarks {
 async fn round(ctx: &Ctx, marks: &mut Watermarks) -> anyhow::Result<()> {
     let subjects = &ctx.topology.subjects;
     let now = SystemTime::now();
-    let dispatch_last = ctx.topology.stream_last_seq(&subjects.dispatch_stream()).await?;
-    let events_last = ctx.topology.stream_last_seq(&subjects.events_stream()).await?;
+    let dispatch_last = ctx.topology.stream_state(&subjects.dispatch_stream()).await?.last_seq;
+    let events_last = ctx.topology.stream_state(&subjects.events_stream()).await?.last_seq;
     marks.note(now, dispatch_last, events_last);
 
     // Every event stored before this time is recorded in Postgres.

@@ -70,7 +70,10 @@ async fn checks(ctx: &Ctx) -> Vec<Check> {
     let s = &ctx.topology.subjects;
     let mut out = Vec::new();
     for stream in [s.submit_stream(), s.dispatch_stream(), s.events_stream(), s.dead_stream()] {
-        let Ok((bytes, max)) = ctx.topology.stream_fill(&stream).await else { continue };
+        let Ok(taskfleet_bus::StreamState { bytes, max_bytes: max, .. }) = ctx.topology.stream_state(&stream).await
+        else {
+            continue;
+        };
         let share = if max > 0 { bytes as f64 / max as f64 } else { 0.0 };
         metrics::gauge!("taskfleet_stream_fill_ratio", "stream" => stream.clone()).set(share);
         out.push(Check {
