@@ -135,42 +135,50 @@ impl Watermarks {
     }
 }
 
+/// One lane's consumer as read this round: settled before `settled`, read by `seen`.
+struct LaneReading {
+    queue: String,
+    priority: String,
+    lane: Priority,
+    progress: ConsumerProgress,
+    /// Just before the read: an idle consumer had settled everything published before this.
+    before: SystemTime,
+    /// Just after the read: the acknowledgements it reflects happened before this.
+    seen: SystemTime,
+}
+
 async fn round(ctx: &Ctx, marks: &mut Watermarks) -> anyhow::Result<()> {
     let subjects = &ctx.topology.subjects;
+    // The order of the reads matters: lanes first, then the streams' positions, then the event
+    // consumers, so that every event behind an acknowledgement a lane reading shows was stored
+    // before the event consumers are read.
+    let lanes = read_lanes(ctx).await?;
     let now = SystemTime::now();
     let dispatch_last = ctx.topology.stream_state(&subjects.dispatch_stream()).await?.last_seq;
     let events_last = ctx.topology.stream_state(&subjects.events_stream()).await?.last_seq;
     marks.note(now, dispatch_last, events_last);
 
     // Every event stored before this time is recorded in Postgres.
-    let mut events_settled = now;
+    let mut events_settled = SystemTime::now();
     for lane in Priority::ALL {
         let consumer = Topology::coordinator_events_consumer(lane);
+        let before = SystemTime::now();
         let p = ctx.topology.consumer_progress(&subjects.events_stream(), &consumer).await?;
-        match marks.settled(now, p, |s| s.2) {
+        match marks.settled(before, p, |s| s.2) {
             Some(t) => events_settled = events_settled.min(t),
             None => return Ok(()),
         }
     }
 
     let margin = ctx.config.coordinator.rescue_idle;
-    for (queue, priority) in ctx.store.active_lanes().await? {
-        let Ok(p) = priority.parse::<Priority>() else { continue };
-        let consumer = subjects.dispatch_consumer(&queue, p);
-        let progress = match ctx.topology.consumer_progress(&subjects.dispatch_stream(), &consumer).await {
-            Ok(progress) => progress,
-            Err(e) => {
-                // No consumer yet means no worker has served this queue: its tasks wait in the
-                // stream, not lost.
-                tracing::debug!(%queue, %priority, error = %e, "rescuer skips a lane without a readable consumer");
-                continue;
-            }
+    for r in lanes {
+        let settled = marks.settled(r.before, r.progress, |s| s.1);
+        let Some(bound) = marks.lane_bound((r.queue.clone(), r.lane), r.seen, settled, events_settled) else {
+            continue;
         };
-        let settled = marks.settled(now, progress, |s| s.1);
-        let Some(bound) = marks.lane_bound((queue.clone(), p), now, settled, events_settled) else { continue };
         let Some(bound) = bound.checked_sub(margin) else { continue };
-        if let Err(e) = rescue_lane(ctx, &queue, &priority, bound).await {
-            tracing::warn!(%queue, %priority, error = %e, "cannot rescue a lane this round");
+        if let Err(e) = rescue_lane(ctx, &r.queue, &r.priority, bound).await {
+            tracing::warn!(queue = %r.queue, priority = %r.priority, error = %e, "cannot rescue a lane this round");
         }
     }
     let stranded = ctx.store.release_stranded().await?;
@@ -180,6 +188,26 @@ async fn round(ctx: &Ctx, marks: &mut Watermarks) -> anyhow::Result<()> {
         dispatch::publish(&ctx.topology, out).await?;
     }
     Ok(())
+}
+
+/// The dispatch consumers of every lane with tasks in flight.
+async fn read_lanes(ctx: &Ctx) -> anyhow::Result<Vec<LaneReading>> {
+    let subjects = &ctx.topology.subjects;
+    let mut out = Vec::new();
+    for (queue, priority) in ctx.store.active_lanes().await? {
+        let Ok(lane) = priority.parse::<Priority>() else { continue };
+        let consumer = subjects.dispatch_consumer(&queue, lane);
+        let before = SystemTime::now();
+        match ctx.topology.consumer_progress(&subjects.dispatch_stream(), &consumer).await {
+            Ok(progress) => out.push(LaneReading { queue, priority, lane, progress, before, seen: SystemTime::now() }),
+            // No consumer yet means no worker has served this queue: its tasks wait in the
+            // stream, not lost.
+            Err(e) => {
+                tracing::debug!(%queue, %priority, error = %e, "rescuer skips a lane without a readable consumer")
+            }
+        }
+    }
+    Ok(out)
 }
 
 /// Dispatches again the lane's tasks dispatched before `bound` that are still in flight.

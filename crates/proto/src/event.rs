@@ -179,6 +179,11 @@ pub struct TaskEvent {
     /// queued tasks).
     #[serde(default)]
     pub attempt: u32,
+    /// Dispatch generation of the message the attempt ran from (header
+    /// [`crate::headers::GENERATION`]); 0 when unknown (rejections, older workers). The
+    /// coordinator ignores a non-final event of a generation older than the task's.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub generation: u32,
     /// When the event happened, Unix epoch milliseconds.
     pub at: u64,
     /// Id of the worker that produced the event.
@@ -229,6 +234,7 @@ impl TaskEvent {
             task_kind: String::new(),
             priority: Priority::Normal,
             attempt: 0,
+            generation: 0,
             at: crate::now_ms(),
             worker: None,
             result: None,
@@ -254,6 +260,10 @@ pub struct EventBatch {
     pub v: u16,
     /// The events, in the order they happened on the producer.
     pub events: Vec<TaskEvent>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
 }
 
 fn version() -> u16 {

@@ -63,7 +63,8 @@ impl Store {
                     order.push(ev.task_id);
                     decisive.insert(ev.task_id, ev);
                 }
-                Some(prev) if !prev.kind.is_final() => {
+                // A late `started`/`progress` never replaces the end of its own attempt.
+                Some(prev) if !prev.kind.is_final() && !hands_back_after(prev, ev) => {
                     decisive.insert(ev.task_id, ev);
                 }
                 Some(_) => out.ignored += 1,
@@ -134,6 +135,7 @@ impl Store {
             Vec::with_capacity(n),
         );
         let mut traces = Vec::with_capacity(n);
+        let mut generations = Vec::with_capacity(n);
         for id in &order {
             let ev = decisive[id];
             let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
@@ -154,9 +156,12 @@ impl Store {
             let waits = matches!(ev.kind, EventKind::Retrying | EventKind::Deferred);
             delays.push(waits.then(|| ev.retry_in_ms.unwrap_or(1_000).min(i64::MAX as u64) as i64));
             traces.push(ev.next_traceparent.as_deref().filter(|_| waits));
+            generations.push(ev.generation.min(i32::MAX as u32) as i32);
         }
-        // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone; a late
-        // `started` or `progress` of an attempt that already asked for a retry changes nothing.
+        // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. A
+        // non-final event of an older dispatch generation than the task's (a duplicate, or a
+        // leftover of a superseded message) changes nothing, and neither does a late `started`
+        // or `progress` once its generation handed the task back (a retry or deferral waits).
         let changed: Vec<(Uuid, String, String, bool)> = sqlx::query_as(
             "UPDATE tasks t SET
                  state = u.state,
@@ -171,12 +176,15 @@ impl Store {
                  finished_at = to_timestamp(u.finished_ms / 1000.0),
                  updated_at = now()
              FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
-                         $8::int8[], $9::int8[], $10::int8[], $11::text[])
-                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace)
+                         $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::int4[])
+                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace,
+                       gen)
              WHERE t.id = u.id
                AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
-               AND (u.final OR u.attempt > t.attempt
-                    OR (u.attempt = t.attempt AND NOT (t.state = 'retrying' AND u.state = 'running')))
+               AND (u.final
+                    OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
+                        AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
+                        AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))
              RETURNING t.id, t.queue, t.state, t.has_dependents",
         )
         .bind(&ids)
@@ -190,6 +198,7 @@ impl Store {
         .bind(&finished)
         .bind(&delays)
         .bind(&traces)
+        .bind(&generations)
         .fetch_all(&mut *tx)
         .await?;
         out.ignored += n - changed.len();
@@ -255,6 +264,14 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// True when `later` is a `started`/`progress` that must not replace `earlier`, the event by
+/// which the same attempt handed its task back (`retrying`, `deferred`).
+fn hands_back_after(earlier: &TaskEvent, later: &TaskEvent) -> bool {
+    matches!(earlier.kind, EventKind::Retrying | EventKind::Deferred)
+        && matches!(later.kind, EventKind::Started | EventKind::Progress)
+        && later.attempt <= earlier.attempt
 }
 
 /// What is recorded in place of an event Postgres refused: the end of its task as `failed`

@@ -282,13 +282,14 @@ impl Store {
             let by_id: HashMap<Uuid, &str> = rows.iter().map(|(id, _, s)| (*id, s.as_str())).collect();
             let by_key: HashMap<&str, Uuid> =
                 rows.iter().filter_map(|(id, k, _)| k.as_deref().map(|k| (k, *id))).collect();
+            let mut again: Vec<usize> = Vec::new();
             for i in missing {
                 let t = &tasks[i];
                 if let Some(state) = by_id.get(&t.id) {
                     // The same submission redelivered (e.g. after a crash between commit and
                     // dispatch): dispatch it again if it never got further than queued.
                     if *state == TaskState::Queued.as_str() && redelivered.get(i).copied().unwrap_or(false) {
-                        out.dispatch.push(i);
+                        again.push(i);
                     }
                     out.duplicates.push(Duplicate { index: i, existing: t.id });
                 } else if let Some(existing) = t.idempotency_key.as_deref().and_then(|k| by_key.get(k)) {
@@ -304,6 +305,7 @@ impl Store {
                     out.duplicates.push(Duplicate { index: i, existing: first });
                 }
             }
+            out.dispatch.extend(redispatch_first(&mut tx, tasks, again).await?);
         }
 
         // Dependency edges of new tasks, and the flag that makes their dependencies look for
@@ -351,4 +353,29 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// Of the redelivered submissions whose rows are still queued, those whose first dispatch is
+/// still the only one (no rescue, retry or deferral dispatched a later generation since): their
+/// `dispatched_at` is renewed under the row lock, so the rescuer does not take the same row for
+/// lost while this dispatch is published again, and a claim that got there first wins.
+async fn redispatch_first(
+    tx: &mut sqlx::PgConnection,
+    tasks: &[TaskEnvelope],
+    candidates: Vec<usize>,
+) -> Result<Vec<usize>, StoreError> {
+    if candidates.is_empty() {
+        return Ok(candidates);
+    }
+    let ids: Vec<Uuid> = candidates.iter().map(|i| tasks[*i].id).collect();
+    let renewed: Vec<(Uuid,)> = sqlx::query_as(
+        "UPDATE tasks SET dispatched_at = now(), updated_at = now()
+         WHERE id = ANY($1) AND state = 'queued' AND dispatches = 1 AND run_at IS NULL
+         RETURNING id",
+    )
+    .bind(&ids)
+    .fetch_all(tx)
+    .await?;
+    let renewed: HashSet<Uuid> = renewed.into_iter().map(|(id,)| id).collect();
+    Ok(candidates.into_iter().filter(|i| renewed.contains(&tasks[*i].id)).collect())
 }

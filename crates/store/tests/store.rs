@@ -224,6 +224,16 @@ async fn retries_wait_in_postgres_until_due() {
     assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "claimed once");
     assert_eq!(s.store.runnable(&ask(1)).await.unwrap(), vec![Runnable::Stale]);
     assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
+    // A duplicate of the first generation's retry, arriving late, changes nothing: the second
+    // generation stays the live one and no third dispatch is scheduled.
+    let mut late = event(&t, EventKind::Retrying, 1);
+    (late.generation, late.retry_in_ms) = (1, Some(0));
+    let mut started = event(&t, EventKind::Started, 2);
+    started.generation = 2;
+    s.store.record_events(&[started]).await.unwrap();
+    assert_eq!(s.store.record_events(&[late]).await.unwrap().ignored, 1);
+    assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "no dispatch from a stale retry");
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
     s.store.record_events(&[event(&t, EventKind::Succeeded, 2)]).await.unwrap();
     assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Final]);
 }

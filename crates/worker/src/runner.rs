@@ -330,6 +330,7 @@ impl Worker {
         base.task_kind = env.kind.clone();
         base.priority = env.priority;
         base.attempt = attempt;
+        base.generation = dispatch.generation.max(1) as u32;
         base.worker = Some(inner.id.clone());
         if taskfleet_telemetry::exporting() {
             // The coordinator records this attempt's events under its span.
