@@ -182,21 +182,6 @@ impl Topology {
         })
     }
 
-    /// Messages a durable consumer has not delivered yet, and delivered but unacknowledged.
-    pub async fn consumer_backlog(&self, stream: &str, consumer: &str) -> Result<(u64, usize), BusError> {
-        let what = || format!("consumer {consumer} on {stream}");
-        let stream = self
-            .js
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
-        let info = stream
-            .consumer_info(consumer)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
-        Ok((info.num_pending, info.num_ack_pending))
-    }
-
     /// What a consumer has done so far: see [`ConsumerProgress`].
     pub async fn consumer_progress(&self, stream: &str, consumer: &str) -> Result<ConsumerProgress, BusError> {
         let what = || format!("consumer {consumer} on {stream}");

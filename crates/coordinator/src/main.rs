@@ -9,6 +9,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 mod api;
 mod dispatch;
 mod intake;
+mod leader;
 mod promoter;
 mod recorder;
 mod rescuer;

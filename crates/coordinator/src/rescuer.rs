@@ -38,32 +38,17 @@ const SNAPSHOTS_KEPT: usize = 720;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let interval = ctx.config.coordinator.rescue_interval;
-    let mut lock: Option<taskfleet_store::LeaderLock> = None;
+    let mut leader = crate::leader::Leadership::new("rescuer");
     let mut marks = Watermarks::default();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}
         }
-        if let Some(l) = lock.as_mut()
-            && !l.still_held().await
-        {
-            tracing::warn!("rescuer lost its lock");
-            lock = None;
-        }
-        if lock.is_none() {
-            match ctx.store.try_leader_lock("rescuer").await {
-                Ok(Some(l)) => {
-                    tracing::info!("this coordinator now runs the rescuer");
-                    marks = Watermarks::default();
-                    lock = Some(l);
-                }
-                Ok(None) => continue,
-                Err(e) => {
-                    tracing::warn!(error = %e, "rescuer cannot take its lock");
-                    continue;
-                }
-            }
+        match leader.hold(&ctx.store).await {
+            None => continue,
+            Some(true) => marks = Watermarks::default(),
+            Some(false) => {}
         }
         if let Err(e) = round(&ctx, &mut marks).await {
             tracing::warn!(error = %e, "rescue round failed");

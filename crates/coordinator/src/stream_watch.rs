@@ -28,23 +28,15 @@ const STREAM_WATCH_INTERVAL: Duration = Duration::from_secs(10);
 const FULL_SHARE: f64 = 0.8;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
-    let mut lock: Option<taskfleet_store::LeaderLock> = None;
+    let mut leader = crate::leader::Leadership::new("stream-watch");
     let mut firing: HashMap<String, bool> = HashMap::new();
     loop {
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(STREAM_WATCH_INTERVAL) => {}
         }
-        if let Some(l) = lock.as_mut()
-            && !l.still_held().await
-        {
-            lock = None;
-        }
-        if lock.is_none() {
-            match ctx.store.try_leader_lock("stream-watch").await {
-                Ok(Some(l)) => lock = Some(l),
-                Ok(None) | Err(_) => continue,
-            }
+        if leader.hold(&ctx.store).await.is_none() {
+            continue;
         }
         for check in checks(&ctx).await {
             let was = firing.insert(check.key.clone(), check.firing).unwrap_or(false);
