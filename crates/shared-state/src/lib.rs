@@ -17,7 +17,7 @@ mod limiter;
 
 pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
 pub use cache::{CacheClaim, CacheKey, CachedResult, ResultCache};
-pub use limiter::{Decision, RateLimiter};
+pub use limiter::{Decision, RateLimiter, UnknownLimit};
 
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};

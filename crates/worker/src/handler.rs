@@ -6,81 +6,11 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
+use crate::{DeferReason, TaskError};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Priority, Subjects, TaskEnvelope, TaskId, TokenUsage, encode, headers};
 use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
 use tokio_util::sync::CancellationToken;
-
-/// A task failure, as a handler reports it. Whether it is retryable decides between another
-/// attempt (with backoff) and an immediate final `failed` state.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-#[error("{code}: {message}")]
-pub struct TaskError {
-    /// Stable code, e.g. `timeout`, `http_429`, `invalid_payload`.
-    pub code: String,
-    /// Human-readable description.
-    pub message: String,
-    /// Whether another attempt could succeed.
-    pub retryable: bool,
-    /// Earliest time for the next attempt, when the failure says so (e.g. `Retry-After`).
-    pub retry_after: Option<Duration>,
-    /// Not a failure: the task could not start yet (no rate-limit token, every provider's
-    /// breaker open). The worker runs it again after `retry_after` without counting an attempt
-    /// and without holding a slot meanwhile.
-    pub deferred: bool,
-}
-
-impl TaskError {
-    /// A failure worth retrying (network error, overload, timeout).
-    pub fn retryable(message: impl Into<String>) -> Self {
-        TaskError {
-            code: "handler_error".into(),
-            message: message.into(),
-            retryable: true,
-            retry_after: None,
-            deferred: false,
-        }
-    }
-
-    /// A failure that no retry will fix (bad input, unknown kind).
-    pub fn fatal(message: impl Into<String>) -> Self {
-        TaskError {
-            code: "handler_error".into(),
-            message: message.into(),
-            retryable: false,
-            retry_after: None,
-            deferred: false,
-        }
-    }
-
-    /// The task cannot start before `delay` (see [`TaskError::deferred`] the field).
-    pub fn deferred(code: impl Into<String>, message: impl Into<String>, delay: Duration) -> Self {
-        TaskError {
-            code: code.into(),
-            message: message.into(),
-            retryable: true,
-            retry_after: Some(delay),
-            deferred: true,
-        }
-    }
-
-    /// Replaces the code.
-    pub fn with_code(mut self, code: impl Into<String>) -> Self {
-        self.code = code.into();
-        self
-    }
-
-    /// Asks for the next attempt no sooner than `delay`.
-    pub fn retry_after(mut self, delay: Duration) -> Self {
-        self.retry_after = Some(delay);
-        self
-    }
-
-    /// True when another attempt could succeed.
-    pub fn is_retryable(&self) -> bool {
-        self.retryable
-    }
-}
 
 /// What a handler knows about the task it runs.
 #[derive(Debug, Clone)]
@@ -163,7 +93,7 @@ impl TaskContext {
                 }
                 Ok(Decision::Denied { retry_after }) => {
                     span.record("deferred", true);
-                    Err(TaskError::deferred("rate_limited", format!("rate limit {name} has no token"), retry_after))
+                    Err(TaskError::deferred(DeferReason::RateLimited, format!("rate limit {name} has no token"), retry_after))
                 }
                 Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
             }

@@ -15,20 +15,31 @@
 //! # }
 //! ```
 
+mod admit;
+mod attempt;
 pub mod builtin;
+mod cancellations;
+mod defer;
 mod error;
 mod events;
+mod execute;
 mod gate;
 mod handler;
+mod heartbeat;
 mod lanes;
+mod policies;
 mod presence;
+mod progress;
 pub mod providers;
+mod pull;
 mod retry;
-mod runner;
+mod running;
 mod scheduler;
+mod settle;
+mod worker;
 
-pub use error::WorkerError;
-pub use handler::{Handler, Shared, TaskContext, TaskError, Usage, typed};
+pub use error::{DeferReason, Disposition, TaskError, WorkerError};
+pub use handler::{Handler, Shared, TaskContext, Usage, typed};
 pub use retry::RetryPolicy;
-pub use runner::{Worker, WorkerBuilder, WorkerStats};
+pub use worker::{Worker, WorkerBuilder, WorkerStats};
 pub use scheduler::PriorityPicker;

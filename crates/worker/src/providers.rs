@@ -285,7 +285,7 @@ impl Providers {
             };
         }
         let wait = soonest.unwrap_or(Duration::from_secs(1));
-        Err(TaskError::deferred("breaker_open", "every provider's circuit breaker is open", wait))
+        Err(TaskError::deferred(crate::DeferReason::BreakerOpen, "every provider's circuit breaker is open", wait))
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Answer, TaskError> {

@@ -1,0 +1,277 @@
+//! The worker: a builder of handlers and policies, and its lifecycle: start the loops, hand
+//! deliveries to the attempt pipeline as slots free up, then drain.
+
+use crate::attempt::{Runtime, WorkerIdentity, run_delivery};
+use crate::events::spawn_publisher;
+use crate::gate::Gate;
+use crate::handler::Submitter;
+use crate::lanes::Lanes;
+use crate::policies::Policies;
+use crate::presence::Presence;
+use crate::running::Running;
+use crate::{Handler, RetryPolicy, WorkerError, cancellations, heartbeat, progress, pull};
+use async_nats::jetstream::AckKind;
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+use taskfleet_bus::Topology;
+use taskfleet_config::{CacheSpec, Config};
+use taskfleet_proto::Priority;
+use tokio::sync::{Semaphore, mpsc};
+use tokio_util::sync::CancellationToken;
+
+/// Live counters of a worker, for health and metrics endpoints.
+#[derive(Debug, Default)]
+pub struct WorkerStats {
+    /// Handlers running now.
+    pub in_flight: AtomicU64,
+    /// Tasks pulled and waiting for a slot.
+    pub buffered: AtomicU64,
+    /// Attempts finished (any outcome).
+    pub finished: AtomicU64,
+    /// True once every consumer is set up and pulling.
+    pub ready: AtomicBool,
+}
+
+/// Builds a [`Worker`]: register handlers by kind, then `build`.
+pub struct WorkerBuilder {
+    config: Config,
+    handlers: HashMap<String, Arc<dyn Handler>>,
+    retry_by_kind: HashMap<String, RetryPolicy>,
+    cache_by_kind: HashMap<String, CacheSpec>,
+}
+
+impl WorkerBuilder {
+    /// Registers `handler` for tasks of `kind` (replacing an earlier one).
+    pub fn handler(mut self, kind: impl Into<String>, handler: impl Handler) -> Self {
+        self.handlers.insert(kind.into(), Arc::new(handler));
+        self
+    }
+
+    /// Sets the retry backoff of one kind. A task's own `retry` takes precedence; kinds without
+    /// a policy use the configured default (`worker.retry_base`, `retry_factor`, `retry_max`).
+    pub fn retry_policy(mut self, kind: impl Into<String>, retry: RetryPolicy) -> Self {
+        self.retry_by_kind.insert(kind.into(), retry);
+        self
+    }
+
+    /// Caches the results of one kind in the fleet's shared cache (in addition to, or instead
+    /// of, `policies.cache` in the configuration).
+    pub fn cache_policy(mut self, kind: impl Into<String>, spec: CacheSpec) -> Self {
+        self.cache_by_kind.insert(kind.into(), spec);
+        self
+    }
+
+    /// Finishes the worker.
+    pub fn build(self) -> Worker {
+        let id = if self.config.worker.id.is_empty() { default_id() } else { self.config.worker.id.clone() };
+        Worker {
+            identity: Arc::new(WorkerIdentity {
+                config: self.config,
+                handlers: self.handlers,
+                id,
+                stats: Arc::new(WorkerStats::default()),
+                cancellations: Default::default(),
+            }),
+            retry_by_kind: self.retry_by_kind,
+            cache_by_kind: self.cache_by_kind,
+        }
+    }
+}
+
+/// `<hostname>-<pid>`: unique per process, readable in events.
+fn default_id() -> String {
+    let host = std::env::var("HOSTNAME")
+        .ok()
+        .or_else(|| std::fs::read_to_string("/etc/hostname").ok().map(|h| h.trim().to_string()))
+        .filter(|h| !h.is_empty())
+        .unwrap_or_else(|| "worker".into());
+    format!("{host}-{}", std::process::id())
+}
+
+/// A worker process's task loop. Stateless: run as many as you like against one fleet.
+#[derive(Clone)]
+pub struct Worker {
+    identity: Arc<WorkerIdentity>,
+    retry_by_kind: HashMap<String, RetryPolicy>,
+    cache_by_kind: HashMap<String, CacheSpec>,
+}
+
+/// The loops a running worker starts besides its pullers.
+struct Loops {
+    heartbeat: tokio::task::JoinHandle<()>,
+    cancellations: tokio::task::JoinHandle<()>,
+    progress: tokio::task::JoinHandle<()>,
+    presence: tokio::task::JoinHandle<()>,
+    publisher: tokio::task::JoinHandle<()>,
+}
+
+impl Worker {
+    /// Starts building a worker with the fleet configuration.
+    pub fn builder(config: Config) -> WorkerBuilder {
+        WorkerBuilder { config, handlers: HashMap::new(), retry_by_kind: HashMap::new(), cache_by_kind: HashMap::new() }
+    }
+
+    /// This worker's id, as it appears in events.
+    pub fn id(&self) -> &str {
+        &self.identity.id
+    }
+
+    /// Live counters.
+    pub fn stats(&self) -> Arc<WorkerStats> {
+        self.identity.stats.clone()
+    }
+
+    /// Kinds this worker can run.
+    pub fn kinds(&self) -> Vec<String> {
+        self.identity.kinds()
+    }
+
+    /// Pulls and runs tasks until `shutdown` is cancelled, then drains: stops pulling, lets
+    /// running tasks finish for up to `drain_timeout`, hands everything else back to JetStream
+    /// for immediate redelivery, and flushes events.
+    pub async fn run(&self, client: async_nats::Client, shutdown: CancellationToken) -> Result<(), WorkerError> {
+        let id = &self.identity;
+        let cfg = &id.config;
+        let topology = Topology::new(client.clone(), &cfg.nats);
+        topology.ensure_streams().await?;
+        let policies = Arc::new(Policies::connect(cfg, &self.cache_by_kind, self.retry_by_kind.clone())?);
+        let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
+        let pulling = CancellationToken::new();
+        let mut pullers = Vec::new();
+        for queue in &cfg.worker.queues {
+            for p in Priority::ALL {
+                let consumer = topology.dispatch_consumer(queue, p).await?;
+                let stats = id.stats.clone();
+                let prefetch = cfg.worker.effective_prefetch();
+                pullers.push(tokio::spawn(pull::pull_loop(consumer, p, prefetch, lanes.clone(), pulling.clone(), stats)));
+            }
+        }
+        // Event batches stay below the largest message the server takes (its headers aside).
+        let max_payload = client.server_info().max_payload.max(64 * 1024);
+        let (events, publisher) = spawn_publisher(
+            topology.js.clone(),
+            topology.subjects.clone(),
+            cfg.worker.event_batch_size,
+            cfg.worker.event_linger,
+            max_payload - 4 * 1024,
+        );
+        let running = Running::default();
+        let (progress_tx, progress_rx) = mpsc::unbounded_channel();
+        let every = heartbeat::interval(cfg.nats.ack_wait);
+        let presence = Presence {
+            client: client.clone(),
+            subject: topology.subjects.worker_status(),
+            id: id.id.clone(),
+            queues: cfg.worker.queues.clone(),
+            max_concurrent: cfg.worker.max_concurrent_tasks as u64,
+            stats: id.stats.clone(),
+            every: cfg.worker.status_interval.max(Duration::from_millis(100)),
+        };
+        let bucket = topology.cancel_bucket().await?;
+        let loops = Loops {
+            heartbeat: tokio::spawn(heartbeat::heartbeat_loop(
+                client.clone(),
+                lanes.clone(),
+                running.clone(),
+                every,
+                pulling.clone(),
+            )),
+            cancellations: tokio::spawn(cancellations::watch_loop(
+                bucket,
+                id.cancellations.clone(),
+                running.clone(),
+                pulling.clone(),
+            )),
+            progress: tokio::spawn(progress::progress_loop(progress_rx, running.clone(), events.clone())),
+            presence: tokio::spawn(presence.run(shutdown.clone())),
+            publisher,
+        };
+        id.stats.ready.store(true, Ordering::Relaxed);
+        tracing::info!(worker = %id.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
+                       max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
+
+        let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_tasks));
+        let rt = Runtime {
+            worker: id.clone(),
+            events,
+            running: running.clone(),
+            progress: progress_tx,
+            lanes: lanes.clone(),
+            policies,
+            submitter: Arc::new(Submitter { js: topology.js.clone(), subjects: topology.subjects.clone() }),
+            gate: Gate::spawn(client.clone(), topology.subjects.api("task.runnable")),
+        };
+        hand_out(&rt, &slots, &shutdown).await;
+
+        id.stats.ready.store(false, Ordering::Relaxed);
+        pulling.cancel();
+        for p in pullers {
+            let _ = p.await;
+        }
+        self.drain(&client, rt, &slots, loops).await;
+        Ok(())
+    }
+
+    /// Hands every buffered and deferred task back, waits up to `drain_timeout` for the running
+    /// ones, hands back those still running, and flushes events.
+    async fn drain(&self, client: &async_nats::Client, rt: Runtime, slots: &Semaphore, loops: Loops) {
+        let buffered = rt.lanes.close();
+        tracing::info!(buffered = buffered.len(), running = rt.running.len(), "draining");
+        for d in buffered {
+            let _ = d.msg.ack_with(AckKind::Nak(None)).await;
+        }
+        let cfg = &self.identity.config.worker;
+        let all = cfg.max_concurrent_tasks as u32;
+        let drained = tokio::time::timeout(cfg.drain_timeout, slots.acquire_many(all)).await.is_ok();
+        // Whatever is left is running past the drain timeout or waiting out a deferral.
+        let left = rt.running.drain();
+        if !left.is_empty() {
+            if drained {
+                tracing::info!(tasks = left.len(), "handing deferred tasks back for redelivery");
+            } else {
+                tracing::warn!(tasks = left.len(), "drain timeout: handing running tasks back for redelivery");
+            }
+            for r in left {
+                r.cancel.cancel();
+                if let Some(reply) = r.reply {
+                    let _ = client.publish(reply, "-NAK".into()).await;
+                }
+            }
+        }
+        // The publisher stops once every event sender is gone: the runtime's, and the progress
+        // loop's once the runtime's progress sender is.
+        drop(rt);
+        let _ = loops.progress.await;
+        let _ = tokio::time::timeout(Duration::from_secs(10), loops.publisher).await;
+        loops.heartbeat.abort();
+        loops.cancellations.abort();
+        let _ = loops.presence.await;
+        let _ = client.flush().await;
+        tracing::info!("worker stopped");
+    }
+}
+
+/// Gives each delivery a slot and an attempt, in priority order, until `shutdown`.
+async fn hand_out(rt: &Runtime, slots: &Arc<Semaphore>, shutdown: &CancellationToken) {
+    let mut next_token: u64 = 0;
+    loop {
+        let permit = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            p = slots.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+        };
+        let delivery = tokio::select! {
+            _ = shutdown.cancelled() => return,
+            d = rt.lanes.pop() => match d { Some(d) => d, None => return },
+        };
+        rt.worker.stats.buffered.fetch_sub(1, Ordering::Relaxed);
+        next_token += 1;
+        let rt = rt.clone();
+        let token = next_token;
+        tokio::spawn(async move {
+            run_delivery(rt, token, delivery).await;
+            drop(permit);
+        });
+    }
+}
