@@ -26,7 +26,7 @@ impl Cancellations {
 }
 
 /// Follows the cancellation bucket (restarting the watch when it fails) until `stop`.
-pub(crate) async fn watch_loop(
+pub(crate) async fn run(
     bucket: async_nats::jetstream::kv::Store,
     cancellations: Arc<Cancellations>,
     running: Running,

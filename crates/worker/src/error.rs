@@ -8,17 +8,12 @@ pub enum WorkerError {
     /// NATS set-up or connection failed.
     #[error(transparent)]
     Bus(#[from] taskfleet_bus::BusError),
-    /// A consumer could not be read.
-    #[error("cannot pull from {consumer}: {message}")]
-    Pull {
-        /// Consumer name.
-        consumer: String,
-        /// Error text.
-        message: String,
-    },
     /// The Redis settings or the policies in the configuration are unusable.
     #[error("shared state: {0}")]
-    Redis(String),
+    SharedState(#[from] taskfleet_shared_state::SharedStateError),
+    /// The HTTP client of the built-in handlers could not be built.
+    #[error("cannot build the HTTP client: {0}")]
+    HttpClient(#[from] reqwest::Error),
 }
 
 /// A task failure, as a handler reports it: a stable code, a message, and what the worker is

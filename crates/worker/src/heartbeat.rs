@@ -15,7 +15,7 @@ pub(crate) fn interval(ack_wait: Duration) -> Duration {
 
 /// Sends `+WPI` to every held task's reply subject each `every`; after `stop` (the drain) it
 /// goes on for the running ones until aborted.
-pub(crate) async fn heartbeat_loop(
+pub(crate) async fn run(
     client: async_nats::Client,
     lanes: Arc<Lanes>,
     running: Running,

@@ -36,10 +36,12 @@ mod retry;
 mod running;
 mod scheduler;
 mod settle;
+pub mod stats;
 mod worker;
 
 pub use error::{DeferReason, Disposition, TaskError, WorkerError};
 pub use handler::{Handler, Shared, TaskContext, Usage, typed};
 pub use retry::RetryPolicy;
-pub use worker::{Worker, WorkerBuilder, WorkerStats};
+pub use stats::WorkerStats;
+pub use worker::{Worker, WorkerBuilder};
 pub use scheduler::PriorityPicker;

@@ -19,7 +19,7 @@ async fn main() -> anyhow::Result<()> {
     let client = client?;
     // One TLS crypto provider for every client in the process (outside APIs, NATS, Postgres).
     let _ = rustls::crypto::ring::default_provider().install_default();
-    let providers = Providers::new(&config.providers).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let providers = Providers::new(&config.providers)?;
     let worker = Worker::builder(config.clone())
         .handler("echo", builtin::echo)
         .handler("sleep", builtin::sleep)
@@ -28,18 +28,7 @@ async fn main() -> anyhow::Result<()> {
         .handler("llm.chat", providers.llm_chat_handler())
         .build();
     let stats = worker.stats();
-    // Expose the worker's live counters next to its other metrics.
-    let gauges = {
-        let stats = stats.clone();
-        tokio::spawn(async move {
-            loop {
-                metrics::gauge!("taskfleet_worker_in_flight").set(stats.in_flight.load(Ordering::Relaxed) as f64);
-                metrics::gauge!("taskfleet_worker_buffered").set(stats.buffered.load(Ordering::Relaxed) as f64);
-                metrics::counter!("taskfleet_worker_finished_total").absolute(stats.finished.load(Ordering::Relaxed));
-                tokio::time::sleep(Duration::from_secs(1)).await;
-            }
-        })
-    };
+    let gauges = tokio::spawn(taskfleet_worker::stats::run(stats.clone()));
     let http = service
         .serve_http(&config.worker.http_addr, move || stats.ready.load(Ordering::Relaxed), axum::Router::new())
         .await?;

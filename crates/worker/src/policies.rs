@@ -33,12 +33,12 @@ impl Policies {
         cache_by_kind: &HashMap<String, CacheSpec>,
         retry_by_kind: HashMap<String, RetryPolicy>,
     ) -> Result<Policies, WorkerError> {
-        let state = SharedState::connect(&cfg.redis).map_err(|e| WorkerError::Redis(e.to_string()))?;
+        let state = SharedState::connect(&cfg.redis)?;
         let mut cache = state.cache(&cfg.policies);
         for (kind, spec) in cache_by_kind {
             cache = cache.with_policy(kind.clone(), spec.clone());
         }
-        let limiter = state.rate_limiter(&cfg.policies).map_err(|e| WorkerError::Redis(e.to_string()))?;
+        let limiter = state.rate_limiter(&cfg.policies)?;
         let kind_limits =
             cfg.policies.kind_limits.keys().map(|k| (k.clone(), cfg.policies.limits_of_kind(k))).collect();
         Ok(Policies {

@@ -9,7 +9,7 @@ use tokio::sync::mpsc;
 pub(crate) type ProgressSender = mpsc::UnboundedSender<(uuid::Uuid, serde_json::Value)>;
 
 /// Turns each report of a running task into a `progress` event, until every sender is gone.
-pub(crate) async fn progress_loop(
+pub(crate) async fn run(
     mut rx: mpsc::UnboundedReceiver<(uuid::Uuid, serde_json::Value)>,
     running: Running,
     events: EventSender,

@@ -77,7 +77,7 @@ fn default_method() -> String {
 
 impl Providers {
     /// A client with pooled keep-alive connections, as configured.
-    pub fn new(config: &ProvidersConfig) -> Result<Providers, TaskError> {
+    pub fn new(config: &ProvidersConfig) -> Result<Providers, crate::WorkerError> {
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -85,8 +85,7 @@ impl Providers {
             .connect_timeout(Duration::from_secs(10))
             .timeout(config.request_timeout)
             .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
-            .build()
-            .map_err(|e| TaskError::fatal(format!("cannot build the HTTP client: {e}")))?;
+            .build()?;
         Ok(Providers { client, config: Arc::new(config.clone()) })
     }
 

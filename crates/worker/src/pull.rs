@@ -13,7 +13,7 @@ use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
 /// Pulls one consumer into its lane, keeping at most `prefetch` of its tasks buffered.
-pub(crate) async fn pull_loop(
+pub(crate) async fn run(
     consumer: PullConsumer,
     priority: Priority,
     prefetch: usize,

@@ -9,30 +9,17 @@ use crate::lanes::Lanes;
 use crate::policies::Policies;
 use crate::presence::Presence;
 use crate::running::Running;
-use crate::{Handler, RetryPolicy, WorkerError, cancellations, heartbeat, progress, pull};
+use crate::{Handler, RetryPolicy, WorkerError, WorkerStats, cancellations, heartbeat, progress, pull};
 use async_nats::jetstream::AckKind;
 use std::collections::HashMap;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 use taskfleet_bus::Topology;
 use taskfleet_config::{CacheSpec, Config};
 use taskfleet_proto::Priority;
 use tokio::sync::{Semaphore, mpsc};
 use tokio_util::sync::CancellationToken;
-
-/// Live counters of a worker, for health and metrics endpoints.
-#[derive(Debug, Default)]
-pub struct WorkerStats {
-    /// Handlers running now.
-    pub in_flight: AtomicU64,
-    /// Tasks pulled and waiting for a slot.
-    pub buffered: AtomicU64,
-    /// Attempts finished (any outcome).
-    pub finished: AtomicU64,
-    /// True once every consumer is set up and pulling.
-    pub ready: AtomicBool,
-}
 
 /// Builds a [`Worker`]: register handlers by kind, then `build`.
 pub struct WorkerBuilder {
@@ -145,7 +132,7 @@ impl Worker {
                 let consumer = topology.dispatch_consumer(queue, p).await?;
                 let stats = id.stats.clone();
                 let prefetch = cfg.worker.effective_prefetch();
-                pullers.push(tokio::spawn(pull::pull_loop(consumer, p, prefetch, lanes.clone(), pulling.clone(), stats)));
+                pullers.push(tokio::spawn(pull::run(consumer, p, prefetch, lanes.clone(), pulling.clone(), stats)));
             }
         }
         // Event batches stay below the largest message the server takes (its headers aside).
@@ -171,20 +158,20 @@ impl Worker {
         };
         let bucket = topology.cancel_bucket().await?;
         let loops = Loops {
-            heartbeat: tokio::spawn(heartbeat::heartbeat_loop(
+            heartbeat: tokio::spawn(heartbeat::run(
                 client.clone(),
                 lanes.clone(),
                 running.clone(),
                 every,
                 pulling.clone(),
             )),
-            cancellations: tokio::spawn(cancellations::watch_loop(
+            cancellations: tokio::spawn(cancellations::run(
                 bucket,
                 id.cancellations.clone(),
                 running.clone(),
                 pulling.clone(),
             )),
-            progress: tokio::spawn(progress::progress_loop(progress_rx, running.clone(), events.clone())),
+            progress: tokio::spawn(progress::run(progress_rx, running.clone(), events.clone())),
             presence: tokio::spawn(presence.run(shutdown.clone())),
             publisher,
         };
