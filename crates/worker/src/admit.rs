@@ -84,7 +84,9 @@ impl Skip {
             Skip::DeliveriesExhausted { delivered } => Report::failure(
                 EventKind::Dead,
                 "deliveries_exhausted",
-                format!("delivered {delivered} times (nats.max_deliver) without any attempt ending: workers holding it were lost"),
+                format!(
+                    "delivered {delivered} times (nats.max_deliver) without any attempt ending: workers holding it were lost"
+                ),
                 false,
             ),
             Skip::Cancelled => Report::of(EventKind::Cancelled),
@@ -358,7 +360,10 @@ mod tests {
             cancellations: Default::default(),
         };
         let r = Skip::DeliveriesExhausted { delivered: 20 }.report("echo", &worker);
-        assert_eq!((r.kind, r.error.as_ref().map(|e| e.code.as_str())), (EventKind::Dead, Some("deliveries_exhausted")));
+        assert_eq!(
+            (r.kind, r.error.as_ref().map(|e| e.code.as_str())),
+            (EventKind::Dead, Some("deliveries_exhausted"))
+        );
         let r = Skip::UnknownKind.report("nope", &worker);
         assert_eq!(r.kind, EventKind::Failed);
         assert!(r.error.is_some_and(|e| e.message.contains("\"nope\"") && !e.retryable));

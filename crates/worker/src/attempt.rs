@@ -136,8 +136,16 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
         }
         Admission::Finish(ev) => return finish(&rt, &attempt.span, *ev, msg),
         Admission::Defer(d) => {
-            let after = Deferral { token, lane, permit: d.permit, granted: d.granted, delay: d.delay,
-                                   jitter: d.reason != DeferReason::RateLimitBooked, span: d.span, deferred_since };
+            let after = Deferral {
+                token,
+                lane,
+                permit: d.permit,
+                granted: d.granted,
+                delay: d.delay,
+                jitter: d.reason != DeferReason::RateLimitBooked,
+                span: d.span,
+                deferred_since,
+            };
             return defer::defer(&rt, msg, attempt.base, after, d.reason);
         }
     };
@@ -162,7 +170,16 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
             let span = tracing::info_span!(parent: &attempt.span, "deferral", reason = reason.code(),
                                            delay_ms = tracing::field::Empty, held = tracing::field::Empty);
             let since = Some(deferred_since.unwrap_or_else(Instant::now));
-            let after = Deferral { token, lane, permit: None, granted: Vec::new(), delay, jitter: true, span, deferred_since: since };
+            let after = Deferral {
+                token,
+                lane,
+                permit: None,
+                granted: Vec::new(),
+                delay,
+                jitter: true,
+                span,
+                deferred_since: since,
+            };
             defer::defer(&rt, msg, attempt.base, after, reason);
         }
         Settlement::Report(report) => {

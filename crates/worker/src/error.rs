@@ -90,7 +90,11 @@ impl TaskError {
     /// The task cannot start before `delay` (see [`Disposition::Defer`]); its code is the
     /// reason's.
     pub fn deferred(reason: DeferReason, message: impl Into<String>, delay: Duration) -> Self {
-        TaskError { code: reason.code().into(), message: message.into(), disposition: Disposition::Defer { reason, delay } }
+        TaskError {
+            code: reason.code().into(),
+            message: message.into(),
+            disposition: Disposition::Defer { reason, delay },
+        }
     }
 
     /// Replaces the code.

@@ -1,12 +1,12 @@
 //! What a handler is and what it is given.
 
+use crate::{DeferReason, TaskError};
 use futures::future::BoxFuture;
 use serde::Serialize;
 use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
-use crate::{DeferReason, TaskError};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Priority, Subjects, TaskEnvelope, TaskId, TokenUsage, encode, headers};
 use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
@@ -93,7 +93,11 @@ impl TaskContext {
                 }
                 Ok(Decision::Denied { retry_after }) => {
                     span.record("deferred", true);
-                    Err(TaskError::deferred(DeferReason::RateLimited, format!("rate limit {name} has no token"), retry_after))
+                    Err(TaskError::deferred(
+                        DeferReason::RateLimited,
+                        format!("rate limit {name} has no token"),
+                        retry_after,
+                    ))
                 }
                 Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
             }

@@ -14,6 +14,13 @@
 //! worker.run(client, tokio_util::sync::CancellationToken::new()).await
 //! # }
 //! ```
+//!
+//! Inside, [`Worker::run`] (`worker.rs`) starts one loop per module — `pull` (JetStream into
+//! priority `lanes`), `heartbeat`, `cancellations`, `progress`, `presence`, `stats` and the
+//! event publisher (`events`) — and hands each delivery, as a slot frees up, to the attempt
+//! pipeline (`attempt.rs`): `admit` (gate, skip checks, shared cache, rate limits), `execute`
+//! (the handler under timeout and cancellation, registered in `running`), `settle` (a pure
+//! decision from the outcome to the event), and `defer` when the task cannot start yet.
 
 mod admit;
 mod attempt;
@@ -42,6 +49,6 @@ mod worker;
 pub use error::{DeferReason, Disposition, TaskError, WorkerError};
 pub use handler::{Handler, Shared, TaskContext, Usage, typed};
 pub use retry::RetryPolicy;
+pub use scheduler::PriorityPicker;
 pub use stats::WorkerStats;
 pub use worker::{Worker, WorkerBuilder};
-pub use scheduler::PriorityPicker;

@@ -19,6 +19,7 @@ use taskfleet_bus::Topology;
 use taskfleet_config::{CacheSpec, Config};
 use taskfleet_proto::Priority;
 use tokio::sync::{Semaphore, mpsc};
+use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 
 /// Builds a [`Worker`]: register handlers by kind, then `build`.
@@ -87,11 +88,11 @@ pub struct Worker {
 
 /// The loops a running worker starts besides its pullers.
 struct Loops {
-    heartbeat: tokio::task::JoinHandle<()>,
-    cancellations: tokio::task::JoinHandle<()>,
-    progress: tokio::task::JoinHandle<()>,
-    presence: tokio::task::JoinHandle<()>,
-    publisher: tokio::task::JoinHandle<()>,
+    heartbeat: JoinHandle<()>,
+    cancellations: JoinHandle<()>,
+    progress: JoinHandle<()>,
+    presence: JoinHandle<()>,
+    publisher: JoinHandle<()>,
 }
 
 impl Worker {
@@ -126,27 +127,62 @@ impl Worker {
         let policies = Arc::new(Policies::connect(cfg, &self.cache_by_kind, self.retry_by_kind.clone())?);
         let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
         let pulling = CancellationToken::new();
+        let pullers = self.start_pullers(&topology, &lanes, &pulling).await?;
+        let (rt, loops) = self.start_loops(&client, &topology, policies, lanes, &pulling, &shutdown).await?;
+        id.stats.ready.store(true, Ordering::Relaxed);
+        tracing::info!(worker = %id.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
+                       max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
+
+        let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_tasks));
+        hand_out(&rt, &slots, &shutdown).await;
+
+        id.stats.ready.store(false, Ordering::Relaxed);
+        pulling.cancel();
+        for p in pullers {
+            let _ = p.await;
+        }
+        self.drain(&client, rt, &slots, loops).await;
+        Ok(())
+    }
+
+    /// One pull loop per queue and priority, until `pulling` is cancelled.
+    async fn start_pullers(
+        &self,
+        topology: &Topology,
+        lanes: &Arc<Lanes>,
+        pulling: &CancellationToken,
+    ) -> Result<Vec<JoinHandle<()>>, WorkerError> {
+        let cfg = &self.identity.config.worker;
         let mut pullers = Vec::new();
-        for queue in &cfg.worker.queues {
+        for queue in &cfg.queues {
             for p in Priority::ALL {
                 let consumer = topology.dispatch_consumer(queue, p).await?;
-                let stats = id.stats.clone();
-                let prefetch = cfg.worker.effective_prefetch();
-                pullers.push(tokio::spawn(pull::run(consumer, p, prefetch, lanes.clone(), pulling.clone(), stats)));
+                let (lanes, stop, stats) = (lanes.clone(), pulling.clone(), self.identity.stats.clone());
+                pullers.push(tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats)));
             }
         }
+        Ok(pullers)
+    }
+
+    /// Starts the event publisher and the background loops, and assembles what attempts share.
+    async fn start_loops(
+        &self,
+        client: &async_nats::Client,
+        topology: &Topology,
+        policies: Arc<Policies>,
+        lanes: Arc<Lanes>,
+        pulling: &CancellationToken,
+        shutdown: &CancellationToken,
+    ) -> Result<(Runtime, Loops), WorkerError> {
+        let id = &self.identity;
+        let cfg = &id.config;
         // Event batches stay below the largest message the server takes (its headers aside).
         let max_payload = client.server_info().max_payload.max(64 * 1024);
-        let (events, publisher) = spawn_publisher(
-            topology.js.clone(),
-            topology.subjects.clone(),
-            cfg.worker.event_batch_size,
-            cfg.worker.event_linger,
-            max_payload - 4 * 1024,
-        );
+        let (js, subjects) = (topology.js.clone(), topology.subjects.clone());
+        let (events, publisher) =
+            spawn_publisher(js, subjects, cfg.worker.event_batch_size, cfg.worker.event_linger, max_payload - 4 * 1024);
         let running = Running::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
-        let every = heartbeat::interval(cfg.nats.ack_wait);
         let presence = Presence {
             client: client.clone(),
             subject: topology.subjects.worker_status(),
@@ -156,6 +192,7 @@ impl Worker {
             stats: id.stats.clone(),
             every: cfg.worker.status_interval.max(Duration::from_millis(100)),
         };
+        let every = heartbeat::interval(cfg.nats.ack_wait);
         let bucket = topology.cancel_bucket().await?;
         let loops = Loops {
             heartbeat: tokio::spawn(heartbeat::run(
@@ -175,30 +212,17 @@ impl Worker {
             presence: tokio::spawn(presence.run(shutdown.clone())),
             publisher,
         };
-        id.stats.ready.store(true, Ordering::Relaxed);
-        tracing::info!(worker = %id.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
-                       max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
-
-        let slots = Arc::new(Semaphore::new(cfg.worker.max_concurrent_tasks));
         let rt = Runtime {
             worker: id.clone(),
             events,
-            running: running.clone(),
+            running,
             progress: progress_tx,
-            lanes: lanes.clone(),
+            lanes,
             policies,
             submitter: Arc::new(Submitter { js: topology.js.clone(), subjects: topology.subjects.clone() }),
             gate: Gate::spawn(client.clone(), topology.subjects.api("task.runnable")),
         };
-        hand_out(&rt, &slots, &shutdown).await;
-
-        id.stats.ready.store(false, Ordering::Relaxed);
-        pulling.cancel();
-        for p in pullers {
-            let _ = p.await;
-        }
-        self.drain(&client, rt, &slots, loops).await;
-        Ok(())
+        Ok((rt, loops))
     }
 
     /// Hands every buffered and deferred task back, waits up to `drain_timeout` for the running
