@@ -31,13 +31,16 @@ const MIN_NATS_SERVER: (u64, u64, u64) = (2, 10, 23);
 fn k8s_manifests_render_and_validate() {
     let root = Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("tests/ has a parent directory");
     let work = tempfile::tempdir().expect("temporary directory");
-    let out = work.path();
+    let out = work.path().to_owned();
+    if std::env::var_os("K8S_VALIDATE_KEEP").is_some() {
+        println!("rendered manifests kept in {}", work.keep().display());
+    }
     run_script(root, &["render".as_ref(), out.as_os_str()]);
 
     let mut failures = Vec::new();
     let mut core_files = Vec::new();
     let mut rendered = BTreeSet::new();
-    for path in yaml_files(out) {
+    for path in yaml_files(&out) {
         let overlay = path.file_stem().and_then(|s| s.to_str()).expect("rendered file name").to_owned();
         let text = std::fs::read_to_string(&path).expect("read rendered manifests");
         match check_overlay(&overlay, &text) {
@@ -63,10 +66,6 @@ fn k8s_manifests_render_and_validate() {
     let mut args = vec!["schema".as_ref()];
     args.extend(core_files.iter().map(|p| p.as_os_str()));
     run_script(root, &args);
-
-    if std::env::var_os("K8S_VALIDATE_KEEP").is_some() {
-        println!("rendered manifests kept in {}", work.keep().display());
-    }
 }
 
 /// Runs `deploy/k8s-validate.sh` with `args` and panics with its output when it fails.
