@@ -124,9 +124,10 @@ async fn replay(ctx: &Ctx, r: ReplayRequest) -> Value {
         Ok(t) => t,
         Err(e) => return json!({ "error": e.to_string() }),
     };
+    let subjects = &ctx.topology.subjects;
     let out = replayed
         .iter()
-        .map(|t| crate::dispatch::redispatch_message(&ctx.topology, &t.envelope, None, t.attempt_offset, t.generation))
+        .map(|t| crate::dispatch::redispatch_message(subjects, &t.envelope, None, t.attempt_offset, t.generation))
         .collect();
     if let Err(e) = crate::dispatch::publish(&ctx.topology, out).await {
         // The rows are queued; the rescuer dispatches them once it finds them idle.

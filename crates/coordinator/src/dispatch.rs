@@ -4,11 +4,11 @@ use async_nats::HeaderMap;
 use bytes::Bytes;
 use std::time::Duration;
 use taskfleet_bus::{Outgoing, Topology, publish_all};
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, TaskEnvelope, encode, headers};
+use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Subjects, TaskEnvelope, encode, headers};
 
 /// The first dispatch of a task.
 pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&HeaderMap>) -> Outgoing {
-    redispatch_message(topology, env, trace, 0, 1)
+    redispatch_message(&topology.subjects, env, trace, 0, 1)
 }
 
 /// A dispatch message. Its dedup id is `<id>:<generation>`: dispatching the same generation
@@ -18,7 +18,7 @@ pub(crate) fn message(topology: &Topology, env: &TaskEnvelope, trace: Option<&He
 /// already recorded. Generations after the first travel in a header, so that a worker can ask
 /// whether a later one superseded the message it holds.
 pub(crate) fn redispatch_message(
-    topology: &Topology,
+    subjects: &Subjects,
     env: &TaskEnvelope,
     trace: Option<&HeaderMap>,
     attempt_offset: u32,
@@ -40,7 +40,7 @@ pub(crate) fn redispatch_message(
         }
     }
     Outgoing {
-        subject: topology.subjects.dispatch(&env.queue, env.priority),
+        subject: subjects.dispatch(&env.queue, env.priority),
         payload: Bytes::from(encode(env)),
         headers: h,
         msg_id: Some(format!("{}:{generation}", env.id)),
@@ -90,10 +90,44 @@ pub(crate) async fn publish_claimed(topology: &Topology, claimed: taskfleet_stor
                 h.insert("traceparent", tp);
                 h
             });
-            redispatch_message(topology, &t.envelope, trace.as_ref(), t.attempt_offset, t.generation)
+            redispatch_message(&topology.subjects, &t.envelope, trace.as_ref(), t.attempt_offset, t.generation)
         })
         .collect();
     publish(topology, out).await?;
     claimed.commit().await?;
     Ok(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use taskfleet_proto::Priority;
+
+    #[test]
+    fn a_first_dispatch_is_deduplicated_by_id_and_carries_no_generation() {
+        let subjects = Subjects::new("taskfleet", "TASKFLEET");
+        let mut env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        env.queue = "llm".into();
+        env.priority = Priority::High;
+        let out = redispatch_message(&subjects, &env, None, 0, 1);
+        assert_eq!(out.subject, subjects.dispatch("llm", Priority::High));
+        assert_eq!(out.msg_id, Some(format!("{}:1", env.id)));
+        assert!(out.headers.get(headers::GENERATION).is_none());
+        assert!(out.headers.get(headers::ATTEMPT_OFFSET).is_none());
+    }
+
+    #[test]
+    fn a_later_generation_is_a_new_message_with_its_attempt_offset_and_only_the_trace_headers() {
+        let subjects = Subjects::new("taskfleet", "TASKFLEET");
+        let env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        let mut trace = HeaderMap::new();
+        trace.insert("traceparent", "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01");
+        trace.insert("Taskfleet-Reply-To", "_INBOX.x");
+        let out = redispatch_message(&subjects, &env, Some(&trace), 2, 3);
+        assert_eq!(out.msg_id, Some(format!("{}:3", env.id)));
+        assert_eq!(out.headers.get(headers::GENERATION).map(|v| v.as_str()), Some("3"));
+        assert_eq!(out.headers.get(headers::ATTEMPT_OFFSET).map(|v| v.as_str()), Some("2"));
+        assert!(out.headers.get("traceparent").is_some());
+        assert!(out.headers.get("Taskfleet-Reply-To").is_none(), "only the trace context travels on");
+    }
 }

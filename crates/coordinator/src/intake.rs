@@ -22,9 +22,10 @@ use bytes::Bytes;
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
+use taskfleet_config::CoordinatorConfig;
 use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, INVALID_QUEUE, RejectReason, SubmitReply, TaskEnvelope, TaskErrorInfo,
-    TaskEvent, decode_envelope, encode, headers,
+    CONTENT_TYPE_MSGPACK, EventBatch, EventKind, INVALID_QUEUE, RejectReason, Subjects, SubmitReply, TaskEnvelope,
+    TaskErrorInfo, TaskEvent, decode_envelope, encode, headers,
 };
 use taskfleet_store::InsertOutcome;
 use tokio::sync::Semaphore;
@@ -113,25 +114,49 @@ fn reply_to<'a>(ctx: &Ctx, m: &'a Message) -> Option<&'a str> {
 /// Checks what the message says besides its body: its subject's queue (valid and allowed) and
 /// its reply subject. `Err` carries the queue to report the refusal under.
 fn check_message<'a>(ctx: &Ctx, m: &'a Message) -> Result<&'a str, (&'a str, RejectReason, String)> {
-    let cfg = &ctx.config.coordinator;
-    let queue = ctx.topology.subjects.submit_queue(&m.subject).map_err(|e| {
-        (
-            INVALID_QUEUE,
-            e.reason(),
-            format!("subject {:?}: {e}", m.subject.as_str().chars().take(200).collect::<String>()),
-        )
+    check_route(&ctx.topology.subjects, &ctx.config.coordinator, &m.subject, header(m, headers::REPLY_TO))
+}
+
+/// The queue a submission on `subject` goes to, when that queue is valid and accepted here and
+/// `reply_to` (if any) names a subject replies may go to. `Err` carries the queue to report the
+/// refusal under: [`INVALID_QUEUE`] when the subject names no acceptable queue.
+fn check_route<'a>(
+    subjects: &Subjects,
+    cfg: &CoordinatorConfig,
+    subject: &'a str,
+    reply_to: Option<&str>,
+) -> Result<&'a str, (&'a str, RejectReason, String)> {
+    let queue = subjects.submit_queue(subject).map_err(|e| {
+        (INVALID_QUEUE, e.reason(), format!("subject {:?}: {e}", subject.chars().take(200).collect::<String>()))
     })?;
     if !cfg.queues.is_empty() && !cfg.queues.iter().any(|q| q == queue) {
         let msg = format!("queue {queue:?} is not accepted here; accepted queues: {}", cfg.queues.join(", "));
         return Err((INVALID_QUEUE, RejectReason::UnknownQueue, msg));
     }
-    if let Some(reply) = header(m, headers::REPLY_TO) {
-        ctx.topology
-            .subjects
-            .check_reply_to(reply, &cfg.reply_prefix)
-            .map_err(|e| (queue, e.reason(), e.to_string()))?;
+    if let Some(reply) = reply_to {
+        subjects.check_reply_to(reply, &cfg.reply_prefix).map_err(|e| (queue, e.reason(), e.to_string()))?;
     }
     Ok(queue)
+}
+
+/// Settles a decoded envelope against the queue its subject names and this coordinator's
+/// settings: a body naming another queue than the subject (other than the default) is refused,
+/// the envelope takes the subject's queue and, when it names no `max_attempts`, its kind's (or
+/// the fleet's) default; a kind outside `coordinator.kinds` is refused.
+fn admit(cfg: &CoordinatorConfig, queue: &str, env: &mut TaskEnvelope) -> Result<(), (RejectReason, String)> {
+    if env.queue != queue && env.queue != taskfleet_proto::DEFAULT_QUEUE {
+        let msg = format!("queue {:?} in the body differs from the subject's queue {queue:?}", env.queue);
+        return Err((RejectReason::Invalid, msg));
+    }
+    env.queue = queue.to_string();
+    if env.max_attempts == 0 {
+        env.max_attempts = cfg.kind_max_attempts.get(&env.kind).copied().unwrap_or(cfg.max_attempts);
+    }
+    if !cfg.kinds.is_empty() && !cfg.kinds.contains(&env.kind) {
+        let msg = format!("unknown task kind {:?}; accepted kinds: {}", env.kind, cfg.kinds.join(", "));
+        return Err((RejectReason::UnknownKind, msg));
+    }
+    Ok(())
 }
 
 /// Decodes and validates a batch and writes it to Postgres, then hands the rest to a
@@ -167,18 +192,8 @@ async fn process_batch(ctx: &Arc<Ctx>, stages: &Arc<Semaphore>, msgs: Vec<Messag
         match decoded {
             Err(e) => refusals.push((i, refuse(queue, e.reason(), e.to_string()))),
             Ok(mut env) => {
-                if env.queue != queue && env.queue != taskfleet_proto::DEFAULT_QUEUE {
-                    let msg = format!("queue {:?} in the body differs from the subject's queue {queue:?}", env.queue);
-                    refusals.push((i, refuse(queue, RejectReason::Invalid, msg)));
-                    continue;
-                }
-                env.queue = queue.to_string();
-                if env.max_attempts == 0 {
-                    env.max_attempts = cfg.kind_max_attempts.get(&env.kind).copied().unwrap_or(cfg.max_attempts);
-                }
-                if !cfg.kinds.is_empty() && !cfg.kinds.contains(&env.kind) {
-                    let msg = format!("unknown task kind {:?}; accepted kinds: {}", env.kind, cfg.kinds.join(", "));
-                    refusals.push((i, refuse(queue, RejectReason::UnknownKind, msg)));
+                if let Err((reason, message)) = admit(cfg, queue, &mut env) {
+                    refusals.push((i, refuse(queue, reason, message)));
                     continue;
                 }
                 spans.push(intake_span(m, &env));
@@ -367,7 +382,11 @@ async fn report_refusals(ctx: &Ctx, msgs: &[Message], refusals: Vec<(usize, Refu
 
 #[cfg(test)]
 mod tests {
-    use super::batch_len;
+    use super::*;
+
+    fn subjects() -> Subjects {
+        Subjects::new("taskfleet", "TASKFLEET")
+    }
 
     #[test]
     fn batches_are_cut_by_bytes() {
@@ -376,5 +395,63 @@ mod tests {
         assert_eq!(batch_len([5000, 1], 1000), 1, "an oversize body goes alone");
         assert_eq!(batch_len([600, 400, 1], 1000), 2);
         assert_eq!(batch_len(std::iter::repeat_n(512 * 1024, 1000), 16 << 20), 32);
+    }
+
+    #[test]
+    fn a_submission_is_routed_only_to_a_valid_accepted_queue() {
+        let mut cfg = CoordinatorConfig::default();
+        assert_eq!(check_route(&subjects(), &cfg, "taskfleet.submit.llm", None), Ok("llm"));
+        let (queue, _, _) = check_route(&subjects(), &cfg, "taskfleet.submit.bad queue", None).unwrap_err();
+        assert_eq!(queue, INVALID_QUEUE, "an invalid queue name is reported under the `invalid` queue");
+        let (queue, _, _) = check_route(&subjects(), &cfg, "elsewhere.submit.llm", None).unwrap_err();
+        assert_eq!(queue, INVALID_QUEUE);
+
+        cfg.queues = vec!["default".into()];
+        let (queue, reason, _) = check_route(&subjects(), &cfg, "taskfleet.submit.llm", None).unwrap_err();
+        assert_eq!((queue, reason), (INVALID_QUEUE, RejectReason::UnknownQueue));
+        assert_eq!(check_route(&subjects(), &cfg, "taskfleet.submit.default", None), Ok("default"));
+    }
+
+    #[test]
+    fn a_reply_subject_outside_the_prefix_or_into_the_fleet_is_refused_under_its_queue() {
+        let cfg = CoordinatorConfig::default();
+        let route = |reply| check_route(&subjects(), &cfg, "taskfleet.submit.default", Some(reply));
+        assert_eq!(route("_INBOX.abc"), Ok("default"));
+        for reply in ["other.inbox", "$JS.API.STREAM.DELETE.TASKFLEET_SUBMIT", "taskfleet.dispatch.default.high"] {
+            let (queue, reason, _) = route(reply).unwrap_err();
+            assert_eq!((queue, reason), ("default", RejectReason::InvalidReplyTo), "{reply}");
+        }
+    }
+
+    #[test]
+    fn an_admitted_envelope_takes_the_subject_queue_and_its_kind_attempts() {
+        let mut cfg = CoordinatorConfig::default();
+        cfg.kind_max_attempts.insert("llm.chat".into(), 5);
+        let mut env = TaskEnvelope::new("llm.chat", serde_json::Value::Null);
+        assert_eq!(admit(&cfg, "llm", &mut env), Ok(()));
+        assert_eq!((env.queue.as_str(), env.max_attempts), ("llm", 5));
+
+        let mut env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        assert_eq!(admit(&cfg, "default", &mut env), Ok(()));
+        assert_eq!(env.max_attempts, cfg.max_attempts, "a kind without an entry gets the fleet's default");
+
+        let mut env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        env.max_attempts = 9;
+        assert_eq!(admit(&cfg, "default", &mut env), Ok(()));
+        assert_eq!(env.max_attempts, 9, "a task's own limit stands");
+    }
+
+    #[test]
+    fn a_body_queue_other_than_the_subject_or_an_unaccepted_kind_is_refused() {
+        let mut cfg = CoordinatorConfig::default();
+        let mut env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        env.queue = "billing".into();
+        assert_eq!(admit(&cfg, "llm", &mut env).map_err(|(reason, _)| reason), Err(RejectReason::Invalid));
+
+        cfg.kinds = vec!["echo".into()];
+        let mut env = TaskEnvelope::new("sleep", serde_json::Value::Null);
+        assert_eq!(admit(&cfg, "default", &mut env).map_err(|(reason, _)| reason), Err(RejectReason::UnknownKind));
+        let mut env = TaskEnvelope::new("echo", serde_json::Value::Null);
+        assert_eq!(admit(&cfg, "default", &mut env), Ok(()));
     }
 }

@@ -25,7 +25,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
             // A full claim: more may be due.
             Ok(n) if n as i64 >= CLAIM_LIMIT => Duration::ZERO,
             // At least a moment: a due row another coordinator holds locked is not ours to wait on.
-            Ok(_) => until_next_due(&ctx).await.max(Duration::from_millis(20)).min(longest),
+            Ok(_) => pause_until_due(until_next_due(&ctx).await, longest),
             Err(e) => {
                 tracing::warn!(error = %e, "cannot dispatch due retries; will try again");
                 longest
@@ -51,8 +51,34 @@ async fn promote_due(ctx: &Ctx) -> anyhow::Result<usize> {
 
 /// Time until the earliest waiting retry or deferral; long when there is none.
 async fn until_next_due(ctx: &Ctx) -> Duration {
-    match ctx.store.next_due().await {
-        Ok(Some(at)) => at.duration_since(SystemTime::now()).unwrap_or(Duration::ZERO),
-        Ok(None) | Err(_) => Duration::from_secs(3600),
+    time_until(ctx.store.next_due().await.ok().flatten(), SystemTime::now())
+}
+
+/// Time from `now` until `due` (none when it has passed); an hour when nothing is due.
+fn time_until(due: Option<SystemTime>, now: SystemTime) -> Duration {
+    due.map_or(Duration::from_secs(3600), |at| at.duration_since(now).unwrap_or(Duration::ZERO))
+}
+
+/// The sleep after a claim that was not full: until the next due row, but at least a moment (a
+/// due row another coordinator holds locked is not ours to wait on) and at most `longest`.
+fn pause_until_due(until_due: Duration, longest: Duration) -> Duration {
+    until_due.max(Duration::from_millis(20)).min(longest)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_promoter_sleeps_until_the_next_due_row_within_its_bounds() {
+        let now = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000);
+        let longest = Duration::from_secs(1);
+        let after = |ms| pause_until_due(time_until(Some(now + Duration::from_millis(ms)), now), longest);
+        assert_eq!(after(300), Duration::from_millis(300));
+        assert_eq!(after(5_000), longest);
+        assert_eq!(after(0), Duration::from_millis(20), "a due row another coordinator holds is not spun on");
+        let overdue = pause_until_due(time_until(Some(now - Duration::from_secs(5)), now), longest);
+        assert_eq!(overdue, Duration::from_millis(20));
+        assert_eq!(pause_until_due(time_until(None, now), longest), longest, "nothing due: the longest sleep");
     }
 }

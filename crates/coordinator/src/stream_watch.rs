@@ -39,15 +39,21 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
             continue;
         }
         for check in checks(&ctx).await {
-            let was = firing.insert(check.key.clone(), check.firing).unwrap_or(false);
-            if was != check.firing {
+            if changed(&mut firing, &check) {
                 announce(&ctx, &check).await;
             }
         }
     }
 }
 
+/// Notes a check's verdict; `true` when its rule started or stopped firing (a rule never seen
+/// before counts as not firing, so a quiet start announces nothing).
+fn changed(firing: &mut HashMap<String, bool>, check: &Check) -> bool {
+    firing.insert(check.key.clone(), check.firing).unwrap_or(false) != check.firing
+}
+
 /// One rule's verdict on one stream.
+#[derive(Debug)]
 struct Check {
     key: String,
     rule: &'static str,
@@ -66,17 +72,9 @@ async fn checks(ctx: &Ctx) -> Vec<Check> {
         else {
             continue;
         };
-        let share = if max > 0 { bytes as f64 / max as f64 } else { 0.0 };
-        metrics::gauge!("taskfleet_stream_fill_ratio", "stream" => stream.clone()).set(share);
-        out.push(Check {
-            key: format!("full:{stream}"),
-            rule: "stream_nearly_full",
-            metric: "fill_ratio",
-            value: share,
-            threshold: FULL_SHARE,
-            firing: share > FULL_SHARE,
-            message: format!("stream {stream} holds {bytes} of {max} bytes"),
-        });
+        let check = fill_check(&stream, bytes, max);
+        metrics::gauge!("taskfleet_stream_fill_ratio", "stream" => stream).set(check.value);
+        out.push(check);
     }
     let max_age = ctx.config.nats.events_max_age;
     let mut stuck = Duration::ZERO;
@@ -88,7 +86,29 @@ async fn checks(ctx: &Ctx) -> Vec<Check> {
         }
     }
     metrics::gauge!("taskfleet_coordinator_events_stuck_seconds").set(stuck.as_secs_f64());
-    out.push(Check {
+    out.push(aging_check(stuck, max_age));
+    out
+}
+
+/// `stream_nearly_full` for a stream holding `bytes` of at most `max` (unlimited when not
+/// positive, and then never full).
+fn fill_check(stream: &str, bytes: u64, max: i64) -> Check {
+    let share = if max > 0 { bytes as f64 / max as f64 } else { 0.0 };
+    Check {
+        key: format!("full:{stream}"),
+        rule: "stream_nearly_full",
+        metric: "fill_ratio",
+        value: share,
+        threshold: FULL_SHARE,
+        firing: share > FULL_SHARE,
+        message: format!("stream {stream} holds {bytes} of {max} bytes"),
+    }
+}
+
+/// `events_unrecorded_aging`: the coordinator's event recording has not moved for `stuck`,
+/// which fires past half of `max_age` (JetStream drops events older than that unrecorded).
+fn aging_check(stuck: Duration, max_age: Duration) -> Check {
+    Check {
         key: "events_aging".into(),
         rule: "events_unrecorded_aging",
         metric: "stuck_seconds",
@@ -98,8 +118,7 @@ async fn checks(ctx: &Ctx) -> Vec<Check> {
         message: format!(
             "events have waited {stuck:?} without being recorded; JetStream drops them after events_max_age ({max_age:?})"
         ),
-    });
-    out
+    }
 }
 
 async fn announce(ctx: &Ctx, c: &Check) {
@@ -122,5 +141,36 @@ async fn announce(ctx: &Ctx, c: &Check) {
     let body = serde_json::to_vec(&alert).unwrap_or_default();
     if let Err(e) = ctx.client.publish(ctx.topology.subjects.alerts(), body.into()).await {
         tracing::debug!(error = %e, "cannot publish a stream alert");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_stream_is_nearly_full_above_its_share_and_never_when_unlimited() {
+        assert!(!fill_check("S", 80, 100).firing, "exactly the share does not fire");
+        assert!(fill_check("S", 81, 100).firing);
+        assert!(!fill_check("S", u64::MAX, -1).firing, "an unlimited stream is never full");
+        assert_eq!(fill_check("S", 1, 100).key, "full:S");
+    }
+
+    #[test]
+    fn unrecorded_events_alert_past_half_their_retention() {
+        let day = Duration::from_secs(86_400);
+        assert!(!aging_check(day / 2, day).firing);
+        assert!(aging_check(day / 2 + Duration::from_secs(1), day).firing);
+    }
+
+    #[test]
+    fn only_a_change_of_verdict_is_announced() {
+        let mut firing = HashMap::new();
+        let (quiet, loud) = (fill_check("S", 0, 100), fill_check("S", 100, 100));
+        assert!(!changed(&mut firing, &quiet), "a quiet start announces nothing");
+        assert!(changed(&mut firing, &loud), "starts firing");
+        assert!(!changed(&mut firing, &loud), "still firing");
+        assert!(changed(&mut firing, &quiet), "resolved");
+        assert!(changed(&mut HashMap::new(), &loud), "a rule firing at start is announced");
     }
 }
