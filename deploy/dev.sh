@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Brings a local fleet up and runs a demo workload: services (deploy/dev-services.sh), a
-# release build, one coordinator, two workers, the aggregator and a mock LLM API, then a demo
+# Brings a local fleet up and runs a demo workload: services (deploy/dev-services.sh), the
+# debug build (the one `make test` uses, so it is compiled once for both), one coordinator, two workers, the aggregator and a mock LLM API, then a demo
 # workload (echo and sleep tasks, then LLM calls through the shared cache and a rate limit).
 # The fleet keeps running afterwards; `make stop` (deploy/dev.sh stop) stops it.
 set -euo pipefail
@@ -30,9 +30,9 @@ source .dev/env
 export TASKFLEET_NATS_URL
 
 command -v cargo >/dev/null || { log "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
-log "building (release)"
-cargo build --release --locked --workspace --bins
-BIN=target/release
+log "building (debug profile, shared with make test)"
+cargo build --locked --workspace --bins
+BIN=target/debug
 
 stop_fleet
 mkdir -p .dev/pids .dev/logs
@@ -95,8 +95,8 @@ $BIN/taskfleet counts
 cat >&2 <<MSG
 
 The fleet is running. Try:
-  source .dev/env && target/release/taskfleet submit --kind sleep --payload '{"ms":500}' --wait
-  open http://localhost:9090/            # the dashboard (also: target/release/taskfleet top)
+  source .dev/env && target/debug/taskfleet submit --kind sleep --payload '{"ms":500}' --wait
+  open http://localhost:9090/            # the dashboard (also: target/debug/taskfleet top)
   curl -s localhost:9090/v1/stats        # aggregator
   curl -s localhost:8080/v1/counts       # coordinator
   make stop                              # stop the fleet
