@@ -13,10 +13,12 @@
 mod loader;
 mod policies;
 mod sections;
+mod specs;
 
-pub use loader::ConfigError;
+pub use loader::{ConfigError, Origin};
 pub use policies::*;
 pub use sections::*;
+pub use specs::*;
 
 use serde::{Deserialize, Serialize};
 
