@@ -213,7 +213,7 @@ fn set(target: &mut Value, path: &[String], value: Value) {
 
 /// Every accepted variable name with the (section, field) it sets: the long form for every
 /// field, and the short form for field names that occur in one section only.
-fn env_names(root: &Value) -> Vec<(String, KeyPath)> {
+pub(crate) fn env_names(root: &Value) -> Vec<(String, KeyPath)> {
     let mut long = Vec::new();
     let mut count = HashMap::<String, usize>::new();
     if let Value::Object(sections) = root {
