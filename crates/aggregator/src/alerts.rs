@@ -9,14 +9,16 @@ use taskfleet_proto::{Alert, AlertState};
 
 /// Evaluates the configured rules.
 pub struct Alerts {
-    rules: Vec<AlertRule>,
+    /// Rules by name.
+    rules: Vec<(String, AlertRule)>,
     min_samples: u64,
     latest: BTreeMap<String, Alert>,
 }
 
 impl Alerts {
     /// Rules to evaluate; latency and rate rules wait for `min_samples` final states in the window.
-    pub fn new(rules: Vec<AlertRule>, min_samples: u64) -> Alerts {
+    pub fn new<'a>(rules: impl IntoIterator<Item = (&'a str, &'a AlertRule)>, min_samples: u64) -> Alerts {
+        let rules = rules.into_iter().map(|(name, rule)| (name.to_string(), rule.clone())).collect();
         Alerts { rules, min_samples, latest: BTreeMap::new() }
     }
 
@@ -45,16 +47,16 @@ impl Alerts {
     /// Evaluates every rule; returns the alerts whose state changed.
     pub fn evaluate(&mut self, fleet: &Figures, workers: &[WorkerFigures], now_ms: u64) -> Vec<Alert> {
         let mut changes = Vec::new();
-        for rule in &self.rules {
+        for (name, rule) in &self.rules {
             let Some(value) = self.value(&rule.metric, fleet, workers) else { continue };
             let holds = if rule.above { value > rule.threshold } else { value < rule.threshold };
-            let firing = self.latest.get(&rule.name).is_some_and(|a| a.state == AlertState::Firing);
+            let firing = self.latest.get(name).is_some_and(|a| a.state == AlertState::Firing);
             if holds == firing {
                 continue;
             }
             let op = if rule.above { ">" } else { "<" };
             let alert = Alert {
-                rule: rule.name.clone(),
+                rule: name.clone(),
                 state: if holds { AlertState::Firing } else { AlertState::Resolved },
                 metric: rule.metric.clone(),
                 value,
@@ -62,15 +64,9 @@ impl Alerts {
                 threshold: rule.threshold,
                 since: now_ms,
                 message: if holds {
-                    format!("{}: {} is {} ({op} {})", rule.name, rule.metric, round(value), rule.threshold)
+                    format!("{name}: {} is {} ({op} {})", rule.metric, round(value), rule.threshold)
                 } else {
-                    format!(
-                        "{}: {} back to {} (threshold {op} {})",
-                        rule.name,
-                        rule.metric,
-                        round(value),
-                        rule.threshold
-                    )
+                    format!("{name}: {} back to {} (threshold {op} {})", rule.metric, round(value), rule.threshold)
                 },
             };
             changes.push(alert.clone());
@@ -98,14 +94,14 @@ mod tests {
     use super::*;
     use crate::stats::Latency;
 
-    fn rule(name: &str, metric: &str, above: bool, threshold: f64) -> AlertRule {
-        AlertRule { name: name.into(), metric: metric.into(), above, threshold }
+    fn rule(metric: &str, above: bool, threshold: f64) -> AlertRule {
+        AlertRule { metric: metric.into(), above, threshold }
     }
 
     #[test]
     fn fires_once_then_resolves() {
-        let mut alerts =
-            Alerts::new(vec![rule("slow", "p95_ms", true, 5000.0), rule("cache", "cache_hit_rate", false, 0.5)], 20);
+        let (slow, cache) = (rule("p95_ms", true, 5000.0), rule("cache_hit_rate", false, 0.5));
+        let mut alerts = Alerts::new([("slow", &slow), ("cache", &cache)], 20);
         let mut fleet = Figures {
             end_to_end_ms: Latency { count: 100, p50: Some(10.0), p95: Some(6000.0), p99: Some(7000.0), max: None },
             cache_hit_rate: Some(0.9),

@@ -72,7 +72,7 @@ async fn main() -> anyhow::Result<()> {
         stats: Mutex::new(stats),
         held: Mutex::new(Vec::new()),
         snapshot: Mutex::new(Arc::new(b"{}".to_vec())),
-        alerts: Mutex::new(Alerts::new(config.aggregator.parsed_alert_rules()?, cfg.alert_min_samples)),
+        alerts: Mutex::new(Alerts::new(config.aggregator.enabled_alert_rules(), cfg.alert_min_samples)),
     });
 
     let ready = Arc::new(AtomicBool::new(true));

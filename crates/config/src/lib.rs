@@ -8,15 +8,23 @@
 //! short form `TASKFLEET_<FIELD>` works too (`TASKFLEET_MAX_CONCURRENT_TASKS=32`). Lists are
 //! comma-separated (`TASKFLEET_WORKER_QUEUES=default,llm`), maps are `key=value` pairs
 //! (`TASKFLEET_PRIORITY_WEIGHTS=critical=16,high=8,normal=4,low=1`), durations are humantime
-//! strings (`30s`, `250ms`).
+//! strings (`30s`, `250ms`). Any other `TASKFLEET_*` variable is an error, except those other
+//! parts of the project read (the mock API's, the tests'). Values in small text formats (rate
+//! limits, cache policies, chains, prices, alert rules) are parsed once, at load, into typed
+//! values ([`RateLimitSpec`], [`CacheSpec`], …); an error names the variable or file key that
+//! set the value.
 
 mod loader;
 mod policies;
+#[cfg(test)]
+mod reference;
 mod sections;
+mod specs;
 
-pub use loader::ConfigError;
+pub use loader::{ConfigError, Origin};
 pub use policies::*;
 pub use sections::*;
+pub use specs::*;
 
 use serde::{Deserialize, Serialize};
 

@@ -2,7 +2,7 @@
 
 use crate::Config;
 use serde_json::{Map, Value};
-use std::path::Path;
+use std::collections::{BTreeMap, HashMap};
 
 /// Why configuration could not be loaded.
 #[derive(Debug, thiserror::Error)]
@@ -16,12 +16,12 @@ pub enum ConfigError {
         source: std::io::Error,
     },
     /// The config file is not valid TOML.
-    #[error("config file {path} is not valid TOML: {message}")]
+    #[error("config file {path} is not valid TOML: {source}")]
     Toml {
         /// The file.
         path: String,
-        /// Parser message.
-        message: String,
+        /// The parser's error (it names the line and key).
+        source: toml::de::Error,
     },
     /// An environment variable holds a value of the wrong shape.
     #[error("environment variable {var}: {message}")]
@@ -31,9 +31,25 @@ pub enum ConfigError {
         /// What is wrong.
         message: String,
     },
-    /// The merged configuration does not fit the schema (unknown key, wrong type).
+    /// A `TASKFLEET_*` environment variable names no configuration field.
+    #[error("environment variable {var} names no configuration field{}", did_you_mean(suggestion.as_deref()))]
+    UnknownEnv {
+        /// The variable.
+        var: String,
+        /// The known variable with the closest name, if one is close.
+        suggestion: Option<String>,
+    },
+    /// A value does not fit its field: wrong type, unknown key, malformed duration or rate limit.
+    #[error("{origin}: {source}")]
+    Value {
+        /// The variable or file key that set it.
+        origin: Origin,
+        /// What is wrong.
+        source: serde_json::Error,
+    },
+    /// The configuration does not fit the schema in a way no single value explains.
     #[error("invalid configuration: {0}")]
-    Schema(String),
+    Schema(#[source] serde_json::Error),
     /// A value is out of range or inconsistent with another.
     #[error("invalid configuration: {field}: {message}")]
     Invalid {
@@ -44,42 +60,162 @@ pub enum ConfigError {
     },
 }
 
-/// Environment variables with the `TASKFLEET_` prefix that are not configuration fields.
-const NOT_FIELDS: &[&str] = &["TASKFLEET_CONFIG"];
+fn did_you_mean(suggestion: Option<&str>) -> String {
+    suggestion.map(|s| format!(" (did you mean {s}?)")).unwrap_or_default()
+}
+
+/// Where a configuration value came from.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Origin {
+    /// An environment variable.
+    Env(String),
+    /// A key of the config file.
+    File {
+        /// The file.
+        path: String,
+        /// The dotted key, e.g. `worker.max_concurrent_tasks`.
+        key: String,
+    },
+}
+
+impl std::fmt::Display for Origin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Origin::Env(var) => write!(f, "environment variable {var}"),
+            Origin::File { path, key } => write!(f, "config file {path}, key {key}"),
+        }
+    }
+}
+
+/// `TASKFLEET_*` variables that other programs of the project read and that are not
+/// configuration fields, so a service started with them in its environment accepts them: the
+/// config file's name, `taskfleet top`'s aggregator address, the dev script's NATS port, the
+/// tests' `nats-server` binary, the switch that rewrites the generated configuration reference,
+/// and the load knobs of `tests/rescue.rs`.
+const NOT_FIELDS: &[&str] = &[
+    "TASKFLEET_CONFIG",
+    "TASKFLEET_AGGREGATOR_URL",
+    "TASKFLEET_DEV_NATS_PORT",
+    "TASKFLEET_NATS_SERVER_BIN",
+    "TASKFLEET_BLESS",
+    "TASKFLEET_RESCUE_RATE",
+    "TASKFLEET_RESCUE_SECS",
+    "TASKFLEET_RESCUE_SLEEP_MS",
+    "TASKFLEET_RESCUE_CONCURRENCY",
+];
+
+/// Prefixes of further such variables: the mock API's flags (`taskfleet-mock-api`), the fault
+/// suite's knobs (`tests/faults.rs`) and the test support's servers.
+const NOT_FIELD_PREFIXES: &[&str] = &["TASKFLEET_MOCK_", "TASKFLEET_FAULT_", "TASKFLEET_TEST_"];
+
+/// A field, or a whole section, as a path from the root (`["worker", "queues"]`).
+type KeyPath = Vec<String>;
 
 pub(crate) fn load(
-    file: Option<&Path>,
+    file: Option<&std::path::Path>,
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<Config, ConfigError> {
-    let mut root = serde_json::to_value(Config::default()).map_err(|e| ConfigError::Schema(e.to_string()))?;
+    let defaults = serde_json::to_value(Config::default()).map_err(ConfigError::Schema)?;
+    let mut root = defaults.clone();
+    let mut origins = BTreeMap::new();
     if let Some(path) = file {
-        let text = std::fs::read_to_string(path)
-            .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
-        let table: toml::Table = toml::from_str(&text)
-            .map_err(|e| ConfigError::Toml { path: path.display().to_string(), message: e.to_string() })?;
-        let file_value = serde_json::to_value(table).map_err(|e| ConfigError::Schema(e.to_string()))?;
-        merge(&mut root, file_value);
+        apply_file(&mut root, &mut origins, path)?;
     }
-    let names = env_names(&root);
+    apply_env(&mut root, &mut origins, &defaults, env)?;
+    serde_json::from_value(root.clone()).map_err(|source| blame(&defaults, &root, origins, source))
+}
+
+/// Merges the TOML file at `path` into `root`, noting the keys it sets.
+fn apply_file(
+    root: &mut Value,
+    origins: &mut BTreeMap<KeyPath, Origin>,
+    path: &std::path::Path,
+) -> Result<(), ConfigError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|source| ConfigError::Read { path: path.display().to_string(), source })?;
+    let table: toml::Table =
+        toml::from_str(&text).map_err(|source| ConfigError::Toml { path: path.display().to_string(), source })?;
+    let file = serde_json::to_value(table).map_err(ConfigError::Schema)?;
+    for key in file_keys(&file) {
+        origins.insert(key.clone(), Origin::File { path: path.display().to_string(), key: key.join(".") });
+    }
+    merge(root, file);
+    Ok(())
+}
+
+/// Sets the fields named by `TASKFLEET_*` variables, noting which variable set each; any other
+/// `TASKFLEET_*` variable that is not known to be read elsewhere is an error.
+fn apply_env(
+    root: &mut Value,
+    origins: &mut BTreeMap<KeyPath, Origin>,
+    defaults: &Value,
+    env: impl IntoIterator<Item = (String, String)>,
+) -> Result<(), ConfigError> {
+    let names = env_names(defaults);
     for (var, raw) in env {
-        if !var.starts_with("TASKFLEET_") || NOT_FIELDS.contains(&var.as_str()) || var.starts_with("TASKFLEET_TEST_") {
+        if !var.starts_with("TASKFLEET_") {
             continue;
         }
-        let Some((section, field)) = names.iter().find(|(name, _)| *name == var).map(|(_, path)| path.clone()) else {
-            tracing::warn!(%var, "ignoring environment variable that names no configuration field");
-            continue;
+        let Some((_, path)) = names.iter().find(|(name, _)| *name == var) else {
+            if NOT_FIELDS.contains(&var.as_str()) || NOT_FIELD_PREFIXES.iter().any(|p| var.starts_with(p)) {
+                continue;
+            }
+            return Err(ConfigError::UnknownEnv { suggestion: closest(&var, &names), var });
         };
-        let slot = &mut root[&section][&field];
-        *slot = parse_env_value(slot, &raw).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+        let shape = &defaults[&path[0]][&path[1]];
+        let value = parse_env_value(shape, &raw).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
+        set(root, path, value);
+        origins.insert(path.clone(), Origin::Env(var));
     }
-    serde_json::from_value(root).map_err(|e| ConfigError::Schema(e.to_string()))
+    Ok(())
+}
+
+/// The keys a file sets, down to fields: `["worker", "queues"]`, or `["name"]` for a top-level
+/// value that is not a section.
+fn file_keys(file: &Value) -> Vec<KeyPath> {
+    let Value::Object(sections) = file else { return Vec::new() };
+    let mut keys = Vec::new();
+    for (section, fields) in sections {
+        match fields {
+            Value::Object(fields) => keys.extend(fields.keys().map(|f| vec![section.clone(), f.clone()])),
+            _ => keys.push(vec![section.clone()]),
+        }
+    }
+    keys
+}
+
+/// Finds which variable or file key made deserialization fail: each value set on its own over
+/// the defaults, the first that fails is the culprit.
+fn blame(defaults: &Value, root: &Value, origins: BTreeMap<KeyPath, Origin>, error: serde_json::Error) -> ConfigError {
+    for (path, origin) in origins {
+        let mut probe = defaults.clone();
+        let value = path.iter().try_fold(root, |v, key| v.get(key)).cloned().unwrap_or(Value::Null);
+        set(&mut probe, &path, value);
+        if let Err(source) = serde_json::from_value::<Config>(probe) {
+            return ConfigError::Value { origin, source };
+        }
+    }
+    ConfigError::Schema(error)
+}
+
+/// Sets the value at `path`, creating objects on the way.
+fn set(target: &mut Value, path: &[String], value: Value) {
+    let mut slot = target;
+    for key in path {
+        if !slot.is_object() {
+            *slot = Value::Object(Map::new());
+        }
+        let Value::Object(map) = slot else { return };
+        slot = map.entry(key.clone()).or_insert(Value::Null);
+    }
+    *slot = value;
 }
 
 /// Every accepted variable name with the (section, field) it sets: the long form for every
 /// field, and the short form for field names that occur in one section only.
-fn env_names(root: &Value) -> Vec<(String, (String, String))> {
+pub(crate) fn env_names(root: &Value) -> Vec<(String, KeyPath)> {
     let mut long = Vec::new();
-    let mut count = std::collections::HashMap::<String, usize>::new();
+    let mut count = HashMap::<String, usize>::new();
     if let Value::Object(sections) = root {
         for (section, fields) in sections {
             if let Value::Object(fields) = fields {
@@ -94,13 +230,36 @@ fn env_names(root: &Value) -> Vec<(String, (String, String))> {
     for (section, field) in long {
         names.push((
             format!("TASKFLEET_{}_{}", section.to_uppercase(), field.to_uppercase()),
-            (section.clone(), field.clone()),
+            vec![section.clone(), field.clone()],
         ));
         if count[&field] == 1 {
-            names.push((format!("TASKFLEET_{}", field.to_uppercase()), (section, field)));
+            names.push((format!("TASKFLEET_{}", field.to_uppercase()), vec![section, field]));
         }
     }
     names
+}
+
+/// The known variable closest to `var`, when it is close enough to be a typo of it.
+fn closest(var: &str, names: &[(String, KeyPath)]) -> Option<String> {
+    let (distance, name) = names.iter().map(|(name, _)| (edit_distance(var, name), name)).min()?;
+    (distance <= 3.max(var.len() / 5)).then(|| name.clone())
+}
+
+/// Levenshtein distance: the fewest single-character insertions, deletions and substitutions
+/// that turn `a` into `b`.
+fn edit_distance(a: &str, b: &str) -> usize {
+    let b: Vec<char> = b.chars().collect();
+    let mut row: Vec<usize> = (0..=b.len()).collect();
+    for (i, ca) in a.chars().enumerate() {
+        let mut diagonal = row[0];
+        row[0] = i + 1;
+        for (j, cb) in b.iter().enumerate() {
+            let above = row[j + 1];
+            row[j + 1] = if ca == *cb { diagonal } else { 1 + diagonal.min(above).min(row[j]) };
+            diagonal = above;
+        }
+    }
+    row[b.len()]
 }
 
 /// Turns an environment string into a value of the same shape as the default it replaces.
@@ -175,7 +334,10 @@ mod tests {
                 ("TASKFLEET_WORKER_QUEUES", "a, b"),
                 ("TASKFLEET_NATS_ACK_WAIT", "45s"),
                 ("TASKFLEET_PRIORITY_WEIGHTS", "critical=9,high=5,normal=2,low=1"),
-                ("TASKFLEET_UNRELATED_THING", "x"),
+                ("TASKFLEET_MOCK_LATENCY_MS", "30"),
+                ("TASKFLEET_NATS_SERVER_BIN", "/usr/bin/nats-server"),
+                ("TASKFLEET_RESCUE_RATE", "100"),
+                ("OTHER", "x"),
                 ("TASKFLEET_COORDINATOR_QUEUES", "default, llm"),
                 ("TASKFLEET_REPLY_PREFIX", "_R."),
                 ("TASKFLEET_COORDINATOR_SUBMIT_BATCH_MAX_BYTES", "1048576"),
@@ -216,7 +378,7 @@ mod tests {
         let err = Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURRENT_TASKS", "0")])).unwrap_err();
         assert!(err.to_string().contains("max_concurrent_tasks"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_NATS_ACK_WAIT", "soon")])).unwrap_err();
-        assert!(err.to_string().contains("invalid"), "{err}");
+        assert!(err.to_string().contains("TASKFLEET_NATS_ACK_WAIT"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_WORKER_QUEUES", "a.b")])).unwrap_err();
         assert!(err.to_string().contains("queues"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_COORDINATOR_QUEUES", "ok,a>b")])).unwrap_err();
@@ -227,5 +389,68 @@ mod tests {
         }
         let err = Config::load_from(None, env(&[("TASKFLEET_SUBMIT_BATCH_MAX_BYTES", "1000")])).unwrap_err();
         assert!(err.to_string().contains("submit_batch_max_bytes"), "{err}");
+    }
+
+    #[test]
+    fn errors_name_the_variable_or_key() {
+        let dir = std::env::temp_dir().join(format!("tfcfg-key-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("c.toml");
+        std::fs::write(&path, "[nats]\nurl = \"nats://h:1\"\n[policies]\nbreaker_window = \"soon\"\n").unwrap();
+        let err = Config::load_from(Some(&path), env(&[])).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Value { origin: Origin::File { key, .. }, .. } if key == "policies.breaker_window")
+        );
+        assert!(err.to_string().contains("policies.breaker_window"), "{err}");
+        // The variable wins over the file, and is blamed.
+        let err = Config::load_from(Some(&path), env(&[("TASKFLEET_POLICIES_BREAKER_WINDOW", "later")])).unwrap_err();
+        assert!(err.to_string().contains("TASKFLEET_POLICIES_BREAKER_WINDOW"), "{err}");
+        std::fs::remove_dir_all(&dir).ok();
+
+        let err = Config::load_from(None, env(&[("TASKFLEET_POLICIES_RATE_LIMITS", "api=5/s,slow=fast")])).unwrap_err();
+        assert!(
+            matches!(&err, ConfigError::Value { origin: Origin::Env(var), .. } if var == "TASKFLEET_POLICIES_RATE_LIMITS"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("fast"), "{err}");
+        let err = Config::load_from(None, env(&[("TASKFLEET_AGGREGATOR_ALERT_RULES", "x=p95 > 1")])).unwrap_err();
+        assert!(err.to_string().contains("TASKFLEET_AGGREGATOR_ALERT_RULES"), "{err}");
+    }
+
+    #[test]
+    fn unknown_variables_are_refused_with_a_suggestion() {
+        let err = Config::load_from(None, env(&[("TASKFLEET_MAX_CONCURENT_TASKS", "7")])).unwrap_err();
+        let ConfigError::UnknownEnv { var, suggestion } = &err else { panic!("{err}") };
+        assert_eq!(var, "TASKFLEET_MAX_CONCURENT_TASKS");
+        assert_eq!(suggestion.as_deref(), Some("TASKFLEET_MAX_CONCURRENT_TASKS"));
+        assert!(err.to_string().contains("did you mean TASKFLEET_MAX_CONCURRENT_TASKS?"), "{err}");
+        let err = Config::load_from(None, env(&[("TASKFLEET_UNRELATED_THING", "x")])).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownEnv { suggestion: None, .. }), "{err}");
+    }
+
+    #[test]
+    fn typed_values_load_from_env() {
+        let c = Config::load_from(
+            None,
+            env(&[
+                ("TASKFLEET_POLICIES_RATE_LIMITS", "openai=500/min burst 50,tavily=5/s"),
+                ("TASKFLEET_POLICIES_KIND_LIMITS", "llm.chat=openai+tavily"),
+                ("TASKFLEET_POLICIES_CACHE", "llm.chat=1h by model+messages"),
+                ("TASKFLEET_AGGREGATOR_ALERT_RULES", "high_memory=off,slow=p99_ms > 900"),
+            ]),
+        )
+        .unwrap();
+        assert_eq!(c.policies.rate_limits["openai"].burst, 50);
+        assert_eq!(c.policies.kind_limits["llm.chat"].0, vec!["openai", "tavily"]);
+        assert_eq!(c.policies.cache["llm.chat"].key_fields, vec!["model", "messages"]);
+        let rules: Vec<_> = c.aggregator.enabled_alert_rules().map(|(name, rule)| (name, rule.threshold)).collect();
+        assert_eq!(rules, vec![("slow", 900.0)]);
+    }
+
+    #[test]
+    fn edit_distances() {
+        assert_eq!(edit_distance("kitten", "sitting"), 3);
+        assert_eq!(edit_distance("", "abc"), 3);
+        assert_eq!(edit_distance("same", "same"), 0);
     }
 }

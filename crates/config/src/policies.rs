@@ -1,7 +1,7 @@
 //! The fleet-wide policies kept in Redis (rate limits, result cache, circuit breakers) and the
 //! outside providers the built-in `http` and `llm.chat` handlers call.
 
-use crate::ConfigError;
+use crate::{CacheSpec, Chain, ConfigError, LimitNames, RateLimitSpec, TokenPrice};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -13,17 +13,14 @@ pub struct PoliciesConfig {
     /// Named rate limits, e.g. `openai = "500/min burst 50"`, `tavily = "5/s"`: a rate per
     /// period (`s`, `min`, `h`, or a duration such as `10s`) and an optional burst (default 1).
     /// Enforced across the fleet (GCRA in Redis). Env: `TASKFLEET_RATE_LIMITS=openai=500/min burst 50,tavily=5/s`.
-    #[serde(deserialize_with = "string_map")]
-    pub rate_limits: BTreeMap<String, String>,
+    pub rate_limits: BTreeMap<String, RateLimitSpec>,
     /// Limits every task of a kind needs, `+`-separated, e.g. `llm.chat = "openai"`. Tasks can
     /// name more in their envelope (`limits`).
-    #[serde(deserialize_with = "string_map")]
-    pub kind_limits: BTreeMap<String, String>,
+    pub kind_limits: BTreeMap<String, LimitNames>,
     /// Result cache policy per kind: a TTL, optionally followed by `by` and the `+`-separated
     /// payload fields that make the key, e.g. `llm.chat = "1h by model+messages+temperature"`;
     /// without `by` the whole payload is the key.
-    #[serde(deserialize_with = "string_map")]
-    pub cache: BTreeMap<String, String>,
+    pub cache: BTreeMap<String, CacheSpec>,
     /// Largest result stored in the cache, in bytes (larger results are not cached).
     pub cache_max_bytes: usize,
     /// How long a task whose identical twin is running waits for the twin's result before
@@ -81,118 +78,14 @@ impl Default for PoliciesConfig {
     }
 }
 
-/// A parsed rate limit: `rate` per `period`, up to `burst` at once.
-#[derive(Debug, Clone, Copy, PartialEq)]
-pub struct RateLimitSpec {
-    /// Requests allowed per period.
-    pub rate: u64,
-    /// The period.
-    pub period: Duration,
-    /// Requests that may go at once after an idle spell.
-    pub burst: u64,
-}
-
-impl RateLimitSpec {
-    /// Parses `500/min`, `5/s`, `100/10s`, `500/min burst 50`.
-    pub fn parse(spec: &str) -> Result<RateLimitSpec, String> {
-        let mut words = spec.split_whitespace();
-        let head = words.next().ok_or("empty rate limit")?;
-        let (rate, per) = head.split_once('/').ok_or_else(|| format!("{head:?} is not RATE/PERIOD"))?;
-        let rate: u64 = rate.parse().map_err(|_| format!("{rate:?} is not a whole number"))?;
-        let period = match per {
-            "s" | "sec" | "second" => Duration::from_secs(1),
-            "m" | "min" | "minute" => Duration::from_secs(60),
-            "h" | "hour" => Duration::from_secs(3600),
-            "d" | "day" => Duration::from_secs(86_400),
-            other => humantime::parse_duration(other).map_err(|e| format!("period {other:?}: {e}"))?,
-        };
-        let burst = match (words.next(), words.next(), words.next()) {
-            (None, _, _) => 1,
-            (Some("burst"), Some(n), None) => n.parse().map_err(|_| format!("burst {n:?} is not a whole number"))?,
-            _ => return Err(format!("{spec:?}: expected RATE/PERIOD [burst N]")),
-        };
-        if rate == 0 || burst == 0 || period.is_zero() {
-            return Err(format!("{spec:?}: rate, period and burst must be positive"));
-        }
-        Ok(RateLimitSpec { rate, period, burst })
-    }
-
-    /// Time between two requests at the steady rate (the GCRA emission interval).
-    pub fn interval(&self) -> Duration {
-        self.period / self.rate.min(u32::MAX as u64) as u32
-    }
-}
-
-/// A parsed cache policy.
-#[derive(Debug, Clone, PartialEq)]
-pub struct CacheSpec {
-    /// How long a result stays cached.
-    pub ttl: Duration,
-    /// Payload fields that make the key; empty means the whole payload.
-    pub key_fields: Vec<String>,
-}
-
-impl CacheSpec {
-    /// Parses `1h` or `1h by model+messages`.
-    pub fn parse(spec: &str) -> Result<CacheSpec, String> {
-        let mut words = spec.split_whitespace();
-        let ttl = words.next().ok_or("empty cache policy")?;
-        let ttl = humantime::parse_duration(ttl).map_err(|e| format!("ttl {ttl:?}: {e}"))?;
-        if ttl < Duration::from_millis(1) {
-            return Err("ttl must be at least 1ms".into());
-        }
-        let key_fields = match (words.next(), words.next(), words.next()) {
-            (None, _, _) => Vec::new(),
-            (Some("by"), Some(fields), None) => fields.split('+').filter(|f| !f.is_empty()).map(String::from).collect(),
-            _ => return Err(format!("{spec:?}: expected TTL [by FIELD+FIELD]")),
-        };
-        Ok(CacheSpec { ttl, key_fields })
-    }
-}
-
 impl PoliciesConfig {
-    /// Every named rate limit, parsed.
-    pub fn parsed_rate_limits(&self) -> Result<BTreeMap<String, RateLimitSpec>, ConfigError> {
-        self.rate_limits
-            .iter()
-            .map(|(name, spec)| {
-                RateLimitSpec::parse(spec).map(|s| (name.clone(), s)).map_err(|message| ConfigError::Invalid {
-                    field: "policies.rate_limits",
-                    message: format!("{name}: {message}"),
-                })
-            })
-            .collect()
-    }
-
-    /// Every kind's cache policy, parsed.
-    pub fn parsed_cache(&self) -> Result<BTreeMap<String, CacheSpec>, ConfigError> {
-        self.cache
-            .iter()
-            .map(|(kind, spec)| {
-                CacheSpec::parse(spec).map(|s| (kind.clone(), s)).map_err(|message| ConfigError::Invalid {
-                    field: "policies.cache",
-                    message: format!("{kind}: {message}"),
-                })
-            })
-            .collect()
-    }
-
-    /// The limits every task of `kind` needs.
-    pub fn limits_of_kind(&self, kind: &str) -> Vec<String> {
-        self.kind_limits.get(kind).map(|s| split_plus(s)).unwrap_or_default()
-    }
-
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        let limits = self.parsed_rate_limits()?;
-        self.parsed_cache()?;
         for (kind, names) in &self.kind_limits {
-            for name in split_plus(names) {
-                if !limits.contains_key(&name) {
-                    return Err(ConfigError::Invalid {
-                        field: "policies.kind_limits",
-                        message: format!("{kind} needs limit {name:?}, which policies.rate_limits does not define"),
-                    });
-                }
+            if let Some(name) = names.0.iter().find(|name| !self.rate_limits.contains_key(*name)) {
+                return Err(ConfigError::Invalid {
+                    field: "policies.kind_limits",
+                    message: format!("{kind} needs limit {name:?}, which policies.rate_limits does not define"),
+                });
             }
         }
         if self.breaker_failures == 0 || self.breaker_successes == 0 {
@@ -233,18 +126,15 @@ pub struct ProvidersConfig {
     pub limits: BTreeMap<String, String>,
     /// Fallback chains of providers, `>`-separated, e.g. `search = "tavily>exa>perplexity"`: an
     /// `http` task that names the chain calls the first provider whose breaker is not open.
-    #[serde(deserialize_with = "string_map")]
-    pub chains: BTreeMap<String, String>,
+    pub chains: BTreeMap<String, Chain>,
     /// Provider of each model for `llm.chat`, e.g. `"gpt-4o-mini" = "openai"`.
     #[serde(deserialize_with = "string_map")]
     pub models: BTreeMap<String, String>,
     /// Model fallback chains for `llm.chat`, e.g. `"gpt-4o" = "gpt-4o>gpt-4o-mini"`: a task asking
     /// for the key model uses the first model of the chain whose breaker is not open.
-    #[serde(deserialize_with = "string_map")]
-    pub model_fallbacks: BTreeMap<String, String>,
+    pub model_fallbacks: BTreeMap<String, Chain>,
     /// Prices in USD per million prompt / completion tokens, e.g. `"gpt-4o-mini" = "0.15/0.60"`.
-    #[serde(deserialize_with = "string_map")]
-    pub prices: BTreeMap<String, String>,
+    pub prices: BTreeMap<String, TokenPrice>,
     /// Timeout of one outside HTTP request.
     #[serde(with = "humantime_serde")]
     pub request_timeout: Duration,
@@ -274,24 +164,17 @@ impl Default for ProvidersConfig {
 impl ProvidersConfig {
     /// A chain's providers in order; a name that is not a chain is a chain of itself.
     pub fn chain(&self, name: &str) -> Vec<String> {
-        match self.chains.get(name) {
-            Some(c) => c.split('>').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
-            None => vec![name.to_string()],
-        }
+        self.chains.get(name).map_or_else(|| vec![name.to_string()], |chain| chain.0.clone())
     }
 
     /// The models to try for `model`, in order.
     pub fn model_chain(&self, model: &str) -> Vec<String> {
-        match self.model_fallbacks.get(model) {
-            Some(c) => c.split('>').map(str::trim).filter(|s| !s.is_empty()).map(String::from).collect(),
-            None => vec![model.to_string()],
-        }
+        self.model_fallbacks.get(model).map_or_else(|| vec![model.to_string()], |chain| chain.0.clone())
     }
 
-    /// Price of `model` in USD per million (prompt, completion) tokens.
-    pub fn price(&self, model: &str) -> Option<(f64, f64)> {
-        let (p, c) = self.prices.get(model)?.split_once('/')?;
-        Some((p.trim().parse().ok()?, c.trim().parse().ok()?))
+    /// Price of `model` in USD per million tokens, if configured.
+    pub fn price(&self, model: &str) -> Option<TokenPrice> {
+        self.prices.get(model).copied()
     }
 
     pub(crate) fn validate(&self, policies: &PoliciesConfig) -> Result<(), ConfigError> {
@@ -309,9 +192,9 @@ impl ProvidersConfig {
                 );
             }
         }
-        for chain in self.chains.keys() {
-            for p in self.chain(chain) {
-                if !self.urls.contains_key(&p) {
+        for (chain, providers) in &self.chains {
+            for p in &providers.0 {
+                if !self.urls.contains_key(p) {
                     return invalid("providers.chains", format!("chain {chain} names {p:?}, which has no url"));
                 }
             }
@@ -324,16 +207,11 @@ impl ProvidersConfig {
                 );
             }
         }
-        for model in self.model_fallbacks.keys() {
-            for m in self.model_chain(model) {
-                if !self.models.contains_key(&m) {
+        for (model, chain) in &self.model_fallbacks {
+            for m in &chain.0 {
+                if !self.models.contains_key(m) {
                     return invalid("providers.model_fallbacks", format!("{model}: {m:?} is not in providers.models"));
                 }
-            }
-        }
-        for model in self.prices.keys() {
-            if self.price(model).is_none() {
-                return invalid("providers.prices", format!("{model}: expected PROMPT/COMPLETION USD per 1M tokens"));
             }
         }
         if self.max_response_bytes < 1024 {
@@ -343,20 +221,19 @@ impl ProvidersConfig {
     }
 }
 
-fn split_plus(s: &str) -> Vec<String> {
-    s.split('+').map(str::trim).filter(|n| !n.is_empty()).map(String::from).collect()
-}
-
 /// A map of strings that also takes numbers (an environment value like `a=1` parses as one).
 pub(crate) fn string_map<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<String, String>, D::Error> {
-    let raw = BTreeMap::<String, serde_json::Value>::deserialize(d)?;
-    raw.into_iter()
-        .map(|(k, v)| match v {
-            serde_json::Value::String(s) => Ok((k, s)),
-            serde_json::Value::Number(n) => Ok((k, n.to_string())),
-            other => Err(serde::de::Error::custom(format!("{k}: expected a string, got {other}"))),
-        })
-        .collect()
+    let raw = BTreeMap::<String, Text>::deserialize(d)?;
+    Ok(raw.into_iter().map(|(k, Text(v))| (k, v)).collect())
+}
+
+/// A string, or a number read as its text.
+struct Text(String);
+
+impl<'de> Deserialize<'de> for Text {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        crate::specs::text(d).map(Text)
+    }
 }
 
 #[cfg(test)]
@@ -364,35 +241,13 @@ mod tests {
     use super::*;
 
     #[test]
-    fn rate_limit_specs() {
-        let s = RateLimitSpec::parse("500/min burst 50").unwrap();
-        assert_eq!((s.rate, s.period, s.burst), (500, Duration::from_secs(60), 50));
-        assert_eq!(s.interval(), Duration::from_millis(120));
-        assert_eq!(RateLimitSpec::parse("5/s").unwrap().burst, 1);
-        assert_eq!(RateLimitSpec::parse("100/10s").unwrap().period, Duration::from_secs(10));
-        for bad in ["", "500", "x/min", "5/s burst", "0/s", "5/s burst 0", "5/fortnightly", "5/s burst 2 extra"] {
-            assert!(RateLimitSpec::parse(bad).is_err(), "{bad:?} parsed");
-        }
-    }
-
-    #[test]
-    fn cache_specs() {
-        let c = CacheSpec::parse("1h by model+messages").unwrap();
-        assert_eq!(c.ttl, Duration::from_secs(3600));
-        assert_eq!(c.key_fields, vec!["model", "messages"]);
-        assert!(CacheSpec::parse("10m").unwrap().key_fields.is_empty());
-        assert!(CacheSpec::parse("soon").is_err());
-        assert!(CacheSpec::parse("1h with model").is_err());
-    }
-
-    #[test]
     fn chains_and_prices() {
         let mut p = ProvidersConfig::default();
-        p.chains.insert("search".into(), "tavily > exa>perplexity".into());
-        p.prices.insert("m".into(), "0.15/0.6".into());
+        p.chains.insert("search".into(), "tavily > exa>perplexity".parse().unwrap());
+        p.prices.insert("m".into(), "0.15/0.6".parse().unwrap());
         assert_eq!(p.chain("search"), vec!["tavily", "exa", "perplexity"]);
         assert_eq!(p.chain("exa"), vec!["exa"]);
-        assert_eq!(p.price("m"), Some((0.15, 0.6)));
+        assert_eq!(p.price("m"), Some(TokenPrice { prompt: 0.15, completion: 0.6 }));
         assert_eq!(p.price("other"), None);
     }
 }

@@ -1,7 +1,7 @@
 //! The per-component sections of [`crate::Config`]. The doc comment of each field is its
 //! reference documentation; defaults are the `Default` impls.
 
-use crate::ConfigError;
+use crate::{AlertRule, AlertSetting, ConfigError};
 use serde::{Deserialize, Serialize};
 use std::time::Duration;
 use taskfleet_proto::{validate_name, validate_queue};
@@ -472,8 +472,7 @@ pub struct AggregatorConfig {
     /// `p50_ms`, `p95_ms`, `p99_ms`, `max_ms` (end to end), `queue_wait_p95_ms`, `run_p95_ms`,
     /// `error_rate`, `retry_rate`, `cache_hit_rate`, `throughput_per_s`, `utilization` (0..1),
     /// `memory_percent`, `cpu_percent` (the highest worker's).
-    #[serde(deserialize_with = "crate::policies::string_map")]
-    pub alert_rules: std::collections::BTreeMap<String, String>,
+    pub alert_rules: std::collections::BTreeMap<String, AlertSetting>,
     /// How often alert rules are evaluated.
     #[serde(with = "humantime_serde")]
     pub alert_interval: Duration,
@@ -487,17 +486,22 @@ pub struct AggregatorConfig {
 impl Default for AggregatorConfig {
     fn default() -> Self {
         let rules = [
-            ("low_cache_hit_rate", "cache_hit_rate < 0.5"),
-            ("high_p95_latency", "p95_ms > 5000"),
-            ("high_error_rate", "error_rate > 0.05"),
-            ("high_memory", "memory_percent > 80"),
+            ("low_cache_hit_rate", "cache_hit_rate", false, 0.5),
+            ("high_p95_latency", "p95_ms", true, 5000.0),
+            ("high_error_rate", "error_rate", true, 0.05),
+            ("high_memory", "memory_percent", true, 80.0),
         ];
         AggregatorConfig {
             http_addr: "0.0.0.0:9090".into(),
             window: Duration::from_secs(60),
             flush_interval: Duration::from_secs(10),
             history: Duration::from_secs(3600),
-            alert_rules: rules.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect(),
+            alert_rules: rules
+                .into_iter()
+                .map(|(name, metric, above, threshold)| {
+                    (name.to_string(), AlertSetting::On(AlertRule { metric: metric.to_string(), above, threshold }))
+                })
+                .collect(),
             alert_interval: Duration::from_secs(5),
             alert_min_samples: 20,
             worker_timeout: Duration::from_secs(20),
@@ -505,67 +509,16 @@ impl Default for AggregatorConfig {
     }
 }
 
-/// A parsed alert rule.
-#[derive(Debug, Clone, PartialEq)]
-pub struct AlertRule {
-    /// Rule name.
-    pub name: String,
-    /// The figure it watches.
-    pub metric: String,
-    /// True for `>`, false for `<`.
-    pub above: bool,
-    /// The threshold.
-    pub threshold: f64,
-}
-
-/// Figures an alert rule may watch.
-pub const ALERT_METRICS: &[&str] = &[
-    "p50_ms",
-    "p95_ms",
-    "p99_ms",
-    "max_ms",
-    "queue_wait_p95_ms",
-    "run_p95_ms",
-    "error_rate",
-    "retry_rate",
-    "cache_hit_rate",
-    "throughput_per_s",
-    "utilization",
-    "memory_percent",
-    "cpu_percent",
-];
-
 impl AggregatorConfig {
-    /// The enabled alert rules, parsed.
-    pub fn parsed_alert_rules(&self) -> Result<Vec<AlertRule>, ConfigError> {
-        let mut out = Vec::new();
-        for (name, spec) in &self.alert_rules {
-            let spec = spec.trim();
-            if spec.is_empty() || spec == "off" {
-                continue;
-            }
-            let bad =
-                |m: String| ConfigError::Invalid { field: "aggregator.alert_rules", message: format!("{name}: {m}") };
-            let parts: Vec<&str> = spec.split_whitespace().collect();
-            let [metric, op, threshold] = parts[..] else {
-                return Err(bad(format!("{spec:?} is not `METRIC < or > THRESHOLD`")));
-            };
-            if !ALERT_METRICS.contains(&metric) {
-                return Err(bad(format!("unknown metric {metric:?}; known: {}", ALERT_METRICS.join(", "))));
-            }
-            let above = match op {
-                ">" => true,
-                "<" => false,
-                other => return Err(bad(format!("operator {other:?} is not < or >"))),
-            };
-            let threshold: f64 = threshold.parse().map_err(|_| bad(format!("{threshold:?} is not a number")))?;
-            out.push(AlertRule { name: name.clone(), metric: metric.to_string(), above, threshold });
-        }
-        Ok(out)
+    /// The alert rules that are not `off`, by name.
+    pub fn enabled_alert_rules(&self) -> impl Iterator<Item = (&str, &AlertRule)> {
+        self.alert_rules.iter().filter_map(|(name, setting)| match setting {
+            AlertSetting::On(rule) => Some((name.as_str(), rule)),
+            AlertSetting::Off => None,
+        })
     }
 
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
-        self.parsed_alert_rules()?;
         if self.window < Duration::from_secs(5) || self.flush_interval < Duration::from_millis(100) {
             return invalid("aggregator.window", "window must be at least 5s and flush_interval at least 100ms".into());
         }

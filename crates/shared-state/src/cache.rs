@@ -134,7 +134,7 @@ impl ResultCache {
     pub(crate) fn new(state: SharedState, policies: &PoliciesConfig) -> Self {
         ResultCache {
             state,
-            policies: Arc::new(policies.parsed_cache().unwrap_or_default()),
+            policies: Arc::new(policies.cache.clone()),
             max_bytes: policies.cache_max_bytes,
             wait: policies.single_flight_wait,
             claim: Arc::new(redis::Script::new(CLAIM)),
@@ -310,7 +310,7 @@ mod tests {
         };
         let state = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
         let mut policies = PoliciesConfig::default();
-        policies.cache.insert("llm.chat".into(), "1m by prompt".into());
+        policies.cache.insert("llm.chat".into(), "1m by prompt".parse().unwrap());
         let cache = state.cache(&policies);
         let key = cache.key_for("llm.chat", &json!({"prompt": "hello"})).unwrap();
         assert!(cache.key_for("echo", &json!({})).is_none());

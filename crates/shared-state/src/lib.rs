@@ -23,7 +23,7 @@ use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
-use taskfleet_config::{ConfigError, PoliciesConfig, RedisConfig};
+use taskfleet_config::{PoliciesConfig, RedisConfig};
 
 /// Why a shared-state call failed (the public API falls back instead of returning these).
 #[derive(Debug, thiserror::Error)]
@@ -37,9 +37,6 @@ pub enum SharedStateError {
     /// Redis answered with an error, or the connection broke.
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// The configuration does not parse.
-    #[error(transparent)]
-    Config(#[from] ConfigError),
 }
 
 /// A handle on the shared state; cheap to clone.
@@ -137,13 +134,13 @@ impl SharedState {
     }
 
     /// The fleet's rate limits as configured.
-    pub fn rate_limiter(&self, policies: &PoliciesConfig) -> Result<RateLimiter, SharedStateError> {
-        Ok(RateLimiter::new(
+    pub fn rate_limiter(&self, policies: &PoliciesConfig) -> RateLimiter {
+        RateLimiter::new(
             self.clone(),
-            policies.parsed_rate_limits()?,
+            policies.rate_limits.clone(),
             policies.local_limit_share,
             policies.rate_limit_horizon,
-        ))
+        )
     }
 
     /// The fleet's circuit breakers as configured.

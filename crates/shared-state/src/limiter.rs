@@ -156,7 +156,7 @@ mod tests {
 
     fn policies(spec: &str) -> PoliciesConfig {
         let mut p = PoliciesConfig::default();
-        p.rate_limits.insert("api".into(), spec.into());
+        p.rate_limits.insert("api".into(), spec.parse().unwrap());
         p.rate_limit_horizon = Duration::from_millis(500);
         p
     }
@@ -169,8 +169,8 @@ mod tests {
         let a = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
         let b = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
         assert!(a.is_up());
-        let la = a.rate_limiter(&policies("10/s burst 5")).unwrap();
-        let lb = b.rate_limiter(&policies("10/s burst 5")).unwrap();
+        let la = a.rate_limiter(&policies("10/s burst 5"));
+        let lb = b.rate_limiter(&policies("10/s burst 5"));
         let (mut allowed, mut reserved, mut denied) = (0, Vec::new(), 0);
         for i in 0..20 {
             let l = if i % 2 == 0 { &la } else { &lb };
@@ -198,7 +198,7 @@ mod tests {
         let state = SharedState::connect(&config("tf:none:", "redis://127.0.0.1:1")).unwrap();
         let mut p = policies("100/s burst 8");
         p.local_limit_share = 0.25;
-        let l = state.rate_limiter(&p).unwrap();
+        let l = state.rate_limiter(&p);
         let mut allowed = 0;
         for _ in 0..10 {
             if l.acquire("api").await.unwrap() == Decision::Allowed {

@@ -38,9 +38,8 @@ impl Policies {
         for (kind, spec) in cache_by_kind {
             cache = cache.with_policy(kind.clone(), spec.clone());
         }
-        let limiter = state.rate_limiter(&cfg.policies)?;
-        let kind_limits =
-            cfg.policies.kind_limits.keys().map(|k| (k.clone(), cfg.policies.limits_of_kind(k))).collect();
+        let limiter = state.rate_limiter(&cfg.policies);
+        let kind_limits = cfg.policies.kind_limits.iter().map(|(k, limits)| (k.clone(), limits.0.clone())).collect();
         Ok(Policies {
             cache,
             shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies) }),

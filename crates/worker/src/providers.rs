@@ -210,10 +210,7 @@ impl Providers {
             prompt: usage.and_then(|u| u.get("prompt_tokens")).and_then(Value::as_u64).unwrap_or(0),
             completion: usage.and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64).unwrap_or(0),
         };
-        let cost = self
-            .config
-            .price(&model)
-            .map(|(p, c)| (p * tokens.prompt as f64 + c * tokens.completion as f64) / 1_000_000.0);
+        let cost = self.config.price(&model).map(|price| price.cost_usd(tokens.prompt, tokens.completion));
         ctx.record_usage(Some(tokens), cost);
         if let Some(c) = cost {
             metrics::counter!("taskfleet_llm_cost_microusd_total", "model" => model.clone())
