@@ -1,6 +1,6 @@
 //! Writing submitted tasks.
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, column};
 use std::collections::{HashMap, HashSet};
 use taskfleet_proto::{RejectReason, TaskEnvelope, TaskId, TaskState};
 use uuid::Uuid;
@@ -194,41 +194,12 @@ impl Store {
             tx.commit().await?;
             return Ok(out);
         }
-        let n = accepted.len();
-        let (mut ids, mut queues, mut kinds, mut prios, mut states) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors, mut options) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for &i in &accepted {
-            let t = &tasks[i];
-            let (state, error) = initial[i].clone().unwrap_or((TaskState::Queued, None));
-            ids.push(t.id);
-            queues.push(t.queue.as_str());
-            kinds.push(t.kind.as_str());
-            prios.push(t.priority.as_str());
-            states.push(state.as_str());
-            payloads.push(&t.payload);
-            max_attempts.push(t.max_attempts as i32);
-            timeouts.push(t.timeout_ms as i64);
-            keys.push(t.idempotency_key.as_deref());
-            created.push(t.created_at as i64);
-            options.push(t.options_json());
-            errors.push(
-                error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})),
-            );
-        }
+        // Each accepted task with its initial state and, when cancelled, the error recorded.
+        let state_of = |i: usize| initial[i].as_ref().map_or(TaskState::Queued, |(s, _)| *s);
+        let error_of = |i: usize| {
+            let message = initial[i].as_ref().and_then(|(_, e)| e.as_ref())?;
+            Some(serde_json::json!({"code": "dependency_failed", "message": message, "retryable": false}))
+        };
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
                                 idempotency_key, created_at, error, options, dispatched_at, finished_at)
@@ -242,18 +213,18 @@ impl Store {
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
-        .bind(&ids)
-        .bind(&queues)
-        .bind(&kinds)
-        .bind(&prios)
-        .bind(&states)
-        .bind(&payloads)
-        .bind(&max_attempts)
-        .bind(&timeouts)
-        .bind(&keys)
-        .bind(&created)
-        .bind(&errors)
-        .bind(&options)
+        .bind(column(&accepted, |&i| tasks[i].id))
+        .bind(column(&accepted, |&i| tasks[i].queue.as_str()))
+        .bind(column(&accepted, |&i| tasks[i].kind.as_str()))
+        .bind(column(&accepted, |&i| tasks[i].priority.as_str()))
+        .bind(column(&accepted, |&i| state_of(i).as_str()))
+        .bind(column(&accepted, |&i| &tasks[i].payload))
+        .bind(column(&accepted, |&i| tasks[i].max_attempts as i32))
+        .bind(column(&accepted, |&i| tasks[i].timeout_ms as i64))
+        .bind(column(&accepted, |&i| tasks[i].idempotency_key.as_deref()))
+        .bind(column(&accepted, |&i| tasks[i].created_at as i64))
+        .bind(column(&accepted, |&i| error_of(i)))
+        .bind(column(&accepted, |&i| tasks[i].options_json()))
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
