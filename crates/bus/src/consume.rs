@@ -49,8 +49,8 @@ pub async fn consume_batches<O, OF, H, HF>(
                 .heartbeat(Duration::from_secs(5))
                 .messages()
                 .await
-                .map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
+                .map_err(|e| crate::BusError::new(crate::BusErrorKind::Consume, name, e)),
+            Err(e) => Err(e),
         };
         let mut chunks = match stream {
             Ok(s) => s.ready_chunks(max),

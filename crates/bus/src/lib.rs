@@ -18,6 +18,6 @@ mod publish;
 mod topology;
 
 pub use consume::{consume_batches, hand_back};
-pub use error::BusError;
+pub use error::{BusError, BusErrorKind};
 pub use publish::{Outgoing, publish_all};
 pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect};

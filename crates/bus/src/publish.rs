@@ -1,6 +1,6 @@
 //! Publishing many JetStream messages at once.
 
-use crate::BusError;
+use crate::{BusError, BusErrorKind};
 use async_nats::HeaderMap;
 use async_nats::jetstream::{self, message::PublishMessage};
 use bytes::Bytes;
@@ -33,8 +33,8 @@ pub async fn publish_all(js: &jetstream::Context, messages: Vec<Outgoing>) -> Re
         let ack = js
             .send_publish(subject.clone(), publish)
             .await
-            .map_err(|e| BusError::Publish { subject: subject.clone(), message: e.to_string() })?;
-        acks.push(async move { ack.await.map_err(|e| BusError::Publish { subject, message: e.to_string() }) });
+            .map_err(|e| BusError::new(BusErrorKind::Publish, subject.as_str(), e))?;
+        acks.push(async move { ack.await.map_err(|e| BusError::new(BusErrorKind::Publish, subject, e)) });
     }
     try_join_all(acks).await?;
     Ok(())

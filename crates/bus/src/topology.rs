@@ -1,6 +1,6 @@
 //! Connecting and declaring streams and consumers.
 
-use crate::BusError;
+use crate::{BusError, BusErrorKind};
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
@@ -39,26 +39,20 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                return Err(BusError::Connect { url: cfg.url.clone(), message: e.to_string() });
+                return Err(BusError::new(BusErrorKind::Connect, cfg.url.as_str(), e));
             }
         }
     };
     let info = client.server_info();
     if !info.jetstream {
-        return Err(BusError::Unsuitable {
-            url: cfg.url.clone(),
-            message: format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version),
-        });
+        let why = format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version);
+        return Err(BusError::new(BusErrorKind::Unsuitable, cfg.url.as_str(), why));
     }
     let version = parse_version(&info.version);
     if version < (2, 9, 0) {
-        return Err(BusError::Unsuitable {
-            url: cfg.url.clone(),
-            message: format!(
-                "nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)",
-                info.version
-            ),
-        });
+        let why =
+            format!("nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)", info.version);
+        return Err(BusError::new(BusErrorKind::Unsuitable, cfg.url.as_str(), why));
     }
     if version < (2, 10, 23) {
         tracing::warn!(
@@ -126,7 +120,7 @@ impl Topology {
             self.js
                 .create_or_update_stream(config)
                 .await
-                .map_err(|e| BusError::Topology { what: format!("stream {name}"), message: e.to_string() })?;
+                .map_err(|e| BusError::new(BusErrorKind::Topology, format!("stream {name}"), e))?;
         }
         Ok(())
     }
@@ -176,24 +170,19 @@ impl Topology {
             num_replicas: self.cfg.replicas,
             ..Default::default()
         };
-        self.js.create_or_update_key_value(config).await.map_err(|e| BusError::Topology {
-            what: format!("bucket {}", self.subjects.cancel_bucket()),
-            message: e.to_string(),
-        })
+        self.js
+            .create_or_update_key_value(config)
+            .await
+            .map_err(|e| BusError::new(BusErrorKind::Topology, format!("bucket {}", self.subjects.cancel_bucket()), e))
     }
 
     /// What a consumer has done so far: see [`ConsumerProgress`].
     pub async fn consumer_progress(&self, stream: &str, consumer: &str) -> Result<ConsumerProgress, BusError> {
         let what = || format!("consumer {consumer} on {stream}");
-        let stream = self
-            .js
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
-        let info = stream
-            .consumer_info(consumer)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let stream =
+            self.js.get_stream_no_info(stream).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
+        let info =
+            stream.consumer_info(consumer).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
         let floor_idle = info.ack_floor.last_active.map(|t| {
             let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
             (now.as_nanos() as i128 - t.unix_timestamp_nanos()).max(0) as u64
@@ -209,12 +198,8 @@ impl Topology {
     /// Where a stream stands: its last sequence and how full it is.
     pub async fn stream_state(&self, stream: &str) -> Result<StreamState, BusError> {
         let what = || format!("stream {stream}");
-        let mut s = self
-            .js
-            .get_stream(stream)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
-        let info = s.info().await.map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let mut s = self.js.get_stream(stream).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
+        let info = s.info().await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
         Ok(StreamState {
             last_seq: info.state.last_sequence,
             bytes: info.state.bytes,
@@ -289,17 +274,16 @@ impl Topology {
             max_waiting: 512,
             ..Default::default()
         };
-        let stream = self
-            .js
-            .get_stream_no_info(stream)
-            .await
-            .map_err(|e| BusError::Topology { what: what(), message: e.to_string() })?;
+        let stream =
+            self.js.get_stream_no_info(stream).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
         match stream.create_consumer(config.clone()).await {
             Ok(c) => Ok(c),
-            Err(create_err) => stream.update_consumer(config).await.map_err(|update_err| BusError::Topology {
-                what: what(),
-                message: format!("create: {create_err}; update: {update_err}"),
-            }),
+            // An existing consumer of another configuration: update it (the error of the
+            // update is the one that tells why neither worked).
+            Err(create_err) => {
+                tracing::debug!(consumer = name, error = %create_err, "cannot create the consumer, updating it");
+                stream.update_consumer(config).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))
+            }
         }
     }
 }

@@ -56,22 +56,20 @@ pub(crate) async fn publish(topology: &Topology, messages: Vec<Outgoing>) -> Res
     }
     let n = messages.len() as u64;
     let mut delay = Duration::from_millis(100);
-    let mut last = None;
-    for _ in 0..5 {
-        match publish_all(&topology.js, messages.clone()).await {
-            Ok(()) => {
-                metrics::counter!("taskfleet_coordinator_dispatched_total").increment(n);
-                return Ok(());
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "dispatch publish failed, retrying");
-                last = Some(e);
-                tokio::time::sleep(delay).await;
-                delay *= 2;
-            }
+    let mut attempts = 0;
+    loop {
+        let Err(e) = publish_all(&topology.js, messages.clone()).await else {
+            metrics::counter!("taskfleet_coordinator_dispatched_total").increment(n);
+            return Ok(());
+        };
+        tracing::warn!(error = %e, "dispatch publish failed, retrying");
+        tokio::time::sleep(delay).await;
+        attempts += 1;
+        if attempts == 5 {
+            return Err(e);
         }
+        delay *= 2;
     }
-    Err(last.unwrap_or(taskfleet_bus::BusError::Publish { subject: "dispatch".into(), message: "unknown".into() }))
 }
 
 /// Publishes the claimed tasks' next dispatch, then commits the claim. When the publish fails

@@ -17,7 +17,7 @@ mod limiter;
 
 pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
 pub use cache::{CacheClaim, CacheKey, CachedResult, ResultCache};
-pub use limiter::{Decision, RateLimiter, UnknownLimit};
+pub use limiter::{Decision, RateLimiter};
 
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -25,7 +25,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 use taskfleet_config::{PoliciesConfig, RedisConfig};
 
-/// Why a shared-state call failed (the public API falls back instead of returning these).
+/// Why a shared-state call failed. Calls on the hot path fall back instead of returning the
+/// [`SharedStateErrorKind::Unavailable`] ones.
 #[derive(Debug, thiserror::Error)]
 pub enum SharedStateError {
     /// Not connected yet, or the connection is being re-established.
@@ -36,7 +37,37 @@ pub enum SharedStateError {
     Timeout(Duration),
     /// Redis answered with an error, or the connection broke.
     #[error("redis: {0}")]
-    Redis(#[from] redis::RedisError),
+    Redis(#[source] redis::RedisError),
+    /// `redis.url` is not a Redis URL.
+    #[error("invalid redis url: {0}")]
+    Url(#[source] redis::RedisError),
+    /// A rate limit that `policies.rate_limits` does not define.
+    #[error("no rate limit named {0:?} in policies.rate_limits")]
+    UnknownLimit(String),
+}
+
+/// What a [`SharedStateError`] means for the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SharedStateErrorKind {
+    /// Redis is down or slow: the same call may succeed later; meanwhile, fall back.
+    Unavailable,
+    /// The configuration is unusable: fix it (retrying fails the same way).
+    Config,
+    /// A task asked for a rate limit that is not configured: the task cannot run.
+    UnknownLimit,
+}
+
+impl SharedStateError {
+    /// What the failure means for the caller.
+    pub fn kind(&self) -> SharedStateErrorKind {
+        match self {
+            SharedStateError::NotConnected | SharedStateError::Timeout(_) | SharedStateError::Redis(_) => {
+                SharedStateErrorKind::Unavailable
+            }
+            SharedStateError::Url(_) => SharedStateErrorKind::Config,
+            SharedStateError::UnknownLimit(_) => SharedStateErrorKind::UnknownLimit,
+        }
+    }
 }
 
 /// A handle on the shared state; cheap to clone.
@@ -64,9 +95,10 @@ impl SharedState {
     /// down.
     pub fn connect(config: &RedisConfig) -> Result<SharedState, SharedStateError> {
         // Commands are small and latency-bound: no Nagle delay (redis-rs leaves it on).
-        let info = redis::IntoConnectionInfo::into_connection_info(config.url.as_str())?;
+        let info =
+            redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(SharedStateError::Url)?;
         let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp))?;
+        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(SharedStateError::Url)?;
         let state = SharedState {
             inner: Arc::new(Inner {
                 conn: Mutex::new(None),
@@ -205,4 +237,24 @@ impl Inner {
 /// Microseconds since the Unix epoch (for local fallbacks; Redis scripts use Redis' clock).
 pub(crate) fn now_us() -> i64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_micros() as i64).unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn a_bad_url_is_a_config_error_and_an_outage_is_not() {
+        let cfg = RedisConfig {
+            url: "http://127.0.0.1:1".into(),
+            key_prefix: "tf:".into(),
+            op_timeout: Duration::from_millis(50),
+        };
+        assert_eq!(SharedState::connect(&cfg).map(|_| ()).unwrap_err().kind(), SharedStateErrorKind::Config);
+        // Nothing listens on port 1.
+        let down = SharedState::connect(&RedisConfig { url: "redis://127.0.0.1:1".into(), ..cfg }).unwrap();
+        let e =
+            down.run("ping", async |mut c| redis::cmd("PING").query_async::<String>(&mut c).await).await.unwrap_err();
+        assert_eq!(e.kind(), SharedStateErrorKind::Unavailable, "{e}");
+    }
 }

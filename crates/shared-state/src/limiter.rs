@@ -8,7 +8,7 @@
 //! the time until it comes within the horizon (bounding how long a reservation can hold back
 //! more urgent work).
 
-use crate::{SharedState, now_us};
+use crate::{SharedState, SharedStateError, now_us};
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -52,11 +52,6 @@ pub enum Decision {
     },
 }
 
-/// Why a limit cannot be applied.
-#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("no rate limit named {0:?} in policies.rate_limits")]
-pub struct UnknownLimit(pub String);
-
 /// The fleet's named rate limits.
 #[derive(Clone, Debug)]
 pub struct RateLimiter {
@@ -91,8 +86,9 @@ impl RateLimiter {
     }
 
     /// Takes one token of limit `name`, fleet-wide; with Redis down, from this worker's share.
-    pub async fn acquire(&self, name: &str) -> Result<Decision, UnknownLimit> {
-        let spec = *self.limits.get(name).ok_or_else(|| UnknownLimit(name.to_string()))?;
+    /// The only error is [`SharedStateError::UnknownLimit`]: an outage never fails the call.
+    pub async fn acquire(&self, name: &str) -> Result<Decision, SharedStateError> {
+        let spec = *self.limits.get(name).ok_or_else(|| SharedStateError::UnknownLimit(name.to_string()))?;
         let interval_us = spec.interval().as_micros().max(1) as i64;
         let horizon_us = self.horizon.as_micros() as i64;
         let key = self.state.key(&["limit", name]);
@@ -189,7 +185,8 @@ mod tests {
         assert_eq!(allowed + reserved.len() + denied, 20);
         let Decision::Denied { retry_after } = la.acquire("api").await.unwrap() else { panic!("beyond the horizon") };
         assert!(retry_after <= Duration::from_millis(150), "{retry_after:?}");
-        assert_eq!(la.acquire("nope").await, Err(UnknownLimit("nope".into())));
+        let unknown = la.acquire("nope").await.unwrap_err();
+        assert_eq!(unknown.kind(), crate::SharedStateErrorKind::UnknownLimit, "{unknown}");
     }
 
     #[tokio::test]

@@ -1,6 +1,6 @@
 //! Recording task events: attempts, state changes, final states and dependency release.
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, column};
 use std::collections::HashMap;
 use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskEvent, TaskId, TaskState};
 use uuid::Uuid;
@@ -51,157 +51,15 @@ impl Store {
     /// gets exactly one final state however often its events are delivered; non-final events
     /// of an older attempt than the recorded one are ignored.
     pub async fn record_events(&self, events: &[TaskEvent]) -> Result<RecordOutcome, StoreError> {
-        let mut out = RecordOutcome::default();
-        let mut decisive: HashMap<Uuid, &TaskEvent> = HashMap::new();
-        let mut order: Vec<Uuid> = Vec::new();
-        for ev in events {
-            if ev.kind == EventKind::Rejected || ev.kind.resulting_state().is_none() {
-                continue;
-            }
-            match decisive.get(&ev.task_id) {
-                None => {
-                    order.push(ev.task_id);
-                    decisive.insert(ev.task_id, ev);
-                }
-                // A late `started`/`progress` never replaces the end of its own attempt.
-                Some(prev) if !prev.kind.is_final() && !hands_back_after(prev, ev) => {
-                    decisive.insert(ev.task_id, ev);
-                }
-                Some(_) => out.ignored += 1,
-            }
-        }
-        if order.is_empty() {
+        let (decisive, superseded) = decisive_events(events);
+        let mut out = RecordOutcome { ignored: superseded, ..Default::default() };
+        if decisive.is_empty() {
             return Ok(out);
         }
-
         let mut tx = self.pool.begin().await?;
-
-        // Attempts that ended.
-        let (mut a_task, mut a_attempt, mut a_outcome, mut a_worker, mut a_error, mut a_start, mut a_end) =
-            (Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new());
-        let mut a_usage = Vec::new();
-        for ev in events {
-            let ends_attempt = matches!(
-                ev.kind,
-                EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
-            );
-            if ends_attempt && ev.attempt > 0 {
-                a_task.push(ev.task_id);
-                a_attempt.push(ev.attempt as i32);
-                a_outcome.push(ev.kind.as_str());
-                a_worker.push(ev.worker.as_deref());
-                a_error.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
-                a_start.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
-                a_end.push(ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64)));
-                a_usage.push(usage_json(ev));
-            }
-        }
-        if !a_task.is_empty() {
-            sqlx::query(
-                "INSERT INTO task_attempts (task_id, attempt, outcome, worker, error, started_at, finished_at, usage)
-                 SELECT u.task_id, u.attempt, u.outcome, u.worker, u.error,
-                        to_timestamp(u.started_ms / 1000.0), to_timestamp(u.finished_ms / 1000.0), u.usage
-                 FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[],
-                             $8::jsonb[])
-                      AS u(task_id, attempt, outcome, worker, error, started_ms, finished_ms, usage)
-                 ON CONFLICT (task_id, attempt) DO NOTHING",
-            )
-            .bind(&a_task)
-            .bind(&a_attempt)
-            .bind(&a_outcome)
-            .bind(&a_worker)
-            .bind(&a_error)
-            .bind(&a_start)
-            .bind(&a_end)
-            .bind(&a_usage)
-            .execute(&mut *tx)
-            .await?;
-        }
-
-        // State changes.
-        let n = order.len();
-        let (mut ids, mut states, mut finals, mut attempts, mut workers) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut results, mut errors, mut started, mut finished, mut delays) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let mut traces = Vec::with_capacity(n);
-        let mut generations = Vec::with_capacity(n);
-        for id in &order {
-            let ev = decisive[id];
-            let state = ev.kind.resulting_state().unwrap_or(TaskState::Running);
-            ids.push(*id);
-            states.push(state.as_str());
-            finals.push(state.is_final());
-            attempts.push(ev.attempt as i32);
-            workers.push(ev.worker.as_deref());
-            results.push(ev.result.as_ref());
-            errors.push(ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok()));
-            started.push(ev.timings.and_then(|t| ms_or_null(t.started_at)));
-            finished.push(if state.is_final() {
-                Some(ev.timings.and_then(|t| ms_or_null(t.finished_at)).unwrap_or(ev.at as i64))
-            } else {
-                None
-            });
-            // A retry or a deferral is dispatched again by the coordinator once it is due.
-            let waits = matches!(ev.kind, EventKind::Retrying | EventKind::Deferred);
-            delays.push(waits.then(|| ev.retry_in_ms.unwrap_or(1_000).min(i64::MAX as u64) as i64));
-            traces.push(ev.next_traceparent.as_deref().filter(|_| waits));
-            generations.push(ev.generation.min(i32::MAX as u32) as i32);
-        }
-        // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. A
-        // non-final event of an older dispatch generation than the task's (a duplicate, or a
-        // leftover of a superseded message) changes nothing, and neither does a late `started`
-        // or `progress` once its generation handed the task back (a retry or deferral waits).
-        let changed: Vec<(Uuid, String, String, bool)> = sqlx::query_as(
-            "UPDATE tasks t SET
-                 state = u.state,
-                 attempt = CASE WHEN u.state = 'queued' THEN t.attempt ELSE GREATEST(t.attempt, u.attempt) END,
-                 run_at = CASE WHEN u.delay_ms IS NULL THEN NULL
-                               ELSE now() + make_interval(secs => u.delay_ms / 1000.0) END,
-                 next_traceparent = u.next_trace,
-                 worker = COALESCE(u.worker, t.worker),
-                 result = COALESCE(u.result, t.result),
-                 error = CASE WHEN u.state = 'succeeded' THEN NULL ELSE COALESCE(u.error, t.error) END,
-                 started_at = COALESCE(to_timestamp(u.started_ms / 1000.0), t.started_at),
-                 finished_at = to_timestamp(u.finished_ms / 1000.0),
-                 updated_at = now()
-             FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
-                         $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::int4[])
-                  AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace,
-                       gen)
-             WHERE t.id = u.id
-               AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
-               AND (u.final
-                    OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
-                        AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
-                        AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))
-             RETURNING t.id, t.queue, t.state, t.has_dependents",
-        )
-        .bind(&ids)
-        .bind(&states)
-        .bind(&finals)
-        .bind(&attempts)
-        .bind(&workers)
-        .bind(&results)
-        .bind(&errors)
-        .bind(&started)
-        .bind(&finished)
-        .bind(&delays)
-        .bind(&traces)
-        .bind(&generations)
-        .fetch_all(&mut *tx)
-        .await?;
-        out.ignored += n - changed.len();
+        insert_attempts(&mut tx, events).await?;
+        let changed = update_states(&mut tx, &decisive).await?;
+        out.ignored += decisive.len() - changed.len();
 
         let (mut succeeded_parents, mut failed_parents) = (Vec::new(), Vec::new());
         for (id, queue, state, has_dependents) in changed {
@@ -226,6 +84,135 @@ impl Store {
         tx.commit().await?;
         Ok(out)
     }
+}
+
+/// The decisive event of each task (see [`Store::record_events`]), in the order the tasks
+/// first appear, and the number of events they supersede.
+fn decisive_events(events: &[TaskEvent]) -> (Vec<&TaskEvent>, usize) {
+    let mut decisive: HashMap<Uuid, &TaskEvent> = HashMap::new();
+    let mut order: Vec<Uuid> = Vec::new();
+    let mut superseded = 0;
+    for ev in events {
+        if ev.kind == EventKind::Rejected || ev.kind.resulting_state().is_none() {
+            continue;
+        }
+        match decisive.get(&ev.task_id) {
+            None => {
+                order.push(ev.task_id);
+                decisive.insert(ev.task_id, ev);
+            }
+            // A late `started`/`progress` never replaces the end of its own attempt.
+            Some(prev) if !prev.kind.is_final() && !hands_back_after(prev, ev) => {
+                decisive.insert(ev.task_id, ev);
+            }
+            Some(_) => superseded += 1,
+        }
+    }
+    (order.iter().map(|id| decisive[id]).collect(), superseded)
+}
+
+/// True for the events that end an attempt.
+fn ends_attempt(kind: EventKind) -> bool {
+    matches!(
+        kind,
+        EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
+    )
+}
+
+/// The event's error as stored in jsonb.
+fn error_json(ev: &TaskEvent) -> Option<serde_json::Value> {
+    ev.error.as_ref().and_then(|e| serde_json::to_value(e).ok())
+}
+
+/// Writes a `task_attempts` row for every event that ends an attempt (the first end of an
+/// attempt wins).
+async fn insert_attempts(tx: &mut sqlx::PgConnection, events: &[TaskEvent]) -> Result<(), StoreError> {
+    let ended: Vec<&TaskEvent> = events.iter().filter(|ev| ends_attempt(ev.kind) && ev.attempt > 0).collect();
+    if ended.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO task_attempts (task_id, attempt, outcome, worker, error, started_at, finished_at, usage)
+         SELECT u.task_id, u.attempt, u.outcome, u.worker, u.error,
+                to_timestamp(u.started_ms / 1000.0), to_timestamp(u.finished_ms / 1000.0), u.usage
+         FROM UNNEST($1::uuid[], $2::int4[], $3::text[], $4::text[], $5::jsonb[], $6::int8[], $7::int8[],
+                     $8::jsonb[])
+              AS u(task_id, attempt, outcome, worker, error, started_ms, finished_ms, usage)
+         ON CONFLICT (task_id, attempt) DO NOTHING",
+    )
+    .bind(column(&ended, |ev| ev.task_id))
+    .bind(column(&ended, |ev| ev.attempt as i32))
+    .bind(column(&ended, |ev| ev.kind.as_str()))
+    .bind(column(&ended, |ev| ev.worker.as_deref()))
+    .bind(column(&ended, |ev| error_json(ev)))
+    .bind(column(&ended, |ev| ev.timings.and_then(|t| ms_or_null(t.started_at))))
+    .bind(column(&ended, |ev| ev.timings.and_then(|t| ms_or_null(t.finished_at)).or(Some(ev.at as i64))))
+    .bind(column(&ended, |ev| usage_json(ev)))
+    .execute(tx)
+    .await?;
+    Ok(())
+}
+
+/// The state a decisive event moves its task to.
+fn state_after(ev: &TaskEvent) -> TaskState {
+    ev.kind.resulting_state().unwrap_or(TaskState::Running)
+}
+
+/// A retry or a deferral: the coordinator dispatches the task again once it is due.
+fn waits(ev: &TaskEvent) -> bool {
+    matches!(ev.kind, EventKind::Retrying | EventKind::Deferred)
+}
+
+/// A task an event changed: id, queue, new state and whether other tasks depend on it.
+type ChangedRow = (Uuid, String, String, bool);
+
+/// Applies the decisive events to their tasks; returns the rows that changed.
+async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> Result<Vec<ChangedRow>, StoreError> {
+    // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. A
+    // non-final event of an older dispatch generation than the task's (a duplicate, or a
+    // leftover of a superseded message) changes nothing, and neither does a late `started`
+    // or `progress` once its generation handed the task back (a retry or deferral waits).
+    Ok(sqlx::query_as(
+        "UPDATE tasks t SET
+             state = u.state,
+             attempt = CASE WHEN u.state = 'queued' THEN t.attempt ELSE GREATEST(t.attempt, u.attempt) END,
+             run_at = CASE WHEN u.delay_ms IS NULL THEN NULL
+                           ELSE now() + make_interval(secs => u.delay_ms / 1000.0) END,
+             next_traceparent = u.next_trace,
+             worker = COALESCE(u.worker, t.worker),
+             result = COALESCE(u.result, t.result),
+             error = CASE WHEN u.state = 'succeeded' THEN NULL ELSE COALESCE(u.error, t.error) END,
+             started_at = COALESCE(to_timestamp(u.started_ms / 1000.0), t.started_at),
+             finished_at = to_timestamp(u.finished_ms / 1000.0),
+             updated_at = now()
+         FROM UNNEST($1::uuid[], $2::text[], $3::bool[], $4::int4[], $5::text[], $6::jsonb[], $7::jsonb[],
+                     $8::int8[], $9::int8[], $10::int8[], $11::text[], $12::int4[])
+              AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace,
+                   gen)
+         WHERE t.id = u.id
+           AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
+           AND (u.final
+                OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
+                    AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
+                    AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))
+         RETURNING t.id, t.queue, t.state, t.has_dependents",
+    )
+    .bind(column(decisive, |ev| ev.task_id))
+    .bind(column(decisive, |ev| state_after(ev).as_str()))
+    .bind(column(decisive, |ev| state_after(ev).is_final()))
+    .bind(column(decisive, |ev| ev.attempt as i32))
+    .bind(column(decisive, |ev| ev.worker.as_deref()))
+    .bind(column(decisive, |ev| ev.result.as_ref()))
+    .bind(column(decisive, |ev| error_json(ev)))
+    .bind(column(decisive, |ev| ev.timings.and_then(|t| ms_or_null(t.started_at))))
+    .bind(column(decisive, |ev| {
+        state_after(ev).is_final().then(|| ev.timings.and_then(|t| ms_or_null(t.finished_at)).unwrap_or(ev.at as i64))
+    }))
+    .bind(column(decisive, |ev| waits(ev).then(|| ev.retry_in_ms.unwrap_or(1_000).min(i64::MAX as u64) as i64)))
+    .bind(column(decisive, |ev| ev.next_traceparent.as_deref().filter(|_| waits(ev))))
+    .bind(column(decisive, |ev| ev.generation.min(i32::MAX as u32) as i32))
+    .fetch_all(tx)
+    .await?)
 }
 
 impl Store {
@@ -277,10 +264,7 @@ fn hands_back_after(earlier: &TaskEvent, later: &TaskEvent) -> bool {
 /// What is recorded in place of an event Postgres refused: the end of its task as `failed`
 /// (`result_unstorable`), when the event ended an attempt; nothing for `started`/`progress`.
 fn unstorable_replacement(ev: &TaskEvent, err: &StoreError) -> Option<TaskEvent> {
-    if !matches!(
-        ev.kind,
-        EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
-    ) {
+    if !ends_attempt(ev.kind) {
         return None;
     }
     let mut r = TaskEvent::new(ev.task_id, EventKind::Failed, ev.queue.clone());
@@ -340,38 +324,61 @@ fn usage_json(ev: &TaskEvent) -> Option<serde_json::Value> {
     (!o.is_empty()).then_some(serde_json::Value::Object(o))
 }
 
-pub(crate) type ReleasedRow =
-    (Uuid, String, String, String, serde_json::Value, i32, i64, Option<String>, i64, Option<serde_json::Value>);
+/// The columns of a `tasks` row (aliased `t`) that make up its envelope, as [`EnvelopeRow`]
+/// reads them.
+macro_rules! envelope_columns {
+    () => {
+        "t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms, t.idempotency_key,
+         (extract(epoch FROM t.created_at) * 1000)::int8 AS created_ms, t.options"
+    };
+}
+pub(crate) use envelope_columns;
+
+/// A task's envelope as stored: the columns of [`envelope_columns!`].
+#[derive(Debug, sqlx::FromRow)]
+pub(crate) struct EnvelopeRow {
+    id: Uuid,
+    kind: String,
+    queue: String,
+    priority: String,
+    payload: serde_json::Value,
+    max_attempts: i32,
+    timeout_ms: i64,
+    idempotency_key: Option<String>,
+    /// `created_at`, Unix epoch milliseconds.
+    created_ms: i64,
+    /// Retry policy and rate limits, when the submission set any.
+    options: Option<serde_json::Value>,
+}
+
+impl From<EnvelopeRow> for TaskEnvelope {
+    fn from(r: EnvelopeRow) -> Self {
+        let mut env = TaskEnvelope::new(r.kind, r.payload);
+        env.id = r.id;
+        env.queue = r.queue;
+        env.priority = r.priority.parse().unwrap_or(Priority::Normal);
+        env.max_attempts = r.max_attempts.max(1) as u32;
+        env.timeout_ms = r.timeout_ms.max(1) as u64;
+        env.idempotency_key = r.idempotency_key;
+        env.created_at = r.created_ms.max(0) as u64;
+        if let Some(options) = r.options {
+            env.apply_options_json(options);
+        }
+        env
+    }
+}
 
 /// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
 async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Result<Vec<TaskEnvelope>, StoreError> {
-    let rows: Vec<ReleasedRow> = sqlx::query_as(
+    const SQL: &str = concat!(
         "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
          WHERE t.state = 'pending'
            AND t.id IN (SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1))
            AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
                            WHERE d.task_id = t.id AND p.state <> 'succeeded')
-         RETURNING t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms,
-                   t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8, t.options",
-    )
-    .bind(parents)
-    .fetch_all(tx)
-    .await?;
-    Ok(rows.into_iter().map(envelope_from_row).collect())
-}
-
-pub(crate) fn envelope_from_row(r: ReleasedRow) -> TaskEnvelope {
-    let (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options) = r;
-    let mut env = TaskEnvelope::new(kind, payload);
-    env.id = id;
-    env.queue = queue;
-    env.priority = priority.parse().unwrap_or(Priority::Normal);
-    env.max_attempts = max_attempts.max(1) as u32;
-    env.timeout_ms = timeout_ms.max(1) as u64;
-    env.idempotency_key = key;
-    env.created_at = created.max(0) as u64;
-    if let Some(options) = options {
-        env.apply_options_json(options);
-    }
-    env
+         RETURNING ",
+        envelope_columns!()
+    );
+    let rows: Vec<EnvelopeRow> = sqlx::query_as(SQL).bind(parents).fetch_all(tx).await?;
+    Ok(rows.into_iter().map(TaskEnvelope::from).collect())
 }

@@ -10,7 +10,7 @@ mod queries;
 mod rollups;
 mod submit;
 
-pub use error::StoreError;
+pub use error::{StoreError, StoreErrorKind};
 pub use events::{Finalized, RecordOutcome};
 pub use maintenance::{CancelOutcome, Claimed, LeaderLock, Redispatch};
 pub use queries::{ListFilter, TaskRecord};
@@ -36,7 +36,7 @@ impl Store {
     /// starters are serialised by the migrator's advisory lock).
     pub async fn connect(cfg: &DatabaseConfig) -> Result<Store, StoreError> {
         let base = PgConnectOptions::from_str(&cfg.url)
-            .map_err(|e| StoreError::Config(format!("invalid database url: {e}")))?
+            .map_err(StoreError::config)?
             .log_statements(tracing::log::LevelFilter::Trace);
         // The schema name was validated as a plain lowercase identifier, so quoting is enough.
         let schema = cfg.schema.clone();
@@ -77,4 +77,9 @@ impl Store {
         sqlx::query("SELECT 1").execute(&self.pool).await?;
         Ok(())
     }
+}
+
+/// One column of a batched write (a parameter of `UNNEST`): `field` of every row.
+pub(crate) fn column<'a, R, T>(rows: &'a [R], field: impl Fn(&'a R) -> T) -> Vec<T> {
+    rows.iter().map(field).collect()
 }

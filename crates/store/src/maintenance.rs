@@ -1,7 +1,7 @@
 //! Writes outside the hot path: rescuing tasks whose dispatch was lost, replaying dead tasks,
 //! cancelling, and reading the envelopes of dead tasks for the dead-letter stream.
 
-use crate::events::{ReleasedRow, envelope_from_row};
+use crate::events::{EnvelopeRow, envelope_columns};
 use crate::{Finalized, Store, StoreError};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -70,63 +70,42 @@ pub struct CancelOutcome {
     pub finalized: Vec<Finalized>,
 }
 
-macro_rules! envelope_columns {
+/// The columns of a task row to dispatch again, as [`RedispatchRow`] reads them.
+macro_rules! redispatch_columns {
     () => {
-        "t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms, t.idempotency_key,
-         (extract(epoch FROM t.created_at) * 1000)::int8, t.options, t.attempt, t.dispatches, t.next_traceparent"
+        concat!(envelope_columns!(), ", t.attempt, t.dispatches, t.next_traceparent")
     };
 }
 
-/// A task row as read for the dead-letter stream: envelope columns plus the last error.
-type EnvelopeErrorRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    serde_json::Value,
-    i32,
-    i64,
-    Option<String>,
-    i64,
-    Option<serde_json::Value>,
-    Option<serde_json::Value>,
-);
+/// A task row claimed for another dispatch.
+#[derive(sqlx::FromRow)]
+struct RedispatchRow {
+    #[sqlx(flatten)]
+    envelope: EnvelopeRow,
+    /// Handler attempts recorded so far.
+    attempt: i32,
+    /// Dispatch generation.
+    dispatches: i32,
+    next_traceparent: Option<String>,
+}
 
-type RedispatchRow = (
-    Uuid,
-    String,
-    String,
-    String,
-    serde_json::Value,
-    i32,
-    i64,
-    Option<String>,
-    i64,
-    Option<serde_json::Value>,
-    i32,
-    i32,
-    Option<String>,
-);
+impl From<RedispatchRow> for Redispatch {
+    fn from(r: RedispatchRow) -> Self {
+        Redispatch {
+            envelope: r.envelope.into(),
+            attempt_offset: r.attempt.max(0) as u32,
+            generation: r.dispatches,
+            traceparent: r.next_traceparent,
+        }
+    }
+}
 
-fn redispatch_from_row(r: RedispatchRow) -> Redispatch {
-    let (
-        id,
-        kind,
-        queue,
-        priority,
-        payload,
-        max_attempts,
-        timeout_ms,
-        key,
-        created,
-        options,
-        attempt,
-        dispatches,
-        trace,
-    ) = r;
-    let envelope =
-        envelope_from_row((id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options));
-    Redispatch { envelope, attempt_offset: attempt.max(0) as u32, generation: dispatches, traceparent: trace }
+/// A task row as read for the dead-letter stream: its envelope and last error.
+#[derive(sqlx::FromRow)]
+struct DeadLetterRow {
+    #[sqlx(flatten)]
+    envelope: EnvelopeRow,
+    error: Option<serde_json::Value>,
 }
 
 impl Store {
@@ -162,12 +141,12 @@ impl Store {
                               AND updated_at < $3 AND COALESCE(dispatched_at, updated_at) < $3
                             ORDER BY id LIMIT $4 FOR UPDATE SKIP LOCKED)
              RETURNING ",
-            envelope_columns!()
+            redispatch_columns!()
         );
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(queue).bind(priority).bind(bound).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(redispatch_from_row).collect() })
+        Ok(Claimed { tx, tasks: rows.into_iter().map(Redispatch::from).collect() })
     }
 
     /// Claims retries and deferrals that are due (`run_at` passed), oldest first, for their
@@ -182,11 +161,11 @@ impl Store {
                               AND state IN ('queued', 'retrying')
                             ORDER BY run_at LIMIT $1 FOR UPDATE SKIP LOCKED)
              RETURNING ",
-            envelope_columns!()
+            redispatch_columns!()
         );
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> = sqlx::query_as(SQL).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(redispatch_from_row).collect() })
+        Ok(Claimed { tx, tasks: rows.into_iter().map(Redispatch::from).collect() })
     }
 
     /// The earliest `run_at` of any waiting retry or deferral.
@@ -223,17 +202,16 @@ impl Store {
     /// Pending tasks whose dependencies have all succeeded (a release that was missed), moved
     /// to `queued`.
     pub async fn release_stranded(&self) -> Result<Vec<TaskEnvelope>, StoreError> {
-        let rows: Vec<ReleasedRow> = sqlx::query_as(
+        const SQL: &str = concat!(
             "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
              WHERE t.state = 'pending'
                AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
                                WHERE d.task_id = t.id AND p.state <> 'succeeded')
-             RETURNING t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms,
-                       t.idempotency_key, (extract(epoch FROM t.created_at) * 1000)::int8, t.options",
-        )
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows.into_iter().map(envelope_from_row).collect())
+             RETURNING ",
+            envelope_columns!()
+        );
+        let rows: Vec<EnvelopeRow> = sqlx::query_as(SQL).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(TaskEnvelope::from).collect())
     }
 
     /// Moves dead tasks back to `queued` for another `max_attempts` attempts (the row's budget
@@ -254,11 +232,11 @@ impl Store {
                               AND ($2::text IS NULL OR queue = $2)
                             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
              RETURNING ",
-            envelope_columns!()
+            redispatch_columns!()
         );
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(ids).bind(queue).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(redispatch_from_row).collect())
+        Ok(rows.into_iter().map(Redispatch::from).collect())
     }
 
     /// Cancels a task that is not final yet, and its pending dependents.
@@ -294,21 +272,9 @@ impl Store {
         &self,
         ids: &[TaskId],
     ) -> Result<Vec<(TaskEnvelope, Option<serde_json::Value>)>, StoreError> {
-        let rows: Vec<EnvelopeErrorRow> = sqlx::query_as(
-            "SELECT id, kind, queue, priority, payload, max_attempts, timeout_ms, idempotency_key,
-                        (extract(epoch FROM created_at) * 1000)::int8, options, error
-                 FROM tasks WHERE id = ANY($1)",
-        )
-        .bind(ids)
-        .fetch_all(&self.pool)
-        .await?;
-        Ok(rows
-            .into_iter()
-            .map(|(id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options, error)| {
-                let row = (id, kind, queue, priority, payload, max_attempts, timeout_ms, key, created, options);
-                (envelope_from_row(row), error)
-            })
-            .collect())
+        const SQL: &str = concat!("SELECT ", envelope_columns!(), ", t.error FROM tasks t WHERE t.id = ANY($1)");
+        let rows: Vec<DeadLetterRow> = sqlx::query_as(SQL).bind(ids).fetch_all(&self.pool).await?;
+        Ok(rows.into_iter().map(|r| (r.envelope.into(), r.error)).collect())
     }
 }
 

@@ -1,6 +1,6 @@
 //! The aggregator's history: appended per-minute rollups of task events.
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, column};
 
 /// What happened to one series (queue, kind, priority) in one minute, since the previous
 /// rollup of that minute was written.
@@ -57,9 +57,6 @@ impl Store {
         if rows.is_empty() {
             return Ok(());
         }
-        let col = |f: fn(&Rollup) -> i64| rows.iter().map(f).collect::<Vec<i64>>();
-        let text = |f: fn(&Rollup) -> &str| rows.iter().map(f).collect::<Vec<&str>>();
-        let bytes = |f: fn(&Rollup) -> Option<&[u8]>| rows.iter().map(f).collect::<Vec<Option<&[u8]>>>();
         sqlx::query(
             "INSERT INTO metric_rollups (minute, queue, kind, priority, finals, succeeded, failed, dead, cancelled,
                  retries, attempts, cache_hits, prompt_tokens, completion_tokens, cost_usd, saved_usd,
@@ -74,25 +71,25 @@ impl Store {
                        attempts, cache_hits, prompt_tokens, completion_tokens, cost_usd, saved_usd,
                        queue_wait, run, end_to_end)",
         )
-        .bind(col(|r| r.minute_ms))
-        .bind(text(|r| &r.queue))
-        .bind(text(|r| &r.kind))
-        .bind(text(|r| &r.priority))
-        .bind(col(|r| r.finals))
-        .bind(col(|r| r.succeeded))
-        .bind(col(|r| r.failed))
-        .bind(col(|r| r.dead))
-        .bind(col(|r| r.cancelled))
-        .bind(col(|r| r.retries))
-        .bind(col(|r| r.attempts))
-        .bind(col(|r| r.cache_hits))
-        .bind(col(|r| r.prompt_tokens))
-        .bind(col(|r| r.completion_tokens))
-        .bind(rows.iter().map(|r| r.cost_usd).collect::<Vec<f64>>())
-        .bind(rows.iter().map(|r| r.saved_usd).collect::<Vec<f64>>())
-        .bind(bytes(|r| r.queue_wait.as_deref()))
-        .bind(bytes(|r| r.run.as_deref()))
-        .bind(bytes(|r| r.end_to_end.as_deref()))
+        .bind(column(rows, |r| r.minute_ms))
+        .bind(column(rows, |r| r.queue.as_str()))
+        .bind(column(rows, |r| r.kind.as_str()))
+        .bind(column(rows, |r| r.priority.as_str()))
+        .bind(column(rows, |r| r.finals))
+        .bind(column(rows, |r| r.succeeded))
+        .bind(column(rows, |r| r.failed))
+        .bind(column(rows, |r| r.dead))
+        .bind(column(rows, |r| r.cancelled))
+        .bind(column(rows, |r| r.retries))
+        .bind(column(rows, |r| r.attempts))
+        .bind(column(rows, |r| r.cache_hits))
+        .bind(column(rows, |r| r.prompt_tokens))
+        .bind(column(rows, |r| r.completion_tokens))
+        .bind(column(rows, |r| r.cost_usd))
+        .bind(column(rows, |r| r.saved_usd))
+        .bind(column(rows, |r| r.queue_wait.as_deref()))
+        .bind(column(rows, |r| r.run.as_deref()))
+        .bind(column(rows, |r| r.end_to_end.as_deref()))
         .execute(&self.pool)
         .await?;
         Ok(())

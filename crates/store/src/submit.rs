@@ -1,6 +1,6 @@
 //! Writing submitted tasks.
 
-use crate::{Store, StoreError};
+use crate::{Store, StoreError, column};
 use std::collections::{HashMap, HashSet};
 use taskfleet_proto::{RejectReason, TaskEnvelope, TaskId, TaskState};
 use uuid::Uuid;
@@ -115,120 +115,19 @@ impl Store {
         let mut out = InsertOutcome::default();
         let mut tx = self.pool.begin().await?;
 
-        // Dependency states, locked FOR SHARE: a concurrent commit of a dependency's final
-        // state waits for this transaction, and then sees the new dependency rows when it
-        // releases dependents. Without the lock a dependent could stay pending forever.
-        let batch_ids: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
-        let external: Vec<Uuid> = tasks
-            .iter()
-            .flat_map(|t| t.depends_on.iter().copied())
-            .filter(|d| !batch_ids.contains(d))
-            .collect::<HashSet<_>>()
-            .into_iter()
-            .collect();
-        let mut dep_state: HashMap<Uuid, String> = HashMap::new();
-        if !external.is_empty() {
-            let rows: Vec<(Uuid, String)> =
-                sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
-                    .bind(&external)
-                    .fetch_all(&mut *tx)
-                    .await?;
-            dep_state.extend(rows);
-        }
-
-        // Decide each task's initial state; refuse unknown dependencies (and, transitively,
-        // tasks of this batch that depend on a refused one).
-        let mut refused: HashSet<Uuid> = HashSet::new();
-        let mut initial: Vec<Option<(TaskState, Option<String>)>> = vec![None; tasks.len()];
-        let mut seen_earlier: HashSet<Uuid> = HashSet::new();
-        for (i, t) in tasks.iter().enumerate() {
-            let mut state = TaskState::Queued;
-            let mut error = None;
-            for dep in &t.depends_on {
-                if batch_ids.contains(dep) {
-                    if refused.contains(dep) || !seen_earlier.contains(dep) {
-                        let message = if refused.contains(dep) {
-                            format!("dependency {dep} was refused")
-                        } else {
-                            format!("dependency {dep} must be submitted before its dependent")
-                        };
-                        out.rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
-                        refused.insert(t.id);
-                        break;
-                    }
-                    state = TaskState::Pending;
-                    continue;
-                }
-                match dep_state.get(dep).and_then(|s| TaskState::parse(s)) {
-                    None => {
-                        out.rejected.push(Rejected {
-                            index: i,
-                            reason: RejectReason::UnknownDependency,
-                            message: format!("dependency {dep} does not exist"),
-                        });
-                        refused.insert(t.id);
-                        break;
-                    }
-                    Some(TaskState::Succeeded) => {}
-                    Some(s) if s.is_final() => {
-                        if state != TaskState::Cancelled {
-                            error = Some(format!("dependency {dep} ended {}", s.as_str()));
-                        }
-                        state = TaskState::Cancelled;
-                    }
-                    Some(_) => {
-                        if state != TaskState::Cancelled {
-                            state = TaskState::Pending;
-                        }
-                    }
-                }
-            }
-            seen_earlier.insert(t.id);
-            if !refused.contains(&t.id) {
-                initial[i] = Some((state, error));
-            }
-        }
-
+        let dep_state = lock_dependency_states(&mut tx, tasks).await?;
+        let initial = initial_states(tasks, &dep_state, &mut out.rejected);
         let accepted: Vec<usize> = (0..tasks.len()).filter(|i| initial[*i].is_some()).collect();
         if accepted.is_empty() {
             tx.commit().await?;
             return Ok(out);
         }
-        let n = accepted.len();
-        let (mut ids, mut queues, mut kinds, mut prios, mut states) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        let (mut payloads, mut max_attempts, mut timeouts, mut keys, mut created, mut errors, mut options) = (
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-            Vec::with_capacity(n),
-        );
-        for &i in &accepted {
-            let t = &tasks[i];
-            let (state, error) = initial[i].clone().unwrap_or((TaskState::Queued, None));
-            ids.push(t.id);
-            queues.push(t.queue.as_str());
-            kinds.push(t.kind.as_str());
-            prios.push(t.priority.as_str());
-            states.push(state.as_str());
-            payloads.push(&t.payload);
-            max_attempts.push(t.max_attempts as i32);
-            timeouts.push(t.timeout_ms as i64);
-            keys.push(t.idempotency_key.as_deref());
-            created.push(t.created_at as i64);
-            options.push(t.options_json());
-            errors.push(
-                error.map(|m| serde_json::json!({"code": "dependency_failed", "message": m, "retryable": false})),
-            );
-        }
+        // The initial state of task `i`, and the error recorded when it starts cancelled.
+        let state_of = |i: usize| initial[i].as_ref().map_or(TaskState::Queued, |(s, _)| *s);
+        let error_of = |i: usize| {
+            let message = initial[i].as_ref().and_then(|(_, e)| e.as_ref())?;
+            Some(serde_json::json!({"code": "dependency_failed", "message": message, "retryable": false}))
+        };
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
                                 idempotency_key, created_at, error, options, dispatched_at, finished_at)
@@ -242,18 +141,18 @@ impl Store {
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
-        .bind(&ids)
-        .bind(&queues)
-        .bind(&kinds)
-        .bind(&prios)
-        .bind(&states)
-        .bind(&payloads)
-        .bind(&max_attempts)
-        .bind(&timeouts)
-        .bind(&keys)
-        .bind(&created)
-        .bind(&errors)
-        .bind(&options)
+        .bind(column(&accepted, |&i| tasks[i].id))
+        .bind(column(&accepted, |&i| tasks[i].queue.as_str()))
+        .bind(column(&accepted, |&i| tasks[i].kind.as_str()))
+        .bind(column(&accepted, |&i| tasks[i].priority.as_str()))
+        .bind(column(&accepted, |&i| state_of(i).as_str()))
+        .bind(column(&accepted, |&i| &tasks[i].payload))
+        .bind(column(&accepted, |&i| tasks[i].max_attempts as i32))
+        .bind(column(&accepted, |&i| tasks[i].timeout_ms as i64))
+        .bind(column(&accepted, |&i| tasks[i].idempotency_key.as_deref()))
+        .bind(column(&accepted, |&i| tasks[i].created_at as i64))
+        .bind(column(&accepted, |&i| error_of(i)))
+        .bind(column(&accepted, |&i| tasks[i].options_json()))
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
@@ -308,35 +207,8 @@ impl Store {
             out.dispatch.extend(redispatch_first(&mut tx, tasks, again).await?);
         }
 
-        // Dependency edges of new tasks, and the flag that makes their dependencies look for
-        // dependents when they finish.
-        let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
-        for &i in &accepted {
-            let t = &tasks[i];
-            if wrote.contains(&i) {
-                for d in &t.depends_on {
-                    edge_task.push(t.id);
-                    edge_dep.push(*d);
-                }
-            }
-        }
-        if !edge_task.is_empty() {
-            sqlx::query(
-                "INSERT INTO task_dependencies (task_id, depends_on)
-                 SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
-            )
-            .bind(&edge_task)
-            .bind(&edge_dep)
-            .execute(&mut *tx)
-            .await?;
-            let mut targets = edge_dep.clone();
-            targets.sort();
-            targets.dedup();
-            sqlx::query("UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents")
-                .bind(&targets)
-                .execute(&mut *tx)
-                .await?;
-        }
+        let new_tasks = accepted.iter().filter(|i| wrote.contains(i)).map(|i| &tasks[*i]);
+        insert_dependencies(&mut tx, new_tasks).await?;
         tx.commit().await?;
 
         for &i in &accepted {
@@ -353,6 +225,129 @@ impl Store {
         }
         Ok(out)
     }
+}
+
+/// The states of the tasks outside the batch that `tasks` depend on, locked FOR SHARE: a
+/// concurrent commit of a dependency's final state waits for this transaction, and then sees
+/// the new dependency rows when it releases dependents. Without the lock a dependent could stay
+/// pending forever.
+async fn lock_dependency_states(
+    tx: &mut sqlx::PgConnection,
+    tasks: &[TaskEnvelope],
+) -> Result<HashMap<Uuid, String>, StoreError> {
+    let batch_ids: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
+    let external: Vec<Uuid> = tasks
+        .iter()
+        .flat_map(|t| t.depends_on.iter().copied())
+        .filter(|d| !batch_ids.contains(d))
+        .collect::<HashSet<_>>()
+        .into_iter()
+        .collect();
+    if external.is_empty() {
+        return Ok(HashMap::new());
+    }
+    let rows: Vec<(Uuid, String)> =
+        sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
+            .bind(&external)
+            .fetch_all(tx)
+            .await?;
+    Ok(rows.into_iter().collect())
+}
+
+/// Each task's initial state, and the error recorded when it starts `cancelled`; `None` for
+/// the tasks refused into `rejected`: an unknown dependency (one neither in `dep_state` nor
+/// earlier in the batch) or, transitively, a refused dependency of this batch.
+fn initial_states(
+    tasks: &[TaskEnvelope],
+    dep_state: &HashMap<Uuid, String>,
+    rejected: &mut Vec<Rejected>,
+) -> Vec<Option<(TaskState, Option<String>)>> {
+    let batch_ids: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
+    let mut refused: HashSet<Uuid> = HashSet::new();
+    let mut initial: Vec<Option<(TaskState, Option<String>)>> = vec![None; tasks.len()];
+    let mut seen_earlier: HashSet<Uuid> = HashSet::new();
+    for (i, t) in tasks.iter().enumerate() {
+        let mut state = TaskState::Queued;
+        let mut error = None;
+        for dep in &t.depends_on {
+            if batch_ids.contains(dep) {
+                if refused.contains(dep) || !seen_earlier.contains(dep) {
+                    let message = if refused.contains(dep) {
+                        format!("dependency {dep} was refused")
+                    } else {
+                        format!("dependency {dep} must be submitted before its dependent")
+                    };
+                    rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
+                    refused.insert(t.id);
+                    break;
+                }
+                state = TaskState::Pending;
+                continue;
+            }
+            match dep_state.get(dep).and_then(|s| TaskState::parse(s)) {
+                None => {
+                    rejected.push(Rejected {
+                        index: i,
+                        reason: RejectReason::UnknownDependency,
+                        message: format!("dependency {dep} does not exist"),
+                    });
+                    refused.insert(t.id);
+                    break;
+                }
+                Some(TaskState::Succeeded) => {}
+                Some(s) if s.is_final() => {
+                    if state != TaskState::Cancelled {
+                        error = Some(format!("dependency {dep} ended {}", s.as_str()));
+                    }
+                    state = TaskState::Cancelled;
+                }
+                Some(_) => {
+                    if state != TaskState::Cancelled {
+                        state = TaskState::Pending;
+                    }
+                }
+            }
+        }
+        seen_earlier.insert(t.id);
+        if !refused.contains(&t.id) {
+            initial[i] = Some((state, error));
+        }
+    }
+    initial
+}
+
+/// Writes the dependency edges of newly written tasks, and the flag that makes their
+/// dependencies look for dependents when they finish.
+async fn insert_dependencies<'a>(
+    tx: &mut sqlx::PgConnection,
+    new_tasks: impl Iterator<Item = &'a TaskEnvelope>,
+) -> Result<(), StoreError> {
+    let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
+    for t in new_tasks {
+        for d in &t.depends_on {
+            edge_task.push(t.id);
+            edge_dep.push(*d);
+        }
+    }
+    if edge_task.is_empty() {
+        return Ok(());
+    }
+    sqlx::query(
+        "INSERT INTO task_dependencies (task_id, depends_on)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+    )
+    .bind(&edge_task)
+    .bind(&edge_dep)
+    .execute(&mut *tx)
+    .await?;
+    let mut targets = edge_dep;
+    targets.sort();
+    targets.dedup();
+    sqlx::query("UPDATE tasks SET has_dependents = true WHERE id = ANY($1) AND NOT has_dependents")
+        .bind(&targets)
+        .execute(tx)
+        .await?;
+    Ok(())
 }
 
 /// Of the redelivered submissions whose rows are still queued, those whose first dispatch is
@@ -378,4 +373,34 @@ async fn redispatch_first(
     .await?;
     let renewed: HashSet<Uuid> = renewed.into_iter().map(|(id,)| id).collect();
     Ok(candidates.into_iter().filter(|i| renewed.contains(&tasks[*i].id)).collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn initial_states_follow_the_dependencies() {
+        let failed = Uuid::now_v7();
+        let task = |deps: &[Uuid]| {
+            let mut t = TaskEnvelope::new("k", serde_json::Value::Null);
+            t.depends_on = deps.to_vec();
+            t
+        };
+        let a = task(&[]);
+        let b = task(&[a.id]);
+        let c = task(&[Uuid::now_v7()]);
+        let d = task(&[c.id]);
+        let e = task(&[failed]);
+        let states = HashMap::from([(failed, "failed".to_string())]);
+        let mut rejected = Vec::new();
+        let initial = initial_states(&[a, b, c, d, e], &states, &mut rejected);
+        assert_eq!(initial[0], Some((TaskState::Queued, None)));
+        assert_eq!(initial[1], Some((TaskState::Pending, None)));
+        assert_eq!((initial[2].clone(), initial[3].clone()), (None, None));
+        assert_eq!(initial[4], Some((TaskState::Cancelled, Some(format!("dependency {failed} ended failed")))));
+        let refused: Vec<(usize, &str)> = rejected.iter().map(|r| (r.index, r.message.as_str())).collect();
+        assert!(refused[0].0 == 2 && refused[0].1.ends_with("does not exist"), "{refused:?}");
+        assert!(refused[1].0 == 3 && refused[1].1.ends_with("was refused"), "{refused:?}");
+    }
 }

@@ -134,6 +134,12 @@ async fn retries_then_dead() {
         .await
         .unwrap();
     assert_eq!(attempts, 3);
+    // The dead task reads back whole, for the dead-letter stream and for a replay.
+    let dead = s.store.envelopes_with_error(&[t.id]).await.unwrap();
+    assert_eq!((dead[0].0.id, dead[0].0.created_at, &dead[0].0.kind), (t.id, t.created_at, &t.kind));
+    assert_eq!(dead[0].1.as_ref().and_then(|e| e.get("code")), Some(&serde_json::json!("handler_error")));
+    let replayed = s.store.replay_dead(Some(&[t.id]), None, 10).await.unwrap();
+    assert_eq!((replayed[0].envelope.id, replayed[0].attempt_offset, replayed[0].generation), (t.id, 3, 2));
 }
 
 #[tokio::test]

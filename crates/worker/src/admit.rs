@@ -281,7 +281,7 @@ enum LimitRefusal {
     /// Not yet: defer for `delay` (a booked slot, or a denial).
     Wait { reason: DeferReason, delay: Duration, granted: Vec<String>, span: tracing::Span },
     /// A limit the configuration does not know.
-    Unknown(taskfleet_shared_state::UnknownLimit),
+    Unknown(taskfleet_shared_state::SharedStateError),
 }
 
 /// Takes a token of every limit the task needs that it does not hold yet.
