@@ -47,17 +47,14 @@
 //!   (120 for the two-minute outage);
 //! * `TASKFLEET_FAULT_DRAIN_SECS` [60 + 2 × ack_wait]: how long to wait for every final state.
 
-use async_nats::jetstream::message::PublishMessage;
-use bytes::Bytes;
 use futures::StreamExt;
 use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use taskfleet_bus::{decode_message, send_submission};
 use taskfleet_e2e::Fleet;
-use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, CommittedBatch, DEFAULT_MAX_ATTEMPTS, Priority, TaskEnvelope, decode, encode, headers,
-};
+use taskfleet_proto::{CommittedBatch, DEFAULT_MAX_ATTEMPTS, MAX_MESSAGE_BYTES, Priority, TaskEnvelope};
 use taskfleet_test_support::{PgCluster, RedisServer};
 use uuid::Uuid;
 
@@ -321,7 +318,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         let commits = commits.clone();
         tokio::spawn(async move {
             while let Some(msg) = sub.next().await {
-                if let Ok(batch) = decode::<CommittedBatch>(&msg.payload, None, 64 << 20) {
+                if let Ok(batch) = decode_message::<CommittedBatch>(&msg, MAX_MESSAGE_BYTES) {
                     let now = Instant::now();
                     let mut c = commits.lock().expect("commits");
                     c.extend(batch.tasks.iter().map(|t| (now, t.id, t.state.as_str())));
@@ -335,7 +332,7 @@ async fn faults_lose_nothing_and_end_each_task_once() {
     // Steady load at `rate` tasks/s. A submission counts once JetStream acknowledged it, in the
     // window current at that moment; a failed publish is retried with the same id.
     let js = async_nats::jetstream::ContextBuilder::new().timeout(Duration::from_secs(2)).build(client.clone());
-    let subject = fleet.subjects().submit("default");
+    let subjects = fleet.subjects();
     let stop = Arc::new(AtomicBool::new(false));
     let window = Arc::new(AtomicUsize::new(0));
     let acked: Arc<Mutex<Vec<(Uuid, usize, Instant)>>> = Arc::default();
@@ -355,18 +352,12 @@ async fn faults_lose_nothing_and_end_each_task_once() {
                 }
                 let mut sent = Vec::new();
                 for env in std::mem::take(&mut pending) {
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-                    let publish = PublishMessage::build()
-                        .payload(Bytes::from(encode(&env)))
-                        .headers(h)
-                        .message_id(env.dedup_key());
-                    let ack = js.send_publish(subject.clone(), publish).await.ok();
-                    sent.push((env, ack));
+                    let submission = send_submission(&js, &subjects, &env, async_nats::HeaderMap::new()).await.ok();
+                    sent.push((env, submission));
                 }
-                for (env, ack) in sent {
-                    let stored = match ack {
-                        Some(ack) => ack.await.is_ok(),
+                for (env, submission) in sent {
+                    let stored = match submission {
+                        Some(submission) => submission.stored().await.is_ok(),
                         None => false,
                     };
                     if stored {

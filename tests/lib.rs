@@ -1,12 +1,10 @@
 //! Helpers for the end-to-end tests: a fleet of real taskfleet processes in a private
 //! [`TestEnv`], and ways to submit to it and watch Postgres.
 
-use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use bytes::Bytes;
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Subjects, TaskEnvelope, encode, headers};
+use taskfleet_bus::send_submission;
+use taskfleet_proto::{Subjects, TaskEnvelope};
 use taskfleet_test_support::{FleetProcess, TestEnv, free_port};
 
 /// Coordinator and workers started against one private environment. Processes are killed
@@ -112,19 +110,16 @@ impl Fleet {
         let subjects = self.subjects();
         let mut acks = Vec::with_capacity(envs.len());
         for env in envs {
-            let mut h = HeaderMap::new();
-            h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-            let publish =
-                PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
-            acks.push(js.send_publish(subjects.submit(&env.queue), publish).await.expect("publish submission"));
+            let sent = send_submission(&js, &subjects, env, async_nats::HeaderMap::new()).await;
+            acks.push(sent.expect("publish submission"));
             if acks.len() >= 1000 {
                 for a in acks.drain(..) {
-                    a.await.expect("submission stored");
+                    a.stored().await.expect("submission stored");
                 }
             }
         }
         for a in acks {
-            a.await.expect("submission stored");
+            a.stored().await.expect("submission stored");
         }
     }
 

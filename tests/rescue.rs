@@ -8,12 +8,11 @@
 //! `TASKFLEET_RESCUE_CONCURRENCY` (per worker, two workers, default 3) shape the load; run it
 //! with `cargo test --release` against release binaries for thousands of tasks per second.
 
-use async_nats::jetstream::message::PublishMessage;
-use bytes::Bytes;
 use std::collections::HashSet;
 use std::time::{Duration, Instant, SystemTime};
+use taskfleet_bus::send_submission;
 use taskfleet_e2e::Fleet;
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Priority, TaskEnvelope, decode, encode, headers};
+use taskfleet_proto::{Priority, TaskEnvelope, decode};
 
 fn env_or(name: &str, default: u64) -> u64 {
     std::env::var(name).ok().and_then(|v| v.parse().ok()).unwrap_or(default)
@@ -42,8 +41,7 @@ async fn lost_dispatches_are_rescued_while_the_load_goes_on() {
     // The load, in its own task: `rate` tasks per second in ticks of 50 ms.
     let total = rate * secs;
     let loader = {
-        let js = js.clone();
-        let subject = subjects.submit("default");
+        let (js, subjects) = (js.clone(), subjects.clone());
         tokio::spawn(async move {
             let per_tick = (rate / 20).max(1);
             let mut tick = tokio::time::interval(Duration::from_millis(50));
@@ -54,14 +52,12 @@ async fn lost_dispatches_are_rescued_while_the_load_goes_on() {
                 for _ in 0..per_tick.min(total - sent) {
                     let env = TaskEnvelope::new("sleep", serde_json::json!({ "ms": sleep_ms }))
                         .with_priority(Priority::ALL[(sent % 2) as usize + 1]);
-                    let mut h = async_nats::HeaderMap::new();
-                    h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-                    let msg = PublishMessage::build().payload(Bytes::from(encode(&env))).headers(h);
-                    acks.push(js.send_publish(subject.clone(), msg).await.expect("publish"));
+                    let submission = send_submission(&js, &subjects, &env, async_nats::HeaderMap::new()).await;
+                    acks.push(submission.expect("publish"));
                     sent += 1;
                 }
                 for a in acks {
-                    a.await.expect("stored");
+                    a.stored().await.expect("stored");
                 }
             }
             SystemTime::now()

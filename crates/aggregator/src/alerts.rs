@@ -2,10 +2,9 @@
 //! resolves when it stops holding; every change is returned (to be published on
 //! `<prefix>.alerts`) and the latest state of every rule that ever fired is kept for the page.
 
-use crate::stats::{Figures, WorkerFigures};
 use std::collections::BTreeMap;
 use taskfleet_config::AlertRule;
-use taskfleet_proto::{Alert, AlertState};
+use taskfleet_proto::{Alert, AlertState, Figures, WorkerFigures};
 
 /// Evaluates the configured rules.
 pub struct Alerts {
@@ -92,7 +91,7 @@ fn round(v: f64) -> f64 {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::stats::Latency;
+    use taskfleet_proto::Latency;
 
     fn rule(metric: &str, above: bool, threshold: f64) -> AlertRule {
         AlertRule { metric: metric.into(), above, threshold }

@@ -2,18 +2,15 @@
 //! 5-second buckets over a sliding window, all-time totals, per-minute deltas waiting to be
 //! written to Postgres, a history for charts, and the workers' latest status.
 
-use hdrhistogram::Histogram;
-use hdrhistogram::serialization::{Deserializer, Serializer, V2Serializer};
-use serde::Serialize;
+use crate::rollup::{from_rollup, to_rollup};
+use crate::slot::{Counts, Slot, latency};
 use std::collections::{BTreeMap, VecDeque};
-use taskfleet_proto::{EventKind, TaskEvent, WorkerStatus};
+use taskfleet_proto::{EventKind, Figures, HistoryPoint, SeriesFigures, TaskEvent, WorkerFigures, WorkerStatus};
 use taskfleet_store::Rollup;
 
 /// Width of one live bucket.
 pub const BUCKET_MS: u64 = 5_000;
 const MINUTE_MS: u64 = 60_000;
-/// Largest latency a histogram holds (longer values are clamped): one week, in ms.
-const MAX_MS: u64 = 7 * 24 * 3_600_000;
 
 /// One series: what the figures are grouped by.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
@@ -24,302 +21,6 @@ pub struct SeriesKey {
     pub kind: String,
     /// Priority.
     pub priority: String,
-}
-
-/// Event counts and sums.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Counts {
-    /// Final states.
-    pub finals: u64,
-    /// Succeeded.
-    pub succeeded: u64,
-    /// Failed.
-    pub failed: u64,
-    /// Dead.
-    pub dead: u64,
-    /// Cancelled.
-    pub cancelled: u64,
-    /// Attempts to be retried.
-    pub retries: u64,
-    /// Attempts that ended.
-    pub attempts: u64,
-    /// Results from the cache.
-    pub cache_hits: u64,
-    /// Prompt tokens.
-    pub prompt_tokens: u64,
-    /// Completion tokens.
-    pub completion_tokens: u64,
-    /// Spend, USD.
-    pub cost_usd: f64,
-    /// Spend avoided by cache hits, USD.
-    pub saved_usd: f64,
-}
-
-impl Counts {
-    fn add(&mut self, o: &Counts) {
-        self.finals += o.finals;
-        self.succeeded += o.succeeded;
-        self.failed += o.failed;
-        self.dead += o.dead;
-        self.cancelled += o.cancelled;
-        self.retries += o.retries;
-        self.attempts += o.attempts;
-        self.cache_hits += o.cache_hits;
-        self.prompt_tokens += o.prompt_tokens;
-        self.completion_tokens += o.completion_tokens;
-        self.cost_usd += o.cost_usd;
-        self.saved_usd += o.saved_usd;
-    }
-
-    fn observe(&mut self, ev: &TaskEvent) -> bool {
-        match ev.kind {
-            EventKind::Succeeded => self.succeeded += 1,
-            EventKind::Failed => self.failed += 1,
-            EventKind::Dead => self.dead += 1,
-            EventKind::Cancelled => self.cancelled += 1,
-            EventKind::Retrying => self.retries += 1,
-            _ => return false,
-        }
-        if ev.kind.is_final() {
-            self.finals += 1;
-        }
-        if ev.attempt > 0 {
-            self.attempts += 1;
-        }
-        if ev.cache_hit {
-            self.cache_hits += 1;
-        }
-        if let Some(t) = ev.tokens {
-            self.prompt_tokens += t.prompt;
-            self.completion_tokens += t.completion;
-        }
-        self.cost_usd += ev.cost_usd.unwrap_or(0.0);
-        self.saved_usd += ev.saved_usd.unwrap_or(0.0);
-        true
-    }
-}
-
-/// Counts plus latency histograms (milliseconds).
-#[derive(Debug, Clone)]
-pub struct Slot {
-    /// Counts and sums.
-    pub counts: Counts,
-    /// Created → started, first attempts.
-    pub queue_wait: Histogram<u64>,
-    /// Started → finished, every attempt that ran.
-    pub run: Histogram<u64>,
-    /// Created → final state.
-    pub end_to_end: Histogram<u64>,
-}
-
-fn histogram() -> Histogram<u64> {
-    Histogram::new_with_bounds(1, MAX_MS, 2).expect("constant histogram bounds are valid")
-}
-
-impl Default for Slot {
-    fn default() -> Self {
-        Slot { counts: Counts::default(), queue_wait: histogram(), run: histogram(), end_to_end: histogram() }
-    }
-}
-
-impl Slot {
-    fn observe(&mut self, ev: &TaskEvent) {
-        if !self.counts.observe(ev) {
-            return;
-        }
-        let Some(t) = ev.timings else { return };
-        let record = |h: &mut Histogram<u64>, from: u64, to: u64| {
-            if from > 0 && to >= from {
-                h.saturating_record((to - from).clamp(1, MAX_MS));
-            }
-        };
-        if ev.kind.is_final() {
-            record(&mut self.end_to_end, t.created_at, t.finished_at);
-        }
-        if !ev.cache_hit {
-            record(&mut self.run, t.started_at, t.finished_at);
-        }
-        if ev.attempt == 1 {
-            record(&mut self.queue_wait, t.created_at, t.started_at);
-        }
-    }
-
-    fn merge(&mut self, o: &Slot) {
-        self.counts.add(&o.counts);
-        let _ = self.queue_wait.add(&o.queue_wait);
-        let _ = self.run.add(&o.run);
-        let _ = self.end_to_end.add(&o.end_to_end);
-    }
-}
-
-/// Percentiles of one histogram, in milliseconds; `None` when it is empty.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Latency {
-    /// Values recorded.
-    pub count: u64,
-    /// Median.
-    pub p50: Option<f64>,
-    /// 95th percentile.
-    pub p95: Option<f64>,
-    /// 99th percentile.
-    pub p99: Option<f64>,
-    /// Largest.
-    pub max: Option<f64>,
-}
-
-impl Latency {
-    fn of(h: &Histogram<u64>) -> Latency {
-        if h.is_empty() {
-            return Latency::default();
-        }
-        let q = |p: f64| Some(h.value_at_quantile(p) as f64);
-        Latency { count: h.len(), p50: q(0.5), p95: q(0.95), p99: q(0.99), max: Some(h.max() as f64) }
-    }
-}
-
-/// Prompt and completion token totals.
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Tokens {
-    /// Prompt tokens.
-    pub prompt: u64,
-    /// Completion tokens.
-    pub completion: u64,
-}
-
-/// The figures of a series or of the whole fleet (`/v1/stats`).
-#[derive(Debug, Clone, Default, Serialize, PartialEq)]
-pub struct Figures {
-    /// Final states per second over the window.
-    pub throughput_per_s: f64,
-    /// Final states, all time.
-    pub completed_total: u64,
-    /// Succeeded, all time.
-    pub succeeded_total: u64,
-    /// Failed, all time.
-    pub failed_total: u64,
-    /// Dead, all time.
-    pub dead_total: u64,
-    /// Cancelled, all time.
-    pub cancelled_total: u64,
-    /// Retries, all time.
-    pub retries_total: u64,
-    /// Cache hits, all time.
-    pub cache_hits_total: u64,
-    /// (failed + dead) / final states over the window.
-    pub error_rate: Option<f64>,
-    /// Retries / attempts over the window.
-    pub retry_rate: Option<f64>,
-    /// Cache hits / successes over the window, for series the cache has ever served.
-    pub cache_hit_rate: Option<f64>,
-    /// Tokens, all time.
-    pub tokens_total: Tokens,
-    /// Spend, all time, USD.
-    pub cost_usd_total: f64,
-    /// Spend avoided by cache hits, all time, USD.
-    pub saved_usd_total: f64,
-    /// Spend per final state over the window, USD, for series that ever cost anything.
-    pub cost_per_task_usd: Option<f64>,
-    /// Queue wait over the window.
-    pub queue_wait_ms: Latency,
-    /// Run time over the window.
-    pub run_ms: Latency,
-    /// End-to-end latency over the window.
-    pub end_to_end_ms: Latency,
-    /// Workers reporting (fleet only).
-    pub workers: Option<u64>,
-    /// In flight / capacity (fleet only).
-    pub utilization: Option<f64>,
-    /// Handlers running (fleet only).
-    pub in_flight: Option<u64>,
-    /// Handlers the fleet can run at once (fleet only).
-    pub capacity: Option<u64>,
-}
-
-impl Figures {
-    fn from_parts(window: &Slot, totals: &Counts, window_s: f64, cached: bool, costly: bool) -> Figures {
-        let w = &window.counts;
-        let ratio = |a: u64, b: u64| if b == 0 { None } else { Some(a as f64 / b as f64) };
-        Figures {
-            throughput_per_s: w.finals as f64 / window_s.max(1.0),
-            completed_total: totals.finals,
-            succeeded_total: totals.succeeded,
-            failed_total: totals.failed,
-            dead_total: totals.dead,
-            cancelled_total: totals.cancelled,
-            retries_total: totals.retries,
-            cache_hits_total: totals.cache_hits,
-            error_rate: ratio(w.failed + w.dead, w.finals),
-            retry_rate: ratio(w.retries, w.attempts),
-            cache_hit_rate: if cached { ratio(w.cache_hits, w.succeeded) } else { None },
-            tokens_total: Tokens { prompt: totals.prompt_tokens, completion: totals.completion_tokens },
-            cost_usd_total: totals.cost_usd,
-            saved_usd_total: totals.saved_usd,
-            cost_per_task_usd: if costly && w.finals > 0 { Some(w.cost_usd / w.finals as f64) } else { None },
-            queue_wait_ms: Latency::of(&window.queue_wait),
-            run_ms: Latency::of(&window.run),
-            end_to_end_ms: Latency::of(&window.end_to_end),
-            workers: None,
-            utilization: None,
-            in_flight: None,
-            capacity: None,
-        }
-    }
-}
-
-/// One series' figures, with its key.
-#[derive(Debug, Clone, Serialize)]
-pub struct SeriesFigures {
-    /// Queue.
-    pub queue: String,
-    /// Task kind.
-    pub kind: String,
-    /// Priority.
-    pub priority: String,
-    /// Its figures.
-    #[serde(flatten)]
-    pub figures: Figures,
-}
-
-/// A worker as the dashboard shows it.
-#[derive(Debug, Clone, Serialize)]
-pub struct WorkerFigures {
-    /// Worker id.
-    pub id: String,
-    /// Queues it serves.
-    pub queues: Vec<String>,
-    /// Handlers running.
-    pub in_flight: u64,
-    /// Tasks waiting for a slot.
-    pub buffered: u64,
-    /// Handlers at once, at most.
-    pub max_concurrent: u64,
-    /// CPU, percent of one core.
-    pub cpu_percent: f64,
-    /// Resident memory.
-    pub rss_bytes: u64,
-    /// Resident memory, percent of its limit.
-    pub memory_percent: f64,
-    /// Its last report, Unix epoch ms.
-    pub last_seen_ms: u64,
-}
-
-/// One point of the charts.
-#[derive(Debug, Clone, Serialize, PartialEq)]
-pub struct HistoryPoint {
-    /// Start of the interval, Unix epoch ms.
-    pub t: u64,
-    /// Final states per second.
-    pub throughput_per_s: f64,
-    /// 95th percentile end to end, ms.
-    pub p95_ms: Option<f64>,
-    /// Error rate.
-    pub error_rate: Option<f64>,
-    /// Cache hit rate.
-    pub cache_hit_rate: Option<f64>,
-    /// Spend in the interval, USD.
-    pub cost_usd: f64,
-    /// Workers reporting.
-    pub workers: Option<u64>,
 }
 
 #[derive(Default)]
@@ -420,7 +121,7 @@ impl Stats {
         HistoryPoint {
             t,
             throughput_per_s: c.finals as f64 * 1000.0 / span_ms as f64,
-            p95_ms: Latency::of(&slot.end_to_end).p95,
+            p95_ms: latency(&slot.end_to_end).p95,
             error_rate: if c.finals == 0 { None } else { Some((c.failed + c.dead) as f64 / c.finals as f64) },
             cache_hit_rate: if cached && c.succeeded > 0 {
                 Some(c.cache_hits as f64 / c.succeeded as f64)
@@ -464,10 +165,10 @@ impl Stats {
                 queue: key.queue.clone(),
                 kind: key.kind.clone(),
                 priority: key.priority.clone(),
-                figures: Figures::from_parts(&window, &s.totals, window_s, cached, costly),
+                figures: window.figures(&s.totals, window_s, cached, costly),
             });
         }
-        let mut fleet = Figures::from_parts(&fleet_window, &fleet_totals, window_s, false, any_cost);
+        let mut fleet = fleet_window.figures(&fleet_totals, window_s, false, any_cost);
         if any_cached && cached_window.succeeded > 0 {
             fleet.cache_hit_rate = Some(cached_window.cache_hits as f64 / cached_window.succeeded as f64);
         }
@@ -545,76 +246,6 @@ impl Stats {
             self.push_history(p);
         }
     }
-}
-
-fn serialize(h: &Histogram<u64>) -> Option<Vec<u8>> {
-    if h.is_empty() {
-        return None;
-    }
-    let mut out = Vec::new();
-    V2Serializer::new().serialize(h, &mut out).ok()?;
-    Some(out)
-}
-
-fn deserialize(bytes: Option<Vec<u8>>) -> Histogram<u64> {
-    let mut h = histogram();
-    if let Some(b) = bytes
-        && let Ok(d) = Deserializer::new().deserialize::<u64, _>(&mut b.as_slice())
-    {
-        let _ = h.add(&d);
-    }
-    h
-}
-
-fn to_rollup(minute: u64, key: SeriesKey, slot: &Slot) -> Rollup {
-    let c = &slot.counts;
-    let n = |v: u64| v as i64;
-    Rollup {
-        minute_ms: minute as i64,
-        queue: key.queue,
-        kind: key.kind,
-        priority: key.priority,
-        finals: n(c.finals),
-        succeeded: n(c.succeeded),
-        failed: n(c.failed),
-        dead: n(c.dead),
-        cancelled: n(c.cancelled),
-        retries: n(c.retries),
-        attempts: n(c.attempts),
-        cache_hits: n(c.cache_hits),
-        prompt_tokens: n(c.prompt_tokens),
-        completion_tokens: n(c.completion_tokens),
-        cost_usd: c.cost_usd,
-        saved_usd: c.saved_usd,
-        queue_wait: serialize(&slot.queue_wait),
-        run: serialize(&slot.run),
-        end_to_end: serialize(&slot.end_to_end),
-    }
-}
-
-fn from_rollup(r: Rollup) -> (SeriesKey, Slot) {
-    let n = |v: i64| v.max(0) as u64;
-    let counts = Counts {
-        finals: n(r.finals),
-        succeeded: n(r.succeeded),
-        failed: n(r.failed),
-        dead: n(r.dead),
-        cancelled: n(r.cancelled),
-        retries: n(r.retries),
-        attempts: n(r.attempts),
-        cache_hits: n(r.cache_hits),
-        prompt_tokens: n(r.prompt_tokens),
-        completion_tokens: n(r.completion_tokens),
-        cost_usd: r.cost_usd,
-        saved_usd: r.saved_usd,
-    };
-    let slot = Slot {
-        counts,
-        queue_wait: deserialize(r.queue_wait),
-        run: deserialize(r.run),
-        end_to_end: deserialize(r.end_to_end),
-    };
-    (SeriesKey { queue: r.queue, kind: r.kind, priority: r.priority }, slot)
 }
 
 #[cfg(test)]

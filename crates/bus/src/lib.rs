@@ -1,6 +1,6 @@
 //! NATS JetStream for taskfleet: connecting (with a server version check), declaring the
 //! streams and durable consumers every component relies on, and publishing many messages with
-//! their acknowledgements awaited together.
+//! their acknowledgements awaited together, submitting tasks, and decoding fleet messages.
 //!
 //! Topology (names from [`taskfleet_proto::Subjects`]):
 //!
@@ -15,9 +15,11 @@
 mod consume;
 mod error;
 mod publish;
+mod submit;
 mod topology;
 
 pub use consume::{consume_batches, hand_back};
 pub use error::{BusError, BusErrorKind};
 pub use publish::{Outgoing, publish_all};
+pub use submit::{SentSubmission, SubmitError, decode_message, publish_submission, send_submission};
 pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect};

@@ -10,8 +10,9 @@ use futures::StreamExt;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
+use taskfleet_bus::{decode_message, send_submission};
 use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, CommittedBatch, EventBatch, Priority, TaskEnvelope, decode, encode, headers,
+    CONTENT_TYPE_MSGPACK, CommittedBatch, EventBatch, MAX_MESSAGE_BYTES, Priority, TaskEnvelope, encode, headers,
 };
 
 #[derive(clap::Args)]
@@ -130,7 +131,7 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
     tokio::spawn(async move {
         while let Some(m) = events.next().await {
             let at = Instant::now();
-            if let Ok(b) = decode::<EventBatch>(&m.payload, None, 64 << 20) {
+            if let Ok(b) = decode_message::<EventBatch>(&m, MAX_MESSAGE_BYTES) {
                 for e in b.events.into_iter().filter(|e| e.kind.is_final()) {
                     let _ = ev_tx.send((e.task_id, at));
                 }
@@ -140,7 +141,7 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
     tokio::spawn(async move {
         while let Some(m) = committed.next().await {
             let at = Instant::now();
-            if let Ok(b) = decode::<CommittedBatch>(&m.payload, None, 64 << 20) {
+            if let Ok(b) = decode_message::<CommittedBatch>(&m, MAX_MESSAGE_BYTES) {
                 for t in b.tasks {
                     let _ = cm_tx.send((t.id, at));
                 }
@@ -148,7 +149,6 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
         }
     });
 
-    let subject = fleet.subjects.submit(&args.queue);
     let gap = Duration::from_secs_f64(1.0 / args.rate.max(0.001));
     let mut tick = tokio::time::interval(gap);
     for i in 0..args.count {
@@ -156,16 +156,13 @@ pub async fn latency(fleet: &Fleet, args: LatencyArgs) -> anyhow::Result<i32> {
         let env = TaskEnvelope::new(&args.kind, serde_json::json!({ "i": i }))
             .with_queue(&args.queue)
             .with_priority(args.priority);
-        let mut h = HeaderMap::new();
-        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-        let publish = PublishMessage::build().payload(Bytes::from(encode(&env))).headers(h).message_id(env.dedup_key());
         if let Ok(mut s) = sent.lock() {
             s.insert(env.id, Instant::now());
         }
         // Fire and forget: the acknowledgement is awaited in the background so that the rate holds.
-        let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
+        let submission = send_submission(&fleet.js, &fleet.subjects, &env, HeaderMap::new()).await?;
         tokio::spawn(async move {
-            if let Err(e) = ack.await {
+            if let Err(e) = submission.stored().await {
                 eprintln!("submission not stored: {e}");
             }
         });

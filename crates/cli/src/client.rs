@@ -3,18 +3,25 @@
 use anyhow::{Context, anyhow};
 use bytes::Bytes;
 use futures::StreamExt;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
-use taskfleet_proto::{CommittedBatch, Subjects, decode};
+use taskfleet_bus::decode_message;
+use taskfleet_proto::{ApiErrorBody, CommittedBatch, MAX_MESSAGE_BYTES, Subjects, TaskIdRequest, VERB_TASK_GET};
 
 /// A NATS connection plus the fleet's subject names.
 pub struct Fleet {
+    /// The NATS connection.
     pub client: async_nats::Client,
+    /// JetStream on it.
     pub js: async_nats::jetstream::Context,
+    /// The fleet's subject names.
     pub subjects: Subjects,
 }
 
 impl Fleet {
+    /// Connects to the fleet's NATS server.
     pub async fn connect(config: &taskfleet_config::Config) -> anyhow::Result<Fleet> {
         let client = async_nats::ConnectOptions::new()
             .name("taskfleet-cli")
@@ -29,22 +36,23 @@ impl Fleet {
         Ok(Fleet { client, js, subjects: config.subjects() })
     }
 
-    /// Calls the coordinator's API; an `{"error": …}` reply becomes an error.
-    pub async fn api(&self, verb: &str, body: &Value) -> anyhow::Result<Value> {
-        let bytes = Bytes::from(serde_json::to_vec(body)?);
+    /// Calls a verb of the coordinator's API; an error answer becomes its
+    /// [`taskfleet_proto::ApiError`].
+    pub async fn api<R: DeserializeOwned>(&self, verb: &str, request: &impl Serialize) -> anyhow::Result<R> {
+        let bytes = Bytes::from(serde_json::to_vec(request)?);
         let reply = tokio::time::timeout(Duration::from_secs(10), self.client.request(self.subjects.api(verb), bytes))
             .await
             .map_err(|_| anyhow!("the coordinator did not answer {verb} within 10s"))?
             .map_err(|e| anyhow!("{verb} request failed (is a coordinator running?): {e}"))?;
-        let value: Value = serde_json::from_slice(&reply.payload).context("coordinator sent invalid JSON")?;
-        if let Some(err) = value.get("error").and_then(|e| e.as_str()) {
-            return Err(anyhow!("{err}"));
+        if let Some(error) = ApiErrorBody::parse(&reply.payload) {
+            return Err(error.into());
         }
-        Ok(value)
+        serde_json::from_slice(&reply.payload).with_context(|| format!("unexpected answer to {verb}"))
     }
 
+    /// A task as stored.
     pub async fn get(&self, id: uuid::Uuid) -> anyhow::Result<Value> {
-        self.api("task.get", &serde_json::json!({ "id": id })).await
+        self.api(VERB_TASK_GET, &TaskIdRequest { id }).await
     }
 
     /// Waits for `id` to be final. Subscribes to commit notifications before asking, so a
@@ -69,7 +77,7 @@ impl Fleet {
                     .await;
             match msg {
                 Ok(Some(m)) => {
-                    let Ok(batch) = decode::<CommittedBatch>(&m.payload, None, 64 << 20) else {
+                    let Ok(batch) = decode_message::<CommittedBatch>(&m, MAX_MESSAGE_BYTES) else {
                         continue;
                     };
                     if !batch.tasks.iter().any(|t| t.id == id) {

@@ -9,7 +9,13 @@ mod top;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::time::Duration;
+use taskfleet_proto::{
+    CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest, TaskIdRequest, VERB_TASK_CANCEL,
+    VERB_TASK_COUNTS, VERB_TASK_LIST, VERB_TASK_REPLAY,
+};
 
 #[derive(Parser)]
 #[command(name = "taskfleet", version, about = "Submit and inspect taskfleet tasks")]
@@ -175,8 +181,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             }
         }
         Command::Ls { state, queue, limit, json } => {
-            let rows =
-                fleet.api("task.list", &serde_json::json!({ "state": state, "queue": queue, "limit": limit })).await?;
+            let rows: Vec<Value> = fleet.api(VERB_TASK_LIST, &ListRequest { state, queue, limit: Some(limit) }).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&rows)?);
                 return Ok(0);
@@ -185,7 +190,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
                 "{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  CREATED",
                 "ID", "QUEUE", "KIND", "PRIORITY", "STATE", "ATTEMPT"
             );
-            for t in rows.as_array().into_iter().flatten() {
+            for t in &rows {
                 let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
                 println!(
                     "{:<36}  {:<10}  {:<12}  {:<8}  {:<9}  {:>7}  {}",
@@ -201,9 +206,8 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             Ok(0)
         }
         Command::Cancel { id } => {
-            let out = fleet.api("task.cancel", &serde_json::json!({ "id": id })).await?;
-            let cancelled = out.get("cancelled").and_then(|v| v.as_bool()).unwrap_or(false);
-            let previous = out.get("previous").and_then(|v| v.as_str()).unwrap_or("?");
+            let CancelReply { cancelled, previous, .. } = fleet.api(VERB_TASK_CANCEL, &TaskIdRequest { id }).await?;
+            let previous = previous.as_str();
             if cancelled {
                 println!("cancelled {id} (was {previous})");
                 Ok(0)
@@ -216,24 +220,23 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             if ids.is_empty() && !all {
                 anyhow::bail!("name task ids, or pass --all");
             }
-            let body = if all {
-                serde_json::json!({ "all": true, "queue": queue })
+            let request = if all {
+                ReplayRequest { all: true, queue, ..Default::default() }
             } else {
-                serde_json::json!({ "ids": ids })
+                ReplayRequest { ids: Some(ids.clone()), ..Default::default() }
             };
-            let out = fleet.api("task.replay", &body).await?;
-            let replayed = out.get("replayed").and_then(|v| v.as_array()).cloned().unwrap_or_default();
+            let ReplayReply { replayed } = fleet.api(VERB_TASK_REPLAY, &request).await?;
             for id in &replayed {
-                println!("{}", id.as_str().unwrap_or_default());
+                println!("{id}");
             }
             eprintln!("replayed {} dead task(s)", replayed.len());
             Ok(if !all && replayed.len() < ids.len() { 1 } else { 0 })
         }
         Command::Dead { command: DeadCommand::Ls { queue, limit } } => {
-            let rows =
-                fleet.api("task.list", &serde_json::json!({ "state": "dead", "queue": queue, "limit": limit })).await?;
+            let request = ListRequest { state: Some("dead".into()), queue, limit: Some(limit) };
+            let rows: Vec<Value> = fleet.api(VERB_TASK_LIST, &request).await?;
             println!("{:<36}  {:<10}  {:<12}  {:>7}  {:<20}  ERROR", "ID", "QUEUE", "KIND", "ATTEMPT", "CODE");
-            for t in rows.as_array().into_iter().flatten() {
+            for t in &rows {
                 let s = |k: &str| t.get(k).and_then(|v| v.as_str()).unwrap_or("-").to_string();
                 let err = t.get("error").cloned().unwrap_or_default();
                 println!(
@@ -251,7 +254,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
         Command::Bench { command: BenchCommand::Latency(args) } => bench::latency(&fleet, args).await,
         Command::Bench { command: BenchCommand::Events(args) } => bench::events(&fleet, args).await,
         Command::Counts { queue } => {
-            let counts = fleet.api("task.counts", &serde_json::json!({ "queue": queue })).await?;
+            let counts: BTreeMap<String, i64> = fleet.api(VERB_TASK_COUNTS, &CountsRequest { queue }).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(0)
         }

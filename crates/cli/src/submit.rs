@@ -3,16 +3,13 @@
 use crate::client::Fleet;
 use anyhow::{Context, anyhow};
 use async_nats::HeaderMap;
-use async_nats::jetstream::message::PublishMessage;
-use bytes::Bytes;
 use futures::StreamExt;
 use futures::stream::FuturesUnordered;
 use indicatif::{ProgressBar, ProgressStyle};
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
-use taskfleet_proto::{
-    CONTENT_TYPE_MSGPACK, CommittedBatch, Priority, SubmitReply, TaskEnvelope, decode, encode, headers,
-};
+use taskfleet_bus::{decode_message, send_submission};
+use taskfleet_proto::{CommittedBatch, MAX_MESSAGE_BYTES, Priority, SubmitReply, TaskEnvelope, headers};
 use taskfleet_telemetry::{KeyValue, SpanKind};
 
 #[derive(clap::Args)]
@@ -143,7 +140,6 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
     let envs: Vec<TaskEnvelope> =
         (0..args.count.max(1)).map(|i| envelope(&args, &payload, i)).collect::<anyhow::Result<_>>()?;
     let ids: HashSet<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
-    let subject = fleet.subjects.submit(&args.queue);
 
     // Subscribe before publishing so no notification or reply can be missed.
     let mut committed = if args.wait {
@@ -167,7 +163,6 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
     let traced = taskfleet_telemetry::exporting();
     for env in &envs {
         let mut h = HeaderMap::new();
-        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
         if args.confirm {
             h.insert(headers::REPLY_TO, inbox.as_str());
         }
@@ -183,23 +178,22 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
             span.inject(&mut h);
             span
         });
-        let publish = PublishMessage::build().payload(Bytes::from(encode(env))).headers(h).message_id(env.dedup_key());
-        let ack = fleet.js.send_publish(subject.clone(), publish).await.map_err(|e| anyhow!("publish failed: {e}"))?;
+        let sent = send_submission(&fleet.js, &fleet.subjects, env, h).await?;
         acks.push(async move {
-            let stored = ack.await;
+            let stored = sent.stored().await;
             // The span ends once JetStream has stored the submission.
             drop(span);
             stored
         });
         while acks.len() >= args.in_flight {
             if let Some(r) = acks.next().await {
-                duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
+                duplicates += usize::from(r?.duplicate);
                 pb.inc(1);
             }
         }
     }
     while let Some(r) = acks.next().await {
-        duplicates += usize::from(r.map_err(|e| anyhow!("submission not stored: {e}"))?.duplicate);
+        duplicates += usize::from(r?.duplicate);
         pb.inc(1);
     }
     pb.finish_and_clear();
@@ -258,7 +252,7 @@ pub async fn run(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
                     return Ok(2);
                 }
             };
-            let Ok(batch) = decode::<CommittedBatch>(&msg.payload, None, 64 << 20) else {
+            let Ok(batch) = decode_message::<CommittedBatch>(&msg, MAX_MESSAGE_BYTES) else {
                 continue;
             };
             for t in batch.tasks {

@@ -2,10 +2,10 @@
 //! page shows. Reads `GET <aggregator>/v1/stats` every interval and redraws the screen.
 
 use anyhow::{Context, anyhow};
-use serde::Deserialize;
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
+use taskfleet_proto::{AlertState, Latency, SeriesFigures, Snapshot, WorkerFigures};
 
 /// Placeholder for a figure the aggregator does not have (null or missing).
 const DASH: &str = "-";
@@ -26,159 +26,6 @@ pub struct TopArgs {
     /// Time between refreshes.
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     interval: Duration,
-}
-
-/// One `/v1/stats` answer. Every field is optional so that a partial or newer answer still renders.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Snapshot {
-    /// When the aggregator computed it, ms since the epoch.
-    pub generated_at: Option<f64>,
-    /// Length of the sliding window, seconds.
-    pub window_s: Option<f64>,
-    /// The whole fleet.
-    pub fleet: Figures,
-    /// Per queue, kind and priority.
-    pub series: Vec<Series>,
-    /// Workers seen recently.
-    pub workers: Vec<WorkerRow>,
-    /// Firing and recently resolved alerts.
-    pub alerts: Vec<Alert>,
-}
-
-/// The figures of the fleet or of one series. Rates are over the window, `*_total` since start.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Figures {
-    /// Final states per second.
-    pub throughput_per_s: Option<f64>,
-    /// Tasks in a final state.
-    pub completed_total: Option<f64>,
-    /// Succeeded tasks.
-    pub succeeded_total: Option<f64>,
-    /// Failed tasks.
-    pub failed_total: Option<f64>,
-    /// Dead tasks.
-    pub dead_total: Option<f64>,
-    /// Cancelled tasks.
-    pub cancelled_total: Option<f64>,
-    /// Retries.
-    pub retries_total: Option<f64>,
-    /// Results served from the cache.
-    pub cache_hits_total: Option<f64>,
-    /// (failed + dead) / final.
-    pub error_rate: Option<f64>,
-    /// Retrying events / attempts.
-    pub retry_rate: Option<f64>,
-    /// Cache hits / succeeded.
-    pub cache_hit_rate: Option<f64>,
-    /// Prompt and completion tokens.
-    pub tokens_total: Option<Tokens>,
-    /// Spend, USD.
-    pub cost_usd_total: Option<f64>,
-    /// Spend avoided by cache hits, USD.
-    pub saved_usd_total: Option<f64>,
-    /// Spend per final task over the window, USD.
-    pub cost_per_task_usd: Option<f64>,
-    /// Submit → started.
-    pub queue_wait_ms: Option<Quantiles>,
-    /// Started → finished.
-    pub run_ms: Option<Quantiles>,
-    /// Submit → final state.
-    pub end_to_end_ms: Option<Quantiles>,
-    /// Live workers (fleet only).
-    pub workers: Option<f64>,
-    /// In flight / capacity (fleet only).
-    pub utilization: Option<f64>,
-    /// Tasks running now (fleet only).
-    pub in_flight: Option<f64>,
-    /// Task slots of all workers (fleet only).
-    pub capacity: Option<f64>,
-}
-
-/// Token counts.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Tokens {
-    /// Prompt tokens.
-    pub prompt: Option<f64>,
-    /// Completion tokens.
-    pub completion: Option<f64>,
-}
-
-/// Latency quantiles in ms; null when nothing was measured.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Quantiles {
-    /// Samples.
-    pub count: Option<f64>,
-    /// Median.
-    pub p50: Option<f64>,
-    /// 95th percentile.
-    pub p95: Option<f64>,
-    /// 99th percentile.
-    pub p99: Option<f64>,
-    /// Largest.
-    pub max: Option<f64>,
-}
-
-/// One queue/kind/priority series.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Series {
-    /// Queue.
-    pub queue: String,
-    /// Task kind.
-    pub kind: String,
-    /// Priority.
-    pub priority: String,
-    /// Its figures.
-    #[serde(flatten)]
-    pub figures: Figures,
-}
-
-/// One worker's last report.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct WorkerRow {
-    /// Worker id.
-    pub id: String,
-    /// Queues it consumes.
-    pub queues: Vec<String>,
-    /// Tasks running.
-    pub in_flight: Option<f64>,
-    /// Task slots.
-    pub max_concurrent: Option<f64>,
-    /// Process CPU, percent of one core.
-    pub cpu_percent: Option<f64>,
-    /// Resident memory, bytes.
-    pub rss_bytes: Option<f64>,
-    /// Resident memory, percent of the machine's.
-    pub memory_percent: Option<f64>,
-    /// Last report, ms since the epoch.
-    pub last_seen_ms: Option<f64>,
-}
-
-/// An alert rule's state.
-#[derive(Debug, Default, Deserialize)]
-#[serde(default)]
-pub struct Alert {
-    /// Rule name.
-    pub rule: String,
-    /// `firing` or `resolved`.
-    pub state: String,
-    /// Metric it watches.
-    pub metric: String,
-    /// The metric's value.
-    pub value: Option<f64>,
-    /// The rule's threshold.
-    pub threshold: Option<f64>,
-    /// Comparison (`>`, `<`).
-    pub op: String,
-    /// Since when it is in this state, ms since the epoch.
-    pub since: Option<f64>,
-    /// Human-readable description.
-    pub message: String,
 }
 
 /// Runs `taskfleet top`.
@@ -246,151 +93,153 @@ async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<serde_json
 
 /// One screenful: header, fleet figures, series, workers, firing alerts.
 pub fn render(s: &Snapshot, source: &str) -> String {
-    let f = &s.fleet;
-    let e2e = f.end_to_end_ms.as_ref();
-    let q = |h: Option<&Quantiles>, pick: fn(&Quantiles) -> Option<f64>| ms(h.and_then(pick));
     let mut out = String::new();
-    let _ = writeln!(
-        out,
-        "taskfleet top  {source}  {}  window {}s",
-        s.generated_at.map(clock).unwrap_or_else(|| DASH.into()),
-        int(s.window_s)
-    );
+    render_fleet(&mut out, s, source);
+    render_series(&mut out, &s.series);
+    render_workers(&mut out, &s.workers, s.generated_at);
+    render_alerts(&mut out, s);
+    out
+}
+
+/// The header and the fleet's figures.
+fn render_fleet(out: &mut String, s: &Snapshot, source: &str) {
+    let f = &s.fleet;
+    let e2e = &f.end_to_end_ms;
+    let generated = if s.generated_at == 0 { DASH.into() } else { clock(s.generated_at as f64) };
+    let _ = writeln!(out, "taskfleet top  {source}  {generated}  window {}s", s.window_s);
     let _ = writeln!(
         out,
         "workers {}  utilisation {}% ({}/{} in flight)  throughput {}/s  completed {} ({} ok, {} failed, {} dead, {} cancelled)",
-        int(f.workers),
+        count(f.workers),
         pct(f.utilization),
-        int(f.in_flight),
-        int(f.capacity),
-        fixed(f.throughput_per_s, 1),
-        int(f.completed_total),
-        int(f.succeeded_total),
-        int(f.failed_total),
-        int(f.dead_total),
-        int(f.cancelled_total),
+        count(f.in_flight),
+        count(f.capacity),
+        fixed(Some(f.throughput_per_s), 1),
+        f.completed_total,
+        f.succeeded_total,
+        f.failed_total,
+        f.dead_total,
+        f.cancelled_total,
     );
     let _ = writeln!(
         out,
         "end-to-end ms p50 {}  p95 {}  p99 {}  max {}   queue wait p95 {}  run p95 {}",
-        q(e2e, |h| h.p50),
-        q(e2e, |h| h.p95),
-        q(e2e, |h| h.p99),
-        q(e2e, |h| h.max),
-        q(f.queue_wait_ms.as_ref(), |h| h.p95),
-        q(f.run_ms.as_ref(), |h| h.p95),
+        ms(e2e.p50),
+        ms(e2e.p95),
+        ms(e2e.p99),
+        ms(e2e.max),
+        ms(f.queue_wait_ms.p95),
+        ms(f.run_ms.p95),
     );
-    let tokens = f.tokens_total.as_ref();
     let _ = writeln!(
         out,
         "errors {}%  retries {}%  cache hits {}%  cost ${} (${}/task)  saved ${}  tokens {} prompt + {} completion",
         pct(f.error_rate),
         pct(f.retry_rate),
         pct(f.cache_hit_rate),
-        usd(f.cost_usd_total),
+        usd(Some(f.cost_usd_total)),
         usd(f.cost_per_task_usd),
-        usd(f.saved_usd_total),
-        int(tokens.and_then(|t| t.prompt)),
-        int(tokens.and_then(|t| t.completion)),
+        usd(Some(f.saved_usd_total)),
+        f.tokens_total.prompt,
+        f.tokens_total.completion,
     );
+}
 
+/// The table of series, sorted by queue, kind and priority.
+fn render_series(out: &mut String, series: &[SeriesFigures]) {
     out.push_str("\nSERIES\n");
-    let mut rows: Vec<&Series> = s.series.iter().collect();
+    let mut rows: Vec<&SeriesFigures> = series.iter().collect();
     rows.sort_by(|a, b| (&a.queue, &a.kind, &a.priority).cmp(&(&b.queue, &b.kind, &b.priority)));
-    let series: Vec<Vec<String>> = rows
+    let p95 = |l: &Latency| ms(l.p95);
+    let rows: Vec<Vec<String>> = rows
         .iter()
         .map(|r| {
             let g = &r.figures;
-            let e = g.end_to_end_ms.as_ref();
             vec![
                 r.queue.clone(),
                 r.kind.clone(),
                 r.priority.clone(),
-                fixed(g.throughput_per_s, 1),
-                int(g.completed_total),
-                int(g.failed_total),
-                int(g.dead_total),
+                fixed(Some(g.throughput_per_s), 1),
+                g.completed_total.to_string(),
+                g.failed_total.to_string(),
+                g.dead_total.to_string(),
                 pct(g.error_rate),
                 pct(g.retry_rate),
                 pct(g.cache_hit_rate),
-                q(g.queue_wait_ms.as_ref(), |h| h.p95),
-                q(g.run_ms.as_ref(), |h| h.p95),
-                q(e, |h| h.p50),
-                q(e, |h| h.p95),
-                q(e, |h| h.p99),
-                usd(g.cost_usd_total),
+                p95(&g.queue_wait_ms),
+                p95(&g.run_ms),
+                ms(g.end_to_end_ms.p50),
+                p95(&g.end_to_end_ms),
+                ms(g.end_to_end_ms.p99),
+                usd(Some(g.cost_usd_total)),
             ]
         })
         .collect();
-    table(
-        &mut out,
-        &[
-            "QUEUE",
-            "KIND",
-            "PRIORITY",
-            "/S",
-            "COMPLETED",
-            "FAILED",
-            "DEAD",
-            "ERR%",
-            "RETRY%",
-            "CACHE%",
-            "WAIT95",
-            "RUN95",
-            "E2E50",
-            "E2E95",
-            "E2E99",
-            "COST$",
-        ],
-        3,
-        &series,
-        "(no tasks seen yet)",
-    );
+    let header = [
+        "QUEUE",
+        "KIND",
+        "PRIORITY",
+        "/S",
+        "COMPLETED",
+        "FAILED",
+        "DEAD",
+        "ERR%",
+        "RETRY%",
+        "CACHE%",
+        "WAIT95",
+        "RUN95",
+        "E2E50",
+        "E2E95",
+        "E2E99",
+        "COST$",
+    ];
+    table(out, &header, 3, &rows, "(no tasks seen yet)");
+}
 
+/// The table of workers, sorted by id; `now` (ms since the epoch, 0 when unknown) ages their
+/// last reports.
+fn render_workers(out: &mut String, workers: &[WorkerFigures], now: u64) {
     out.push_str("\nWORKERS\n");
-    let mut workers: Vec<&WorkerRow> = s.workers.iter().collect();
-    workers.sort_by(|a, b| a.id.cmp(&b.id));
-    let now = s.generated_at;
-    let workers: Vec<Vec<String>> = workers
+    let mut sorted: Vec<&WorkerFigures> = workers.iter().collect();
+    sorted.sort_by(|a, b| a.id.cmp(&b.id));
+    let rows: Vec<Vec<String>> = sorted
         .iter()
         .map(|w| {
             vec![
                 w.id.clone(),
                 if w.queues.is_empty() { DASH.into() } else { w.queues.join(",") },
-                format!("{}/{}", int(w.in_flight), int(w.max_concurrent)),
-                fixed(w.cpu_percent, 1),
-                fixed(w.rss_bytes.map(|b| b / 1_048_576.0), 1),
-                fixed(w.memory_percent, 1),
-                match (now, w.last_seen_ms) {
-                    (Some(now), Some(seen)) => format!("{:.1}s ago", ((now - seen) / 1e3).max(0.0)),
-                    _ => DASH.into(),
+                format!("{}/{}", w.in_flight, w.max_concurrent),
+                fixed(Some(w.cpu_percent), 1),
+                fixed(Some(w.rss_bytes as f64 / 1_048_576.0), 1),
+                fixed(Some(w.memory_percent), 1),
+                if now == 0 || w.last_seen_ms == 0 {
+                    DASH.into()
+                } else {
+                    format!("{:.1}s ago", ((now as f64 - w.last_seen_ms as f64) / 1e3).max(0.0))
                 },
             ]
         })
         .collect();
-    table(
-        &mut out,
-        &["ID", "QUEUES", "IN-FLIGHT", "CPU%", "MEM-MiB", "MEM%", "LAST-SEEN"],
-        2,
-        &workers,
-        "(no workers seen)",
-    );
+    let header = ["ID", "QUEUES", "IN-FLIGHT", "CPU%", "MEM-MiB", "MEM%", "LAST-SEEN"];
+    table(out, &header, 2, &rows, "(no workers seen)");
+}
 
-    let firing: Vec<&Alert> = s.alerts.iter().filter(|a| a.state == "firing").collect();
+/// The alert counts and every firing alert.
+fn render_alerts(out: &mut String, s: &Snapshot) {
+    let firing: Vec<_> = s.alerts.iter().filter(|a| a.state == AlertState::Firing).collect();
     let resolved = s.alerts.len() - firing.len();
     let _ = writeln!(out, "\nALERTS  {} firing, {resolved} resolved", firing.len());
     for a in firing {
         let message = if a.message.is_empty() {
-            format!("{} {} {} {}", a.metric, fixed(a.value, 2), a.op, fixed(a.threshold, 2))
+            format!("{} {} {} {}", a.metric, fixed(Some(a.value), 2), a.op, fixed(Some(a.threshold), 2))
         } else {
             a.message.clone()
         };
-        let since = a.since.map(clock).unwrap_or_else(|| DASH.into());
+        let since = if a.since == 0 { DASH.into() } else { clock(a.since as f64) };
         // Messages usually start with the rule's name already.
         let text = if message.starts_with(&a.rule) { message } else { format!("{}: {message}", a.rule) };
         let _ = writeln!(out, "FIRING  {text}  (since {since})");
     }
-    out
 }
 
 /// Appends a table: the first `left` columns are left-aligned, the rest right-aligned.
@@ -434,11 +283,9 @@ fn fixed(v: Option<f64>, digits: usize) -> String {
     }
 }
 
-fn int(v: Option<f64>) -> String {
-    match v {
-        Some(v) if v.is_finite() => format!("{}", v.round() as i64),
-        _ => DASH.into(),
-    }
+/// A count the aggregator may not have.
+fn count(v: Option<u64>) -> String {
+    v.map_or_else(|| DASH.into(), |v| v.to_string())
 }
 
 /// Milliseconds: two decimals below 10, one below 100, none above.
@@ -446,7 +293,8 @@ fn ms(v: Option<f64>) -> String {
     match v {
         Some(v) if v.is_finite() && v.abs() < 10.0 => format!("{v:.2}"),
         Some(v) if v.is_finite() && v.abs() < 100.0 => format!("{v:.1}"),
-        v => int(v),
+        Some(v) if v.is_finite() => format!("{}", v.round() as i64),
+        _ => DASH.into(),
     }
 }
 
@@ -536,7 +384,9 @@ mod tests {
     fn empty_and_partial_answers_render() {
         let snap: Snapshot = serde_json::from_str(r#"{"fleet": {"error_rate": null}}"#).expect("parses");
         let out = render(&snap, "x");
-        assert!(out.contains("throughput -/s") && out.contains("(no tasks seen yet)") && out.contains("(no workers"));
+        assert!(out.starts_with("taskfleet top  x  -  window 0s\n"), "{out}");
+        assert!(out.contains("workers -  utilisation -% (-/- in flight)  throughput 0.0/s  completed 0"), "{out}");
+        assert!(out.contains("(no tasks seen yet)") && out.contains("(no workers"));
     }
 
     #[test]

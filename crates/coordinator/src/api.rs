@@ -1,14 +1,16 @@
 //! The task API, over NATS request/reply (`<prefix>.api.<verb>`, JSON bodies; what the CLI
-//! uses) and over HTTP (`/v1/...`). Both answer from Postgres.
+//! uses) and over HTTP (`/v1/...`). Both answer from Postgres. The bodies are those of
+//! `taskfleet_proto`'s API types; a failure answers [`ApiErrorBody`] (over HTTP with the
+//! status of its kind).
 //!
 //! | verb | request | reply |
 //! |---|---|---|
-//! | `task.get` | `{"id": "<uuid>"}` | the task, or `{"error": …}` |
-//! | `task.list` | `{"state"?, "queue"?, "limit"?}` | `[task, …]` newest first |
-//! | `task.counts` | `{"queue"?}` | `{"<state>": n, …}` |
-//! | `task.cancel` | `{"id": "<uuid>"}` | `{"cancelled": bool, "previous": state}` |
-//! | `task.replay` | `{"ids": [..]}` or `{"all": true, "queue"?}` | `{"replayed": [ids]}` |
-//! | `task.runnable` | `{"tasks": [{"id", "generation"}, ..]}` | `{"answers": ["run" \| "final" \| "stale" \| "unknown", ..]}` (workers ask before running a redelivered or later-generation message) |
+//! | `task.get` | [`TaskIdRequest`] | the task |
+//! | `task.list` | [`ListRequest`] | `[task, …]` newest first |
+//! | `task.counts` | [`CountsRequest`] | `{"<state>": n, …}` |
+//! | `task.cancel` | [`TaskIdRequest`] | [`CancelReply`] |
+//! | `task.replay` | [`ReplayRequest`] | [`ReplayReply`] |
+//! | `task.runnable` | [`RunnableRequest`] | [`RunnableReply`] (workers ask before running a redelivered or later-generation message) |
 
 use crate::Ctx;
 use axum::extract::{Path, Query, State};
@@ -17,91 +19,90 @@ use axum::response::{IntoResponse, Response};
 use axum::{Json, Router, routing::get};
 use bytes::Bytes;
 use futures::StreamExt;
-use serde::Deserialize;
-use serde_json::{Value, json};
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use serde_json::Value;
+use std::collections::BTreeMap;
 use std::sync::Arc;
+use taskfleet_proto::{
+    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
+    RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_TASK_CANCEL, VERB_TASK_COUNTS, VERB_TASK_GET,
+    VERB_TASK_LIST, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
+};
 use taskfleet_store::ListFilter;
 use tokio_util::sync::CancellationToken;
 
 /// Queue group shared by coordinator replicas, so each request is answered once.
 const API_GROUP: &str = "taskfleet-coordinator";
+/// Most tasks one `task.runnable` request may ask about.
+const MAX_RUNNABLE_QUERIES: usize = 10_000;
 
-#[derive(Deserialize)]
-struct IdRequest {
-    id: uuid::Uuid,
+/// A verb's reply body, or why there is none.
+type Answer = Result<Value, ApiError>;
+
+fn bad_request(message: impl Into<String>) -> ApiError {
+    ApiError::new(ApiErrorKind::BadRequest, message)
 }
 
-#[derive(Deserialize)]
-struct ReplayRequest {
-    #[serde(default)]
-    ids: Option<Vec<uuid::Uuid>>,
-    #[serde(default)]
-    all: bool,
-    #[serde(default)]
-    queue: Option<String>,
+fn not_found(id: TaskId) -> ApiError {
+    ApiError::new(ApiErrorKind::NotFound, format!("no task {id}"))
 }
 
-#[derive(Deserialize, Default)]
-struct CountsRequest {
-    #[serde(default)]
-    queue: Option<String>,
+fn unavailable(e: impl std::fmt::Display) -> ApiError {
+    ApiError::new(ApiErrorKind::Unavailable, e.to_string())
 }
 
-/// Answers one API request; errors become `{"error": "..."}` bodies, never a crash.
-async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Value {
-    let parse_err = |e: serde_json::Error| json!({ "error": format!("invalid request body for {verb}: {e}") });
+fn reply(body: impl Serialize) -> Answer {
+    Ok(serde_json::to_value(body).unwrap_or(Value::Null))
+}
+
+/// Answers one API request (an empty body reads as `{}`).
+async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Answer {
     let body = if body.iter().all(u8::is_ascii_whitespace) { b"{}".as_slice() } else { body };
-    let result =
-        match verb {
-            "task.get" => match serde_json::from_slice::<IdRequest>(body) {
-                Err(e) => return parse_err(e),
-                Ok(r) => ctx.store.get_task(r.id).await.map(|t| match t {
-                    Some(t) => serde_json::to_value(t).unwrap_or(Value::Null),
-                    None => json!({ "error": format!("no task {}", r.id), "not_found": true }),
-                }),
-            },
-            "task.list" => match serde_json::from_slice::<ListFilter>(body) {
-                Err(e) => return parse_err(e),
-                Ok(f) => ctx.store.list_tasks(&f).await.map(|t| serde_json::to_value(t).unwrap_or(Value::Null)),
-            },
-            "task.counts" => match serde_json::from_slice::<CountsRequest>(body) {
-                Err(e) => return parse_err(e),
-                Ok(r) => ctx
-                    .store
-                    .count_by_state(r.queue.as_deref())
-                    .await
-                    .map(|rows| Value::Object(rows.into_iter().map(|(s, n)| (s, json!(n))).collect())),
-            },
-            "task.cancel" => match serde_json::from_slice::<IdRequest>(body) {
-                Err(e) => return parse_err(e),
-                Ok(r) => return cancel(ctx, r.id).await,
-            },
-            "task.replay" => match serde_json::from_slice::<ReplayRequest>(body) {
-                Err(e) => return parse_err(e),
-                Ok(r) => return replay(ctx, r).await,
-            },
-            "task.runnable" => match serde_json::from_slice::<taskfleet_proto::RunnableRequest>(body) {
-                Err(e) => return parse_err(e),
-                Ok(r) if r.tasks.len() > 10_000 => return json!({ "error": "at most 10000 tasks per request" }),
-                Ok(r) => ctx.store.runnable(&r.tasks).await.map(|answers| {
-                    serde_json::to_value(taskfleet_proto::RunnableReply { answers }).unwrap_or(Value::Null)
-                }),
-            },
-            other => return json!({ "error": format!("unknown API verb {other:?}") }),
-        };
-    result.unwrap_or_else(|e| json!({ "error": e.to_string() }))
+    fn request<T: DeserializeOwned>(verb: &str, body: &[u8]) -> Result<T, ApiError> {
+        serde_json::from_slice(body).map_err(|e| bad_request(format!("invalid request body for {verb}: {e}")))
+    }
+    match verb {
+        VERB_TASK_GET => task(ctx, request::<TaskIdRequest>(verb, body)?.id).await,
+        VERB_TASK_LIST => list(ctx, request(verb, body)?).await,
+        VERB_TASK_COUNTS => counts(ctx, request(verb, body)?).await,
+        VERB_TASK_CANCEL => cancel(ctx, request::<TaskIdRequest>(verb, body)?.id).await,
+        VERB_TASK_REPLAY => replay(ctx, request(verb, body)?).await,
+        VERB_TASK_RUNNABLE => runnable(ctx, request(verb, body)?).await,
+        other => Err(bad_request(format!("unknown API verb {other:?}"))),
+    }
+}
+
+/// One task as stored.
+async fn task(ctx: &Ctx, id: TaskId) -> Answer {
+    ctx.store.get_task(id).await.map_err(unavailable)?.map_or_else(|| Err(not_found(id)), reply)
+}
+
+/// Tasks, newest first.
+async fn list(ctx: &Ctx, r: ListRequest) -> Answer {
+    let filter = ListFilter { state: r.state, queue: r.queue, limit: r.limit };
+    reply(ctx.store.list_tasks(&filter).await.map_err(unavailable)?)
+}
+
+/// Task counts by state.
+async fn counts(ctx: &Ctx, r: CountsRequest) -> Answer {
+    let rows = ctx.store.count_by_state(r.queue.as_deref()).await.map_err(unavailable)?;
+    reply(rows.into_iter().collect::<BTreeMap<String, i64>>())
+}
+
+/// Whether workers may run the messages they ask about.
+async fn runnable(ctx: &Ctx, r: RunnableRequest) -> Answer {
+    if r.tasks.len() > MAX_RUNNABLE_QUERIES {
+        return Err(bad_request(format!("at most {MAX_RUNNABLE_QUERIES} tasks per request")));
+    }
+    reply(RunnableReply { answers: ctx.store.runnable(&r.tasks).await.map_err(unavailable)? })
 }
 
 /// Cancels a task: final state `cancelled` in Postgres (with its pending dependents), then its
 /// id in the cancellation bucket, so a worker holding it skips it or stops it.
-async fn cancel(ctx: &Ctx, id: uuid::Uuid) -> Value {
-    let outcome = match ctx.store.cancel(id).await {
-        Ok(o) => o,
-        Err(e) => return json!({ "error": e.to_string() }),
-    };
-    let Some(previous) = outcome.previous else {
-        return json!({ "error": format!("no task {id}"), "not_found": true });
-    };
+async fn cancel(ctx: &Ctx, id: TaskId) -> Answer {
+    let outcome = ctx.store.cancel(id).await.map_err(unavailable)?;
+    let previous = outcome.previous.ok_or_else(|| not_found(id))?;
     if outcome.cancelled {
         if let Err(e) = ctx.cancel_bucket.put(id.to_string(), Bytes::new()).await {
             // Postgres already says cancelled; a worker that still runs it records an attempt
@@ -111,19 +112,19 @@ async fn cancel(ctx: &Ctx, id: uuid::Uuid) -> Value {
         metrics::counter!("taskfleet_coordinator_cancelled_total").increment(outcome.finalized.len() as u64);
         crate::recorder::notify_committed(ctx, &outcome.finalized).await;
     }
-    json!({ "cancelled": outcome.cancelled, "previous": previous.as_str(),
-            "dependents_cancelled": outcome.finalized.len().saturating_sub(1) })
+    reply(CancelReply {
+        cancelled: outcome.cancelled,
+        previous,
+        dependents_cancelled: outcome.finalized.len().saturating_sub(1),
+    })
 }
 
 /// Moves dead tasks back to `queued` and dispatches them with a fresh attempt budget.
-async fn replay(ctx: &Ctx, r: ReplayRequest) -> Value {
+async fn replay(ctx: &Ctx, r: ReplayRequest) -> Answer {
     if r.ids.is_none() && !r.all {
-        return json!({ "error": "name task ids, or ask for all dead tasks with \"all\": true" });
+        return Err(bad_request("name task ids, or ask for all dead tasks with \"all\": true"));
     }
-    let replayed = match ctx.store.replay_dead(r.ids.as_deref(), r.queue.as_deref(), 10_000).await {
-        Ok(t) => t,
-        Err(e) => return json!({ "error": e.to_string() }),
-    };
+    let replayed = ctx.store.replay_dead(r.ids.as_deref(), r.queue.as_deref(), 10_000).await.map_err(unavailable)?;
     let subjects = &ctx.topology.subjects;
     let out = replayed
         .iter()
@@ -134,7 +135,7 @@ async fn replay(ctx: &Ctx, r: ReplayRequest) -> Value {
         tracing::error!(error = %e, "cannot dispatch replayed tasks now");
     }
     metrics::counter!("taskfleet_coordinator_replayed_total").increment(replayed.len() as u64);
-    json!({ "replayed": replayed.iter().map(|t| t.envelope.id).collect::<Vec<_>>() })
+    reply(ReplayReply { replayed: replayed.iter().map(|t| t.envelope.id).collect() })
 }
 
 /// Serves the NATS API until shutdown.
@@ -157,22 +158,26 @@ pub(crate) async fn serve_nats(ctx: Arc<Ctx>, shutdown: CancellationToken) -> an
         let ctx = ctx.clone();
         let verb = msg.subject.strip_prefix(prefix.as_str()).unwrap_or("").to_string();
         tokio::spawn(async move {
-            let value = answer(&ctx, &verb, &msg.payload).await;
-            let bytes = Bytes::from(serde_json::to_vec(&value).unwrap_or_default());
-            if let Err(e) = ctx.client.publish(reply, bytes).await {
+            let body = match answer(&ctx, &verb, &msg.payload).await {
+                Ok(value) => serde_json::to_vec(&value),
+                Err(e) => serde_json::to_vec(&e.into_body()),
+            };
+            if let Err(e) = ctx.client.publish(reply, Bytes::from(body.unwrap_or_default())).await {
                 tracing::debug!(error = %e, "cannot send API reply");
             }
         });
     }
 }
 
-fn to_response(v: Value) -> Response {
-    let status = match v.get("error") {
-        None => StatusCode::OK,
-        Some(_) if v.get("not_found").is_some() => StatusCode::NOT_FOUND,
-        Some(_) => StatusCode::INTERNAL_SERVER_ERROR,
-    };
-    (status, Json(v)).into_response()
+/// An answer over HTTP: the reply with 200, or the error body with its kind's status.
+fn to_response(answer: Answer) -> Response {
+    match answer {
+        Ok(value) => (StatusCode::OK, Json(value)).into_response(),
+        Err(e) => {
+            let status = StatusCode::from_u16(e.kind.http_status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+            (status, Json(ApiErrorBody { error: e })).into_response()
+        }
+    }
 }
 
 /// HTTP routes: `GET /v1/tasks/{id}`, `GET /v1/tasks?state=&queue=&limit=`, `GET /v1/counts?queue=`.
@@ -182,25 +187,21 @@ pub(crate) fn http_routes(ctx: Arc<Ctx>) -> Router {
             "/v1/tasks/{id}",
             get(|State(ctx): State<Arc<Ctx>>, Path(id): Path<String>| async move {
                 match uuid::Uuid::parse_str(&id) {
-                    Ok(id) => to_response(
-                        answer(&ctx, "task.get", &serde_json::to_vec(&json!({ "id": id })).unwrap_or_default()).await,
-                    ),
-                    Err(e) => (StatusCode::BAD_REQUEST, Json(json!({ "error": format!("invalid task id: {e}") })))
-                        .into_response(),
+                    Ok(id) => to_response(task(&ctx, id).await),
+                    Err(e) => to_response(Err(bad_request(format!("invalid task id: {e}")))),
                 }
             }),
         )
         .route(
             "/v1/tasks",
-            get(|State(ctx): State<Arc<Ctx>>, Query(f): Query<ListFilter>| async move {
-                to_response(answer(&ctx, "task.list", &serde_json::to_vec(&f).unwrap_or_default()).await)
+            get(|State(ctx): State<Arc<Ctx>>, Query(r): Query<ListRequest>| async move {
+                to_response(list(&ctx, r).await)
             }),
         )
         .route(
             "/v1/counts",
-            get(|State(ctx): State<Arc<Ctx>>, Query(q): Query<std::collections::HashMap<String, String>>| async move {
-                let body = json!({ "queue": q.get("queue") });
-                to_response(answer(&ctx, "task.counts", &serde_json::to_vec(&body).unwrap_or_default()).await)
+            get(|State(ctx): State<Arc<Ctx>>, Query(r): Query<CountsRequest>| async move {
+                to_response(counts(&ctx, r).await)
             }),
         )
         .with_state(ctx)

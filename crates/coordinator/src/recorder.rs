@@ -10,7 +10,7 @@ use std::time::Duration;
 use taskfleet_bus::Topology;
 use taskfleet_proto::Priority;
 use taskfleet_proto::TaskState;
-use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, EventKind, TaskEvent, decode, encode, headers};
+use taskfleet_proto::{CommittedBatch, CommittedTask, EventBatch, EventKind, TaskEvent, encode, headers};
 use taskfleet_store::Finalized;
 use tokio_util::sync::CancellationToken;
 
@@ -102,8 +102,7 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
 /// The events of one message; an undecodable message is terminated (nothing can make it
 /// readable later), counted, and yields `None`.
 async fn decode_events(m: &Message) -> Option<Vec<TaskEvent>> {
-    let ct = m.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str().to_string());
-    match decode::<EventBatch>(&m.payload, ct.as_deref(), 64 << 20) {
+    match taskfleet_bus::decode_message::<EventBatch>(m, taskfleet_proto::MAX_MESSAGE_BYTES) {
         Ok(batch) => Some(batch.events),
         Err(e) => {
             metrics::counter!("taskfleet_coordinator_malformed_events_total").increment(1);

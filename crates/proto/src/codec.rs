@@ -9,6 +9,11 @@ pub const CONTENT_TYPE_MSGPACK: &str = "application/msgpack";
 /// `Content-Type` of JSON bodies.
 pub const CONTENT_TYPE_JSON: &str = "application/json";
 
+/// Largest body decoded from a message that one fleet component wrote for another (dispatches,
+/// event batches, commit notifications). nats-server carries at most 64 MiB per message, so
+/// this refuses nothing a server delivers; it only bounds what a decoder may be asked to read.
+pub const MAX_MESSAGE_BYTES: usize = 64 << 20;
+
 /// A body encoding.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Encoding {

@@ -1,5 +1,6 @@
 //! The taskfleet wire contract: what travels over NATS between clients, the coordinator,
-//! workers and the aggregator.
+//! workers and the aggregator, and the bodies of the coordinator's task API and the
+//! aggregator's `/v1/stats`.
 //!
 //! Everything here is plain data plus the codec. Bodies are MessagePack maps with field names
 //! (`rmp_serde::to_vec_named`), so any language with a MessagePack library can speak it; a JSON
@@ -7,6 +8,7 @@
 //! `proto/` at the repository root describes the format for other languages and holds golden
 //! encoded examples that the tests decode.
 
+mod api;
 mod codec;
 mod envelope;
 mod error;
@@ -14,21 +16,30 @@ mod event;
 mod fleet;
 mod payload;
 mod priority;
+mod stats;
 mod subjects;
 
-pub use codec::{CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, decode, decode_envelope, encode, encode_json};
+pub use api::{
+    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
+    Runnable, RunnableQuery, RunnableReply, RunnableRequest, TaskIdRequest, VERB_TASK_CANCEL, VERB_TASK_COUNTS,
+    VERB_TASK_GET, VERB_TASK_LIST, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
+};
+pub use codec::{
+    CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, MAX_MESSAGE_BYTES, decode, decode_envelope, encode, encode_json,
+};
 pub use envelope::{
     DEFAULT_MAX_ATTEMPTS, DEFAULT_QUEUE, DEFAULT_TIMEOUT_MS, INVALID_QUEUE, MAX_CREATED_AT_MS, MAX_ID_LEN,
     MAX_QUEUE_LEN, RetryBackoff, TaskEnvelope, TaskId, now_ms, validate_name, validate_queue,
 };
 pub use error::{DecodeError, RejectReason};
 pub use event::{
-    CommittedBatch, CommittedTask, EventBatch, EventKind, Runnable, RunnableQuery, RunnableReply, RunnableRequest,
-    SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings, TokenUsage,
+    CommittedBatch, CommittedTask, EventBatch, EventKind, SubmitReply, TaskErrorInfo, TaskEvent, TaskState, Timings,
+    TokenUsage,
 };
 pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
 pub use priority::Priority;
+pub use stats::{Figures, HistoryPoint, Latency, SeriesFigures, Snapshot, Tokens, WorkerFigures};
 pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};
 
 /// Version of the wire format written by this crate; decoders accept versions up to this one.
