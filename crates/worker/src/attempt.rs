@@ -19,7 +19,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 use taskfleet_config::Config;
-use taskfleet_proto::{EventKind, TaskEnvelope, TaskEvent, decode, headers, now_ms};
+use taskfleet_proto::{EventKind, MAX_MESSAGE_BYTES, TaskEnvelope, TaskEvent, headers, now_ms};
 
 /// What a worker is, independent of any one task.
 pub(crate) struct WorkerIdentity {
@@ -71,9 +71,8 @@ impl Attempt {
     /// Decodes a dispatch message into its attempt; `None` for a corrupt or foreign message.
     fn of(worker: &WorkerIdentity, msg: &Message) -> Option<Attempt> {
         let received_at = now_ms();
-        let limit = worker.config.coordinator.max_body_bytes.max(1 << 20);
-        let ct = msg.headers.as_ref().and_then(|h| h.get(headers::CONTENT_TYPE)).map(|v| v.as_str());
-        let env: TaskEnvelope = match decode(&msg.payload, ct, limit) {
+        // Only the coordinator publishes dispatches, from submissions it has taken.
+        let env: TaskEnvelope = match taskfleet_bus::decode_message(msg, MAX_MESSAGE_BYTES) {
             Ok(env) => env,
             Err(e) => {
                 metrics::counter!("taskfleet_worker_malformed_dispatch_total").increment(1);

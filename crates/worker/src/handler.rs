@@ -8,7 +8,7 @@ use serde_json::Value;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use taskfleet_proto::{CONTENT_TYPE_MSGPACK, Priority, Subjects, TaskEnvelope, TaskId, TokenUsage, encode, headers};
+use taskfleet_proto::{Priority, Subjects, TaskEnvelope, TaskId, TokenUsage};
 use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
@@ -162,19 +162,9 @@ impl TaskContext {
         let Some(to) = &self.submitter else {
             return Err(TaskError::fatal("no fleet to submit to (not running in a worker)").with_code("submit_failed"));
         };
-        let mut h = self.trace_headers();
-        h.insert(headers::CONTENT_TYPE, CONTENT_TYPE_MSGPACK);
-        let publish = async_nats::jetstream::message::PublishMessage::build()
-            .payload(bytes::Bytes::from(encode(env)))
-            .headers(h)
-            .message_id(env.dedup_key());
-        let stored = match to.js.send_publish(to.subjects.submit(&env.queue), publish).await {
-            Ok(ack) => ack.await.map(|_| ()).map_err(|e| e.to_string()),
-            Err(e) => Err(e.to_string()),
-        };
-        stored.map_err(|e| {
-            TaskError::retryable(format!("cannot submit child task {}: {e}", env.id)).with_code("submit_failed")
-        })
+        taskfleet_bus::publish_submission(&to.js, &to.subjects, env, self.trace_headers()).await.map(|_| ()).map_err(
+            |e| TaskError::retryable(format!("cannot submit child task {}: {e}", env.id)).with_code("submit_failed"),
+        )
     }
 
     /// A context for calling a handler directly, e.g. in unit tests.
