@@ -144,7 +144,8 @@ fn apply_file(
 }
 
 /// Sets the fields named by `TASKFLEET_*` variables, noting which variable set each; any other
-/// `TASKFLEET_*` variable that is not known to be read elsewhere is an error.
+/// `TASKFLEET_*` variable that is not known to be read elsewhere (the exemptions above, or a
+/// provider's API key named in `providers.api_key_envs`) is an error.
 fn apply_env(
     root: &mut Value,
     origins: &mut BTreeMap<KeyPath, Origin>,
@@ -152,22 +153,27 @@ fn apply_env(
     env: impl IntoIterator<Item = (String, String)>,
 ) -> Result<(), ConfigError> {
     let names = env_names(defaults);
+    let mut unknown = Vec::new();
     for (var, raw) in env {
         if !var.starts_with("TASKFLEET_") {
             continue;
         }
         let Some((_, path)) = names.iter().find(|(name, _)| *name == var) else {
-            if NOT_FIELDS.contains(&var.as_str()) || NOT_FIELD_PREFIXES.iter().any(|p| var.starts_with(p)) {
-                continue;
+            if !NOT_FIELDS.contains(&var.as_str()) && !NOT_FIELD_PREFIXES.iter().any(|p| var.starts_with(p)) {
+                unknown.push(var);
             }
-            return Err(ConfigError::UnknownEnv { suggestion: closest(&var, &names), var });
+            continue;
         };
         let shape = &defaults[&path[0]][&path[1]];
         let value = parse_env_value(shape, &raw).map_err(|message| ConfigError::Env { var: var.clone(), message })?;
         set(root, path, value);
         origins.insert(path.clone(), Origin::Env(var));
     }
-    Ok(())
+    let key_envs = &root["providers"]["api_key_envs"];
+    match unknown.into_iter().find(|var| !key_envs.as_object().is_some_and(|m| m.values().any(|v| v == var.as_str()))) {
+        Some(var) => Err(ConfigError::UnknownEnv { suggestion: closest(&var, &names), var }),
+        None => Ok(()),
+    }
 }
 
 /// The keys a file sets, down to fields: `["worker", "queues"]`, or `["name"]` for a top-level
@@ -426,6 +432,18 @@ mod tests {
         assert!(err.to_string().contains("did you mean TASKFLEET_MAX_CONCURRENT_TASKS?"), "{err}");
         let err = Config::load_from(None, env(&[("TASKFLEET_UNRELATED_THING", "x")])).unwrap_err();
         assert!(matches!(err, ConfigError::UnknownEnv { suggestion: None, .. }), "{err}");
+    }
+
+    #[test]
+    fn a_provider_key_variable_is_not_an_unknown_setting() {
+        let vars = [
+            ("TASKFLEET_PROVIDERS_URLS", "openai=https://api.openai.com/v1"),
+            ("TASKFLEET_PROVIDERS_API_KEY_ENVS", "openai=TASKFLEET_OPENAI_KEY"),
+            ("TASKFLEET_OPENAI_KEY", "sk-test"),
+        ];
+        assert!(Config::load_from(None, env(&vars)).is_ok());
+        let err = Config::load_from(None, env(&vars[2..])).unwrap_err();
+        assert!(matches!(err, ConfigError::UnknownEnv { .. }), "{err}");
     }
 
     #[test]

@@ -174,14 +174,34 @@ pub struct ApiErrorBody {
 
 impl ApiErrorBody {
     /// The error of a reply body, if it is an error answer.
+    /// Coordinators before this body answered `{"error": "…", "not_found": true}`; that shape
+    /// is still recognised, so a client keeps working during a rolling upgrade.
     pub fn parse(body: &[u8]) -> Option<ApiError> {
-        serde_json::from_slice::<ApiErrorBody>(body).ok().map(|b| b.error)
+        if let Ok(b) = serde_json::from_slice::<ApiErrorBody>(body) {
+            return Some(b.error);
+        }
+        let serde_json::Value::Object(map) = serde_json::from_slice(body).ok()? else { return None };
+        let message = map.get("error")?.as_str()?;
+        if map.keys().any(|k| k != "error" && k != "not_found") {
+            return None;
+        }
+        let not_found = map.get("not_found").and_then(serde_json::Value::as_bool).unwrap_or(false);
+        let kind = if not_found { ApiErrorKind::NotFound } else { ApiErrorKind::Unavailable };
+        Some(ApiError::new(kind, message))
     }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_previous_error_body_is_still_recognised() {
+        let old = br#"{"error":"no task x","not_found":true}"#;
+        assert_eq!(ApiErrorBody::parse(old).map(|e| e.kind), Some(ApiErrorKind::NotFound));
+        assert_eq!(ApiErrorBody::parse(br#"{"error":"db down"}"#).map(|e| e.kind), Some(ApiErrorKind::Unavailable));
+        assert!(ApiErrorBody::parse(br#"{"id":"x","error":"last failure","state":"dead"}"#).is_none());
+    }
 
     #[test]
     fn error_body_shape_and_detection() {
@@ -192,7 +212,6 @@ mod tests {
         let task =
             br#"{"id":"0190f5f0-0000-7000-8000-000000000000","state":"failed","error":{"code":"x","message":"y"}}"#;
         assert_eq!(ApiErrorBody::parse(task), None);
-        assert_eq!(ApiErrorBody::parse(br#"{"error":"flat"}"#), None);
     }
 
     #[test]

@@ -343,7 +343,7 @@ mod tests {
     }
 
     #[test]
-    fn a_zero_max_deliver_still_allows_the_first_delivery() {
+    fn a_zero_max_deliver_counts_as_one_delivery() {
         let c = Checks { max_deliver: 0, ..checks() };
         assert_eq!(check(&c, Some(())), Err(Skip::DeliveriesExhausted { delivered: 1 }));
         let c = Checks { max_deliver: 2, ..checks() };

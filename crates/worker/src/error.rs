@@ -103,10 +103,13 @@ impl TaskError {
         self
     }
 
-    /// Asks for the next attempt no sooner than `delay` (a retryable failure only).
+    /// Asks for the next attempt (or, for a deferral, the next start) no sooner than `delay`;
+    /// a fatal failure has none.
     pub fn retry_after(mut self, delay: Duration) -> Self {
-        if let Disposition::Retry { not_before } = &mut self.disposition {
-            *not_before = Some(delay);
+        match &mut self.disposition {
+            Disposition::Retry { not_before } => *not_before = Some(delay),
+            Disposition::Defer { delay: d, .. } => *d = delay,
+            Disposition::Fatal => {}
         }
         self
     }

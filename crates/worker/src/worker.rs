@@ -153,15 +153,18 @@ impl Worker {
         pulling: &CancellationToken,
     ) -> Result<Vec<JoinHandle<()>>, WorkerError> {
         let cfg = &self.identity.config.worker;
-        let mut pullers = Vec::new();
+        // Every consumer first: a failure then leaves no puller filling lanes nobody serves.
+        let mut consumers = Vec::new();
         for queue in &cfg.queues {
             for p in Priority::ALL {
-                let consumer = topology.dispatch_consumer(queue, p).await?;
-                let (lanes, stop, stats) = (lanes.clone(), pulling.clone(), self.identity.stats.clone());
-                pullers.push(tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats)));
+                consumers.push((p, topology.dispatch_consumer(queue, p).await?));
             }
         }
-        Ok(pullers)
+        let pullers = consumers.into_iter().map(|(p, consumer)| {
+            let (lanes, stop, stats) = (lanes.clone(), pulling.clone(), self.identity.stats.clone());
+            tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats))
+        });
+        Ok(pullers.collect())
     }
 
     /// Starts the event publisher and the background loops, and assembles what attempts share.
