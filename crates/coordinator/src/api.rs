@@ -29,7 +29,6 @@ use taskfleet_proto::{
     RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_TASK_CANCEL, VERB_TASK_COUNTS, VERB_TASK_GET,
     VERB_TASK_LIST, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
 };
-use taskfleet_store::ListFilter;
 use tokio_util::sync::CancellationToken;
 
 /// Queue group shared by coordinator replicas, so each request is answered once.
@@ -80,8 +79,7 @@ async fn task(ctx: &Ctx, id: TaskId) -> Answer {
 
 /// Tasks, newest first.
 async fn list(ctx: &Ctx, r: ListRequest) -> Answer {
-    let filter = ListFilter { state: r.state, queue: r.queue, limit: r.limit };
-    reply(ctx.store.list_tasks(&filter).await.map_err(unavailable)?)
+    reply(ctx.store.list_tasks(&r).await.map_err(unavailable)?)
 }
 
 /// Task counts by state.

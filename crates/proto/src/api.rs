@@ -180,15 +180,20 @@ impl ApiErrorBody {
         if let Ok(b) = serde_json::from_slice::<ApiErrorBody>(body) {
             return Some(b.error);
         }
-        let serde_json::Value::Object(map) = serde_json::from_slice(body).ok()? else { return None };
-        let message = map.get("error")?.as_str()?;
-        if map.keys().any(|k| k != "error" && k != "not_found") {
-            return None;
-        }
-        let not_found = map.get("not_found").and_then(serde_json::Value::as_bool).unwrap_or(false);
-        let kind = if not_found { ApiErrorKind::NotFound } else { ApiErrorKind::Unavailable };
-        Some(ApiError::new(kind, message))
+        let old: PreviousErrorBody = serde_json::from_slice(body).ok()?;
+        let kind = if old.not_found { ApiErrorKind::NotFound } else { ApiErrorKind::Unavailable };
+        Some(ApiError::new(kind, old.error))
     }
+}
+
+/// The error body of coordinators before [`ApiErrorBody`]. Unknown fields refuse it, so a reply
+/// (a task record, a list) is told apart at its first key.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreviousErrorBody {
+    error: String,
+    #[serde(default)]
+    not_found: bool,
 }
 
 #[cfg(test)]

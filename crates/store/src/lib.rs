@@ -13,7 +13,7 @@ mod submit;
 pub use error::{StoreError, StoreErrorKind};
 pub use events::{Finalized, RecordOutcome};
 pub use maintenance::{CancelOutcome, Claimed, LeaderLock, Redispatch};
-pub use queries::{ListFilter, TaskRecord};
+pub use queries::TaskRecord;
 pub use rollups::Rollup;
 pub use submit::{Duplicate, InsertOutcome, Rejected};
 

@@ -2,7 +2,7 @@
 
 use crate::{Store, StoreError};
 use serde::{Deserialize, Serialize};
-use taskfleet_proto::TaskId;
+use taskfleet_proto::{ListRequest, TaskId};
 use time::OffsetDateTime;
 
 /// A task as stored, for status queries.
@@ -47,20 +47,6 @@ pub struct TaskRecord {
     pub finished_at: Option<OffsetDateTime>,
 }
 
-/// Filter for [`Store::list_tasks`].
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
-pub struct ListFilter {
-    /// Only tasks in this state.
-    #[serde(default)]
-    pub state: Option<String>,
-    /// Only tasks of this queue.
-    #[serde(default)]
-    pub queue: Option<String>,
-    /// Most rows returned (default 20, at most 1000).
-    #[serde(default)]
-    pub limit: Option<i64>,
-}
-
 macro_rules! columns {
     () => {
         "id, queue, kind, priority, state, attempt, max_attempts, result, error, worker,
@@ -76,7 +62,7 @@ impl Store {
     }
 
     /// Most recent tasks first (ids are UUIDv7, so id order is creation order).
-    pub async fn list_tasks(&self, filter: &ListFilter) -> Result<Vec<TaskRecord>, StoreError> {
+    pub async fn list_tasks(&self, filter: &ListRequest) -> Result<Vec<TaskRecord>, StoreError> {
         const SQL: &str = concat!(
             "SELECT ",
             columns!(),

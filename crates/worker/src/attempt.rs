@@ -182,7 +182,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
             defer::defer(&rt, msg, attempt.base, after, reason);
         }
         Settlement::Report(report) => {
-            let mut ev = attempt.base.clone();
+            let mut ev = attempt.base;
             ev.timings = Some(executed.timings);
             ev.at = executed.timings.finished_at;
             ev.tokens = executed.usage.tokens;
