@@ -42,6 +42,8 @@ pub struct Config {
     pub telemetry: TelemetryConfig,
     /// The coordinator service.
     pub coordinator: CoordinatorConfig,
+    /// Runs, spawns and loops: their limits, enforced by the coordinator.
+    pub workflows: WorkflowsConfig,
     /// Worker processes.
     pub worker: WorkerConfig,
     /// The metrics aggregator.
@@ -74,6 +76,7 @@ impl Config {
         self.nats.validate()?;
         self.database.validate()?;
         self.coordinator.validate()?;
+        self.workflows.validate()?;
         self.worker.validate(&self.nats)?;
         self.policies.validate()?;
         self.aggregator.validate()?;

@@ -323,6 +323,52 @@ impl CoordinatorConfig {
     }
 }
 
+/// Runs, spawns and loops. A submission or spawn over a limit is refused with an error that
+/// names the limit.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct WorkflowsConfig {
+    /// Tasks a run may ever have, spawned children and loop iterations included.
+    pub max_tasks_per_run: u32,
+    /// Children one spawn may add.
+    pub max_children_per_spawn: u32,
+    /// How deep spawns may nest: a run's own task spawns at depth 1, its children at depth 2.
+    pub max_spawn_depth: u32,
+    /// Parents' outcomes travel with a step's dispatch up to this many bytes in all; beyond it
+    /// (a join of thousands of children) the worker reads them from the coordinator
+    /// (`task.parents`) before the step starts.
+    pub inline_parents_bytes: usize,
+}
+
+impl Default for WorkflowsConfig {
+    fn default() -> Self {
+        WorkflowsConfig {
+            max_tasks_per_run: 100_000,
+            max_children_per_spawn: 10_000,
+            max_spawn_depth: 8,
+            inline_parents_bytes: 256 << 10,
+        }
+    }
+}
+
+impl WorkflowsConfig {
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if !(1..=1_000_000).contains(&self.max_tasks_per_run) {
+            return invalid("workflows.max_tasks_per_run", "must be in 1..=1000000".into());
+        }
+        if !(1..=100_000).contains(&self.max_children_per_spawn) {
+            return invalid("workflows.max_children_per_spawn", "must be in 1..=100000".into());
+        }
+        if !(1..=64).contains(&self.max_spawn_depth) {
+            return invalid("workflows.max_spawn_depth", "must be in 1..=64".into());
+        }
+        if !(1024..=16 << 20).contains(&self.inline_parents_bytes) {
+            return invalid("workflows.inline_parents_bytes", "must be between 1 KiB and 16 MiB".into());
+        }
+        Ok(())
+    }
+}
+
 /// How strongly a worker prefers each priority when several have work: out of
 /// `critical + high + normal + low` consecutive picks, each priority gets its weight's share.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

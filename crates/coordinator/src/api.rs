@@ -11,8 +11,13 @@
 //! | `task.cancel` | [`TaskIdRequest`] | [`CancelReply`] |
 //! | `task.replay` | [`ReplayRequest`] | [`ReplayReply`] |
 //! | `task.runnable` | [`RunnableRequest`] | [`RunnableReply`] (workers ask before running a redelivered or later-generation message) |
+//! | `task.parents` | `ParentsRequest` | `ParentsReply` (a step whose parents' outcomes were too large to travel with it) |
+//! | `task.checkpoint` | `CheckpointRequest` | `CheckpointReply`, once stored |
+//! | `run.submit` | `RunSpec` (JSON or MessagePack) | `RunSubmitted`, once the whole run is committed |
+//! | `run.get` | `RunGetRequest` | `RunView` |
+//! | `run.cancel`, `run.resume` | [`RunIdRequest`] | `RunChange` |
 
-use crate::Ctx;
+use crate::{Ctx, runs};
 use axum::extract::{Path, Query, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
@@ -26,8 +31,9 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use taskfleet_proto::{
     ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
-    RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_TASK_CANCEL, VERB_TASK_COUNTS, VERB_TASK_GET,
-    VERB_TASK_LIST, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
+    RunIdRequest, RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_RUN_CANCEL, VERB_RUN_GET,
+    VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CANCEL, VERB_TASK_CHECKPOINT, VERB_TASK_COUNTS, VERB_TASK_GET,
+    VERB_TASK_LIST, VERB_TASK_PARENTS, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -37,9 +43,9 @@ const API_GROUP: &str = "taskfleet-coordinator";
 const MAX_RUNNABLE_QUERIES: usize = 10_000;
 
 /// A verb's reply body, or why there is none.
-type Answer = Result<Value, ApiError>;
+pub(crate) type Answer = Result<Value, ApiError>;
 
-fn bad_request(message: impl Into<String>) -> ApiError {
+pub(crate) fn bad_request(message: impl Into<String>) -> ApiError {
     ApiError::new(ApiErrorKind::BadRequest, message)
 }
 
@@ -47,11 +53,11 @@ fn not_found(id: TaskId) -> ApiError {
     ApiError::new(ApiErrorKind::NotFound, format!("no task {id}"))
 }
 
-fn unavailable(e: impl std::fmt::Display) -> ApiError {
+pub(crate) fn unavailable(e: impl std::fmt::Display) -> ApiError {
     ApiError::new(ApiErrorKind::Unavailable, e.to_string())
 }
 
-fn reply(body: impl Serialize) -> Answer {
+pub(crate) fn reply(body: impl Serialize) -> Answer {
     Ok(serde_json::to_value(body).unwrap_or(Value::Null))
 }
 
@@ -68,6 +74,12 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Answer {
         VERB_TASK_CANCEL => cancel(ctx, request::<TaskIdRequest>(verb, body)?.id).await,
         VERB_TASK_REPLAY => replay(ctx, request(verb, body)?).await,
         VERB_TASK_RUNNABLE => runnable(ctx, request(verb, body)?).await,
+        VERB_TASK_PARENTS => runs::parents(ctx, request(verb, body)?).await,
+        VERB_TASK_CHECKPOINT => runs::checkpoint(ctx, request(verb, body)?).await,
+        VERB_RUN_SUBMIT => runs::submit(ctx, body).await,
+        VERB_RUN_GET => runs::get(ctx, request(verb, body)?).await,
+        VERB_RUN_CANCEL => runs::cancel(ctx, request::<RunIdRequest>(verb, body)?.id).await,
+        VERB_RUN_RESUME => runs::resume(ctx, request::<RunIdRequest>(verb, body)?.id).await,
         other => Err(bad_request(format!("unknown API verb {other:?}"))),
     }
 }
@@ -109,6 +121,9 @@ async fn cancel(ctx: &Ctx, id: TaskId) -> Answer {
         }
         metrics::counter!("taskfleet_coordinator_cancelled_total").increment(outcome.finalized.len() as u64);
         crate::recorder::notify_committed(ctx, &outcome.finalized).await;
+        if let Err(e) = crate::dispatch::publish_rows(&ctx.topology, &outcome.released).await {
+            tracing::error!(error = %e, "cannot dispatch dependents released by a cancellation now");
+        }
     }
     reply(CancelReply {
         cancelled: outcome.cancelled,
@@ -123,12 +138,7 @@ async fn replay(ctx: &Ctx, r: ReplayRequest) -> Answer {
         return Err(bad_request("name task ids, or ask for all dead tasks with \"all\": true"));
     }
     let replayed = ctx.store.replay_dead(r.ids.as_deref(), r.queue.as_deref(), 10_000).await.map_err(unavailable)?;
-    let subjects = &ctx.topology.subjects;
-    let out = replayed
-        .iter()
-        .map(|t| crate::dispatch::redispatch_message(subjects, &t.envelope, None, t.attempt_offset, t.generation))
-        .collect();
-    if let Err(e) = crate::dispatch::publish(&ctx.topology, out).await {
+    if let Err(e) = crate::dispatch::publish_rows(&ctx.topology, &replayed).await {
         // The rows are queued; the rescuer dispatches them once it finds them idle.
         tracing::error!(error = %e, "cannot dispatch replayed tasks now");
     }

@@ -47,6 +47,25 @@ pub(crate) fn redispatch_message(
     }
 }
 
+/// The dispatch message of a task read from Postgres (released, rescued, promoted, replayed,
+/// resumed), with the generation, attempt offset and trace context its row holds.
+pub(crate) fn of_row(subjects: &Subjects, t: &taskfleet_store::Redispatch) -> Outgoing {
+    let trace = t.traceparent.as_deref().map(|tp| {
+        let mut h = HeaderMap::new();
+        h.insert("traceparent", tp);
+        h
+    });
+    redispatch_message(subjects, &t.envelope, trace.as_ref(), t.attempt_offset, t.generation)
+}
+
+/// Publishes the messages of tasks read from Postgres; see [`publish`].
+pub(crate) async fn publish_rows(
+    topology: &Topology,
+    tasks: &[taskfleet_store::Redispatch],
+) -> Result<(), taskfleet_bus::BusError> {
+    publish(topology, tasks.iter().map(|t| of_row(&topology.subjects, t)).collect()).await
+}
+
 /// Publishes dispatch messages, retrying the whole set a few times (dedup ids make repeats
 /// harmless). An error means some tasks may not be in JetStream: their rows stay `queued`
 /// and the rescuer dispatches them again.
@@ -79,19 +98,7 @@ pub(crate) async fn publish_claimed(topology: &Topology, claimed: taskfleet_stor
     if n == 0 {
         return Ok(0);
     }
-    let out = claimed
-        .tasks
-        .iter()
-        .map(|t| {
-            let trace = t.traceparent.as_deref().map(|tp| {
-                let mut h = HeaderMap::new();
-                h.insert("traceparent", tp);
-                h
-            });
-            redispatch_message(&topology.subjects, &t.envelope, trace.as_ref(), t.attempt_offset, t.generation)
-        })
-        .collect();
-    publish(topology, out).await?;
+    publish_rows(topology, &claimed.tasks).await?;
     claimed.commit().await?;
     Ok(n)
 }

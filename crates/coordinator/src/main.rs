@@ -13,6 +13,7 @@ mod leader;
 mod promoter;
 mod recorder;
 mod rescuer;
+mod runs;
 mod stream_watch;
 
 use std::sync::Arc;
@@ -40,7 +41,7 @@ async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-coordinator")?;
     let config = service.config.clone();
     let Some(store) = service.until_shutdown(Store::connect(&config.database)).await else { return Ok(()) };
-    let store = store?;
+    let store = store?.with_limits(runs::limits(&config));
     let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60));
     let Some(client) = service.until_shutdown(connecting).await else { return Ok(()) };
     let client = client?;

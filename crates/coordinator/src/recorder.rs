@@ -140,8 +140,7 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     }
 
     if !outcome.released.is_empty() {
-        let out = outcome.released.iter().map(|env| dispatch::message(&ctx.topology, env, None)).collect();
-        if let Err(e) = dispatch::publish(&ctx.topology, out).await {
+        if let Err(e) = dispatch::publish_rows(&ctx.topology, &outcome.released).await {
             // The released rows are committed as queued. Redelivering these events would find
             // the parents already final and release nothing, so the rescuer must pick them up.
             tracing::error!(error = %e, tasks = outcome.released.len(), "cannot dispatch released dependents");
@@ -152,7 +151,11 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
             tracing::warn!(error = %e, "acknowledging an event message failed; it will be redelivered and ignored");
         }
     }
+    announce_cancelled(ctx, &outcome.announce).await;
     notify_committed(ctx, &outcome.finalized).await;
+    if !outcome.runs_ended.is_empty() {
+        metrics::counter!("taskfleet_coordinator_runs_ended_total").increment(outcome.runs_ended.len() as u64);
+    }
     let dead: Vec<uuid::Uuid> = outcome.finalized.iter().filter(|f| f.state == TaskState::Dead).map(|f| f.id).collect();
     if !dead.is_empty() {
         publish_dead_letters(ctx, &dead).await;
@@ -177,6 +180,17 @@ fn record_spans(events: &[TaskEvent]) -> Vec<tracing::Span> {
             Some(span)
         })
         .collect()
+}
+
+/// Puts cancelled tasks in the cancellation bucket, so that a worker holding one skips it or
+/// stops it. Postgres already says cancelled: a worker that misses this records an attempt
+/// whose outcome is ignored.
+pub(crate) async fn announce_cancelled(ctx: &Ctx, ids: &[uuid::Uuid]) {
+    for id in ids {
+        if let Err(e) = ctx.cancel_bucket.put(id.to_string(), Bytes::new()).await {
+            tracing::warn!(task_id = %id, error = %e, "cannot announce a cancellation to workers");
+        }
+    }
 }
 
 /// Tells watchers (`taskfleet wait`, `submit --wait`) which tasks just became final: one core

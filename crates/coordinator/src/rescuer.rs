@@ -2,7 +2,7 @@
 //! holds (a dispatch message lost with a nats-server, a dispatch publish that failed after the
 //! commit) and dispatches them again, so that a lost message costs a re-run, never a task. It
 //! also releases pending tasks whose dependencies have all succeeded if their release was
-//! missed.
+//! missed, and fails runs past their deadline.
 //!
 //! A task is known lost, even while its lane is busy, by watermarks: every round notes the
 //! last sequence of the dispatch and event streams. Once a lane's consumer has settled
@@ -52,6 +52,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
         }
         if let Err(e) = round(&ctx, &mut marks).await {
             tracing::warn!(error = %e, "rescue round failed");
+        }
+        if let Err(e) = crate::runs::expire(&ctx).await {
+            tracing::warn!(error = %e, "cannot expire runs past their deadline this round");
         }
         ROUNDS.fetch_add(1, Ordering::Relaxed);
         metrics::counter!("taskfleet_coordinator_rescue_rounds_total").increment(1);
@@ -169,8 +172,7 @@ async fn round(ctx: &Ctx, marks: &mut Watermarks) -> anyhow::Result<()> {
     let stranded = ctx.store.release_stranded().await?;
     if !stranded.is_empty() {
         tracing::warn!(tasks = stranded.len(), "releasing dependents whose release was missed");
-        let out = stranded.iter().map(|env| dispatch::message(&ctx.topology, env, None)).collect();
-        dispatch::publish(&ctx.topology, out).await?;
+        dispatch::publish_rows(&ctx.topology, &stranded).await?;
     }
     Ok(())
 }

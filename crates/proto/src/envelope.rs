@@ -1,6 +1,6 @@
 //! The task envelope: one unit of work as submitted and dispatched.
 
-use crate::{DecodeError, PROTOCOL_VERSION, Priority};
+use crate::{DecodeError, PROTOCOL_VERSION, ParentOutcome, Priority};
 use serde::{Deserialize, Serialize};
 use std::time::{SystemTime, UNIX_EPOCH};
 use uuid::Uuid;
@@ -82,6 +82,36 @@ pub struct TaskEnvelope {
     /// it runs, besides those of its kind.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub limits: Vec<String>,
+    /// The run the task belongs to (set by the coordinator; refused on a submission).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub run_id: Option<Uuid>,
+    /// The task's node name in its run or spawn.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub node: Option<String>,
+    /// For a node that repeats (a loop): this iteration, from 1; 0 otherwise.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub iteration: u32,
+    /// Dispatch only: the final outcomes of the task's parents, in `depends_on` order.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub parents: Vec<ParentOutcome>,
+    /// Dispatch only: the parents' outcomes were too large to travel with the task and are
+    /// left out of `parents`; read them with the `task.parents` API verb.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub parents_omitted: bool,
+    /// Dispatch only: for a loop iteration after the first, the previous iteration's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<Box<ParentOutcome>>,
+    /// Dispatch only: the last checkpoint an earlier attempt of this task saved.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub checkpoint: Option<serde_json::Value>,
+}
+
+fn is_zero(n: &u32) -> bool {
+    *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 /// Exponential backoff with full jitter: the delay after failed attempt `n` is uniform in
@@ -129,6 +159,13 @@ impl TaskEnvelope {
             created_at: now_ms(),
             retry: None,
             limits: Vec::new(),
+            run_id: None,
+            node: None,
+            iteration: 0,
+            parents: Vec::new(),
+            parents_omitted: false,
+            previous: None,
+            checkpoint: None,
         }
     }
 
@@ -247,6 +284,20 @@ impl TaskEnvelope {
                 field: "retry",
                 reason: "needs 1 <= factor <= 100 and base_ms <= max_ms <= 1 day".into(),
             });
+        }
+        if self.run_id.is_some()
+            || !self.parents.is_empty()
+            || self.parents_omitted
+            || self.previous.is_some()
+            || self.checkpoint.is_some()
+        {
+            return Err(DecodeError::Invalid {
+                field: "run_id",
+                reason: "run_id, parents, previous and checkpoint are filled by the coordinator, not submitted".into(),
+            });
+        }
+        if let Some(node) = &self.node {
+            validate_name("node", node, true)?;
         }
         crate::check_json(&self.payload).map_err(|reason| DecodeError::Invalid { field: "payload", reason })?;
         let size = serde_json::to_vec(&self.payload).map(|v| v.len()).unwrap_or(usize::MAX);

@@ -25,6 +25,9 @@ pub enum EventKind {
     Deferred,
     /// The task was cancelled.
     Cancelled,
+    /// The attempt succeeded and spawned children and a join (`spawn`): the task waits,
+    /// holding no worker, until its join is final, then takes the join's outcome.
+    Spawned,
     /// A submission was refused at intake; `error` says why.
     Rejected,
 }
@@ -45,6 +48,7 @@ impl EventKind {
             EventKind::Deferred => TaskState::Queued,
             EventKind::Dead => TaskState::Dead,
             EventKind::Cancelled => TaskState::Cancelled,
+            EventKind::Spawned => TaskState::Waiting,
             EventKind::Rejected => return None,
         })
     }
@@ -60,6 +64,7 @@ impl EventKind {
             EventKind::Dead => "dead",
             EventKind::Deferred => "deferred",
             EventKind::Cancelled => "cancelled",
+            EventKind::Spawned => "spawned",
             EventKind::Rejected => "rejected",
         }
     }
@@ -77,6 +82,9 @@ pub enum TaskState {
     Running,
     /// Waiting for a retry.
     Retrying,
+    /// Holds no worker while what it started finishes: the join of the children it spawned,
+    /// or its loop's next iteration. It then takes that task's outcome as its own.
+    Waiting,
     /// Final: succeeded.
     Succeeded,
     /// Final: failed with a non-retryable error.
@@ -89,11 +97,12 @@ pub enum TaskState {
 
 impl TaskState {
     /// Every state.
-    pub const ALL: [TaskState; 8] = [
+    pub const ALL: [TaskState; 9] = [
         TaskState::Pending,
         TaskState::Queued,
         TaskState::Running,
         TaskState::Retrying,
+        TaskState::Waiting,
         TaskState::Succeeded,
         TaskState::Failed,
         TaskState::Dead,
@@ -107,6 +116,7 @@ impl TaskState {
             TaskState::Queued => "queued",
             TaskState::Running => "running",
             TaskState::Retrying => "retrying",
+            TaskState::Waiting => "waiting",
             TaskState::Succeeded => "succeeded",
             TaskState::Failed => "failed",
             TaskState::Dead => "dead",
@@ -222,6 +232,13 @@ pub struct TaskEvent {
     /// (the one its dispatch message had), so that every attempt stays in one trace.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub next_traceparent: Option<String>,
+    /// For `spawned`: the children and join the attempt added.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub spawn: Option<Box<crate::Spawn>>,
+    /// For `succeeded`: the step ended its run early with its result as the run's output;
+    /// every unfinished task of the run is cancelled.
+    #[serde(default, skip_serializing_if = "is_false")]
+    pub stop_run: bool,
 }
 
 impl TaskEvent {
@@ -247,6 +264,8 @@ impl TaskEvent {
             saved_usd: None,
             traceparent: None,
             next_traceparent: None,
+            spawn: None,
+            stop_run: false,
         }
     }
 }
@@ -264,6 +283,10 @@ pub struct EventBatch {
 
 fn is_zero(n: &u32) -> bool {
     *n == 0
+}
+
+fn is_false(b: &bool) -> bool {
+    !*b
 }
 
 fn version() -> u16 {

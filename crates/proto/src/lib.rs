@@ -16,8 +16,10 @@ mod event;
 mod fleet;
 mod payload;
 mod priority;
+mod run_api;
 mod stats;
 mod subjects;
+mod workflow;
 
 pub use api::{
     ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
@@ -39,8 +41,17 @@ pub use event::{
 pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
 pub use priority::Priority;
+pub use run_api::{
+    CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest, RunIdRequest, RunState, RunSubmitted,
+    RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CHECKPOINT,
+    VERB_TASK_PARENTS,
+};
 pub use stats::{Figures, HistoryPoint, Latency, SeriesFigures, Snapshot, Tokens, WorkerFigures};
 pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};
+pub use workflow::{
+    Dependency, LoopSpec, MAX_LOOP_ITERATIONS, NodeSpec, OnFailure, ParentOutcome, PlannedTask, Predicate, RunSpec, Spawn,
+    plan_nodes,
+};
 
 /// Version of the wire format written by this crate; decoders accept versions up to this one.
 pub const PROTOCOL_VERSION: u16 = 1;

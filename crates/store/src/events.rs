@@ -1,8 +1,12 @@
-//! Recording task events: attempts, state changes, final states and dependency release.
+//! Recording task events: attempts, state changes, and in the same transaction what they set
+//! off: spawns, loops' next iterations, early stops, and the cascade of final states.
 
+use crate::cascade::cascade;
+use crate::rows::{Redispatch, attach_parents};
+use crate::runs::{ChangedRow, end_run, next_iterations, refuse_spawn, spawn_children};
 use crate::{Store, StoreError, column};
 use std::collections::HashMap;
-use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskEvent, TaskId, TaskState};
+use taskfleet_proto::{EventKind, RunState, TaskEvent, TaskId, TaskState};
 use uuid::Uuid;
 
 /// A task that reached its final state in this commit.
@@ -14,6 +18,8 @@ pub struct Finalized {
     pub queue: String,
     /// Its final state.
     pub state: TaskState,
+    /// Its run, if it belongs to one.
+    pub run_id: Option<Uuid>,
 }
 
 /// What a batch of events changed.
@@ -22,8 +28,14 @@ pub struct RecordOutcome {
     /// Tasks that reached a final state, including dependents cancelled because a dependency
     /// failed.
     pub finalized: Vec<Finalized>,
-    /// Dependents whose dependencies have now all succeeded: the caller dispatches them.
-    pub released: Vec<TaskEnvelope>,
+    /// Tasks to dispatch now: dependents whose parents are all final, spawned children
+    /// without parents, loops' next iterations.
+    pub released: Vec<Redispatch>,
+    /// Tasks cancelled because their run ended early that a worker may hold: the caller
+    /// announces them on the cancellation path.
+    pub announce: Vec<TaskId>,
+    /// Runs that ended.
+    pub runs_ended: Vec<(Uuid, RunState)>,
     /// Events that changed nothing: duplicates, stale events, unknown tasks.
     pub ignored: usize,
     /// Events Postgres refused (see [`Store::record_events_isolating`]).
@@ -34,6 +46,8 @@ impl RecordOutcome {
     fn merge(&mut self, other: RecordOutcome) {
         self.finalized.extend(other.finalized);
         self.released.extend(other.released);
+        self.announce.extend(other.announce);
+        self.runs_ended.extend(other.runs_ended);
         self.ignored += other.ignored;
         self.unstorable += other.unstorable;
     }
@@ -60,27 +74,49 @@ impl Store {
         insert_attempts(&mut tx, events).await?;
         let changed = update_states(&mut tx, &decisive).await?;
         out.ignored += decisive.len() - changed.len();
-
-        let (mut succeeded_parents, mut failed_parents) = (Vec::new(), Vec::new());
-        for (id, queue, state, has_dependents) in changed {
-            let Some(state) = TaskState::parse(&state) else {
-                continue;
-            };
-            if !state.is_final() {
-                continue;
+        let by_id: HashMap<Uuid, &TaskEvent> = decisive.iter().map(|ev| (ev.task_id, *ev)).collect();
+        let mut frontier = Vec::new();
+        let mut loops = Vec::new();
+        let mut stops = Vec::new();
+        for row in &changed {
+            let (Some(state), Some(ev)) = (TaskState::parse(&row.state), by_id.get(&row.id)) else { continue };
+            match state {
+                TaskState::Waiting => {
+                    let spawned = match ev.spawn.as_deref() {
+                        Some(spawn) => {
+                            spawn_children(&mut tx, row, spawn, ev.traceparent.as_deref(), &self.limits).await?
+                        }
+                        None => Err("a spawned event without its spawn".to_string()),
+                    };
+                    match spawned {
+                        Ok(ready) => out.released.extend(ready),
+                        Err(why) => frontier.push(refuse_spawn(&mut tx, row, &why).await?),
+                    }
+                }
+                TaskState::Succeeded if row.loops_again(ev.result.as_ref()) => loops.push(row),
+                s if s.is_final() => {
+                    if ev.stop_run && s == TaskState::Succeeded && row.run_id.is_some() {
+                        stops.push((row.run_id, ev.result.clone()));
+                    }
+                    frontier.push(Finalized { id: row.id, queue: row.queue.clone(), state: s, run_id: row.run_id });
+                }
+                _ => {}
             }
-            if has_dependents {
-                if state == TaskState::Succeeded { succeeded_parents.push(id) } else { failed_parents.push(id) }
+        }
+        out.released.extend(next_iterations(&mut tx, &loops).await?);
+        for (run, output) in stops.into_iter().filter_map(|(run, output)| Some((run?, output))) {
+            if let Some(ended) = end_run(&mut tx, run, RunState::Succeeded, output.as_ref(), None).await? {
+                out.finalized.extend(ended.finalized);
+                out.announce.extend(ended.announce);
+                out.runs_ended.push((run, RunState::Succeeded));
+                out.released.retain(|r| r.envelope.run_id != Some(run));
             }
-            out.finalized.push(Finalized { id, queue, state });
         }
-
-        if !succeeded_parents.is_empty() {
-            out.released = release_dependents(&mut tx, &succeeded_parents).await?;
-        }
-        if !failed_parents.is_empty() {
-            out.finalized.extend(cancel_dependents(&mut tx, &failed_parents).await?);
-        }
+        let cascade = cascade(&mut tx, frontier).await?;
+        out.finalized.extend(cascade.finalized);
+        out.released.extend(cascade.released);
+        out.runs_ended.extend(cascade.runs_ended);
+        attach_parents(&mut tx, &mut out.released, self.limits.inline_parents_bytes).await?;
         tx.commit().await?;
         Ok(out)
     }
@@ -115,7 +151,12 @@ fn decisive_events(events: &[TaskEvent]) -> (Vec<&TaskEvent>, usize) {
 fn ends_attempt(kind: EventKind) -> bool {
     matches!(
         kind,
-        EventKind::Succeeded | EventKind::Failed | EventKind::Retrying | EventKind::Dead | EventKind::Cancelled
+        EventKind::Succeeded
+            | EventKind::Failed
+            | EventKind::Retrying
+            | EventKind::Dead
+            | EventKind::Cancelled
+            | EventKind::Spawned
     )
 }
 
@@ -163,9 +204,6 @@ fn waits(ev: &TaskEvent) -> bool {
     matches!(ev.kind, EventKind::Retrying | EventKind::Deferred)
 }
 
-/// A task an event changed: id, queue, new state and whether other tasks depend on it.
-type ChangedRow = (Uuid, String, String, bool);
-
 /// Applies the decisive events to their tasks; returns the rows that changed.
 async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> Result<Vec<ChangedRow>, StoreError> {
     // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. A
@@ -190,12 +228,12 @@ async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> 
               AS u(id, state, final, attempt, worker, result, error, started_ms, finished_ms, delay_ms, next_trace,
                    gen)
          WHERE t.id = u.id
-           AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
+           AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled', 'waiting')
            AND (u.final
                 OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
                     AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
                     AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))
-         RETURNING t.id, t.queue, t.state, t.has_dependents",
+         RETURNING t.id, t.queue, t.priority, t.state, t.run_id, t.iteration, t.loop_spec, t.spawn_depth",
     )
     .bind(column(decisive, |ev| ev.task_id))
     .bind(column(decisive, |ev| state_after(ev).as_str()))
@@ -256,7 +294,7 @@ impl Store {
 /// True when `later` is a `started`/`progress` that must not replace `earlier`, the event by
 /// which the same attempt handed its task back (`retrying`, `deferred`).
 fn hands_back_after(earlier: &TaskEvent, later: &TaskEvent) -> bool {
-    matches!(earlier.kind, EventKind::Retrying | EventKind::Deferred)
+    matches!(earlier.kind, EventKind::Retrying | EventKind::Deferred | EventKind::Spawned)
         && matches!(later.kind, EventKind::Started | EventKind::Progress)
         && later.attempt <= earlier.attempt
 }
@@ -282,29 +320,6 @@ fn unstorable_replacement(ev: &TaskEvent, err: &StoreError) -> Option<TaskEvent>
     Some(r)
 }
 
-/// Cancels every pending task that depends, directly or not, on one of `parents`.
-pub(crate) async fn cancel_dependents(
-    tx: &mut sqlx::PgConnection,
-    parents: &[Uuid],
-) -> Result<Vec<Finalized>, StoreError> {
-    let cancelled: Vec<(Uuid, String)> = sqlx::query_as(
-        "WITH RECURSIVE doomed(id) AS (
-             SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)
-             UNION
-             SELECT d.task_id FROM task_dependencies d JOIN doomed ON d.depends_on = doomed.id
-         )
-         UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(),
-                error = jsonb_build_object('code', 'dependency_failed',
-                                           'message', 'a dependency did not succeed', 'retryable', false)
-         WHERE id IN (SELECT id FROM doomed) AND state = 'pending'
-         RETURNING id, queue",
-    )
-    .bind(parents)
-    .fetch_all(tx)
-    .await?;
-    Ok(cancelled.into_iter().map(|(id, queue)| Finalized { id, queue, state: TaskState::Cancelled }).collect())
-}
-
 /// The `usage` column of an attempt: cache hit, tokens and cost, when the event has any.
 fn usage_json(ev: &TaskEvent) -> Option<serde_json::Value> {
     let mut o = serde_json::Map::new();
@@ -322,63 +337,4 @@ fn usage_json(ev: &TaskEvent) -> Option<serde_json::Value> {
         o.insert("saved_usd".into(), s.into());
     }
     (!o.is_empty()).then_some(serde_json::Value::Object(o))
-}
-
-/// The columns of a `tasks` row (aliased `t`) that make up its envelope, as [`EnvelopeRow`]
-/// reads them.
-macro_rules! envelope_columns {
-    () => {
-        "t.id, t.kind, t.queue, t.priority, t.payload, t.max_attempts, t.timeout_ms, t.idempotency_key,
-         (extract(epoch FROM t.created_at) * 1000)::int8 AS created_ms, t.options"
-    };
-}
-pub(crate) use envelope_columns;
-
-/// A task's envelope as stored: the columns of [`envelope_columns!`].
-#[derive(Debug, sqlx::FromRow)]
-pub(crate) struct EnvelopeRow {
-    id: Uuid,
-    kind: String,
-    queue: String,
-    priority: String,
-    payload: serde_json::Value,
-    max_attempts: i32,
-    timeout_ms: i64,
-    idempotency_key: Option<String>,
-    /// `created_at`, Unix epoch milliseconds.
-    created_ms: i64,
-    /// Retry policy and rate limits, when the submission set any.
-    options: Option<serde_json::Value>,
-}
-
-impl From<EnvelopeRow> for TaskEnvelope {
-    fn from(r: EnvelopeRow) -> Self {
-        let mut env = TaskEnvelope::new(r.kind, r.payload);
-        env.id = r.id;
-        env.queue = r.queue;
-        env.priority = r.priority.parse().unwrap_or(Priority::Normal);
-        env.max_attempts = r.max_attempts.max(1) as u32;
-        env.timeout_ms = r.timeout_ms.max(1) as u64;
-        env.idempotency_key = r.idempotency_key;
-        env.created_at = r.created_ms.max(0) as u64;
-        if let Some(options) = r.options {
-            env.apply_options_json(options);
-        }
-        env
-    }
-}
-
-/// Moves pending dependents of `parents` whose dependencies have all succeeded to `queued`.
-async fn release_dependents(tx: &mut sqlx::PgConnection, parents: &[Uuid]) -> Result<Vec<TaskEnvelope>, StoreError> {
-    const SQL: &str = concat!(
-        "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
-         WHERE t.state = 'pending'
-           AND t.id IN (SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1))
-           AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
-                           WHERE d.task_id = t.id AND p.state <> 'succeeded')
-         RETURNING ",
-        envelope_columns!()
-    );
-    let rows: Vec<EnvelopeRow> = sqlx::query_as(SQL).bind(parents).fetch_all(tx).await?;
-    Ok(rows.into_iter().map(TaskEnvelope::from).collect())
 }

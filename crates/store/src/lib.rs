@@ -2,17 +2,22 @@
 //! dependencies. Every write path takes a whole batch in one transaction of a few statements
 //! (`INSERT … SELECT FROM UNNEST`, `UPDATE … FROM UNNEST`), never a round trip per task.
 
+mod cascade;
 mod error;
 mod events;
 mod maintenance;
 mod nodelay;
 mod queries;
 mod rollups;
+mod rows;
+mod runs;
 mod submit;
 
 pub use error::{StoreError, StoreErrorKind};
 pub use events::{Finalized, RecordOutcome};
-pub use maintenance::{CancelOutcome, Claimed, LeaderLock, Redispatch};
+pub use maintenance::{CancelOutcome, Claimed, LeaderLock};
+pub use rows::Redispatch;
+pub use runs::{RunEnded, RunInserted, RunResumed, WorkflowLimits};
 pub use queries::TaskRecord;
 pub use rollups::Rollup;
 pub use submit::{Duplicate, InsertOutcome, Rejected};
@@ -27,6 +32,7 @@ use taskfleet_config::DatabaseConfig;
 pub struct Store {
     pool: PgPool,
     schema: String,
+    limits: WorkflowLimits,
 }
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
@@ -59,7 +65,13 @@ impl Store {
             .connect_with(options)
             .await?;
         MIGRATOR.run(&pool).await?;
-        Ok(Store { pool, schema })
+        Ok(Store { pool, schema, limits: WorkflowLimits::default() })
+    }
+
+    /// The same store with these workflow limits.
+    pub fn with_limits(mut self, limits: WorkflowLimits) -> Store {
+        self.limits = limits;
+        self
     }
 
     /// The schema holding the tables.

@@ -1,7 +1,7 @@
 //! Writes outside the hot path: rescuing tasks whose dispatch was lost, replaying dead tasks,
 //! cancelling, and reading the envelopes of dead tasks for the dead-letter stream.
 
-use crate::events::{EnvelopeRow, envelope_columns};
+use crate::rows::{EnvelopeRow, Redispatch, RedispatchRow, attach_parents, envelope_columns, redispatch_columns};
 use crate::{Finalized, Store, StoreError};
 use std::collections::HashMap;
 use std::time::Duration;
@@ -30,7 +30,8 @@ impl Claimed {
 /// the current generation may run unless its attempt already handed the task back (a retry or
 /// deferral is scheduled).
 fn runnable_of(state: &str, current: i32, waits: bool, generation: i32) -> Runnable {
-    if TaskState::parse(state).is_some_and(|s| s.is_final()) {
+    // A waiting task's attempt ended (it spawned or looped): its message must not run again.
+    if TaskState::parse(state).is_some_and(|s| s.is_final() || s == TaskState::Waiting) {
         Runnable::Final
     } else if generation > current {
         Runnable::Run
@@ -46,17 +47,16 @@ fn time_of(t: std::time::SystemTime) -> time::OffsetDateTime {
     time::OffsetDateTime::from_unix_timestamp_nanos(ms * 1_000_000).unwrap_or(time::OffsetDateTime::UNIX_EPOCH)
 }
 
-/// A task to publish to the dispatch stream again.
-#[derive(Debug, Clone)]
-pub struct Redispatch {
-    /// The task.
-    pub envelope: TaskEnvelope,
-    /// Handler attempts already recorded; the worker runs attempt `attempt_offset + 1`.
-    pub attempt_offset: u32,
-    /// Dispatch generation (1 for the first dispatch); part of the deduplication id.
-    pub generation: i32,
-    /// Trace context for the dispatch (a retry's or deferral's, kept from its earlier dispatch).
-    pub traceparent: Option<String>,
+impl CancelOutcome {
+    fn unchanged() -> CancelOutcome {
+        CancelOutcome {
+            previous: None,
+            cancelled: false,
+            finalized: Vec::new(),
+            released: Vec::new(),
+            runs_ended: Vec::new(),
+        }
+    }
 }
 
 /// What a cancellation did.
@@ -66,38 +66,13 @@ pub struct CancelOutcome {
     pub previous: Option<TaskState>,
     /// True when this call moved the task to `cancelled`.
     pub cancelled: bool,
-    /// The task and its pending dependents that became final.
+    /// The task and the tasks that became final with it (dependents cancelled, a spawner it
+    /// completed).
     pub finalized: Vec<Finalized>,
-}
-
-/// The columns of a task row to dispatch again, as [`RedispatchRow`] reads them.
-macro_rules! redispatch_columns {
-    () => {
-        concat!(envelope_columns!(), ", t.attempt, t.dispatches, t.next_traceparent")
-    };
-}
-
-/// A task row claimed for another dispatch.
-#[derive(sqlx::FromRow)]
-struct RedispatchRow {
-    #[sqlx(flatten)]
-    envelope: EnvelopeRow,
-    /// Handler attempts recorded so far.
-    attempt: i32,
-    /// Dispatch generation.
-    dispatches: i32,
-    next_traceparent: Option<String>,
-}
-
-impl From<RedispatchRow> for Redispatch {
-    fn from(r: RedispatchRow) -> Self {
-        Redispatch {
-            envelope: r.envelope.into(),
-            attempt_offset: r.attempt.max(0) as u32,
-            generation: r.dispatches,
-            traceparent: r.next_traceparent,
-        }
-    }
+    /// Dependents released by it (those that take a failure with `continue`): dispatch them.
+    pub released: Vec<Redispatch>,
+    /// Runs that ended with it.
+    pub runs_ended: Vec<(Uuid, taskfleet_proto::RunState)>,
 }
 
 /// A task row as read for the dead-letter stream: its envelope and last error.
@@ -109,6 +84,17 @@ struct DeadLetterRow {
 }
 
 impl Store {
+    /// A claim of `rows`, with what goes with their dispatch.
+    async fn claimed(
+        &self,
+        mut tx: sqlx::Transaction<'static, sqlx::Postgres>,
+        rows: Vec<RedispatchRow>,
+    ) -> Result<Claimed, StoreError> {
+        let mut tasks: Vec<Redispatch> = rows.into_iter().map(Redispatch::from).collect();
+        attach_parents(&mut tx, &mut tasks, self.limits.inline_parents_bytes).await?;
+        Ok(Claimed { tx, tasks })
+    }
+
     /// Queues and priorities that have tasks in flight (queued, running or retrying).
     pub async fn active_lanes(&self) -> Result<Vec<(String, String)>, StoreError> {
         Ok(sqlx::query_as(
@@ -146,7 +132,7 @@ impl Store {
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> =
             sqlx::query_as(SQL).bind(queue).bind(priority).bind(bound).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(Redispatch::from).collect() })
+        self.claimed(tx, rows).await
     }
 
     /// Claims retries and deferrals that are due (`run_at` passed), oldest first, for their
@@ -165,7 +151,7 @@ impl Store {
         );
         let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> = sqlx::query_as(SQL).bind(limit).fetch_all(&mut *tx).await?;
-        Ok(Claimed { tx, tasks: rows.into_iter().map(Redispatch::from).collect() })
+        self.claimed(tx, rows).await
     }
 
     /// The earliest `run_at` of any waiting retry or deferral.
@@ -199,19 +185,21 @@ impl Store {
             .collect())
     }
 
-    /// Pending tasks whose dependencies have all succeeded (a release that was missed), moved
-    /// to `queued`.
-    pub async fn release_stranded(&self) -> Result<Vec<TaskEnvelope>, StoreError> {
+    /// Pending tasks with no parent left to wait for (a release that was missed), moved to
+    /// `queued`.
+    pub async fn release_stranded(&self) -> Result<Vec<Redispatch>, StoreError> {
         const SQL: &str = concat!(
             "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
-             WHERE t.state = 'pending'
-               AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
-                               WHERE d.task_id = t.id AND p.state <> 'succeeded')
+             WHERE t.state = 'pending' AND t.waiting_on <= 0
              RETURNING ",
-            envelope_columns!()
+            redispatch_columns!()
         );
-        let rows: Vec<EnvelopeRow> = sqlx::query_as(SQL).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(TaskEnvelope::from).collect())
+        let mut tx = self.pool.begin().await?;
+        let rows: Vec<RedispatchRow> = sqlx::query_as(SQL).fetch_all(&mut *tx).await?;
+        let mut tasks: Vec<Redispatch> = rows.into_iter().map(Redispatch::from).collect();
+        attach_parents(&mut tx, &mut tasks, self.limits.inline_parents_bytes).await?;
+        tx.commit().await?;
+        Ok(tasks)
     }
 
     /// Moves dead tasks back to `queued` for another `max_attempts` attempts (the row's budget
@@ -234,24 +222,29 @@ impl Store {
              RETURNING ",
             redispatch_columns!()
         );
+        let mut tx = self.pool.begin().await?;
         let rows: Vec<RedispatchRow> =
-            sqlx::query_as(SQL).bind(ids).bind(queue).bind(limit).fetch_all(&self.pool).await?;
-        Ok(rows.into_iter().map(Redispatch::from).collect())
+            sqlx::query_as(SQL).bind(ids).bind(queue).bind(limit).fetch_all(&mut *tx).await?;
+        let mut tasks: Vec<Redispatch> = rows.into_iter().map(Redispatch::from).collect();
+        attach_parents(&mut tx, &mut tasks, self.limits.inline_parents_bytes).await?;
+        tx.commit().await?;
+        Ok(tasks)
     }
 
     /// Cancels a task that is not final yet, and its pending dependents.
     pub async fn cancel(&self, id: TaskId) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, String)> = sqlx::query_as("SELECT state, queue FROM tasks WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(&mut *tx)
-            .await?;
-        let Some((state, queue)) = row else {
-            return Ok(CancelOutcome { previous: None, cancelled: false, finalized: Vec::new() });
+        let row: Option<(String, String, Option<Uuid>)> =
+            sqlx::query_as("SELECT state, queue, run_id FROM tasks WHERE id = $1 FOR UPDATE")
+                .bind(id)
+                .fetch_optional(&mut *tx)
+                .await?;
+        let Some((state, queue, run_id)) = row else {
+            return Ok(CancelOutcome { previous: None, ..CancelOutcome::unchanged() });
         };
         let previous = TaskState::parse(&state);
         if previous.is_none_or(|s| s.is_final()) {
-            return Ok(CancelOutcome { previous, cancelled: false, finalized: Vec::new() });
+            return Ok(CancelOutcome { previous, ..CancelOutcome::unchanged() });
         }
         sqlx::query(
             "UPDATE tasks SET state = 'cancelled', finished_at = now(), updated_at = now(), run_at = NULL,
@@ -261,10 +254,17 @@ impl Store {
         .bind(id)
         .execute(&mut *tx)
         .await?;
-        let mut finalized = vec![Finalized { id, queue, state: TaskState::Cancelled }];
-        finalized.extend(crate::events::cancel_dependents(&mut tx, &[id]).await?);
+        let done = Finalized { id, queue, state: TaskState::Cancelled, run_id };
+        let mut cascade = crate::cascade::cascade(&mut tx, vec![done]).await?;
+        attach_parents(&mut tx, &mut cascade.released, self.limits.inline_parents_bytes).await?;
         tx.commit().await?;
-        Ok(CancelOutcome { previous, cancelled: true, finalized })
+        Ok(CancelOutcome {
+            previous,
+            cancelled: true,
+            finalized: cascade.finalized,
+            released: cascade.released,
+            runs_ended: cascade.runs_ended,
+        })
     }
 
     /// The envelopes of the given tasks (for the dead-letter stream), with their last error.
@@ -312,6 +312,7 @@ mod tests {
     fn a_message_runs_only_while_it_is_the_tasks_live_dispatch() {
         assert_eq!(runnable_of("succeeded", 1, false, 1), Runnable::Final);
         assert_eq!(runnable_of("dead", 1, false, 5), Runnable::Final);
+        assert_eq!(runnable_of("waiting", 1, false, 1), Runnable::Final);
         assert_eq!(runnable_of("queued", 1, false, 1), Runnable::Run);
         assert_eq!(runnable_of("running", 2, false, 2), Runnable::Run);
         assert_eq!(runnable_of("queued", 3, false, 2), Runnable::Stale);

@@ -123,21 +123,22 @@ impl Store {
             return Ok(out);
         }
         // The initial state of task `i`, and the error recorded when it starts cancelled.
-        let state_of = |i: usize| initial[i].as_ref().map_or(TaskState::Queued, |(s, _)| *s);
+        let state_of = |i: usize| initial[i].as_ref().map_or(TaskState::Queued, |r| r.state);
         let error_of = |i: usize| {
-            let message = initial[i].as_ref().and_then(|(_, e)| e.as_ref())?;
+            let message = initial[i].as_ref().and_then(|r| r.error.as_ref())?;
             Some(serde_json::json!({"code": "dependency_failed", "message": message, "retryable": false}))
         };
         let inserted: Vec<(Uuid,)> = sqlx::query_as(
             "INSERT INTO tasks (id, queue, kind, priority, state, payload, max_attempts, timeout_ms,
-                                idempotency_key, created_at, error, options, dispatched_at, finished_at)
+                                idempotency_key, created_at, error, options, dispatched_at, finished_at, waiting_on)
              SELECT u.id, u.queue, u.kind, u.priority, u.state, u.payload, u.max_attempts, u.timeout_ms,
                     u.key, to_timestamp(u.created_ms / 1000.0), u.error, u.options,
                     CASE WHEN u.state = 'queued' THEN now() END,
-                    CASE WHEN u.state = 'cancelled' THEN now() END
+                    CASE WHEN u.state = 'cancelled' THEN now() END, u.waiting_on
              FROM UNNEST($1::uuid[], $2::text[], $3::text[], $4::text[], $5::text[], $6::jsonb[],
-                         $7::int4[], $8::int8[], $9::text[], $10::int8[], $11::jsonb[], $12::jsonb[])
-                  AS u(id, queue, kind, priority, state, payload, max_attempts, timeout_ms, key, created_ms, error, options)
+                         $7::int4[], $8::int8[], $9::text[], $10::int8[], $11::jsonb[], $12::jsonb[], $13::int4[])
+                  AS u(id, queue, kind, priority, state, payload, max_attempts, timeout_ms, key, created_ms, error, options,
+                       waiting_on)
              ON CONFLICT DO NOTHING
              RETURNING id",
         )
@@ -153,6 +154,7 @@ impl Store {
         .bind(column(&accepted, |&i| tasks[i].created_at as i64))
         .bind(column(&accepted, |&i| error_of(i)))
         .bind(column(&accepted, |&i| tasks[i].options_json()))
+        .bind(column(&accepted, |&i| initial[i].as_ref().map_or(0, |r| r.waiting_on)))
         .fetch_all(&mut *tx)
         .await?;
         let inserted: HashSet<Uuid> = inserted.into_iter().map(|(id,)| id).collect();
@@ -217,7 +219,7 @@ impl Store {
                 continue;
             }
             out.inserted.push(t.id);
-            match initial[i].as_ref().map(|(s, _)| *s) {
+            match initial[i].as_ref().map(|r| r.state) {
                 Some(TaskState::Queued) => out.dispatch.push(i),
                 Some(TaskState::Cancelled) => out.cancelled.push(t.id),
                 _ => {}
@@ -254,63 +256,71 @@ async fn lock_dependency_states(
     Ok(rows.into_iter().collect())
 }
 
-/// Each task's initial state, and the error recorded when it starts `cancelled`; `None` for
-/// the tasks refused into `rejected`: an unknown dependency (one neither in `dep_state` nor
-/// earlier in the batch) or, transitively, a refused dependency of this batch.
+/// A submitted task's initial row: its state, the error recorded when it starts
+/// `cancelled`, and how many of its parents are not final yet.
+#[derive(Debug, Clone, PartialEq)]
+struct Initial {
+    state: TaskState,
+    error: Option<String>,
+    waiting_on: i32,
+}
+
+/// Each task's initial row; `None` for the tasks refused into `rejected`: an unknown
+/// dependency (one neither in `dep_state` nor earlier in the batch) or, transitively, a
+/// refused dependency of this batch. A dependency that already ended other than succeeded
+/// (or that starts cancelled in this batch) makes the task start `cancelled`.
 fn initial_states(
     tasks: &[TaskEnvelope],
     dep_state: &HashMap<Uuid, String>,
     rejected: &mut Vec<Rejected>,
-) -> Vec<Option<(TaskState, Option<String>)>> {
-    let batch_ids: HashSet<Uuid> = tasks.iter().map(|t| t.id).collect();
-    let mut refused: HashSet<Uuid> = HashSet::new();
-    let mut initial: Vec<Option<(TaskState, Option<String>)>> = vec![None; tasks.len()];
-    let mut seen_earlier: HashSet<Uuid> = HashSet::new();
+) -> Vec<Option<Initial>> {
+    let mut in_batch: HashMap<Uuid, Option<TaskState>> = HashMap::new();
+    let mut initial: Vec<Option<Initial>> = vec![None; tasks.len()];
     for (i, t) in tasks.iter().enumerate() {
-        let mut state = TaskState::Queued;
-        let mut error = None;
+        let mut row = Initial { state: TaskState::Queued, error: None, waiting_on: 0 };
+        let mut refusal = None;
         for dep in &t.depends_on {
-            if batch_ids.contains(dep) {
-                if refused.contains(dep) || !seen_earlier.contains(dep) {
-                    let message = if refused.contains(dep) {
-                        format!("dependency {dep} was refused")
-                    } else {
-                        format!("dependency {dep} must be submitted before its dependent")
-                    };
-                    rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
-                    refused.insert(t.id);
+            let dep_now = match in_batch.get(dep) {
+                Some(None) => {
+                    refusal = Some(format!("dependency {dep} was refused"));
                     break;
                 }
-                state = TaskState::Pending;
-                continue;
-            }
-            match dep_state.get(dep).and_then(|s| TaskState::parse(s)) {
+                Some(Some(s)) => Some(*s),
+                None if tasks.iter().any(|o| o.id == *dep) => {
+                    refusal = Some(format!("dependency {dep} must be submitted before its dependent"));
+                    break;
+                }
+                None => dep_state.get(dep).and_then(|s| TaskState::parse(s)),
+            };
+            match dep_now {
                 None => {
-                    rejected.push(Rejected {
-                        index: i,
-                        reason: RejectReason::UnknownDependency,
-                        message: format!("dependency {dep} does not exist"),
-                    });
-                    refused.insert(t.id);
+                    refusal = Some(format!("dependency {dep} does not exist"));
                     break;
                 }
                 Some(TaskState::Succeeded) => {}
                 Some(s) if s.is_final() => {
-                    if state != TaskState::Cancelled {
-                        error = Some(format!("dependency {dep} ended {}", s.as_str()));
+                    if row.state != TaskState::Cancelled {
+                        row.error = Some(format!("dependency {dep} ended {}", s.as_str()));
                     }
-                    state = TaskState::Cancelled;
+                    row.state = TaskState::Cancelled;
                 }
                 Some(_) => {
-                    if state != TaskState::Cancelled {
-                        state = TaskState::Pending;
+                    row.waiting_on += 1;
+                    if row.state != TaskState::Cancelled {
+                        row.state = TaskState::Pending;
                     }
                 }
             }
         }
-        seen_earlier.insert(t.id);
-        if !refused.contains(&t.id) {
-            initial[i] = Some((state, error));
+        match refusal {
+            Some(message) => {
+                rejected.push(Rejected { index: i, reason: RejectReason::UnknownDependency, message });
+                in_batch.insert(t.id, None);
+            }
+            None => {
+                in_batch.entry(t.id).or_insert(Some(row.state));
+                initial[i] = Some(row);
+            }
         }
     }
     initial
@@ -322,22 +332,24 @@ async fn insert_dependencies<'a>(
     tx: &mut sqlx::PgConnection,
     new_tasks: impl Iterator<Item = &'a TaskEnvelope>,
 ) -> Result<(), StoreError> {
-    let (mut edge_task, mut edge_dep) = (Vec::new(), Vec::new());
+    let (mut edge_task, mut edge_dep, mut position) = (Vec::new(), Vec::new(), Vec::new());
     for t in new_tasks {
-        for d in &t.depends_on {
+        for (i, d) in t.depends_on.iter().enumerate() {
             edge_task.push(t.id);
             edge_dep.push(*d);
+            position.push(i as i32);
         }
     }
     if edge_task.is_empty() {
         return Ok(());
     }
     sqlx::query(
-        "INSERT INTO task_dependencies (task_id, depends_on)
-         SELECT * FROM UNNEST($1::uuid[], $2::uuid[]) ON CONFLICT DO NOTHING",
+        "INSERT INTO task_dependencies (task_id, depends_on, position)
+         SELECT * FROM UNNEST($1::uuid[], $2::uuid[], $3::int4[]) ON CONFLICT DO NOTHING",
     )
     .bind(&edge_task)
     .bind(&edge_dep)
+    .bind(&position)
     .execute(&mut *tx)
     .await?;
     let mut targets = edge_dep;
@@ -395,10 +407,11 @@ mod tests {
         let states = HashMap::from([(failed, "failed".to_string())]);
         let mut rejected = Vec::new();
         let initial = initial_states(&[a, b, c, d, e], &states, &mut rejected);
-        assert_eq!(initial[0], Some((TaskState::Queued, None)));
-        assert_eq!(initial[1], Some((TaskState::Pending, None)));
+        let row = |state, error: Option<String>, waiting_on| Some(Initial { state, error, waiting_on });
+        assert_eq!(initial[0], row(TaskState::Queued, None, 0));
+        assert_eq!(initial[1], row(TaskState::Pending, None, 1));
         assert_eq!((initial[2].clone(), initial[3].clone()), (None, None));
-        assert_eq!(initial[4], Some((TaskState::Cancelled, Some(format!("dependency {failed} ended failed")))));
+        assert_eq!(initial[4], row(TaskState::Cancelled, Some(format!("dependency {failed} ended failed")), 0));
         let refused: Vec<(usize, &str)> = rejected.iter().map(|r| (r.index, r.message.as_str())).collect();
         assert!(refused[0].0 == 2 && refused[0].1.ends_with("does not exist"), "{refused:?}");
         assert!(refused[1].0 == 3 && refused[1].1.ends_with("was refused"), "{refused:?}");

@@ -162,7 +162,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
         // `breaker_max_wait` of deferrals the task fails this attempt (and is retried or dies).
         breaker_gave_up: deferred_since.is_some_and(|t| t.elapsed() >= rt.policies.breaker_max_wait),
     };
-    match settle(executed.outcome, facts, &rt.policies.retry_for(&attempt.env)) {
+    match settle(executed.outcome, executed.effects, facts, &rt.policies.retry_for(&attempt.env)) {
         Settlement::Defer { reason, delay } => {
             // Not an attempt: the handler could not start its call yet.
             attempt.span.record("deferred", true);

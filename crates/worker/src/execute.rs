@@ -5,6 +5,7 @@ use crate::attempt::{Attempt, Runtime};
 use crate::events::AfterPublish;
 use crate::handler::{Handler, Usage};
 use crate::running::RunningTask;
+use crate::workflow::Effects;
 use crate::{TaskContext, TaskError};
 use serde_json::Value;
 use std::sync::Arc;
@@ -24,6 +25,8 @@ pub(crate) struct Executed {
     pub timings: Timings,
     /// Tokens and cost the handler reported.
     pub usage: Usage,
+    /// The spawn or early stop the handler asked for.
+    pub effects: Effects,
 }
 
 /// Runs the attempt's handler; the attempt is in the running registry (for heartbeats and
@@ -37,6 +40,15 @@ pub(crate) async fn execute(
 ) -> Executed {
     let cancel = CancellationToken::new();
     let usage: Arc<std::sync::Mutex<Usage>> = Default::default();
+    let effects: Arc<std::sync::Mutex<Effects>> = Default::default();
+    let env = &mut attempt.env;
+    let (parents, unreadable) = match env.parents_omitted {
+        false => (std::mem::take(&mut env.parents), None),
+        true => match rt.submitter.coordinator.parents(env.id).await {
+            Ok(parents) => (parents, None),
+            Err(e) => (Vec::new(), Some(e)),
+        },
+    };
     let handler_span = tracing::info_span!(parent: &attempt.span, "handler", kind = %attempt.env.kind);
     let ctx = TaskContext {
         task_id: attempt.env.id,
@@ -52,6 +64,13 @@ pub(crate) async fn execute(
         usage: usage.clone(),
         span: handler_span.clone(),
         submitter: Some(rt.submitter.clone()),
+        run_id: attempt.env.run_id,
+        node: attempt.env.node.clone(),
+        iteration: attempt.env.iteration,
+        parents: Arc::new(parents),
+        previous: attempt.env.previous.take().map(|p| Arc::new(*p)),
+        checkpoint: attempt.env.checkpoint.take(),
+        effects: effects.clone(),
     };
     rt.running.insert(token, RunningTask { reply, cancel: cancel.clone(), base: attempt.base.clone() });
     let stats = &rt.worker.stats;
@@ -61,8 +80,14 @@ pub(crate) async fn execute(
         Timings { created_at: attempt.env.created_at, received_at: attempt.received_at, started_at, finished_at: 0 };
 
     let payload = std::mem::take(&mut attempt.env.payload);
-    let call = tokio::spawn(handler.call(ctx, payload).instrument(handler_span));
-    let outcome = supervise(rt, attempt, call, &cancel, timings).instrument(attempt.span.clone()).await;
+    let outcome = match unreadable {
+        // The step cannot start without its inputs: another attempt, later.
+        Some(e) => Err(e),
+        None => {
+            let call = tokio::spawn(handler.call(ctx, payload).instrument(handler_span));
+            supervise(rt, attempt, call, &cancel, timings).instrument(attempt.span.clone()).await
+        }
+    };
 
     timings.finished_at = now_ms();
     rt.running.remove(token);
@@ -71,7 +96,8 @@ pub(crate) async fn execute(
     metrics::histogram!("taskfleet_worker_run_seconds", "kind" => attempt.env.kind.clone())
         .record((timings.finished_at.saturating_sub(started_at)) as f64 / 1000.0);
     let usage = usage.lock().map(|u| *u).unwrap_or_default();
-    Executed { outcome, timings, usage }
+    let effects = effects.lock().map(|e| e.clone()).unwrap_or_default();
+    Executed { outcome, timings, usage, effects }
 }
 
 /// Waits for the handler, its timeout or its cancellation, whichever comes first, and sends

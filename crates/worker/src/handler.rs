@@ -1,5 +1,6 @@
 //! What a handler is and what it is given.
 
+use crate::workflow::{Coordinator, Effects};
 use crate::{DeferReason, TaskError};
 use futures::future::BoxFuture;
 use serde::Serialize;
@@ -8,7 +9,7 @@ use serde_json::Value;
 use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-use taskfleet_proto::{Priority, Subjects, TaskEnvelope, TaskId, TokenUsage};
+use taskfleet_proto::{ParentOutcome, Priority, Spawn, Subjects, TaskEnvelope, TaskId, TokenUsage};
 use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
 use tokio_util::sync::CancellationToken;
 
@@ -38,13 +39,27 @@ pub struct TaskContext {
     /// The attempt's `handler` span: the parent of child tasks' traces.
     pub(crate) span: tracing::Span,
     pub(crate) submitter: Option<Arc<Submitter>>,
+    /// The run the task belongs to, if any.
+    pub run_id: Option<uuid::Uuid>,
+    /// The task's node name in its run or spawn.
+    pub node: Option<String>,
+    /// For a repeating node: this iteration, from 1; 0 otherwise.
+    pub iteration: u32,
+    /// The parents' final outcomes, in `depends_on` order (see [`TaskContext::parent`]).
+    pub parents: Arc<Vec<ParentOutcome>>,
+    /// For a loop iteration after the first: the previous iteration's outcome.
+    pub previous: Option<Arc<ParentOutcome>>,
+    /// The last checkpoint an earlier attempt of this task saved ([`TaskContext::checkpoint`]).
+    pub checkpoint: Option<Value>,
+    pub(crate) effects: Arc<Mutex<Effects>>,
 }
 
-/// Where a handler's child tasks go: the fleet's submit subjects.
+/// Where a handler's child tasks go (the fleet's submit subjects) and the coordinator's API.
 #[derive(Debug, Clone)]
 pub(crate) struct Submitter {
     pub js: async_nats::jetstream::Context,
     pub subjects: Subjects,
+    pub coordinator: Coordinator,
 }
 
 /// The fleet-wide state a handler can use: rate limits and circuit breakers in Redis.
@@ -167,6 +182,52 @@ impl TaskContext {
         )
     }
 
+    /// The outcome of the parent named `node`.
+    pub fn parent(&self, node: &str) -> Option<&ParentOutcome> {
+        self.parents.iter().find(|p| p.node.as_deref() == Some(node))
+    }
+
+    /// The result of the parent named `node`, when it succeeded.
+    pub fn parent_result(&self, node: &str) -> Option<&Value> {
+        self.parent(node).and_then(|p| p.result.as_ref())
+    }
+
+    /// Saves a checkpoint durably: when this returns `Ok`, a later attempt of this task (after
+    /// a crash, a timeout or a retry) finds it in [`TaskContext::checkpoint`]. Fails with a
+    /// retryable `checkpoint_failed` error when the coordinator cannot store it.
+    pub async fn checkpoint(&self, value: impl Serialize) -> Result<(), TaskError> {
+        let Some(to) = &self.submitter else {
+            return Err(TaskError::fatal("no coordinator (not running in a worker)").with_code("checkpoint_failed"));
+        };
+        let value = serde_json::to_value(value)
+            .map_err(|e| TaskError::fatal(format!("checkpoint not serializable: {e}")).with_code("checkpoint_failed"))?;
+        to.coordinator.checkpoint(self.task_id, value).await.map(|_| ())
+    }
+
+    /// Adds children and a join when this attempt succeeds: the task then waits, holding no
+    /// worker, until the join is final, and takes the join's state and result as its own. The
+    /// children and the join are written in the same transaction as this attempt's end, or not
+    /// at all. One spawn per attempt; an invalid spawn is a fatal `invalid_spawn` error.
+    pub fn spawn(&self, spawn: Spawn) -> Result<(), TaskError> {
+        let invalid = |m: String| TaskError::fatal(m).with_code("invalid_spawn");
+        let nodes = spawn.nodes().map_err(|e| invalid(e.to_string()))?;
+        taskfleet_proto::plan_nodes(&nodes, &self.queue, self.priority, usize::MAX).map_err(|e| invalid(e.to_string()))?;
+        let mut effects = self.effects.lock().map_err(|_| invalid("effects poisoned".into()))?;
+        if effects.spawn.is_some() {
+            return Err(invalid("an attempt spawns once".into()));
+        }
+        effects.spawn = Some(spawn);
+        Ok(())
+    }
+
+    /// Ends this task's run when this attempt succeeds: the task's result becomes the run's
+    /// output and every unfinished task of the run is cancelled. No effect outside a run.
+    pub fn stop_run(&self) {
+        if let Ok(mut effects) = self.effects.lock() {
+            effects.stop_run = true;
+        }
+    }
+
     /// A context for calling a handler directly, e.g. in unit tests.
     pub fn for_test(kind: &str) -> TaskContext {
         TaskContext {
@@ -183,6 +244,13 @@ impl TaskContext {
             usage: Default::default(),
             span: tracing::Span::none(),
             submitter: None,
+            run_id: None,
+            node: None,
+            iteration: 0,
+            parents: Default::default(),
+            previous: None,
+            checkpoint: None,
+            effects: Default::default(),
         }
     }
 }

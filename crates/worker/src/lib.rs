@@ -20,7 +20,9 @@
 //! event publisher (`events`) — and hands each delivery, as a slot frees up, to the attempt
 //! pipeline (`attempt.rs`): `admit` (gate, skip checks, shared cache, rate limits), `execute`
 //! (the handler under timeout and cancellation, registered in `running`), `settle` (a pure
-//! decision from the outcome to the event), and `defer` when the task cannot start yet.
+//! decision from the outcome to the event), and `defer` when the task cannot start yet. A step
+//! of a workflow reads its parents' outcomes, saves checkpoints, spawns and stops its run
+//! through its [`TaskContext`] (`workflow.rs` talks to the coordinator for it).
 
 mod admit;
 mod attempt;
@@ -45,10 +47,12 @@ mod scheduler;
 mod settle;
 pub mod stats;
 mod worker;
+mod workflow;
 
 pub use error::{DeferReason, Disposition, TaskError, WorkerError};
 pub use handler::{Handler, Shared, TaskContext, Usage, typed};
 pub use retry::RetryPolicy;
 pub use scheduler::PriorityPicker;
 pub use stats::WorkerStats;
+pub use taskfleet_proto::{NodeSpec, OnFailure, ParentOutcome, Spawn};
 pub use worker::{Worker, WorkerBuilder};

@@ -5,6 +5,7 @@ use crate::attempt::{Runtime, WorkerIdentity, run_delivery};
 use crate::events::spawn_publisher;
 use crate::gate::Gate;
 use crate::handler::Submitter;
+use crate::workflow::Coordinator;
 use crate::lanes::Lanes;
 use crate::policies::Policies;
 use crate::presence::Presence;
@@ -222,7 +223,11 @@ impl Worker {
             progress: progress_tx,
             lanes,
             policies,
-            submitter: Arc::new(Submitter { js: topology.js.clone(), subjects: topology.subjects.clone() }),
+            submitter: Arc::new(Submitter {
+                js: topology.js.clone(),
+                subjects: topology.subjects.clone(),
+                coordinator: Coordinator { client: client.clone(), subjects: topology.subjects.clone() },
+            }),
             gate: Gate::spawn(client.clone(), topology.subjects.api("task.runnable")),
         };
         Ok((rt, loops))

@@ -1,0 +1,201 @@
+//! What a final state sets off, inside the transaction that records it: the waiting task it
+//! completes (a spawn's join completes its spawner, a loop iteration its predecessor), its
+//! dependents (one fewer parent to wait for; released at zero, cancelled by a failed `fail`
+//! edge) and its run (one fewer task; ended at zero). Each step can make more tasks final, so
+//! it repeats until nothing more changes.
+//!
+//! Counters, not `NOT EXISTS` checks, decide releases: a decrement locks the dependent's row,
+//! so when two parents end in concurrent transactions the second waits for the first and sees
+//! its decrement. Exactly one transaction takes a counter to zero: a join fires once.
+
+use crate::rows::{Redispatch, RedispatchRow, redispatch_columns};
+use crate::{Finalized, StoreError, column};
+use std::collections::HashMap;
+use taskfleet_proto::{RunState, TaskState};
+use uuid::Uuid;
+
+/// What the cascade changed besides its input.
+#[derive(Debug, Default)]
+pub(crate) struct Cascade {
+    /// Every task that became final, the input included.
+    pub finalized: Vec<Finalized>,
+    /// Dependents whose parents are all final: the caller dispatches them.
+    pub released: Vec<Redispatch>,
+    /// Runs that ended.
+    pub runs_ended: Vec<(Uuid, RunState)>,
+}
+
+/// A task row the cascade changed: its new state and run.
+#[derive(sqlx::FromRow)]
+struct ChangedTask {
+    id: Uuid,
+    queue: String,
+    state: String,
+    run_id: Option<Uuid>,
+}
+
+impl ChangedTask {
+    fn finalized(self) -> Option<Finalized> {
+        let state = TaskState::parse(&self.state).filter(|s| s.is_final())?;
+        Some(Finalized { id: self.id, queue: self.queue, state, run_id: self.run_id })
+    }
+}
+
+/// A dependent the cascade moved: released (`queued`) or cancelled.
+#[derive(sqlx::FromRow)]
+struct MovedDependent {
+    #[sqlx(flatten)]
+    row: RedispatchRow,
+    new_state: String,
+}
+
+/// Runs the cascade from `frontier`, tasks that just became final in this transaction.
+pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Finalized>) -> Result<Cascade, StoreError> {
+    let mut out = Cascade::default();
+    let mut runs: HashMap<Uuid, i32> = HashMap::new();
+    while !frontier.is_empty() {
+        let ids: Vec<Uuid> = frontier.iter().map(|f| f.id).collect();
+        for run in frontier.iter().filter_map(|f| f.run_id) {
+            *runs.entry(run).or_default() += 1;
+        }
+        out.finalized.append(&mut frontier);
+        frontier.extend(complete_waiting(tx, &ids).await?);
+        let (released, cancelled) = move_dependents(tx, &ids).await?;
+        out.released.extend(released);
+        frontier.extend(cancelled);
+    }
+    let ended = count_down_runs(tx, &runs).await?;
+    out.runs_ended = finish_runs(tx, &ended).await?;
+    Ok(out)
+}
+
+/// Waiting tasks completed by tasks of `ids` take their completer's state, result and error.
+async fn complete_waiting(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec<Finalized>, StoreError> {
+    let rows: Vec<ChangedTask> = sqlx::query_as(
+        "UPDATE tasks w SET state = f.state, result = f.result, error = f.error, finished_at = now(),
+                updated_at = now(), run_at = NULL
+         FROM tasks f
+         WHERE f.id = ANY($1) AND w.id = f.completes AND w.state = 'waiting'
+         RETURNING w.id, w.queue, w.state, w.run_id",
+    )
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().filter_map(ChangedTask::finalized).collect())
+}
+
+/// Counts down the pending dependents of `parents` (which just became final): a dependent
+/// with a `fail` edge from a parent that did not succeed is cancelled at once; one whose
+/// count reaches zero is released. Rows are locked in id order first, so concurrent
+/// transactions cannot deadlock on them.
+async fn move_dependents(
+    tx: &mut sqlx::PgConnection,
+    parents: &[Uuid],
+) -> Result<(Vec<Redispatch>, Vec<Finalized>), StoreError> {
+    let locked: Vec<(Uuid,)> = sqlx::query_as(
+        "SELECT id FROM tasks
+         WHERE state = 'pending' AND id IN (SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1))
+         ORDER BY id FOR UPDATE",
+    )
+    .bind(parents)
+    .fetch_all(&mut *tx)
+    .await?;
+    if locked.is_empty() {
+        return Ok((Vec::new(), Vec::new()));
+    }
+    const SQL: &str = concat!(
+        "WITH hits AS (
+             SELECT d.task_id, count(*)::int4 AS n,
+                    bool_or(d.on_failure = 'fail' AND p.state <> 'succeeded') AS doomed,
+                    min(p.id::text) FILTER (WHERE d.on_failure = 'fail' AND p.state <> 'succeeded') AS culprit
+             FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+             WHERE d.depends_on = ANY($1) AND d.task_id = ANY($2)
+             GROUP BY d.task_id
+         )
+         UPDATE tasks t SET
+             waiting_on = t.waiting_on - h.n,
+             state = CASE WHEN h.doomed THEN 'cancelled' WHEN t.waiting_on - h.n <= 0 THEN 'queued' ELSE 'pending' END,
+             error = CASE WHEN h.doomed THEN jsonb_build_object('code', 'dependency_failed', 'message',
+                              'dependency ' || h.culprit || ' did not succeed', 'retryable', false)
+                          ELSE t.error END,
+             finished_at = CASE WHEN h.doomed THEN now() END,
+             dispatched_at = CASE WHEN NOT h.doomed AND t.waiting_on - h.n <= 0 THEN now() ELSE t.dispatched_at END,
+             updated_at = now()
+         FROM hits h
+         WHERE t.id = h.task_id AND t.state = 'pending'
+         RETURNING t.state AS new_state, ",
+        redispatch_columns!()
+    );
+    let ids: Vec<Uuid> = locked.into_iter().map(|(id,)| id).collect();
+    let rows: Vec<MovedDependent> = sqlx::query_as(SQL).bind(parents).bind(&ids).fetch_all(&mut *tx).await?;
+    let (mut released, mut cancelled) = (Vec::new(), Vec::new());
+    for r in rows {
+        let task = Redispatch::from(r.row);
+        match r.new_state.as_str() {
+            "queued" => released.push(task),
+            "cancelled" => cancelled.push(Finalized {
+                id: task.envelope.id,
+                queue: task.envelope.queue,
+                state: TaskState::Cancelled,
+                run_id: task.envelope.run_id,
+            }),
+            _ => {}
+        }
+    }
+    Ok((released, cancelled))
+}
+
+/// Takes each run's newly final tasks off its `remaining`; returns the runs now at zero.
+async fn count_down_runs(tx: &mut sqlx::PgConnection, runs: &HashMap<Uuid, i32>) -> Result<Vec<Uuid>, StoreError> {
+    if runs.is_empty() {
+        return Ok(Vec::new());
+    }
+    let mut counts: Vec<(Uuid, i32)> = runs.iter().map(|(k, v)| (*k, *v)).collect();
+    counts.sort();
+    let rows: Vec<(Uuid, i32)> = sqlx::query_as(
+        "UPDATE runs r SET remaining = r.remaining - u.n, updated_at = now()
+         FROM UNNEST($1::uuid[], $2::int4[]) AS u(id, n)
+         WHERE r.id = u.id AND r.state = 'running'
+         RETURNING r.id, r.remaining",
+    )
+    .bind(column(&counts, |c| c.0))
+    .bind(column(&counts, |c| c.1))
+    .fetch_all(&mut *tx)
+    .await?;
+    Ok(rows.into_iter().filter(|(_, left)| *left <= 0).map(|(id, _)| id).collect())
+}
+
+/// Ends runs whose every task is final: `failed` when a task failed, died or was cancelled and
+/// no dependent took that with `continue`, else `succeeded`, with each final node's result
+/// by name as output. (A join's or loop iteration's failure counts through the task it
+/// completes.)
+pub(crate) async fn finish_runs(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec<(Uuid, RunState)>, StoreError> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows: Vec<(Uuid, String)> = sqlx::query_as(
+        "UPDATE runs r SET
+             state = CASE WHEN f.failed IS NULL THEN 'succeeded' ELSE 'failed' END,
+             error = f.failed,
+             output = (SELECT jsonb_object_agg(t.node, t.result) FROM tasks t
+                       WHERE t.run_id = r.id AND t.spawned_by IS NULL AND t.completes IS NULL
+                         AND NOT t.has_dependents AND t.node IS NOT NULL AND t.state = 'succeeded'),
+             finished_at = now(), updated_at = now()
+         FROM (SELECT r2.id,
+                      (SELECT jsonb_build_object('code', 'step_failed', 'retryable', false, 'message',
+                                  format('step %s (%s) ended %s: %s', coalesce(t.node, '?'), t.id, t.state,
+                                         coalesce(t.error->>'message', '')))
+                       FROM tasks t
+                       WHERE t.run_id = r2.id AND t.state IN ('failed', 'dead', 'cancelled') AND t.completes IS NULL
+                         AND NOT EXISTS (SELECT 1 FROM task_dependencies d
+                                         WHERE d.depends_on = t.id AND d.on_failure = 'continue')
+                       ORDER BY t.finished_at, t.id LIMIT 1) AS failed
+               FROM runs r2 WHERE r2.id = ANY($1)) f
+         WHERE r.id = f.id AND r.state = 'running' AND r.remaining <= 0
+         RETURNING r.id, r.state",
+    )
+    .bind(ids)
+    .fetch_all(tx)
+    .await?;
+    Ok(rows.into_iter().filter_map(|(id, s)| Some((id, RunState::parse(&s)?))).collect())
+}

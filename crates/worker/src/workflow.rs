@@ -1,0 +1,74 @@
+//! What a step of a workflow asks of the coordinator, and what it leaves to be recorded with
+//! its outcome: the parents' outcomes when they were too large to travel with the task, a
+//! durable checkpoint, a spawn and an early stop.
+
+use crate::TaskError;
+use serde::Serialize;
+use serde::de::DeserializeOwned;
+use std::time::Duration;
+use taskfleet_proto::{
+    ApiErrorBody, CheckpointReply, CheckpointRequest, ParentOutcome, ParentsReply, ParentsRequest, Spawn, Subjects,
+    TaskId, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
+};
+
+/// How long a request to the coordinator waits for its answer.
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// What a handler asked for besides its result, settled with it: nothing of it happens unless
+/// the attempt succeeds.
+#[derive(Debug, Default, Clone, PartialEq)]
+pub(crate) struct Effects {
+    /// Children and a join to add; the task then waits for the join.
+    pub spawn: Option<Spawn>,
+    /// End the task's run with this task's result.
+    pub stop_run: bool,
+}
+
+/// The coordinator's API, as a step reaches it.
+#[derive(Debug, Clone)]
+pub(crate) struct Coordinator {
+    pub client: async_nats::Client,
+    pub subjects: Subjects,
+}
+
+impl Coordinator {
+    /// Sends one API request and reads its reply.
+    async fn ask<Q: Serialize, A: DeserializeOwned>(&self, verb: &str, request: &Q) -> Result<A, String> {
+        let body = serde_json::to_vec(request).map_err(|e| e.to_string())?;
+        let asking = self.client.request(self.subjects.api(verb), body.into());
+        let msg = tokio::time::timeout(REQUEST_TIMEOUT, asking)
+            .await
+            .map_err(|_| format!("the coordinator did not answer {verb} within {REQUEST_TIMEOUT:?}"))?
+            .map_err(|e| format!("{verb}: {e}"))?;
+        serde_json::from_slice::<A>(&msg.payload).map_err(|e| match ApiErrorBody::parse(&msg.payload) {
+            Some(err) => format!("{verb}: {}", err.message),
+            None => format!("{verb}: unreadable reply: {e}"),
+        })
+    }
+
+    /// Every parent's outcome of `task`, page by page.
+    pub async fn parents(&self, task: TaskId) -> Result<Vec<ParentOutcome>, TaskError> {
+        let mut out = Vec::new();
+        loop {
+            let request = ParentsRequest { id: task, offset: out.len() as u32, limit: None };
+            let page: ParentsReply = self.ask(VERB_TASK_PARENTS, &request).await.map_err(|e| {
+                TaskError::retryable(format!("cannot read the parents' outcomes: {e}")).with_code("parents_unavailable")
+            })?;
+            let got = page.parents.len();
+            out.extend(page.parents);
+            if got == 0 || out.len() >= page.total as usize {
+                return Ok(out);
+            }
+        }
+    }
+
+    /// Stores a checkpoint of `task`; returns once Postgres has it.
+    pub async fn checkpoint(&self, task: TaskId, checkpoint: serde_json::Value) -> Result<bool, TaskError> {
+        let request = CheckpointRequest { id: task, checkpoint };
+        let reply: CheckpointReply = self
+            .ask(VERB_TASK_CHECKPOINT, &request)
+            .await
+            .map_err(|e| TaskError::retryable(format!("cannot save the checkpoint: {e}")).with_code("checkpoint_failed"))?;
+        Ok(reply.saved)
+    }
+}
