@@ -163,6 +163,44 @@ impl Fleet {
         out
     }
 
+    /// Sends one request to the coordinator's API and returns its JSON reply (or error body).
+    pub async fn api(&self, client: &async_nats::Client, verb: &str, body: &serde_json::Value) -> serde_json::Value {
+        let subject = self.subjects().api(verb);
+        let asking = client.request(subject, serde_json::to_vec(body).expect("encode request").into());
+        let msg = tokio::time::timeout(Duration::from_secs(30), asking).await.expect("API answer in time").expect("API request");
+        serde_json::from_slice(&msg.payload).expect("JSON reply")
+    }
+
+    /// Submits a run; returns its id and its node → task id map.
+    pub async fn submit_run(
+        &self,
+        client: &async_nats::Client,
+        spec: serde_json::Value,
+    ) -> (uuid::Uuid, BTreeMap<String, uuid::Uuid>) {
+        let reply = self.api(client, "run.submit", &spec).await;
+        let run_id = reply["run_id"].as_str().and_then(|s| s.parse().ok());
+        let tasks = serde_json::from_value(reply["tasks"].clone()).ok();
+        match (run_id, tasks) {
+            (Some(id), Some(tasks)) => (id, tasks),
+            _ => panic!("run.submit refused: {reply}"),
+        }
+    }
+
+    /// Waits until a run is no longer `running`; returns its view (`run.get`).
+    pub async fn wait_run(&self, client: &async_nats::Client, id: uuid::Uuid, timeout: Duration) -> serde_json::Value {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let view = self.api(client, "run.get", &serde_json::json!({ "id": id })).await;
+            if view["state"] != "running" {
+                return view;
+            }
+            if Instant::now() > deadline {
+                panic!("run {id} still running after {timeout:?}: {view}\n{}", self.logs());
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
     /// Runs the `taskfleet` CLI against this fleet.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let bin = taskfleet_test_support::target_dir().join("taskfleet");

@@ -105,7 +105,8 @@ async fn runnable(ctx: &Ctx, r: RunnableRequest) -> Answer {
     if r.tasks.len() > MAX_RUNNABLE_QUERIES {
         return Err(bad_request(format!("at most {MAX_RUNNABLE_QUERIES} tasks per request")));
     }
-    reply(RunnableReply { answers: ctx.store.runnable(&r.tasks).await.map_err(unavailable)? })
+    let (answers, checkpoints) = ctx.store.runnable(&r.tasks).await.map_err(unavailable)?;
+    reply(RunnableReply { answers, checkpoints })
 }
 
 /// Cancels a task: final state `cancelled` in Postgres (with its pending dependents), then its

@@ -116,6 +116,10 @@ pub struct RunnableRequest {
 pub struct RunnableReply {
     /// The answers.
     pub answers: Vec<Runnable>,
+    /// Per answer, the task's last checkpoint (a redelivered message carries the one it was
+    /// published with, not a later one); empty when no task asked about has one.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub checkpoints: Vec<Option<serde_json::Value>>,
 }
 
 /// What kind of failure an API error is, for the caller to act on.

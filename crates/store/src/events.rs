@@ -206,9 +206,10 @@ fn waits(ev: &TaskEvent) -> bool {
 
 /// Applies the decisive events to their tasks; returns the rows that changed.
 async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> Result<Vec<ChangedRow>, StoreError> {
-    // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. A
-    // non-final event of an older dispatch generation than the task's (a duplicate, or a
-    // leftover of a superseded message) changes nothing, and neither does a late `started`
+    // A deferral (back to `queued`) is not an attempt, so it leaves `attempt` alone. An event
+    // of an older dispatch generation than the task's (a duplicate, or a leftover of a
+    // superseded message) changes nothing, unless it is a success (finished work is kept;
+    // an old failure or cancellation must not end a task dispatched again, e.g. resumed), and neither does a late `started`
     // or `progress` once its generation handed the task back (a retry or deferral waits).
     Ok(sqlx::query_as(
         "UPDATE tasks t SET
@@ -229,7 +230,7 @@ async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> 
                    gen)
          WHERE t.id = u.id
            AND t.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled', 'waiting')
-           AND (u.final
+           AND ((u.final AND (u.state = 'succeeded' OR u.gen = 0 OR u.gen >= t.dispatches))
                 OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
                     AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
                     AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))

@@ -166,23 +166,36 @@ impl Store {
     }
 
     /// Whether dispatch messages of the given generations may still run (see [`Runnable`]),
-    /// in the order asked.
-    pub async fn runnable(&self, asked: &[RunnableQuery]) -> Result<Vec<Runnable>, StoreError> {
+    /// in the order asked, with the last checkpoint of each task that may run and has one.
+    pub async fn runnable(
+        &self,
+        asked: &[RunnableQuery],
+    ) -> Result<(Vec<Runnable>, Vec<Option<serde_json::Value>>), StoreError> {
         let ids: Vec<Uuid> = asked.iter().map(|q| q.id).collect();
-        let rows: Vec<(Uuid, String, i32, bool)> =
-            sqlx::query_as("SELECT id, state, dispatches, run_at IS NOT NULL FROM tasks WHERE id = ANY($1)")
-                .bind(&ids)
-                .fetch_all(&self.pool)
-                .await?;
-        let by_id: HashMap<Uuid, (String, i32, bool)> =
-            rows.into_iter().map(|(id, state, gen_, waits)| (id, (state, gen_, waits))).collect();
-        Ok(asked
-            .iter()
-            .map(|q| match by_id.get(&q.id) {
-                None => Runnable::Unknown,
-                Some((state, current, waits)) => runnable_of(state, *current, *waits, q.generation),
-            })
-            .collect())
+        let rows: Vec<(Uuid, String, i32, bool, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT id, state, dispatches, run_at IS NOT NULL, checkpoint FROM tasks WHERE id = ANY($1)",
+        )
+        .bind(&ids)
+        .fetch_all(&self.pool)
+        .await?;
+        let mut by_id: HashMap<Uuid, (String, i32, bool, Option<serde_json::Value>)> =
+            rows.into_iter().map(|(id, state, gen_, waits, cp)| (id, (state, gen_, waits, cp))).collect();
+        let (mut answers, mut checkpoints) = (Vec::with_capacity(asked.len()), Vec::with_capacity(asked.len()));
+        for q in asked {
+            let (answer, checkpoint) = match by_id.get_mut(&q.id) {
+                None => (Runnable::Unknown, None),
+                Some((state, current, waits, cp)) => {
+                    let answer = runnable_of(state, *current, *waits, q.generation);
+                    (answer, if answer == Runnable::Run { cp.take() } else { None })
+                }
+            };
+            answers.push(answer);
+            checkpoints.push(checkpoint);
+        }
+        if checkpoints.iter().all(Option::is_none) {
+            checkpoints.clear();
+        }
+        Ok((answers, checkpoints))
     }
 
     /// Pending tasks with no parent left to wait for (a release that was missed), moved to

@@ -110,7 +110,7 @@ impl Skip {
 /// deferral takes it along); `granted` are limits whose tokens it holds from a booked slot.
 pub(crate) async fn admit(
     rt: &Runtime,
-    attempt: &Attempt,
+    attempt: &mut Attempt,
     permit: Option<OwnedSemaphorePermit>,
     granted: Vec<String>,
 ) -> Admission {
@@ -165,13 +165,20 @@ pub(crate) async fn admit(
 
 /// Asks the coordinator about a message that may be stale (delivered before, or of a later
 /// dispatch generation): it may have ended, or been dispatched again, since it was published.
-async fn runnable(rt: &Runtime, attempt: &Attempt) -> bool {
+/// A message that runs takes the task's last checkpoint, which may be newer than its own.
+async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> bool {
     let d = &attempt.dispatch;
     if d.delivered <= 1 && d.generation <= 1 {
         return true;
     }
-    let reason = match rt.gate.check(attempt.env.id, d.generation).await {
-        Runnable::Run => return true,
+    let (answer, checkpoint) = rt.gate.check(attempt.env.id, d.generation).await;
+    let reason = match answer {
+        Runnable::Run => {
+            if checkpoint.is_some() {
+                attempt.env.checkpoint = checkpoint;
+            }
+            return true;
+        }
         Runnable::Final => "final",
         Runnable::Stale => "stale",
         Runnable::Unknown => "unknown",

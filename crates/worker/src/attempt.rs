@@ -126,7 +126,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
         let _ = msg.ack_with(AckKind::Term).await;
         return;
     };
-    let (handler, lease) = match admit::admit(&rt, &attempt, permit, granted).await {
+    let (handler, lease) = match admit::admit(&rt, &mut attempt, permit, granted).await {
         Admission::Run { handler, lease } => (handler, lease),
         Admission::Terminate => {
             record_outcome(&attempt.span, EventKind::Cancelled);

@@ -1,7 +1,9 @@
-//! Handlers every worker binary registers: `echo`, `sleep` and `fanout`, for tests, demos and
-//! benchmarks.
+//! Handlers every worker binary registers: `echo`, `sleep` and `fanout` for tests, demos and
+//! benchmarks, and the workflow building blocks `spawn` (a run-time fan-out with a join),
+//! `collect` (a join), `counter` (a loop step), `steps` (a long step that checkpoints) and
+//! `stop` (ends its run early).
 
-use crate::{TaskContext, TaskError};
+use crate::{NodeSpec, OnFailure, Spawn, TaskContext, TaskError};
 use serde_json::{Value, json};
 use std::time::Duration;
 
@@ -52,6 +54,69 @@ pub async fn fanout(ctx: TaskContext, payload: Value) -> Result<Value, TaskError
     Ok(json!({ "children": children }))
 }
 
+fn invalid(message: String) -> TaskError {
+    TaskError::fatal(message).with_code("invalid_payload")
+}
+
+/// Spawns `{"count": N}` children of `{"kind": K}` (default `echo`) with payload
+/// `{"i": i, "payload": <payload>}` and a join of `{"join": J}` (default `collect`) that
+/// receives all their outcomes; with `{"on_child_failure": "continue"}` the join runs even
+/// when children fail. The task then waits, holding no worker, and ends with the join's result.
+pub async fn spawn(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
+    let count = payload.get("count").and_then(Value::as_u64).unwrap_or(1);
+    let kind = payload.get("kind").and_then(Value::as_str).unwrap_or("echo");
+    let join = payload.get("join").and_then(Value::as_str).unwrap_or("collect");
+    let on_child_failure: OnFailure = match payload.get("on_child_failure") {
+        None => OnFailure::Fail,
+        Some(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(format!("on_child_failure: {e}")))?,
+    };
+    let inner = payload.get("payload").cloned().unwrap_or(Value::Null);
+    let children = (0..count).map(|i| NodeSpec::new("", kind, json!({ "i": i, "payload": inner }))).collect();
+    ctx.spawn(Spawn { children, join: NodeSpec::new("", join, Value::Null), on_child_failure })?;
+    Ok(json!({ "spawned": count }))
+}
+
+/// A join: returns `{"results": [...], "failed": n}`, the parents' results in order (`null`
+/// for a parent that did not succeed) and how many did not.
+pub async fn collect(ctx: TaskContext, _payload: Value) -> Result<Value, TaskError> {
+    let results: Vec<Value> = ctx.parents.iter().map(|p| p.result.clone().unwrap_or(Value::Null)).collect();
+    let failed = ctx.parents.iter().filter(|p| p.result.is_none()).count();
+    Ok(json!({ "results": results, "failed": failed }))
+}
+
+/// A loop step: returns `{"n": n}`, one more than the previous iteration's `n` (or than the
+/// payload's `start`, default 0), and `{"parents": k}` the number of parents it saw.
+pub async fn counter(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
+    let before = match &ctx.previous {
+        Some(p) => p.result.as_ref().and_then(|r| r.get("n")).and_then(Value::as_i64).unwrap_or(0),
+        None => payload.get("start").and_then(Value::as_i64).unwrap_or(0),
+    };
+    Ok(json!({ "n": before + 1, "parents": ctx.parents.len(), "iteration": ctx.iteration }))
+}
+
+/// A long step: runs `{"steps": N}` steps of `{"ms": M}` milliseconds each, saving a
+/// checkpoint `{"done": k}` after each, and starting from the last checkpoint when an earlier
+/// attempt saved one. Returns `{"done": N, "resumed_from": k}`.
+pub async fn steps(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
+    let total = payload.get("steps").and_then(Value::as_u64).unwrap_or(1);
+    let ms = payload.get("ms").and_then(Value::as_u64).unwrap_or(0);
+    let from = ctx.checkpoint.as_ref().and_then(|c| c.get("done")).and_then(Value::as_u64).unwrap_or(0);
+    for done in from..total {
+        tokio::select! {
+            _ = tokio::time::sleep(Duration::from_millis(ms)) => {}
+            _ = ctx.cancel.cancelled() => return Err(TaskError::fatal("cancelled").with_code("cancelled")),
+        }
+        ctx.checkpoint(json!({ "done": done + 1 })).await?;
+    }
+    Ok(json!({ "done": total, "resumed_from": from }))
+}
+
+/// Ends its run early with its payload as the run's output.
+pub async fn stop(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
+    ctx.stop_run();
+    Ok(payload)
+}
+
 /// The id of child `i` of `parent`: the parent's UUIDv7 with its last 48 random bits mixed with
 /// `i + 1`, so it stays a valid UUIDv7 from the same millisecond.
 fn child_id(parent: uuid::Uuid, i: u64) -> uuid::Uuid {
@@ -79,6 +144,35 @@ mod tests {
         assert_eq!(err.code, "submit_failed");
         let err = fanout(TaskContext::for_test("fanout"), json!({"count": 5000})).await.unwrap_err();
         assert_eq!(err.code, "invalid_payload");
+    }
+
+    #[tokio::test]
+    async fn workflow_builtins() {
+        let ctx = TaskContext::for_test("spawn");
+        spawn(ctx.clone(), json!({"count": 3, "on_child_failure": "continue"})).await.unwrap();
+        let effects = ctx.effects.lock().unwrap().clone();
+        let s = effects.spawn.unwrap();
+        assert_eq!((s.children.len(), s.join.kind.as_str(), s.on_child_failure), (3, "collect", OnFailure::Continue));
+        assert_eq!(spawn(ctx, json!({"count": 1})).await.unwrap_err().code, "invalid_spawn", "one spawn per attempt");
+
+        let mut ctx = TaskContext::for_test("collect");
+        let outcome = |result: Option<Value>| taskfleet_proto::ParentOutcome {
+            id: uuid::Uuid::now_v7(),
+            node: None,
+            state: if result.is_some() { taskfleet_proto::TaskState::Succeeded } else { taskfleet_proto::TaskState::Failed },
+            result,
+            error: None,
+        };
+        ctx.parents = std::sync::Arc::new(vec![outcome(Some(json!(1))), outcome(None)]);
+        assert_eq!(collect(ctx.clone(), Value::Null).await.unwrap(), json!({"results": [1, null], "failed": 1}));
+        ctx.previous = Some(std::sync::Arc::new(outcome(Some(json!({"n": 4})))));
+        assert_eq!(counter(ctx, Value::Null).await.unwrap()["n"], 5);
+
+        let ctx = TaskContext::for_test("stop");
+        assert_eq!(stop(ctx.clone(), json!({"best": 1})).await.unwrap(), json!({"best": 1}));
+        assert!(ctx.effects.lock().unwrap().stop_run);
+        // Outside a worker a checkpoint cannot be stored.
+        assert_eq!(steps(TaskContext::for_test("steps"), json!({"steps": 1})).await.unwrap_err().code, "checkpoint_failed");
     }
 
     #[test]

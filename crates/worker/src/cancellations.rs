@@ -1,5 +1,6 @@
 //! Cancellations: the ids in the cancellation bucket, followed by a watch loop. A queued task
-//! whose id is there is skipped when it arrives; a running one has its attempt cancelled.
+//! whose id is there is skipped when it arrives; a running one has its attempt cancelled. An
+//! id deleted from the bucket (a resumed run's task) may run again.
 
 use crate::running::Running;
 use futures::StreamExt;
@@ -21,6 +22,12 @@ impl Cancellations {
     fn insert(&self, id: uuid::Uuid) {
         if let Ok(mut c) = self.0.lock() {
             c.insert(id);
+        }
+    }
+
+    fn remove(&self, id: &uuid::Uuid) {
+        if let Ok(mut c) = self.0.lock() {
+            c.remove(id);
         }
     }
 }
@@ -55,10 +62,12 @@ pub(crate) async fn run(
                 }
                 None => break,
             };
+            let Ok(id) = entry.key.parse::<uuid::Uuid>() else { continue };
             if entry.operation != Operation::Put {
+                // Withdrawn: the task runs again (its run was resumed).
+                cancellations.remove(&id);
                 continue;
             }
-            let Ok(id) = entry.key.parse::<uuid::Uuid>() else { continue };
             cancellations.insert(id);
             if running.cancel_task(id) > 0 {
                 tracing::info!(task_id = %id, "cancelling a running task");

@@ -19,7 +19,10 @@ const LINGER: Duration = Duration::from_millis(2);
 /// How long a request waits for the coordinator's answer.
 const TIMEOUT: Duration = Duration::from_secs(3);
 
-type Question = (RunnableQuery, oneshot::Sender<Runnable>);
+/// The coordinator's answer about one message, and the task's last checkpoint when it runs.
+pub(crate) type Answer = (Runnable, Option<serde_json::Value>);
+
+type Question = (RunnableQuery, oneshot::Sender<Answer>);
 
 /// Handle to ask the coordinator; cheap to clone.
 #[derive(Clone)]
@@ -35,13 +38,14 @@ impl Gate {
         Gate { tx }
     }
 
-    /// Whether the message of `generation` for task `id` should run.
-    pub async fn check(&self, id: uuid::Uuid, generation: i32) -> Runnable {
+    /// Whether the message of `generation` for task `id` should run, and the task's last
+    /// checkpoint.
+    pub async fn check(&self, id: uuid::Uuid, generation: i32) -> Answer {
         let (tx, rx) = oneshot::channel();
         if self.tx.send((RunnableQuery { id, generation }, tx)).is_err() {
-            return Runnable::Run;
+            return (Runnable::Run, None);
         }
-        rx.await.unwrap_or(Runnable::Run)
+        rx.await.unwrap_or((Runnable::Run, None))
     }
 }
 
@@ -55,20 +59,22 @@ async fn ask_loop(client: async_nats::Client, subject: String, mut rx: mpsc::Unb
                 Err(_) => break,
             }
         }
-        let (queries, answer_to): (Vec<RunnableQuery>, Vec<oneshot::Sender<Runnable>>) = buf.drain(..).unzip();
+        let (queries, answer_to): (Vec<RunnableQuery>, Vec<oneshot::Sender<Answer>>) = buf.drain(..).unzip();
         let client = client.clone();
         let subject = subject.clone();
         tokio::spawn(async move {
-            let answers = ask(&client, subject, &queries).await;
+            let mut reply = ask(&client, subject, &queries).await;
             for (i, tx) in answer_to.into_iter().enumerate() {
-                let _ = tx.send(answers.as_ref().and_then(|a| a.get(i).copied()).unwrap_or(Runnable::Run));
+                let answer = reply.as_ref().and_then(|r| r.answers.get(i).copied()).unwrap_or(Runnable::Run);
+                let checkpoint = reply.as_mut().and_then(|r| r.checkpoints.get_mut(i)).and_then(Option::take);
+                let _ = tx.send((answer, checkpoint));
             }
         });
     }
 }
 
 /// One request; `None` when the coordinator cannot be asked or answers nonsense.
-async fn ask(client: &async_nats::Client, subject: String, queries: &[RunnableQuery]) -> Option<Vec<Runnable>> {
+async fn ask(client: &async_nats::Client, subject: String, queries: &[RunnableQuery]) -> Option<RunnableReply> {
     let body = serde_json::to_vec(&RunnableRequest { tasks: queries.to_vec() }).ok()?;
     let reply = match tokio::time::timeout(TIMEOUT, client.request(subject, body.into())).await {
         Ok(Ok(m)) => m,
@@ -85,7 +91,7 @@ async fn ask(client: &async_nats::Client, subject: String, queries: &[RunnableQu
         }
     };
     match serde_json::from_slice::<RunnableReply>(&reply.payload) {
-        Ok(r) if r.answers.len() == queries.len() => Some(r.answers),
+        Ok(r) if r.answers.len() == queries.len() => Some(r),
         _ => {
             tracing::warn!(reply = %String::from_utf8_lossy(&reply.payload), "unexpected answer to task.runnable; running the tasks");
             None

@@ -24,6 +24,11 @@ async fn main() -> anyhow::Result<()> {
         .handler("echo", builtin::echo)
         .handler("sleep", builtin::sleep)
         .handler("fanout", builtin::fanout)
+        .handler("spawn", builtin::spawn)
+        .handler("collect", builtin::collect)
+        .handler("counter", builtin::counter)
+        .handler("steps", builtin::steps)
+        .handler("stop", builtin::stop)
         .handler("http", providers.http_handler())
         .handler("llm.chat", providers.llm_chat_handler())
         .build();

@@ -1,0 +1,314 @@
+//! Workflows end to end, on real NATS and Postgres with the real binaries: results flow along
+//! a DAG with per-edge failure policies, a spawn's join fires once with every child's result,
+//! loops, early stop, checkpoints across a worker kill, cancel and resume, the run timeout and
+//! the limits.
+
+use serde_json::{Value, json};
+use std::time::Duration;
+use taskfleet_e2e::Fleet;
+use uuid::Uuid;
+
+const RUN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Attempts recorded for a task.
+async fn attempts(pool: &sqlx::PgPool, task: Uuid) -> i64 {
+    sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1").bind(task).fetch_one(pool).await.unwrap()
+}
+
+/// The view of one task of a run by node name (the first task with that node).
+fn task<'a>(view: &'a Value, node: &str) -> &'a Value {
+    view["tasks"].as_array().and_then(|t| t.iter().find(|t| t["node"] == node)).unwrap_or(&Value::Null)
+}
+
+/// A diamond passes each parent's result to the join in `depends_on` order; a failed parent
+/// cancels a `fail` dependent and is handed as an outcome to a `continue` dependent.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
+    let mut fleet = Fleet::new("wf_dag");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"name": "diamond", "nodes": [
+                {"name": "d", "kind": "collect", "depends_on": ["c", "b"]},
+                {"name": "a", "kind": "echo", "payload": {"topic": "rust"}},
+                {"name": "b", "kind": "echo", "payload": {"from": "b"}, "depends_on": ["a"]},
+                {"name": "c", "kind": "echo", "payload": {"from": "c"}, "depends_on": ["a"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["output"], json!({"d": {"results": [{"from": "c"}, {"from": "b"}], "failed": 0}}), "{view}");
+    assert_eq!(view["totals"]["tasks"], 4);
+    assert_eq!(attempts(&pool, tasks["d"]).await, 1);
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"nodes": [
+                {"name": "flaky", "kind": "sleep", "payload": {"fail": "fatal"}},
+                {"name": "tolerant", "kind": "collect", "depends_on": [{"node": "flaky", "on_failure": "continue"}]},
+                {"name": "strict", "kind": "echo", "depends_on": ["flaky"]},
+                {"name": "after_strict", "kind": "echo", "depends_on": ["strict"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(task(&view, "tolerant")["state"], "succeeded", "{view}");
+    let tolerant: Value =
+        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["tolerant"]).fetch_one(&pool).await.unwrap();
+    assert_eq!(tolerant, json!({"results": [null], "failed": 1}));
+    for node in ["strict", "after_strict"] {
+        assert_eq!(task(&view, node)["state"], "cancelled", "{node}: {view}");
+        assert_eq!(task(&view, node)["error"]["code"], "dependency_failed", "{node}: {view}");
+        assert_eq!(attempts(&pool, tasks[node]).await, 0, "{node} never ran");
+    }
+    assert_eq!(view["error"]["code"], "step_failed", "{view}");
+
+    let refused = fleet
+        .api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["a"]}]}))
+        .await;
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("itself")), "{refused}");
+    let refused = fleet
+        .api(
+            &client,
+            "run.submit",
+            &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["b"]}, {"name": "b", "kind": "echo", "depends_on": ["a"]}]}),
+        )
+        .await;
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("cycle")), "{refused}");
+    let refused = fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["x"]}]})).await;
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("unknown node")), "{refused}");
+}
+
+/// A spawned fan-out: the spawner holds no worker while 300 children run, the join fires
+/// exactly once with all their results (fetched from the coordinator, as they are over the
+/// inline limit), and the spawner ends with the join's result. Spawns over a limit fail the
+/// spawner with `spawn_refused`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawn_joins_all_its_children_once() {
+    let mut fleet = Fleet::new("wf_spawn");
+    fleet.set("TASKFLEET_WORKFLOWS_INLINE_PARENTS_BYTES", "4096");
+    fleet.set("TASKFLEET_WORKFLOWS_MAX_CHILDREN_PER_SPAWN", "300");
+    fleet.start_coordinator();
+    // One slot: a spawner that held its slot while waiting would starve its own children.
+    fleet.start_worker(&[("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "1")]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"nodes": [
+                {"name": "research", "kind": "spawn", "payload": {"count": 300, "payload": {"q": "x"}}},
+                {"name": "write", "kind": "collect", "depends_on": ["research"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let joined: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
+        .bind(tasks["research"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    let results = joined["results"].as_array().cloned().unwrap_or_default();
+    assert_eq!(results.len(), 300, "{joined}");
+    assert!(results.iter().enumerate().all(|(i, r)| r["i"] == i as u64), "children's results in spawn order");
+    let joins: Vec<(Uuid, String)> = sqlx::query_as("SELECT id, state FROM tasks WHERE completes = $1")
+        .bind(tasks["research"])
+        .fetch_all(&pool)
+        .await
+        .unwrap();
+    assert_eq!(joins.len(), 1);
+    assert_eq!(attempts(&pool, joins[0].0).await, 1, "the join ran once");
+    let write: Value =
+        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["write"]).fetch_one(&pool).await.unwrap();
+    assert_eq!(write["results"][0]["results"].as_array().map(Vec::len), Some(300), "the dependent sees the joined result");
+    assert_eq!(view["totals"]["tasks"], 303, "{}", view["totals"]);
+
+    let (run, tasks) =
+        fleet.submit_run(&client, json!({"nodes": [{"name": "big", "kind": "spawn", "payload": {"count": 301}}]})).await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(task(&view, "big")["error"]["code"], "spawn_refused", "{view}");
+    let children: i64 = sqlx::query_scalar("SELECT count(*) FROM tasks WHERE spawned_by = $1")
+        .bind(tasks["big"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(children, 0, "a refused spawn writes nothing");
+}
+
+/// A loop repeats its step, each iteration a task of its own that sees the previous one's
+/// result, until the predicate holds or its iterations run out; its dependent sees the last
+/// iteration's result.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn loops_repeat_until_their_predicate_holds() {
+    let mut fleet = Fleet::new("wf_loop");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"nodes": [
+                {"name": "draft", "kind": "echo", "payload": {"text": "v0"}},
+                {"name": "improve", "kind": "counter", "depends_on": ["draft"],
+                 "loop": {"until": "n >= 3", "max_iterations": 10}},
+                {"name": "capped", "kind": "counter", "loop": {"until": "n >= 100", "max_iterations": 2}},
+                {"name": "publish", "kind": "collect", "depends_on": ["improve", "capped"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let iterations: Vec<(i32, String, Value)> =
+        sqlx::query_as("SELECT iteration, state, result FROM tasks WHERE run_id = $1 AND node = 'improve' ORDER BY iteration")
+            .bind(run)
+            .fetch_all(&pool)
+            .await
+            .unwrap();
+    assert_eq!(iterations.iter().map(|i| i.0).collect::<Vec<_>>(), [1, 2, 3], "{iterations:?}");
+    assert!(iterations.iter().all(|i| i.1 == "succeeded"), "{iterations:?}");
+    assert_eq!(iterations[0].2["n"], 3, "the loop's first task ends with the last iteration's result");
+    assert_eq!(iterations[2].2["parents"], 1, "every iteration sees the loop's parents");
+    let publish: Value =
+        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["publish"]).fetch_one(&pool).await.unwrap();
+    assert_eq!((publish["results"][0]["n"].clone(), publish["results"][1]["n"].clone()), (json!(3), json!(2)), "{publish}");
+}
+
+/// A step that stops its run ends it at once with its output: every unfinished task is
+/// cancelled, the running one through the cancellation path.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_step_stops_its_run_early() {
+    let mut fleet = Fleet::new("wf_stop");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"nodes": [
+                {"name": "slow", "kind": "sleep", "payload": {"ms": 60000}},
+                {"name": "after_slow", "kind": "echo", "depends_on": ["slow"]},
+                {"name": "warmup", "kind": "sleep", "payload": {"ms": 300}},
+                {"name": "good_enough", "kind": "stop", "payload": {"score": 0.95}, "depends_on": ["warmup"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, Duration::from_secs(20)).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(view["output"], json!({"score": 0.95}));
+    for node in ["slow", "after_slow"] {
+        assert_eq!(task(&view, node)["state"], "cancelled", "{node}: {view}");
+    }
+    // The running step was told and stopped: its attempt ends cancelled, not after a minute.
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while attempts(&pool, tasks["slow"]).await == 0 {
+        assert!(std::time::Instant::now() < deadline, "the running step never stopped\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A long step checkpoints; its worker is killed; the next attempt starts from the last
+/// checkpoint. Then a run is cancelled mid-way and resumed: what succeeded is kept.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkpoints_survive_a_worker_kill_and_runs_resume() {
+    let mut fleet = Fleet::new("wf_checkpoint");
+    fleet.set("TASKFLEET_NATS_ACK_WAIT", "2s");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+
+    let (run, tasks) =
+        fleet.submit_run(&client, json!({"nodes": [{"name": "long", "kind": "steps", "payload": {"steps": 8, "ms": 250}}]})).await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let cp: Option<Value> = sqlx::query_scalar("SELECT checkpoint FROM tasks WHERE id = $1")
+            .bind(tasks["long"])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
+        if cp.as_ref().and_then(|c| c["done"].as_u64()).is_some_and(|d| d >= 3) {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no checkpoint\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    fleet.workers[0].kill();
+    fleet.start_worker(&[]);
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    let out = &view["output"]["long"];
+    assert_eq!(out["done"], 8, "{view}");
+    assert!(out["resumed_from"].as_u64().is_some_and(|r| r >= 3), "started over instead of resuming: {out}");
+
+    let (run, tasks) = fleet
+        .submit_run(
+            &client,
+            json!({"nodes": [
+                {"name": "fetch", "kind": "echo", "payload": {"doc": 1}},
+                {"name": "summarize", "kind": "sleep", "payload": {"ms": 1500}, "depends_on": ["fetch"]},
+                {"name": "publish", "kind": "collect", "depends_on": ["summarize", "fetch"]}
+            ]}),
+        )
+        .await;
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let state: String =
+            sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1").bind(tasks["summarize"]).fetch_one(&pool).await.unwrap();
+        if state == "running" {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "summarize never ran\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let cancelled = fleet.api(&client, "run.cancel", &json!({ "id": run })).await;
+    assert_eq!((cancelled["previous"].clone(), cancelled["state"].clone()), (json!("running"), json!("cancelled")));
+    let not_again = fleet.api(&client, "run.cancel", &json!({ "id": run })).await;
+    assert_eq!(not_again["tasks"], 0);
+    let resumed = fleet.api(&client, "run.resume", &json!({ "id": run })).await;
+    assert_eq!(resumed["tasks"], 2, "summarize and publish run again: {resumed}");
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "succeeded", "{view}");
+    assert_eq!(attempts(&pool, tasks["fetch"]).await, 1, "a succeeded step is kept, not re-run");
+    assert_eq!(view["output"]["publish"]["results"][1], json!({"doc": 1}));
+    let again = fleet.api(&client, "run.resume", &json!({ "id": run })).await;
+    assert!(again["error"]["message"].as_str().is_some_and(|m| m.contains("succeeded")), "{again}");
+}
+
+/// A run past its timeout fails with `run_timeout` and its unfinished tasks are cancelled.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_run_past_its_timeout_fails() {
+    let mut fleet = Fleet::new("wf_timeout");
+    fleet.set("TASKFLEET_COORDINATOR_RESCUE_INTERVAL", "200ms");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+
+    let (run, _) = fleet
+        .submit_run(
+            &client,
+            json!({"timeout_ms": 1000, "nodes": [
+                {"name": "slow", "kind": "sleep", "payload": {"ms": 60000}},
+                {"name": "next", "kind": "echo", "depends_on": ["slow"]}
+            ]}),
+        )
+        .await;
+    let view = fleet.wait_run(&client, run, Duration::from_secs(20)).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    assert_eq!(view["error"]["code"], "run_timeout", "{view}");
+    assert!(view["tasks"].as_array().is_some_and(|t| t.iter().all(|t| t["state"] == "cancelled")), "{view}");
+}
