@@ -167,7 +167,10 @@ impl Fleet {
     pub async fn api(&self, client: &async_nats::Client, verb: &str, body: &serde_json::Value) -> serde_json::Value {
         let subject = self.subjects().api(verb);
         let asking = client.request(subject, serde_json::to_vec(body).expect("encode request").into());
-        let msg = tokio::time::timeout(Duration::from_secs(30), asking).await.expect("API answer in time").expect("API request");
+        let msg = tokio::time::timeout(Duration::from_secs(30), asking)
+            .await
+            .expect("API answer in time")
+            .expect("API request");
         serde_json::from_slice(&msg.payload).expect("JSON reply")
     }
 

@@ -12,7 +12,11 @@ const RUN_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// Attempts recorded for a task.
 async fn attempts(pool: &sqlx::PgPool, task: Uuid) -> i64 {
-    sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1").bind(task).fetch_one(pool).await.unwrap()
+    sqlx::query_scalar("SELECT count(*) FROM task_attempts WHERE task_id = $1")
+        .bind(task)
+        .fetch_one(pool)
+        .await
+        .unwrap()
 }
 
 /// The view of one task of a run by node name (the first task with that node).
@@ -61,8 +65,11 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "failed", "{view}");
     assert_eq!(task(&view, "tolerant")["state"], "succeeded", "{view}");
-    let tolerant: Value =
-        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["tolerant"]).fetch_one(&pool).await.unwrap();
+    let tolerant: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
+        .bind(tasks["tolerant"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
     assert_eq!(tolerant, json!({"results": [null], "failed": 1}));
     for node in ["strict", "after_strict"] {
         assert_eq!(task(&view, node)["state"], "cancelled", "{node}: {view}");
@@ -71,9 +78,8 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
     }
     assert_eq!(view["error"]["code"], "step_failed", "{view}");
 
-    let refused = fleet
-        .api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["a"]}]}))
-        .await;
+    let refused =
+        fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["a"]}]})).await;
     assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("itself")), "{refused}");
     let refused = fleet
         .api(
@@ -83,7 +89,8 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
         )
         .await;
     assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("cycle")), "{refused}");
-    let refused = fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["x"]}]})).await;
+    let refused =
+        fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["x"]}]})).await;
     assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("unknown node")), "{refused}");
 }
 
@@ -128,13 +135,21 @@ async fn a_spawn_joins_all_its_children_once() {
         .unwrap();
     assert_eq!(joins.len(), 1);
     assert_eq!(attempts(&pool, joins[0].0).await, 1, "the join ran once");
-    let write: Value =
-        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["write"]).fetch_one(&pool).await.unwrap();
-    assert_eq!(write["results"][0]["results"].as_array().map(Vec::len), Some(300), "the dependent sees the joined result");
+    let write: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
+        .bind(tasks["write"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        write["results"][0]["results"].as_array().map(Vec::len),
+        Some(300),
+        "the dependent sees the joined result"
+    );
     assert_eq!(view["totals"]["tasks"], 303, "{}", view["totals"]);
 
-    let (run, tasks) =
-        fleet.submit_run(&client, json!({"nodes": [{"name": "big", "kind": "spawn", "payload": {"count": 301}}]})).await;
+    let (run, tasks) = fleet
+        .submit_run(&client, json!({"nodes": [{"name": "big", "kind": "spawn", "payload": {"count": 301}}]}))
+        .await;
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "failed", "{view}");
     assert_eq!(task(&view, "big")["error"]["code"], "spawn_refused", "{view}");
@@ -171,19 +186,27 @@ async fn loops_repeat_until_their_predicate_holds() {
         .await;
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "succeeded", "{view}");
-    let iterations: Vec<(i32, String, Value)> =
-        sqlx::query_as("SELECT iteration, state, result FROM tasks WHERE run_id = $1 AND node = 'improve' ORDER BY iteration")
-            .bind(run)
-            .fetch_all(&pool)
-            .await
-            .unwrap();
+    let iterations: Vec<(i32, String, Value)> = sqlx::query_as(
+        "SELECT iteration, state, result FROM tasks WHERE run_id = $1 AND node = 'improve' ORDER BY iteration",
+    )
+    .bind(run)
+    .fetch_all(&pool)
+    .await
+    .unwrap();
     assert_eq!(iterations.iter().map(|i| i.0).collect::<Vec<_>>(), [1, 2, 3], "{iterations:?}");
     assert!(iterations.iter().all(|i| i.1 == "succeeded"), "{iterations:?}");
     assert_eq!(iterations[0].2["n"], 3, "the loop's first task ends with the last iteration's result");
     assert_eq!(iterations[2].2["parents"], 1, "every iteration sees the loop's parents");
-    let publish: Value =
-        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(tasks["publish"]).fetch_one(&pool).await.unwrap();
-    assert_eq!((publish["results"][0]["n"].clone(), publish["results"][1]["n"].clone()), (json!(3), json!(2)), "{publish}");
+    let publish: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
+        .bind(tasks["publish"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+    assert_eq!(
+        (publish["results"][0]["n"].clone(), publish["results"][1]["n"].clone()),
+        (json!(3), json!(2)),
+        "{publish}"
+    );
 }
 
 /// A step that stops its run ends it at once with its output: every unfinished task is
@@ -232,8 +255,9 @@ async fn checkpoints_survive_a_worker_kill_and_runs_resume() {
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
 
-    let (run, tasks) =
-        fleet.submit_run(&client, json!({"nodes": [{"name": "long", "kind": "steps", "payload": {"steps": 8, "ms": 250}}]})).await;
+    let (run, tasks) = fleet
+        .submit_run(&client, json!({"nodes": [{"name": "long", "kind": "steps", "payload": {"steps": 8, "ms": 250}}]}))
+        .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
         let cp: Option<Value> = sqlx::query_scalar("SELECT checkpoint FROM tasks WHERE id = $1")
@@ -267,8 +291,11 @@ async fn checkpoints_survive_a_worker_kill_and_runs_resume() {
         .await;
     let deadline = std::time::Instant::now() + Duration::from_secs(20);
     loop {
-        let state: String =
-            sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1").bind(tasks["summarize"]).fetch_one(&pool).await.unwrap();
+        let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
+            .bind(tasks["summarize"])
+            .fetch_one(&pool)
+            .await
+            .unwrap();
         if state == "running" {
             break;
         }

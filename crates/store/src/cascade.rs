@@ -169,7 +169,10 @@ async fn count_down_runs(tx: &mut sqlx::PgConnection, runs: &HashMap<Uuid, i32>)
 /// no dependent took that with `continue`, else `succeeded`, with each final node's result
 /// by name as output. (A join's or loop iteration's failure counts through the task it
 /// completes.)
-pub(crate) async fn finish_runs(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec<(Uuid, RunState)>, StoreError> {
+pub(crate) async fn finish_runs(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<Vec<(Uuid, RunState)>, StoreError> {
     if ids.is_empty() {
         return Ok(Vec::new());
     }

@@ -16,10 +16,10 @@ mod submit;
 pub use error::{StoreError, StoreErrorKind};
 pub use events::{Finalized, RecordOutcome};
 pub use maintenance::{CancelOutcome, Claimed, LeaderLock};
-pub use rows::Redispatch;
-pub use runs::{RunEnded, RunInserted, RunResumed, WorkflowLimits};
 pub use queries::TaskRecord;
 pub use rollups::Rollup;
+pub use rows::Redispatch;
+pub use runs::{RunEnded, RunInserted, RunResumed, WorkflowLimits};
 pub use submit::{Duplicate, InsertOutcome, Rejected};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

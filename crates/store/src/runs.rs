@@ -6,8 +6,8 @@ use crate::rows::{ParentRow, Redispatch, RedispatchRow, attach_parents, redispat
 use crate::{Finalized, Store, StoreError, column};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use taskfleet_proto::{
-    LoopSpec, ParentOutcome, PlannedTask, RunGetRequest, RunState, RunSpec, RunTaskView, RunTotals, RunView,
-    Spawn, TaskErrorInfo, TaskState, plan_nodes,
+    LoopSpec, ParentOutcome, PlannedTask, RunGetRequest, RunSpec, RunState, RunTaskView, RunTotals, RunView, Spawn,
+    TaskErrorInfo, TaskState, plan_nodes,
 };
 use uuid::Uuid;
 
@@ -185,7 +185,12 @@ async fn insert_edges(tx: &mut sqlx::PgConnection, planned: &[PlannedTask]) -> R
     let edges: Vec<(Uuid, Uuid, i32, &str)> = planned
         .iter()
         .flat_map(|p| {
-            p.envelope.depends_on.iter().zip(&p.on_failure).enumerate().map(|(i, (d, f))| (p.envelope.id, *d, i as i32, f.as_str()))
+            p.envelope
+                .depends_on
+                .iter()
+                .zip(&p.on_failure)
+                .enumerate()
+                .map(|(i, (d, f))| (p.envelope.id, *d, i as i32, f.as_str()))
         })
         .collect();
     if edges.is_empty() {
@@ -317,13 +322,11 @@ pub(crate) async fn refuse_spawn(
     why: &str,
 ) -> Result<Finalized, StoreError> {
     let error = TaskErrorInfo { code: "spawn_refused".into(), message: why.to_string(), retryable: false };
-    sqlx::query(
-        "UPDATE tasks SET state = 'failed', error = $2, finished_at = now(), updated_at = now() WHERE id = $1",
-    )
-    .bind(parent.id)
-    .bind(serde_json::to_value(error).unwrap_or_default())
-    .execute(tx)
-    .await?;
+    sqlx::query("UPDATE tasks SET state = 'failed', error = $2, finished_at = now(), updated_at = now() WHERE id = $1")
+        .bind(parent.id)
+        .bind(serde_json::to_value(error).unwrap_or_default())
+        .execute(tx)
+        .await?;
     Ok(Finalized { id: parent.id, queue: parent.queue.clone(), state: TaskState::Failed, run_id: parent.run_id })
 }
 
@@ -573,7 +576,8 @@ impl Store {
     pub async fn cancel_run(&self, run: Uuid) -> Result<Option<(RunState, RunEnded)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let Some(previous) = self.lock_run(&mut tx, run).await? else { return Ok(None) };
-        let error = TaskErrorInfo { code: "cancelled".into(), message: "cancelled by request".into(), retryable: false };
+        let error =
+            TaskErrorInfo { code: "cancelled".into(), message: "cancelled by request".into(), retryable: false };
         let ended = end_run(&mut tx, run, RunState::Cancelled, None, Some(error)).await?.unwrap_or_default();
         tx.commit().await?;
         Ok(Some((previous, ended)))
@@ -605,10 +609,8 @@ impl Store {
 
     /// The run's state, its row locked; `None` if there is no such run.
     async fn lock_run(&self, tx: &mut sqlx::PgConnection, run: Uuid) -> Result<Option<RunState>, StoreError> {
-        let state: Option<String> = sqlx::query_scalar("SELECT state FROM runs WHERE id = $1 FOR UPDATE")
-            .bind(run)
-            .fetch_optional(tx)
-            .await?;
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM runs WHERE id = $1 FOR UPDATE").bind(run).fetch_optional(tx).await?;
         Ok(state.and_then(|s| RunState::parse(&s)))
     }
 

@@ -1,7 +1,10 @@
 //! The store against a real Postgres, each test in its own schema.
 
 use taskfleet_config::DatabaseConfig;
-use taskfleet_proto::{EventKind, Priority, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings};
+use taskfleet_proto::{
+    EventKind, NodeSpec, Priority, RunSpec, RunState, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings,
+    plan_nodes,
+};
 use taskfleet_store::{Store, StoreError};
 use taskfleet_test_support::{database_url, unique_name};
 
@@ -162,8 +165,17 @@ async fn dependencies_release_and_cancel() {
     assert!(r1.released.is_empty(), "c still waits for b");
     let r2 = s.store.record_events(&[event(&b, EventKind::Succeeded, 1)]).await.unwrap();
     assert_eq!(r2.released.len(), 1);
-    assert_eq!(r2.released[0].id, c.id);
-    assert_eq!(r2.released[0].payload, serde_json::json!("c"));
+    assert_eq!(r2.released[0].envelope.id, c.id);
+    assert_eq!(r2.released[0].envelope.payload, serde_json::json!("c"));
+    let parents: Vec<_> = r2.released[0].envelope.parents.iter().map(|p| (p.id, p.state, p.result.clone())).collect();
+    assert_eq!(
+        parents,
+        [
+            (a.id, TaskState::Succeeded, Some(serde_json::json!({"ok": 1}))),
+            (b.id, TaskState::Succeeded, Some(serde_json::json!({"ok": 1})))
+        ],
+        "a released dependent carries its parents' outcomes in depends_on order"
+    );
 
     // c fails: d is cancelled, and a later dependent of c is written cancelled at once.
     let r3 = s.store.record_events(&[event(&c, EventKind::Failed, 1)]).await.unwrap();
@@ -221,15 +233,15 @@ async fn retries_wait_in_postgres_until_due() {
     s.store.record_events(&[retry]).await.unwrap();
     assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "not due yet");
     let ask = |generation| [RunnableQuery { id: t.id, generation }];
-    assert_eq!(s.store.runnable(&ask(1)).await.unwrap(), vec![Runnable::Stale], "its attempt asked for a retry");
+    assert_eq!(s.store.runnable(&ask(1)).await.unwrap().0, vec![Runnable::Stale], "its attempt asked for a retry");
     tokio::time::sleep(std::time::Duration::from_millis(400)).await;
     let claimed = s.store.claim_due(10).await.unwrap();
     assert_eq!(claimed.tasks.len(), 1);
     assert_eq!((claimed.tasks[0].attempt_offset, claimed.tasks[0].generation), (1, 2));
     claimed.commit().await.unwrap();
     assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "claimed once");
-    assert_eq!(s.store.runnable(&ask(1)).await.unwrap(), vec![Runnable::Stale]);
-    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
+    assert_eq!(s.store.runnable(&ask(1)).await.unwrap().0, vec![Runnable::Stale]);
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap().0, vec![Runnable::Run]);
     // A duplicate of the first generation's retry, arriving late, changes nothing: the second
     // generation stays the live one and no third dispatch is scheduled.
     let mut late = event(&t, EventKind::Retrying, 1);
@@ -239,9 +251,9 @@ async fn retries_wait_in_postgres_until_due() {
     s.store.record_events(&[started]).await.unwrap();
     assert_eq!(s.store.record_events(&[late]).await.unwrap().ignored, 1);
     assert!(s.store.claim_due(10).await.unwrap().tasks.is_empty(), "no dispatch from a stale retry");
-    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Run]);
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap().0, vec![Runnable::Run]);
     s.store.record_events(&[event(&t, EventKind::Succeeded, 2)]).await.unwrap();
-    assert_eq!(s.store.runnable(&ask(2)).await.unwrap(), vec![Runnable::Final]);
+    assert_eq!(s.store.runnable(&ask(2)).await.unwrap().0, vec![Runnable::Final]);
 }
 
 /// Rows Postgres refuses are found by splitting the batch and rejected as `unstorable` with the
@@ -299,4 +311,51 @@ async fn errors_tell_unavailable_from_refused_data() {
         DatabaseConfig { url: "postgres://postgres@127.0.0.1:1/test".into(), schema: "x".into(), max_connections: 1 };
     let e = Store::connect(&down).await.unwrap_err();
     assert!(e.is_unavailable() && !e.is_data_error(), "{e}");
+}
+
+/// The chord bug never happens: when a join's children end in many concurrent transactions
+/// (as with several coordinators), exactly one of them releases the join, every time.
+#[tokio::test]
+async fn a_join_is_released_exactly_once_under_concurrent_commits() {
+    let s = Schema::new("store_join_once").await;
+    for round in 0..10 {
+        let children: Vec<NodeSpec> =
+            (0..40).map(|i| NodeSpec::new(format!("c{i}"), "echo", serde_json::json!(i))).collect();
+        let names: Vec<String> = children.iter().map(|c| c.name.clone()).collect();
+        let mut nodes = children;
+        nodes.push(
+            NodeSpec::new("join", "collect", serde_json::Value::Null)
+                .after(&names.iter().map(String::as_str).collect::<Vec<_>>()),
+        );
+        let spec = RunSpec::new(nodes);
+        let planned = plan_nodes(&spec.nodes, "default", Priority::Normal, 1 << 20).unwrap();
+        let inserted = s.store.insert_run(&spec, &planned, None).await.unwrap();
+        assert_eq!(inserted.ready.len(), 40);
+        let recorders = inserted.ready.iter().map(|t| {
+            let store = s.store.clone();
+            let ev = event(&t.envelope, EventKind::Succeeded, 1);
+            tokio::spawn(async move { store.record_events(&[ev]).await })
+        });
+        let mut released = 0;
+        let mut ended = 0;
+        for r in futures::future::join_all(recorders).await {
+            let outcome = r.unwrap().unwrap();
+            released += outcome.released.iter().filter(|t| t.envelope.node.as_deref() == Some("join")).count();
+            assert!(outcome.released.iter().all(|t| t.envelope.parents.len() == 40), "round {round}");
+            ended += outcome.runs_ended.len();
+        }
+        assert_eq!(released, 1, "round {round}: the join was released {released} times");
+        assert_eq!(ended, 0, "the run waits for its join");
+        let join = inserted.tasks["join"];
+        let out = s
+            .store
+            .record_events(&[event(
+                &TaskEnvelope { id: join, ..TaskEnvelope::new("collect", serde_json::Value::Null) },
+                EventKind::Succeeded,
+                1,
+            )])
+            .await
+            .unwrap();
+        assert_eq!(out.runs_ended, vec![(spec.id, RunState::Succeeded)], "round {round}");
+    }
 }
