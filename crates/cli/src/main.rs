@@ -4,6 +4,7 @@
 
 mod bench;
 mod client;
+mod run;
 mod submit;
 mod top;
 
@@ -97,6 +98,27 @@ enum Command {
     },
     /// Live fleet figures from the aggregator, refreshed every second until Ctrl-C.
     Top(top::TopArgs),
+    /// Runs: DAGs of named tasks submitted as one unit.
+    Run {
+        #[command(subcommand)]
+        command: RunCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum RunCommand {
+    /// Submit a run from a JSON or YAML file (`-`: standard input); prints the run id, then
+    /// each node's task id.
+    Submit(run::SubmitArgs),
+    /// Draw a run: its state and totals, then its tasks, parents first.
+    Show(run::ShowArgs),
+    /// Block until a run is over, then print its output. Exit code 0 if it succeeded, 1 if it
+    /// failed or was cancelled, 2 on timeout.
+    Wait(run::WaitArgs),
+    /// Cancel a run and its unfinished tasks.
+    Cancel(run::IdArgs),
+    /// Run a failed or cancelled run again from what succeeded.
+    Resume(run::IdArgs),
 }
 
 #[derive(Subcommand)]
@@ -259,5 +281,12 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             Ok(0)
         }
         Command::Top(args) => top::run(args).await,
+        Command::Run { command } => match command {
+            RunCommand::Submit(args) => run::submit(&fleet, args).await,
+            RunCommand::Show(args) => run::show(&fleet, args).await,
+            RunCommand::Wait(args) => run::wait(&fleet, args).await,
+            RunCommand::Cancel(args) => run::cancel(&fleet, args).await,
+            RunCommand::Resume(args) => run::resume(&fleet, args).await,
+        },
     }
 }

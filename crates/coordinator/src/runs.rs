@@ -5,8 +5,8 @@
 use crate::Ctx;
 use crate::api::{Answer, bad_request, reply, unavailable};
 use taskfleet_proto::{
-    ApiError, ApiErrorKind, CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange,
-    RunGetRequest, RunSpec, RunState, RunSubmitted, plan_nodes,
+    ApiError, ApiErrorKind, CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest,
+    RunSpec, RunState, RunSubmitted, plan_nodes,
 };
 use taskfleet_store::WorkflowLimits;
 use uuid::Uuid;

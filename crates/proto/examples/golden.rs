@@ -65,6 +65,48 @@ fn main() -> std::io::Result<()> {
     retry.retry_in_ms = Some(2_000);
     write("event_batch", &EventBatch::new(vec![ok, retry]))?;
 
+    // A join's dispatch: its parents' outcomes, a failure among them (a `continue` edge).
+    let mut join = TaskEnvelope::new("collect", serde_json::Value::Null);
+    join.id = id;
+    join.created_at = 1_763_900_000_000;
+    join.max_attempts = DEFAULT_MAX_ATTEMPTS;
+    join.run_id = Some(dep);
+    join.node = Some("join".into());
+    join.parents = vec![
+        ParentOutcome {
+            id: dep,
+            node: Some("0".into()),
+            state: TaskState::Succeeded,
+            result: Some(serde_json::json!({"url": "https://example.org/a"})),
+            error: None,
+        },
+        ParentOutcome {
+            id: Uuid::parse_str("01936d6e-8f2a-7c3b-9e4d-000000000002").expect("valid uuid"),
+            node: Some("1".into()),
+            state: TaskState::Dead,
+            result: None,
+            error: Some(TaskErrorInfo { code: "http_503".into(), message: "unavailable".into(), retryable: true }),
+        },
+    ];
+    join.checkpoint = Some(serde_json::json!({"done": 1}));
+    write("dispatch_join", &join)?;
+
+    // An attempt that spawned two searches and their join.
+    let mut spawned = TaskEvent::new(id, EventKind::Spawned, "research");
+    spawned.task_kind = "plan".into();
+    spawned.attempt = 1;
+    spawned.at = 1_763_900_000_500;
+    spawned.result = Some(serde_json::json!({"queries": 2}));
+    spawned.spawn = Some(Box::new(Spawn {
+        children: vec![
+            NodeSpec::new("", "http", serde_json::json!({"q": "rust"})),
+            NodeSpec::new("", "http", serde_json::json!({"q": "nats"})),
+        ],
+        join: NodeSpec::new("", "collect", serde_json::Value::Null),
+        on_child_failure: OnFailure::Continue,
+    }));
+    write("event_spawned", &EventBatch::new(vec![spawned]))?;
+
     write("committed_batch", &CommittedBatch { tasks: vec![CommittedTask { id, state: TaskState::Succeeded }] })?;
     write(
         "submit_reply_rejected",

@@ -42,15 +42,15 @@ pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
 pub use priority::Priority;
 pub use run_api::{
-    CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest, RunIdRequest, RunState, RunSubmitted,
-    RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CHECKPOINT,
-    VERB_TASK_PARENTS,
+    CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest, RunIdRequest, RunState,
+    RunSubmitted, RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_RESUME, VERB_RUN_SUBMIT,
+    VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
 };
 pub use stats::{Figures, HistoryPoint, Latency, SeriesFigures, Snapshot, Tokens, WorkerFigures};
 pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};
 pub use workflow::{
-    Dependency, LoopSpec, MAX_LOOP_ITERATIONS, NodeSpec, OnFailure, ParentOutcome, PlannedTask, Predicate, RunSpec, Spawn,
-    plan_nodes,
+    Dependency, LoopSpec, MAX_LOOP_ITERATIONS, NodeSpec, OnFailure, ParentOutcome, PlannedTask, Predicate, RunSpec,
+    Spawn, plan_nodes,
 };
 
 /// Version of the wire format written by this crate; decoders accept versions up to this one.

@@ -278,8 +278,9 @@ impl Predicate {
         if field.is_empty() || field.split('.').any(|p| p.is_empty() || p.contains(char::is_whitespace)) {
             return Err(format!("{s:?}: the left side must be a dotted field path"));
         }
-        let value: Value = serde_json::from_str(literal)
-            .map_err(|_| format!("{s:?}: the right side must be a JSON value (a number, \"text\", true, false, null)"))?;
+        let value: Value = serde_json::from_str(literal).map_err(|_| {
+            format!("{s:?}: the right side must be a JSON value (a number, \"text\", true, false, null)")
+        })?;
         if matches!(op, Op::Ge | Op::Gt | Op::Le | Op::Lt) && !value.is_number() {
             return Err(format!("{s:?}: {text} compares numbers"));
         }
@@ -378,7 +379,10 @@ pub fn plan_nodes(
         let mut on_failure = Vec::with_capacity(n.depends_on.len());
         for d in &n.depends_on {
             let Some(&p) = index.get(d.node()) else {
-                return Err(invalid("nodes.depends_on", format!("node {:?} depends on unknown node {:?}", n.name, d.node())));
+                return Err(invalid(
+                    "nodes.depends_on",
+                    format!("node {:?} depends on unknown node {:?}", n.name, d.node()),
+                ));
             };
             if env.depends_on.contains(&ids[p]) {
                 return Err(invalid("nodes.depends_on", format!("node {:?} names {:?} twice", n.name, d.node())));
@@ -426,7 +430,10 @@ fn topological_order(
     }
     if out.len() < nodes.len() {
         let stuck = (0..nodes.len()).find(|&i| waiting[i] > 0).map(|i| nodes[i].name.clone()).unwrap_or_default();
-        return Err(DecodeError::Invalid { field: "nodes.depends_on", reason: format!("node {stuck:?} is on a cycle") });
+        return Err(DecodeError::Invalid {
+            field: "nodes.depends_on",
+            reason: format!("node {stuck:?} is on a cycle"),
+        });
     }
     Ok(out)
 }
@@ -446,7 +453,10 @@ impl Spawn {
             join.name = "join".into();
         }
         if nodes.iter().any(|c| c.name == join.name) {
-            return Err(DecodeError::Invalid { field: "spawn.join", reason: format!("a child is named {:?}", join.name) });
+            return Err(DecodeError::Invalid {
+                field: "spawn.join",
+                reason: format!("a child is named {:?}", join.name),
+            });
         }
         for c in &nodes {
             if !join.depends_on.iter().any(|d| d.node() == c.name) {
@@ -503,7 +513,8 @@ mod tests {
 
     #[test]
     fn bad_graphs_are_refused_with_the_node_named() {
-        let cycle = vec![NodeSpec::new("a", "k", json!(1)).after(&["b"]), NodeSpec::new("b", "k", json!(1)).after(&["a"])];
+        let cycle =
+            vec![NodeSpec::new("a", "k", json!(1)).after(&["b"]), NodeSpec::new("b", "k", json!(1)).after(&["a"])];
         let err = plan_nodes(&cycle, "default", Priority::Normal, 1 << 20).unwrap_err().to_string();
         assert!(err.contains("cycle"), "{err}");
         let unknown = vec![NodeSpec::new("a", "k", json!(1)).after(&["nope"])];

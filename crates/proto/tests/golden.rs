@@ -30,6 +30,9 @@ fn envelopes() {
     full.validate(1 << 20).unwrap();
     let minimal: TaskEnvelope = check("envelope_minimal");
     assert_eq!(minimal.queue, "default");
+    let join: TaskEnvelope = check("dispatch_join");
+    assert_eq!(join.parents.len(), 2);
+    assert_eq!(join.parents[1].error.as_ref().map(|e| e.code.as_str()), Some("http_503"));
 }
 
 #[test]
@@ -39,6 +42,9 @@ fn events_and_replies() {
     assert_eq!(batch.events[1].error.as_ref().map(|e| e.retryable), Some(true));
     let committed: CommittedBatch = check("committed_batch");
     assert_eq!(committed.tasks[0].state, TaskState::Succeeded);
+    let spawned: EventBatch = check("event_spawned");
+    assert_eq!(spawned.events[0].kind, EventKind::Spawned);
+    assert_eq!(spawned.events[0].spawn.as_ref().map(|s| s.children.len()), Some(2));
     let reply: SubmitReply = check("submit_reply_rejected");
     assert_eq!(reply.reason, Some(RejectReason::UnknownKind));
 }

@@ -159,7 +159,11 @@ mod tests {
         let outcome = |result: Option<Value>| taskfleet_proto::ParentOutcome {
             id: uuid::Uuid::now_v7(),
             node: None,
-            state: if result.is_some() { taskfleet_proto::TaskState::Succeeded } else { taskfleet_proto::TaskState::Failed },
+            state: if result.is_some() {
+                taskfleet_proto::TaskState::Succeeded
+            } else {
+                taskfleet_proto::TaskState::Failed
+            },
             result,
             error: None,
         };
@@ -172,7 +176,10 @@ mod tests {
         assert_eq!(stop(ctx.clone(), json!({"best": 1})).await.unwrap(), json!({"best": 1}));
         assert!(ctx.effects.lock().unwrap().stop_run);
         // Outside a worker a checkpoint cannot be stored.
-        assert_eq!(steps(TaskContext::for_test("steps"), json!({"steps": 1})).await.unwrap_err().code, "checkpoint_failed");
+        assert_eq!(
+            steps(TaskContext::for_test("steps"), json!({"steps": 1})).await.unwrap_err().code,
+            "checkpoint_failed"
+        );
     }
 
     #[test]

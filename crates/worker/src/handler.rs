@@ -199,8 +199,9 @@ impl TaskContext {
         let Some(to) = &self.submitter else {
             return Err(TaskError::fatal("no coordinator (not running in a worker)").with_code("checkpoint_failed"));
         };
-        let value = serde_json::to_value(value)
-            .map_err(|e| TaskError::fatal(format!("checkpoint not serializable: {e}")).with_code("checkpoint_failed"))?;
+        let value = serde_json::to_value(value).map_err(|e| {
+            TaskError::fatal(format!("checkpoint not serializable: {e}")).with_code("checkpoint_failed")
+        })?;
         to.coordinator.checkpoint(self.task_id, value).await.map(|_| ())
     }
 
@@ -211,7 +212,8 @@ impl TaskContext {
     pub fn spawn(&self, spawn: Spawn) -> Result<(), TaskError> {
         let invalid = |m: String| TaskError::fatal(m).with_code("invalid_spawn");
         let nodes = spawn.nodes().map_err(|e| invalid(e.to_string()))?;
-        taskfleet_proto::plan_nodes(&nodes, &self.queue, self.priority, usize::MAX).map_err(|e| invalid(e.to_string()))?;
+        taskfleet_proto::plan_nodes(&nodes, &self.queue, self.priority, usize::MAX)
+            .map_err(|e| invalid(e.to_string()))?;
         let mut effects = self.effects.lock().map_err(|_| invalid("effects poisoned".into()))?;
         if effects.spawn.is_some() {
             return Err(invalid("an attempt spawns once".into()));

@@ -76,7 +76,12 @@ impl Report {
 
 /// Decides what becomes of an attempt that ran its handler. A spawn or an early stop takes
 /// effect only with a success.
-pub(crate) fn settle(outcome: Result<Value, TaskError>, effects: Effects, facts: Facts, retry: &RetryPolicy) -> Settlement {
+pub(crate) fn settle(
+    outcome: Result<Value, TaskError>,
+    effects: Effects,
+    facts: Facts,
+    retry: &RetryPolicy,
+) -> Settlement {
     if facts.cancelled {
         return Settlement::Report(Report::of(EventKind::Cancelled));
     }
@@ -84,7 +89,12 @@ pub(crate) fn settle(outcome: Result<Value, TaskError>, effects: Effects, facts:
         Ok(result) => {
             let kind = if effects.spawn.is_some() { EventKind::Spawned } else { EventKind::Succeeded };
             let stop_run = effects.stop_run && effects.spawn.is_none();
-            return Settlement::Report(Report { result: Some(result), spawn: effects.spawn, stop_run, ..Report::of(kind) });
+            return Settlement::Report(Report {
+                result: Some(result),
+                spawn: effects.spawn,
+                stop_run,
+                ..Report::of(kind)
+            });
         }
         Err(err) => err,
     };

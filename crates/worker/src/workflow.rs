@@ -65,10 +65,9 @@ impl Coordinator {
     /// Stores a checkpoint of `task`; returns once Postgres has it.
     pub async fn checkpoint(&self, task: TaskId, checkpoint: serde_json::Value) -> Result<bool, TaskError> {
         let request = CheckpointRequest { id: task, checkpoint };
-        let reply: CheckpointReply = self
-            .ask(VERB_TASK_CHECKPOINT, &request)
-            .await
-            .map_err(|e| TaskError::retryable(format!("cannot save the checkpoint: {e}")).with_code("checkpoint_failed"))?;
+        let reply: CheckpointReply = self.ask(VERB_TASK_CHECKPOINT, &request).await.map_err(|e| {
+            TaskError::retryable(format!("cannot save the checkpoint: {e}")).with_code("checkpoint_failed")
+        })?;
         Ok(reply.saved)
     }
 }
