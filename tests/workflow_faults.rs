@@ -107,6 +107,12 @@ async fn runs_complete_with_one_join_each_while_coordinator_and_workers_are_kill
             .fetch_one(&pool)
             .await
             .unwrap();
+    let edit_attempts: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM task_attempts a JOIN tasks t ON t.id = a.task_id WHERE t.node = 'edit'",
+    )
+    .fetch_one(&pool)
+    .await
+    .unwrap();
     let twice: i64 = sqlx::query_scalar(
         "SELECT count(*) FROM (SELECT task_id FROM task_attempts WHERE outcome = 'succeeded'
                                GROUP BY task_id HAVING count(*) > 1) x",
@@ -116,6 +122,6 @@ async fn runs_complete_with_one_join_each_while_coordinator_and_workers_are_kill
     .unwrap();
     eprintln!(
         "{runs} runs, {rounds} rounds of coordinator + worker SIGKILL: all succeeded; {resumed} long steps resumed from \
-         a checkpoint; {twice} tasks ran to success twice (at-least-once, work in flight at a kill)"
+         a checkpoint ({edit_attempts} recorded attempts of the {runs} long steps); {twice} tasks ran to success twice (at-least-once, work in flight at a kill)"
     );
 }

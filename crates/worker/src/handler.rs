@@ -193,8 +193,9 @@ impl TaskContext {
     }
 
     /// Saves a checkpoint durably: when this returns `Ok`, a later attempt of this task (after
-    /// a crash, a timeout or a retry) finds it in [`TaskContext::checkpoint`]. Fails with a
-    /// retryable `checkpoint_failed` error when the coordinator cannot store it.
+    /// a crash, a timeout or a retry) finds it in [`TaskContext::checkpoint`]. While the
+    /// coordinator cannot store it, it keeps trying for up to 30 s (and within the attempt's
+    /// timeout), then fails with a retryable `checkpoint_failed` error.
     pub async fn checkpoint(&self, value: impl Serialize) -> Result<(), TaskError> {
         let Some(to) = &self.submitter else {
             return Err(TaskError::fatal("no coordinator (not running in a worker)").with_code("checkpoint_failed"));
@@ -202,7 +203,8 @@ impl TaskContext {
         let value = serde_json::to_value(value).map_err(|e| {
             TaskError::fatal(format!("checkpoint not serializable: {e}")).with_code("checkpoint_failed")
         })?;
-        to.coordinator.checkpoint(self.task_id, value).await.map(|_| ())
+        let until = tokio::time::Instant::from_std(self.deadline.min(Instant::now() + Duration::from_secs(30)));
+        to.coordinator.checkpoint(self.task_id, value, until).await.map(|_| ())
     }
 
     /// Adds children and a join when this attempt succeeds: the task then waits, holding no

@@ -62,12 +62,30 @@ impl Coordinator {
         }
     }
 
-    /// Stores a checkpoint of `task`; returns once Postgres has it.
-    pub async fn checkpoint(&self, task: TaskId, checkpoint: serde_json::Value) -> Result<bool, TaskError> {
+    /// Stores a checkpoint of `task`; returns once Postgres has it. While the coordinator
+    /// cannot take it (restarting, Postgres down), it tries again with a growing pause until
+    /// `until`, so a brief outage does not cost the attempt.
+    pub async fn checkpoint(
+        &self,
+        task: TaskId,
+        checkpoint: serde_json::Value,
+        until: tokio::time::Instant,
+    ) -> Result<bool, TaskError> {
         let request = CheckpointRequest { id: task, checkpoint };
-        let reply: CheckpointReply = self.ask(VERB_TASK_CHECKPOINT, &request).await.map_err(|e| {
-            TaskError::retryable(format!("cannot save the checkpoint: {e}")).with_code("checkpoint_failed")
-        })?;
-        Ok(reply.saved)
+        let mut pause = Duration::from_millis(100);
+        loop {
+            match self.ask::<_, CheckpointReply>(VERB_TASK_CHECKPOINT, &request).await {
+                Ok(reply) => return Ok(reply.saved),
+                Err(e) if tokio::time::Instant::now() + pause >= until => {
+                    return Err(TaskError::retryable(format!("cannot save the checkpoint: {e}"))
+                        .with_code("checkpoint_failed"));
+                }
+                Err(e) => {
+                    tracing::debug!(task_id = %task, error = %e, "checkpoint not stored yet, trying again");
+                    tokio::time::sleep(pause).await;
+                    pause = (pause * 2).min(Duration::from_secs(2));
+                }
+            }
+        }
     }
 }
