@@ -7,6 +7,7 @@ mod client;
 mod run;
 mod submit;
 mod top;
+mod workflow_bench;
 
 use anyhow::Context;
 use clap::{Parser, Subcommand};
@@ -128,6 +129,9 @@ enum BenchCommand {
     /// Publishes synthetic `succeeded` events straight into the event stream (for measuring
     /// the aggregator's throughput); run it against a fleet without workers or coordinator.
     Events(bench::EventsArgs),
+    /// What dependencies cost: independent steps against a DAG, a 10,000-child fan-out with
+    /// one join, and the release latency of a dependent step.
+    Workflows(workflow_bench::WorkflowArgs),
 }
 
 #[derive(Subcommand)]
@@ -275,6 +279,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
         }
         Command::Bench { command: BenchCommand::Latency(args) } => bench::latency(&fleet, args).await,
         Command::Bench { command: BenchCommand::Events(args) } => bench::events(&fleet, args).await,
+        Command::Bench { command: BenchCommand::Workflows(args) } => workflow_bench::workflows(&fleet, args).await,
         Command::Counts { queue } => {
             let counts: BTreeMap<String, i64> = fleet.api(VERB_TASK_COUNTS, &CountsRequest { queue }).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);

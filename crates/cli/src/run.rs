@@ -571,6 +571,8 @@ mod tests {
             spawned_by: None,
             completes: None,
             duration_ms: state.is_final().then_some(1_200),
+            started_at: None,
+            finished_at: None,
             prompt_tokens: 0,
             completion_tokens: 0,
             cost_usd: 0.0,

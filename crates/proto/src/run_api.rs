@@ -149,6 +149,12 @@ pub struct RunTaskView {
     /// First start to final state, milliseconds.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_ms: Option<u64>,
+    /// When its handler first started, Unix epoch milliseconds (the worker's clock).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub started_at: Option<u64>,
+    /// When it became final, Unix epoch milliseconds (its last handler's end).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
     /// Prompt tokens of its attempts.
     #[serde(default)]
     pub prompt_tokens: u64,

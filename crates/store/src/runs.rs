@@ -464,6 +464,8 @@ struct RunTaskRow {
     spawned_by: Option<Uuid>,
     completes: Option<Uuid>,
     duration_ms: Option<i64>,
+    started_ms: Option<i64>,
+    finished_ms: Option<i64>,
     prompt_tokens: i64,
     completion_tokens: i64,
     cost_usd: f64,
@@ -487,6 +489,8 @@ impl From<RunTaskRow> for RunTaskView {
             spawned_by: r.spawned_by,
             completes: r.completes,
             duration_ms: r.duration_ms.map(|d| d.max(0) as u64),
+            started_at: r.started_ms.map(|d| d.max(0) as u64),
+            finished_at: r.finished_ms.map(|d| d.max(0) as u64),
             prompt_tokens: r.prompt_tokens.max(0) as u64,
             completion_tokens: r.completion_tokens.max(0) as u64,
             cost_usd: r.cost_usd,
@@ -515,6 +519,8 @@ impl Store {
         let tasks: Vec<RunTaskRow> = sqlx::query_as(
             "SELECT t.id, t.node, t.kind, t.state, t.attempt, t.iteration, t.spawned_by, t.completes, t.error,
                     (extract(epoch FROM (t.finished_at - t.started_at)) * 1000)::int8 AS duration_ms,
+                    (extract(epoch FROM t.started_at) * 1000)::int8 AS started_ms,
+                    (extract(epoch FROM t.finished_at) * 1000)::int8 AS finished_ms,
                     COALESCE(a.prompt, 0)::int8 AS prompt_tokens, COALESCE(a.completion, 0)::int8 AS completion_tokens,
                     COALESCE(a.cost, 0)::float8 AS cost_usd,
                     COALESCE((SELECT array_agg(d.depends_on ORDER BY d.position, d.depends_on)

@@ -77,8 +77,9 @@ impl Coordinator {
             match self.ask::<_, CheckpointReply>(VERB_TASK_CHECKPOINT, &request).await {
                 Ok(reply) => return Ok(reply.saved),
                 Err(e) if tokio::time::Instant::now() + pause >= until => {
-                    return Err(TaskError::retryable(format!("cannot save the checkpoint: {e}"))
-                        .with_code("checkpoint_failed"));
+                    return Err(
+                        TaskError::retryable(format!("cannot save the checkpoint: {e}")).with_code("checkpoint_failed")
+                    );
                 }
                 Err(e) => {
                     tracing::debug!(task_id = %task, error = %e, "checkpoint not stored yet, trying again");
