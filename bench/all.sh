@@ -6,11 +6,13 @@
 #   4. priority.sh   a critical task's wait behind 1,000,000 queued low ones
 #   5. policies.sh   Redis round trips and tasks/s of cache hits and misses; rate-limit accuracy
 #   6. aggregator.sh the aggregator's event throughput ceiling
+#   7. workflows.sh  release latency of a dependent step, a DAG against independent steps, a fan-out's join
 # QUICK=1 shrinks every workload (a smoke run of the suite, not figures to report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${QUICK:-0} == 1 ]]; then
     export TASKS=5000 BACKLOG=20000 PROBES=2 CALLS=1000 EVENTS=50000 COUNT=200
+    export WIDTH=100 DEPTH=5 ROUNDS=1 CHILDREN=1000 CHAINS=40
     scaling_tasks=5000
 else
     scaling_tasks=50000
@@ -31,3 +33,5 @@ section "5. shared state: cache hit path, round trips, rate-limit accuracy"
 bench/policies.sh
 section "6. aggregator"
 bench/aggregator.sh
+section "7. workflows"
+bench/workflows.sh

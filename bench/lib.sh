@@ -13,7 +13,7 @@ bench_cleanup() {
     for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
     sleep 0.5
     for p in "${pids[@]}"; do kill -KILL "$p" 2>/dev/null || true; done
-    psql -h 127.0.0.1 -U postgres -d test -qc "drop schema if exists $schema cascade" 2>/dev/null || true
+    [[ -n ${KEEP_SCHEMA:-} ]] || psql -h 127.0.0.1 -U postgres -d test -qc "drop schema if exists $schema cascade" 2>/dev/null || true
     rm -rf "$work"
 }
 

@@ -248,6 +248,19 @@ fn check_fanout(spans: &[Rec], parent_task: &str) -> Result<String, String> {
     Ok(tree(spans, &submit.trace))
 }
 
+/// Checks that a run is one trace: a `run` span from the coordinator, and every `task.run` of
+/// every task of the run (released, spawned or first) in its trace.
+fn check_run(spans: &[Rec], run_id: &str, tasks: &[String]) -> Result<String, String> {
+    let run = one(&spans.iter().collect::<Vec<_>>(), "the run span", |s| s.name == "run" && s.attr("run_id") == run_id)?;
+    ensure(run.service == "taskfleet-coordinator", || format!("run span from {:?}", run.service))?;
+    for task in tasks {
+        let runs: Vec<&Rec> = spans.iter().filter(|s| s.name == "task.run" && s.attr("task_id") == task).collect();
+        ensure(!runs.is_empty(), || format!("no task.run of task {task} yet"))?;
+        ensure(runs.iter().all(|r| r.trace == run.trace), || format!("a task.run of {task} is outside the run's trace"))?;
+    }
+    Ok(tree(spans, &run.trace))
+}
+
 /// Checks the trace of a task that fails retryably twice (`max_attempts` 2): both attempts are
 /// `task.run` spans under the one `task.intake`, each with its recorded event under it.
 fn check_retries(spans: &[Rec], task: &str) -> Result<String, String> {
@@ -330,6 +343,32 @@ async fn one_task_is_one_trace_across_services() {
     let (code, parent, out) = submit(&fleet, &["--kind", "fanout", "--payload", r#"{"count": 2}"#]);
     assert_eq!(code, 0, "{out}\n{}", fleet.logs());
     let shown = wait_for(&receiver, &fleet, Duration::from_secs(15), |spans| check_fanout(spans, &parent)).await;
+    println!("{shown}");
+
+    // A run: its steps, released dependents and spawned children alike, are one trace under
+    // the coordinator's `run` span.
+    let file = std::env::temp_dir().join(format!("traced_run_{}.json", uuid::Uuid::now_v7()));
+    let spec = r#"{"name": "traced", "nodes": [
+        {"name": "plan", "kind": "echo"},
+        {"name": "research", "kind": "spawn", "payload": {"count": 2, "kind": "sleep"}, "depends_on": ["plan"]},
+        {"name": "write", "kind": "collect", "depends_on": ["research"]}]}"#;
+    std::fs::write(&file, spec).expect("write the run file");
+    let out = tokio::task::block_in_place(|| {
+        fleet.cli(&["run", "submit", file.to_str().unwrap_or_default(), "--wait", "--timeout", "60s"])
+    });
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(out.status.success(), "{stdout}\n{}", fleet.logs());
+    let run_id = stdout.lines().next().unwrap_or_default().trim().to_string();
+    let pool = fleet.env.pg_pool().await;
+    let tasks: Vec<(uuid::Uuid,)> = sqlx::query_as("SELECT id FROM tasks WHERE run_id = $1::uuid")
+        .bind(&run_id)
+        .fetch_all(&pool)
+        .await
+        .expect("the run's tasks");
+    let tasks: Vec<String> = tasks.into_iter().map(|(id,)| id.to_string()).collect();
+    assert_eq!(tasks.len(), 6, "plan, research, two children, their join, write");
+    let shown = wait_for(&receiver, &fleet, Duration::from_secs(15), |spans| check_run(spans, &run_id, &tasks)).await;
     println!("{shown}");
 
     // A task that fails retryably on both of its attempts.

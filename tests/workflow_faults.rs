@@ -42,8 +42,13 @@ async fn runs_complete_with_one_join_each_while_coordinator_and_workers_are_kill
     let pool = fleet.env.pg_pool().await;
 
     let mut ids: Vec<Uuid> = Vec::new();
+    // Through the Rust API, which sends MessagePack.
     for i in 0..runs {
-        ids.push(fleet.submit_run(&client, pipeline(i)).await.0);
+        let spec: taskfleet_proto::RunSpec = serde_json::from_value(pipeline(i)).expect("a valid RunSpec");
+        let submitted = taskfleet_bus::submit_run(&client, &fleet.subjects(), &spec, Duration::from_secs(10))
+            .await
+            .expect("run submitted");
+        ids.push(submitted.run_id);
     }
     for round in 0..rounds {
         tokio::time::sleep(Duration::from_millis(1200)).await;

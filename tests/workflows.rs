@@ -92,6 +92,24 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
     let refused =
         fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["x"]}]})).await;
     assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("unknown node")), "{refused}");
+
+    // The CLI: a YAML run submitted and waited for, then drawn.
+    let file = std::env::temp_dir().join(format!("wf_dag_{}.yaml", Uuid::now_v7()));
+    std::fs::write(
+        &file,
+        "name: cli-run\nnodes:\n  - {name: fetch, kind: echo, payload: {doc: 7}}\n  - {name: digest, kind: collect, depends_on: [fetch]}\n",
+    )
+    .unwrap();
+    let out = fleet.cli(&["run", "submit", file.to_str().unwrap_or_default(), "--wait", "--timeout", "30s"]);
+    let _ = std::fs::remove_file(&file);
+    let stdout = String::from_utf8_lossy(&out.stdout).to_string();
+    assert!(out.status.success(), "run submit --wait: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let run_id = stdout.lines().next().unwrap_or_default().trim().to_string();
+    assert!(stdout.contains(r#""doc""#) && stdout.contains('7'), "the output is printed: {stdout}");
+    let shown = fleet.cli(&["run", "show", &run_id]);
+    let drawn = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.status.success() && drawn.contains("cli-run") && drawn.contains("digest"), "{drawn}");
+    assert!(drawn.lines().any(|l| l.contains("digest") && l.contains("succeeded")), "{drawn}");
 }
 
 /// A spawned fan-out: the spawner holds no worker while 300 children run, the join fires
@@ -103,6 +121,8 @@ async fn a_spawn_joins_all_its_children_once() {
     let mut fleet = Fleet::new("wf_spawn");
     fleet.set("TASKFLEET_WORKFLOWS_INLINE_PARENTS_BYTES", "4096");
     fleet.set("TASKFLEET_WORKFLOWS_MAX_CHILDREN_PER_SPAWN", "300");
+    fleet.set("TASKFLEET_WORKFLOWS_MAX_SPAWN_DEPTH", "1");
+    fleet.set("TASKFLEET_WORKFLOWS_MAX_TASKS_PER_RUN", "400");
     fleet.start_coordinator();
     // One slot: a spawner that held its slot while waiting would starve its own children.
     fleet.start_worker(&[("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "1")]);
@@ -159,6 +179,31 @@ async fn a_spawn_joins_all_its_children_once() {
         .await
         .unwrap();
     assert_eq!(children, 0, "a refused spawn writes nothing");
+
+    // Spawns nest one deep here: a child that spawns again is refused, which fails the join.
+    let (run, tasks) = fleet
+        .submit_run(&client, json!({"nodes": [{"name": "outer", "kind": "spawn", "payload": {"count": 2, "kind": "spawn"}}]}))
+        .await;
+    let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
+    assert_eq!(view["state"], "failed", "{view}");
+    let codes: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
+        "SELECT node, error->>'code' FROM tasks WHERE spawned_by = $1 OR id = $1 ORDER BY node",
+    )
+    .bind(tasks["outer"])
+    .fetch_all(&pool)
+    .await
+    .unwrap();
+    let code = |node: &str| codes.iter().find(|c| c.0.as_deref() == Some(node)).and_then(|c| c.1.clone());
+    assert_eq!(code("0").as_deref(), Some("spawn_refused"), "{codes:?}");
+    assert_eq!(code("join").as_deref(), Some("dependency_failed"), "{codes:?}");
+    assert_eq!(code("outer").as_deref(), Some("dependency_failed"), "the spawner takes its join's outcome: {codes:?}");
+    // A run over the task limit is refused whole.
+    let nodes: Vec<Value> = (0..401).map(|i| json!({"name": format!("n{i}"), "kind": "echo"})).collect();
+    let refused = fleet.api(&client, "run.submit", &json!({ "nodes": nodes })).await;
+    assert!(
+        refused["error"]["message"].as_str().is_some_and(|m| m.contains("workflows.max_tasks_per_run")),
+        "{refused}"
+    );
 }
 
 /// A loop repeats its step, each iteration a task of its own that sees the previous one's

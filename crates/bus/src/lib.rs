@@ -21,5 +21,7 @@ mod topology;
 pub use consume::{consume_batches, hand_back};
 pub use error::{BusError, BusErrorKind};
 pub use publish::{Outgoing, publish_all};
-pub use submit::{SentSubmission, SubmitError, decode_message, publish_submission, send_submission};
+pub use submit::{
+    RunSubmitError, SentSubmission, SubmitError, decode_message, publish_submission, send_submission, submit_run,
+};
 pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect};

@@ -123,3 +123,38 @@ mod tests {
         assert!(matches!(too_large, DecodeError::TooLarge { .. }), "{too_large}");
     }
 }
+
+/// Why a run was not submitted.
+#[derive(Debug, thiserror::Error)]
+pub enum RunSubmitError {
+    /// No coordinator answered (none running, or not in time): the run may or may not be
+    /// stored; submitting the same `RunSpec` again (same id) is safe.
+    #[error("no answer from a coordinator to run.submit: {0}")]
+    NoAnswer(String),
+    /// The coordinator refused the run (invalid, over a limit) or could not store it.
+    #[error("run refused: {0}")]
+    Refused(taskfleet_proto::ApiError),
+    /// The answer could not be read.
+    #[error("unreadable answer to run.submit: {0}")]
+    Unreadable(String),
+}
+
+/// Submits a run to the coordinator (`run.submit`) and returns once the whole run is
+/// committed in Postgres. Resubmitting the same spec (same id) creates nothing new.
+pub async fn submit_run(
+    client: &async_nats::Client,
+    subjects: &taskfleet_proto::Subjects,
+    spec: &taskfleet_proto::RunSpec,
+    timeout: std::time::Duration,
+) -> Result<taskfleet_proto::RunSubmitted, RunSubmitError> {
+    let body = taskfleet_proto::encode(spec);
+    let asking = client.request(subjects.api(taskfleet_proto::VERB_RUN_SUBMIT), body.into());
+    let reply = tokio::time::timeout(timeout, asking)
+        .await
+        .map_err(|_| RunSubmitError::NoAnswer(format!("none within {timeout:?}")))?
+        .map_err(|e| RunSubmitError::NoAnswer(e.to_string()))?;
+    if let Some(error) = taskfleet_proto::ApiErrorBody::parse(&reply.payload) {
+        return Err(RunSubmitError::Refused(error));
+    }
+    serde_json::from_slice(&reply.payload).map_err(|e| RunSubmitError::Unreadable(e.to_string()))
+}

@@ -8,7 +8,10 @@ use serde::de::DeserializeOwned;
 use serde_json::Value;
 use std::time::Duration;
 use taskfleet_bus::decode_message;
-use taskfleet_proto::{ApiErrorBody, CommittedBatch, MAX_MESSAGE_BYTES, Subjects, TaskIdRequest, VERB_TASK_GET};
+use taskfleet_proto::{
+    ApiErrorBody, CommittedBatch, MAX_MESSAGE_BYTES, RunGetRequest, RunView, Subjects, TaskIdRequest, VERB_RUN_GET,
+    VERB_TASK_GET,
+};
 
 /// A NATS connection plus the fleet's subject names.
 pub struct Fleet {
@@ -53,6 +56,26 @@ impl Fleet {
     /// A task as stored.
     pub async fn get(&self, id: uuid::Uuid) -> anyhow::Result<Value> {
         self.api(VERB_TASK_GET, &TaskIdRequest { id }).await
+    }
+
+    /// Waits for run `id` to end; `None` on timeout. Listens for its end notice (subscribed
+    /// before asking, so an end between the two is not missed) and asks again now and then in
+    /// case a notice was lost. Only the run's state and totals are read.
+    pub async fn wait_run(&self, id: uuid::Uuid, timeout: Duration) -> anyhow::Result<Option<RunView>> {
+        let mut sub = self.client.subscribe(self.subjects.run_ended(&id)).await.map_err(|e| anyhow!("{e}"))?;
+        let deadline = tokio::time::Instant::now() + timeout;
+        loop {
+            let view: RunView = self.api(VERB_RUN_GET, &RunGetRequest { id, tasks: Some(0) }).await?;
+            if view.state.is_final() {
+                return Ok(Some(view));
+            }
+            let next = deadline.min(tokio::time::Instant::now() + Duration::from_secs(5));
+            match tokio::time::timeout_at(next, sub.next()).await {
+                Ok(Some(_)) | Err(_) if tokio::time::Instant::now() < deadline => {}
+                Ok(None) => return Err(anyhow!("run notification subscription closed")),
+                _ => return Ok(None),
+            }
+        }
     }
 
     /// Waits for `id` to be final. Subscribes to commit notifications before asking, so a

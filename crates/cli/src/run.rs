@@ -15,8 +15,6 @@ use taskfleet_proto::{
 };
 use uuid::Uuid;
 
-/// How often `run wait` asks for the run's state.
-const POLL_EVERY: Duration = Duration::from_millis(200);
 /// Siblings with the same spawner beyond which `draw` collapses them.
 const COLLAPSE_OVER: usize = 20;
 /// Siblings shown before the collapsed ones.
@@ -111,19 +109,9 @@ pub async fn show(fleet: &Fleet, args: ShowArgs) -> anyhow::Result<i32> {
 /// (standard error) and its output as JSON (standard output). Exit code 0 if it succeeded, 1 if
 /// it failed or was cancelled, 2 if it is still running after the timeout.
 pub async fn wait(fleet: &Fleet, args: WaitArgs) -> anyhow::Result<i32> {
-    let deadline = tokio::time::Instant::now() + args.timeout;
-    let view = loop {
-        // No tasks listed: the state and the totals are all this needs.
-        let view: RunView = fleet.api(VERB_RUN_GET, &RunGetRequest { id: args.id, tasks: Some(0) }).await?;
-        if view.state.is_final() {
-            break view;
-        }
-        let now = tokio::time::Instant::now();
-        if now >= deadline {
-            eprintln!("run {} is still running after {}", args.id, humantime::format_duration(args.timeout));
-            return Ok(2);
-        }
-        tokio::time::sleep(POLL_EVERY.min(deadline - now)).await;
+    let Some(view) = fleet.wait_run(args.id, args.timeout).await? else {
+        eprintln!("run {} is still running after {}", args.id, humantime::format_duration(args.timeout));
+        return Ok(2);
     };
     eprint!("{}", header(&view, taskfleet_proto::now_ms(), false));
     println!("{}", serde_json::to_string_pretty(&view.output)?);

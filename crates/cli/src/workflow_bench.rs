@@ -9,11 +9,13 @@ use crate::client::Fleet;
 use anyhow::{anyhow, bail};
 use async_nats::HeaderMap;
 use serde_json::{Value, json};
+use futures::StreamExt;
+use std::collections::HashSet;
 use std::time::{Duration, Instant};
-use taskfleet_bus::send_submission;
+use taskfleet_bus::{decode_message, send_submission};
 use taskfleet_proto::{
-    CountsRequest, RunGetRequest, RunState, RunSubmitted, RunView, TaskEnvelope, VERB_RUN_GET, VERB_RUN_SUBMIT,
-    VERB_TASK_COUNTS,
+    CommittedBatch, MAX_MESSAGE_BYTES, RunGetRequest, RunState, RunSubmitted, RunView, TaskEnvelope, VERB_RUN_GET,
+    VERB_RUN_SUBMIT,
 };
 
 #[derive(clap::Args)]
@@ -72,53 +74,56 @@ async fn run_to_end(fleet: &Fleet, spec: &Value, timeout: Duration) -> anyhow::R
     Ok((view, t0.elapsed().as_secs_f64()))
 }
 
-/// Polls a run until it is not running.
+/// Waits for a run's end, then reads it with its first `tasks` tasks.
 async fn wait_run(fleet: &Fleet, id: uuid::Uuid, tasks: u32, timeout: Duration) -> anyhow::Result<RunView> {
-    let deadline = Instant::now() + timeout;
-    loop {
-        let view: RunView = fleet.api(VERB_RUN_GET, &RunGetRequest { id, tasks: Some(tasks) }).await?;
-        if view.state != RunState::Running {
-            return Ok(view);
-        }
-        if Instant::now() > deadline {
-            bail!("run {id} still running after {timeout:?}");
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
+    let Some(view) = fleet.wait_run(id, timeout).await? else { bail!("run {id} still running after {timeout:?}") };
+    if tasks == 0 {
+        return Ok(view);
     }
+    fleet.api(VERB_RUN_GET, &RunGetRequest { id, tasks: Some(tasks) }).await
 }
 
-/// Succeeded tasks of `queue` now.
-async fn succeeded(fleet: &Fleet, queue: &str) -> anyhow::Result<i64> {
-    let counts: std::collections::BTreeMap<String, i64> =
-        fleet.api(VERB_TASK_COUNTS, &CountsRequest { queue: Some(queue.to_string()) }).await?;
-    Ok(counts.get("succeeded").copied().unwrap_or(0))
-}
-
-/// `n` plain echo tasks submitted one by one (acknowledged by JetStream), waited for.
+/// `n` plain echo tasks submitted one by one (acknowledged by JetStream), waited for through
+/// the coordinator's commit notifications.
 async fn plain_tasks(fleet: &Fleet, n: usize) -> anyhow::Result<f64> {
     let queue = taskfleet_proto::DEFAULT_QUEUE;
-    let before = succeeded(fleet, queue).await?;
+    let mut committed = fleet.client.subscribe(fleet.subjects.committed(queue)).await.map_err(|e| anyhow!("{e}"))?;
+    let envs: Vec<TaskEnvelope> =
+        (0..n).map(|i| TaskEnvelope::new("echo", json!({ "i": i })).with_queue(queue)).collect();
+    let mut waiting: HashSet<uuid::Uuid> = envs.iter().map(|e| e.id).collect();
     let t0 = Instant::now();
-    let mut acks = Vec::with_capacity(1000);
-    for i in 0..n {
-        let env = TaskEnvelope::new("echo", json!({ "i": i })).with_queue(queue);
-        acks.push(send_submission(&fleet.js, &fleet.subjects, &env, HeaderMap::new()).await?);
-        if acks.len() == 1000 {
-            for a in acks.drain(..) {
-                a.stored().await?;
+    let submitting = async {
+        let mut acks = Vec::with_capacity(1000);
+        for env in &envs {
+            acks.push(send_submission(&fleet.js, &fleet.subjects, env, HeaderMap::new()).await?);
+            if acks.len() == 1000 {
+                for a in acks.drain(..) {
+                    a.stored().await?;
+                }
             }
         }
-    }
-    for a in acks {
-        a.stored().await?;
-    }
-    let deadline = Instant::now() + Duration::from_secs(600);
-    while succeeded(fleet, queue).await? < before + n as i64 {
-        if Instant::now() > deadline {
-            bail!("plain tasks did not finish");
+        for a in acks {
+            a.stored().await?;
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+        anyhow::Ok(())
+    };
+    let watching = async {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(600);
+        while !waiting.is_empty() {
+            let Ok(Some(m)) = tokio::time::timeout_at(deadline, committed.next()).await else {
+                bail!("{} plain tasks did not finish", waiting.len());
+            };
+            if let Ok(batch) = decode_message::<CommittedBatch>(&m, MAX_MESSAGE_BYTES) {
+                for t in batch.tasks {
+                    waiting.remove(&t.id);
+                }
+            }
+        }
+        anyhow::Ok(())
+    };
+    let (sent, seen) = tokio::join!(submitting, watching);
+    sent?;
+    seen?;
     Ok(t0.elapsed().as_secs_f64())
 }
 

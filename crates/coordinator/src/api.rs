@@ -122,6 +122,7 @@ async fn cancel(ctx: &Ctx, id: TaskId) -> Answer {
         }
         metrics::counter!("taskfleet_coordinator_cancelled_total").increment(outcome.finalized.len() as u64);
         crate::recorder::notify_committed(ctx, &outcome.finalized).await;
+        crate::recorder::notify_runs_ended(ctx, &outcome.runs_ended).await;
         if let Err(e) = crate::dispatch::publish_rows(&ctx.topology, &outcome.released).await {
             tracing::error!(error = %e, "cannot dispatch dependents released by a cancellation now");
         }

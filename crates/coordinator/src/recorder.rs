@@ -153,9 +153,7 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
     }
     announce_cancelled(ctx, &outcome.announce).await;
     notify_committed(ctx, &outcome.finalized).await;
-    if !outcome.runs_ended.is_empty() {
-        metrics::counter!("taskfleet_coordinator_runs_ended_total").increment(outcome.runs_ended.len() as u64);
-    }
+    notify_runs_ended(ctx, &outcome.runs_ended).await;
     let dead: Vec<uuid::Uuid> = outcome.finalized.iter().filter(|f| f.state == TaskState::Dead).map(|f| f.id).collect();
     if !dead.is_empty() {
         publish_dead_letters(ctx, &dead).await;
@@ -189,6 +187,20 @@ pub(crate) async fn announce_cancelled(ctx: &Ctx, ids: &[uuid::Uuid]) {
     for id in ids {
         if let Err(e) = ctx.cancel_bucket.put(id.to_string(), Bytes::new()).await {
             tracing::warn!(task_id = %id, error = %e, "cannot announce a cancellation to workers");
+        }
+    }
+}
+
+/// Tells watchers (`taskfleet run wait`) which runs just ended, one core NATS message each.
+pub(crate) async fn notify_runs_ended(ctx: &Ctx, ended: &[(uuid::Uuid, taskfleet_proto::RunState)]) {
+    if ended.is_empty() {
+        return;
+    }
+    metrics::counter!("taskfleet_coordinator_runs_ended_total").increment(ended.len() as u64);
+    for (run_id, state) in ended {
+        let body = Bytes::from(encode(&taskfleet_proto::RunEndedNotice { run_id: *run_id, state: *state }));
+        if let Err(e) = ctx.client.publish(ctx.topology.subjects.run_ended(run_id), body).await {
+            tracing::debug!(error = %e, "cannot publish a run's end");
         }
     }
 }

@@ -96,6 +96,9 @@ pub(crate) async fn cancel(ctx: &Ctx, id: Uuid) -> Answer {
     crate::recorder::announce_cancelled(ctx, &ended.announce).await;
     crate::recorder::notify_committed(ctx, &ended.finalized).await;
     let state = if previous.is_final() { previous } else { RunState::Cancelled };
+    if !previous.is_final() {
+        crate::recorder::notify_runs_ended(ctx, &[(id, state)]).await;
+    }
     reply(RunChange { previous, state, tasks: ended.finalized.len() })
 }
 
@@ -137,8 +140,9 @@ pub(crate) async fn checkpoint(ctx: &Ctx, r: CheckpointRequest) -> Answer {
 
 /// Fails runs past their deadline; called by the rescuer's leader each round.
 pub(crate) async fn expire(ctx: &Ctx) -> anyhow::Result<()> {
-    for ended in ctx.store.expire_runs(EXPIRE_LIMIT).await? {
-        tracing::info!(tasks = ended.finalized.len(), "a run timed out");
+    for (run, ended) in ctx.store.expire_runs(EXPIRE_LIMIT).await? {
+        tracing::info!(run_id = %run, tasks = ended.finalized.len(), "a run timed out");
+        crate::recorder::notify_runs_ended(ctx, &[(run, RunState::Failed)]).await;
         crate::recorder::announce_cancelled(ctx, &ended.announce).await;
         crate::recorder::notify_committed(ctx, &ended.finalized).await;
     }

@@ -236,3 +236,13 @@ pub struct CheckpointReply {
     /// False when the task is final (nothing was stored).
     pub saved: bool,
 }
+
+/// Published on core NATS ([`crate::Subjects::run_ended`]) when a run ends, so that watchers
+/// (`taskfleet run wait`) need not poll.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunEndedNotice {
+    /// The run.
+    pub run_id: Uuid,
+    /// Its final state.
+    pub state: RunState,
+}

@@ -88,6 +88,11 @@ impl Subjects {
     pub fn committed(&self, queue: &str) -> String {
         format!("{}.committed.{queue}", self.prefix)
     }
+    /// Core-NATS notice that a run ended ([`crate::RunEndedNotice`]), one subject per run so a
+    /// watcher hears only its own.
+    pub fn run_ended(&self, run: &uuid::Uuid) -> String {
+        format!("{}.runs.{run}.ended", self.prefix)
+    }
     /// Every committed-notification subject.
     pub fn committed_all(&self) -> String {
         format!("{}.committed.>", self.prefix)

@@ -29,7 +29,7 @@ CREATE TABLE runs (
 CREATE INDEX runs_deadline ON runs (deadline) WHERE state = 'running' AND deadline IS NOT NULL;
 
 ALTER TABLE tasks
-    ADD COLUMN run_id      uuid REFERENCES runs (id) ON DELETE CASCADE,
+    ADD COLUMN run_id      uuid,
     ADD COLUMN node        text,
     -- Parents not final yet. A dependent moves on in the transaction that takes this to zero,
     -- whichever parent ends last and however many coordinators record at once: the
@@ -48,6 +48,12 @@ ALTER TABLE tasks
     ADD COLUMN traceparent text;
 CREATE INDEX tasks_run ON tasks (run_id) WHERE run_id IS NOT NULL;
 CREATE INDEX tasks_completes ON tasks (completes) WHERE completes IS NOT NULL;
+
+-- Foreign keys on edges cost a trigger per row and check what every writer already checks (a
+-- parent exists, or comes earlier in the same transaction); no task row is ever deleted. A
+-- 1,000 x 10 DAG's 18,000 edges took 470 ms to insert with them.
+ALTER TABLE task_dependencies DROP CONSTRAINT task_dependencies_task_id_fkey,
+                              DROP CONSTRAINT task_dependencies_depends_on_fkey;
 
 -- Edge order (the order a dependent receives its parents' outcomes) and failure policy.
 ALTER TABLE task_dependencies

@@ -7,6 +7,10 @@
 //! Counters, not `NOT EXISTS` checks, decide releases: a decrement locks the dependent's row,
 //! so when two parents end in concurrent transactions the second waits for the first and sees
 //! its decrement. Exactly one transaction takes a counter to zero: a join fires once.
+//!
+//! Every statement here is driven by the ids of the batch (`id = ANY(…)`), so it probes
+//! indexes whatever the planner thinks of the tables' sizes: on fresh tables without
+//! statistics, joins written plainly were planned as scans of all of `tasks` per batch.
 
 use crate::rows::{Redispatch, RedispatchRow, redispatch_columns};
 use crate::{Finalized, StoreError, column};
@@ -55,12 +59,13 @@ pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Final
     let mut runs: HashMap<Uuid, i32> = HashMap::new();
     while !frontier.is_empty() {
         let ids: Vec<Uuid> = frontier.iter().map(|f| f.id).collect();
+        let states: Vec<&'static str> = frontier.iter().map(|f| f.state.as_str()).collect();
         for run in frontier.iter().filter_map(|f| f.run_id) {
             *runs.entry(run).or_default() += 1;
         }
         out.finalized.append(&mut frontier);
         frontier.extend(complete_waiting(tx, &ids).await?);
-        let (released, cancelled) = move_dependents(tx, &ids).await?;
+        let (released, cancelled) = move_dependents(tx, &ids, &states).await?;
         out.released.extend(released);
         frontier.extend(cancelled);
     }
@@ -74,8 +79,10 @@ async fn complete_waiting(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<V
     let rows: Vec<ChangedTask> = sqlx::query_as(
         "UPDATE tasks w SET state = f.state, result = f.result, error = f.error, finished_at = now(),
                 updated_at = now(), run_at = NULL
-         FROM tasks f
-         WHERE f.id = ANY($1) AND w.id = f.completes AND w.state = 'waiting'
+         FROM (SELECT completes, state, result, error FROM tasks
+               WHERE id = ANY($1) AND completes IS NOT NULL OFFSET 0) f
+         WHERE w.id = ANY(ARRAY(SELECT completes FROM tasks WHERE id = ANY($1) AND completes IS NOT NULL))
+           AND w.id = f.completes AND w.state = 'waiting'
          RETURNING w.id, w.queue, w.state, w.run_id",
     )
     .bind(ids)
@@ -84,17 +91,20 @@ async fn complete_waiting(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<V
     Ok(rows.into_iter().filter_map(ChangedTask::finalized).collect())
 }
 
-/// Counts down the pending dependents of `parents` (which just became final): a dependent
+/// Counts down the pending dependents of `parents` (which just became final, in `states`;
+/// their states come along so that no parent row is read again): a dependent
 /// with a `fail` edge from a parent that did not succeed is cancelled at once; one whose
 /// count reaches zero is released. Rows are locked in id order first, so concurrent
 /// transactions cannot deadlock on them.
 async fn move_dependents(
     tx: &mut sqlx::PgConnection,
     parents: &[Uuid],
+    states: &[&str],
 ) -> Result<(Vec<Redispatch>, Vec<Finalized>), StoreError> {
     let locked: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM tasks
-         WHERE state = 'pending' AND id IN (SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1))
+         WHERE id = ANY(ARRAY(SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)))
+           AND state = 'pending'
          ORDER BY id FOR UPDATE",
     )
     .bind(parents)
@@ -108,8 +118,9 @@ async fn move_dependents(
              SELECT d.task_id, count(*)::int4 AS n,
                     bool_or(d.on_failure = 'fail' AND p.state <> 'succeeded') AS doomed,
                     min(p.id::text) FILTER (WHERE d.on_failure = 'fail' AND p.state <> 'succeeded') AS culprit
-             FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
-             WHERE d.depends_on = ANY($1) AND d.task_id = ANY($2)
+             FROM UNNEST($1::uuid[], $3::text[]) AS p(id, state)
+             JOIN task_dependencies d ON d.depends_on = p.id
+             WHERE d.task_id = ANY($2)
              GROUP BY d.task_id
          )
          UPDATE tasks t SET
@@ -120,14 +131,17 @@ async fn move_dependents(
                           ELSE t.error END,
              finished_at = CASE WHEN h.doomed THEN now() END,
              dispatched_at = CASE WHEN NOT h.doomed AND t.waiting_on - h.n <= 0 THEN now() ELSE t.dispatched_at END,
-             updated_at = now()
+             -- A bare countdown leaves every indexed column alone, so Postgres can update the
+             -- row in place (HOT) instead of adding index entries for each parent that ends.
+             updated_at = CASE WHEN h.doomed OR t.waiting_on - h.n <= 0 THEN now() ELSE t.updated_at END
          FROM hits h
-         WHERE t.id = h.task_id AND t.state = 'pending'
+         WHERE t.id = ANY($2) AND t.id = h.task_id AND t.state = 'pending'
          RETURNING t.state AS new_state, ",
         redispatch_columns!()
     );
     let ids: Vec<Uuid> = locked.into_iter().map(|(id,)| id).collect();
-    let rows: Vec<MovedDependent> = sqlx::query_as(SQL).bind(parents).bind(&ids).fetch_all(&mut *tx).await?;
+    let rows: Vec<MovedDependent> =
+        sqlx::query_as(SQL).bind(parents).bind(&ids).bind(states).fetch_all(&mut *tx).await?;
     let (mut released, mut cancelled) = (Vec::new(), Vec::new());
     for r in rows {
         let task = Redispatch::from(r.row);

@@ -144,8 +144,12 @@ impl From<ParentRow> for ParentOutcome {
 }
 
 /// The outcomes of the parents of `tasks`, `offset..offset + limit` of each in edge order.
+/// Each parent is read by its key (`OFFSET 0` keeps the lookup a per-edge index probe instead
+/// of a join the planner may turn into a scan of every task).
 pub(crate) const PARENTS_SQL: &str = "SELECT d.task_id, p.id, p.node, p.state, p.result, p.error
-     FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+     FROM task_dependencies d
+     CROSS JOIN LATERAL (SELECT t.id, t.node, t.state, t.result, t.error FROM tasks t
+                         WHERE t.id = d.depends_on OFFSET 0) p
      WHERE d.task_id = ANY($1)
      ORDER BY d.task_id, d.position, p.id";
 

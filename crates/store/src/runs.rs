@@ -591,7 +591,7 @@ impl Store {
 
     /// Fails running runs past their deadline (`run_timeout`), cancelling their unfinished
     /// tasks; any coordinator may call it (`FOR UPDATE SKIP LOCKED`).
-    pub async fn expire_runs(&self, limit: i64) -> Result<Vec<RunEnded>, StoreError> {
+    pub async fn expire_runs(&self, limit: i64) -> Result<Vec<(Uuid, RunEnded)>, StoreError> {
         let mut tx = self.pool.begin().await?;
         let due: Vec<(Uuid, i64)> = sqlx::query_as(
             "SELECT id, COALESCE(timeout_ms, 0) FROM runs WHERE state = 'running' AND deadline < now()
@@ -607,7 +607,7 @@ impl Store {
                 message: format!("the run exceeded its timeout of {timeout_ms} ms"),
                 retryable: false,
             };
-            out.extend(end_run(&mut tx, run, RunState::Failed, None, Some(error)).await?);
+            out.extend(end_run(&mut tx, run, RunState::Failed, None, Some(error)).await?.map(|e| (run, e)));
         }
         tx.commit().await?;
         Ok(out)
