@@ -251,12 +251,15 @@ fn check_fanout(spans: &[Rec], parent_task: &str) -> Result<String, String> {
 /// Checks that a run is one trace: a `run` span from the coordinator, and every `task.run` of
 /// every task of the run (released, spawned or first) in its trace.
 fn check_run(spans: &[Rec], run_id: &str, tasks: &[String]) -> Result<String, String> {
-    let run = one(&spans.iter().collect::<Vec<_>>(), "the run span", |s| s.name == "run" && s.attr("run_id") == run_id)?;
+    let run =
+        one(&spans.iter().collect::<Vec<_>>(), "the run span", |s| s.name == "run" && s.attr("run_id") == run_id)?;
     ensure(run.service == "taskfleet-coordinator", || format!("run span from {:?}", run.service))?;
     for task in tasks {
         let runs: Vec<&Rec> = spans.iter().filter(|s| s.name == "task.run" && s.attr("task_id") == task).collect();
         ensure(!runs.is_empty(), || format!("no task.run of task {task} yet"))?;
-        ensure(runs.iter().all(|r| r.trace == run.trace), || format!("a task.run of {task} is outside the run's trace"))?;
+        ensure(runs.iter().all(|r| r.trace == run.trace), || {
+            format!("a task.run of {task} is outside the run's trace")
+        })?;
     }
     Ok(tree(spans, &run.trace))
 }

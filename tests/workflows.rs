@@ -182,17 +182,19 @@ async fn a_spawn_joins_all_its_children_once() {
 
     // Spawns nest one deep here: a child that spawns again is refused, which fails the join.
     let (run, tasks) = fleet
-        .submit_run(&client, json!({"nodes": [{"name": "outer", "kind": "spawn", "payload": {"count": 2, "kind": "spawn"}}]}))
+        .submit_run(
+            &client,
+            json!({"nodes": [{"name": "outer", "kind": "spawn", "payload": {"count": 2, "kind": "spawn"}}]}),
+        )
         .await;
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "failed", "{view}");
-    let codes: Vec<(Option<String>, Option<String>)> = sqlx::query_as(
-        "SELECT node, error->>'code' FROM tasks WHERE spawned_by = $1 OR id = $1 ORDER BY node",
-    )
-    .bind(tasks["outer"])
-    .fetch_all(&pool)
-    .await
-    .unwrap();
+    let codes: Vec<(Option<String>, Option<String>)> =
+        sqlx::query_as("SELECT node, error->>'code' FROM tasks WHERE spawned_by = $1 OR id = $1 ORDER BY node")
+            .bind(tasks["outer"])
+            .fetch_all(&pool)
+            .await
+            .unwrap();
     let code = |node: &str| codes.iter().find(|c| c.0.as_deref() == Some(node)).and_then(|c| c.1.clone());
     assert_eq!(code("0").as_deref(), Some("spawn_refused"), "{codes:?}");
     assert_eq!(code("join").as_deref(), Some("dependency_failed"), "{codes:?}");

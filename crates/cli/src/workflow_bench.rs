@@ -8,8 +8,8 @@
 use crate::client::Fleet;
 use anyhow::{anyhow, bail};
 use async_nats::HeaderMap;
-use serde_json::{Value, json};
 use futures::StreamExt;
+use serde_json::{Value, json};
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 use taskfleet_bus::{decode_message, send_submission};

@@ -394,7 +394,12 @@ pub fn plan_nodes(
             l.validate().map_err(|e| invalid("nodes.loop", format!("node {:?}: {e}", n.name)))?;
             env.iteration = 1;
         }
-        env.validate(max_payload_bytes).map_err(|e| match e {
+        // Edges are checked above; a join may have as many parents as its spawn has children,
+        // beyond what a single submitted task may name.
+        let depends_on = std::mem::take(&mut env.depends_on);
+        let checked = env.validate(max_payload_bytes);
+        env.depends_on = depends_on;
+        checked.map_err(|e| match e {
             DecodeError::Invalid { field, reason } => invalid(field, format!("node {:?}: {reason}", n.name)),
             other => other,
         })?;

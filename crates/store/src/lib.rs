@@ -55,8 +55,7 @@ impl Store {
         // Custom plans always: every batched statement takes arrays (`= ANY($1)`, `UNNEST`) whose
         // sizes vary from 1 to thousands, and a generic plan made for small ones (after a series
         // of small batches) turned a 1,000-row release from milliseconds into seconds.
-        let options =
-            base.options([("search_path", schema.as_str()), ("plan_cache_mode", "force_custom_plan")]);
+        let options = base.options([("search_path", schema.as_str()), ("plan_cache_mode", "force_custom_plan")]);
         let pool = PgPoolOptions::new()
             .max_connections(cfg.max_connections)
             .acquire_timeout(std::time::Duration::from_secs(10))
