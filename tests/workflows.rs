@@ -80,7 +80,7 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
 
     let refused =
         fleet.api(&client, "run.submit", &json!({"nodes": [{"name": "a", "kind": "echo", "depends_on": ["a"]}]})).await;
-    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("itself")), "{refused}");
+    assert!(refused["error"]["message"].as_str().is_some_and(|m| m.contains("cycle")), "{refused}");
     let refused = fleet
         .api(
             &client,
@@ -110,6 +110,12 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
     let drawn = String::from_utf8_lossy(&shown.stdout);
     assert!(shown.status.success() && drawn.contains("cli-run") && drawn.contains("digest"), "{drawn}");
     assert!(drawn.lines().any(|l| l.contains("digest") && l.contains("succeeded")), "{drawn}");
+    let listed = fleet.cli(&["run", "ls", "--state", "succeeded"]);
+    let listed = String::from_utf8_lossy(&listed.stdout);
+    assert!(
+        listed.lines().nth(1).is_some_and(|l| l.starts_with(&run_id) && l.contains("2/2")),
+        "newest first:\n{listed}"
+    );
 }
 
 /// A spawned fan-out: the spawner holds no worker while 300 children run, the join fires

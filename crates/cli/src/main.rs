@@ -113,6 +113,8 @@ enum RunCommand {
     Submit(run::SubmitArgs),
     /// Draw a run: its state and totals, then its tasks, parents first.
     Show(run::ShowArgs),
+    /// List runs, newest first.
+    Ls(run::ListArgs),
     /// Block until a run is over, then print its output. Exit code 0 if it succeeded, 1 if it
     /// failed or was cancelled, 2 on timeout.
     Wait(run::WaitArgs),
@@ -289,6 +291,7 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
         Command::Run { command } => match command {
             RunCommand::Submit(args) => run::submit(&fleet, args).await,
             RunCommand::Show(args) => run::show(&fleet, args).await,
+            RunCommand::Ls(args) => run::list(&fleet, args).await,
             RunCommand::Wait(args) => run::wait(&fleet, args).await,
             RunCommand::Cancel(args) => run::cancel(&fleet, args).await,
             RunCommand::Resume(args) => run::resume(&fleet, args).await,

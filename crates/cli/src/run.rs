@@ -68,6 +68,46 @@ pub struct WaitArgs {
     timeout: Duration,
 }
 
+/// Arguments of `taskfleet run ls`.
+#[derive(clap::Args)]
+pub struct ListArgs {
+    /// Only runs in this state (`running`, `succeeded`, `failed`, `cancelled`).
+    #[arg(long, value_parser = parse_run_state)]
+    state: Option<RunState>,
+    /// Most runs listed.
+    #[arg(long, default_value_t = 20)]
+    limit: u32,
+}
+
+fn parse_run_state(s: &str) -> Result<RunState, String> {
+    RunState::parse(s).ok_or_else(|| format!("{s:?} is not one of running, succeeded, failed, cancelled"))
+}
+
+/// `run ls`: one line per run, newest first: id, state, tasks done of all, age, name.
+pub async fn list(fleet: &Fleet, args: ListArgs) -> anyhow::Result<i32> {
+    let runs: Vec<taskfleet_proto::RunSummary> = fleet
+        .api(
+            taskfleet_proto::VERB_RUN_LIST,
+            &taskfleet_proto::RunListRequest { state: args.state, limit: Some(args.limit) },
+        )
+        .await?;
+    let now = taskfleet_proto::now_ms();
+    println!("{:<36}  {:<9}  {:>13}  {:>9}  name", "run", "state", "tasks done", "age");
+    for r in runs {
+        let age = humantime::format_duration(Duration::from_secs(now.saturating_sub(r.created_at) / 1000));
+        let done = format!("{}/{}", r.tasks.saturating_sub(r.remaining), r.tasks);
+        println!(
+            "{:<36}  {:<9}  {:>13}  {:>9}  {}",
+            r.id,
+            r.state.as_str(),
+            done,
+            age.to_string(),
+            r.name.unwrap_or_default()
+        );
+    }
+    Ok(0)
+}
+
 /// Arguments of `taskfleet run cancel` and `taskfleet run resume`.
 #[derive(clap::Args)]
 pub struct IdArgs {

@@ -15,6 +15,7 @@
 //! | `task.checkpoint` | `CheckpointRequest` | `CheckpointReply`, once stored |
 //! | `run.submit` | `RunSpec` (JSON or MessagePack) | `RunSubmitted`, once the whole run is committed |
 //! | `run.get` | `RunGetRequest` | `RunView` |
+//! | `run.list` | `RunListRequest` | `[RunSummary, …]` newest first |
 //! | `run.cancel`, `run.resume` | [`RunIdRequest`] | `RunChange` |
 
 use crate::{Ctx, runs};
@@ -31,7 +32,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use taskfleet_proto::{
     ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
-    RunIdRequest, RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_RUN_CANCEL, VERB_RUN_GET,
+    RunIdRequest, RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_LIST,
     VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CANCEL, VERB_TASK_CHECKPOINT, VERB_TASK_COUNTS, VERB_TASK_GET,
     VERB_TASK_LIST, VERB_TASK_PARENTS, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
 };
@@ -78,6 +79,7 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Answer {
         VERB_TASK_CHECKPOINT => runs::checkpoint(ctx, request(verb, body)?).await,
         VERB_RUN_SUBMIT => runs::submit(ctx, body).await,
         VERB_RUN_GET => runs::get(ctx, request(verb, body)?).await,
+        VERB_RUN_LIST => runs::list(ctx, request(verb, body)?).await,
         VERB_RUN_CANCEL => runs::cancel(ctx, request::<RunIdRequest>(verb, body)?.id).await,
         VERB_RUN_RESUME => runs::resume(ctx, request::<RunIdRequest>(verb, body)?.id).await,
         other => Err(bad_request(format!("unknown API verb {other:?}"))),

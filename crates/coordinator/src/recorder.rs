@@ -139,12 +139,10 @@ async fn record(ctx: &Ctx, msgs: Vec<Message>, events: Vec<TaskEvent>) {
         ctx.retries_recorded.notify_one();
     }
 
-    if !outcome.released.is_empty() {
-        if let Err(e) = dispatch::publish_rows(&ctx.topology, &outcome.released).await {
-            // The released rows are committed as queued. Redelivering these events would find
-            // the parents already final and release nothing, so the rescuer must pick them up.
-            tracing::error!(error = %e, tasks = outcome.released.len(), "cannot dispatch released dependents");
-        }
+    if let Err(e) = dispatch::publish_rows(&ctx.topology, &outcome.released).await {
+        // The released rows are committed as queued. Redelivering these events would find the
+        // parents already final and release nothing, so the rescuer must pick them up.
+        tracing::error!(error = %e, tasks = outcome.released.len(), "cannot dispatch released tasks");
     }
     for m in &msgs {
         if let Err(e) = m.ack().await {

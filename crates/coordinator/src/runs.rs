@@ -6,7 +6,7 @@ use crate::Ctx;
 use crate::api::{Answer, bad_request, reply, unavailable};
 use taskfleet_proto::{
     ApiError, ApiErrorKind, CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest,
-    RunSpec, RunState, RunSubmitted, plan_nodes,
+    RunListRequest, RunSpec, RunState, RunSubmitted, plan_nodes,
 };
 use taskfleet_store::WorkflowLimits;
 use uuid::Uuid;
@@ -83,6 +83,11 @@ pub(crate) async fn submit(ctx: &Ctx, body: &[u8]) -> Answer {
         metrics::counter!("taskfleet_coordinator_runs_submitted_total").increment(1);
     }
     reply(RunSubmitted { run_id: spec.id, tasks: inserted.tasks, duplicate: inserted.duplicate })
+}
+
+/// `run.list`.
+pub(crate) async fn list(ctx: &Ctx, r: RunListRequest) -> Answer {
+    reply(ctx.store.list_runs(r.state, r.limit.unwrap_or(20)).await.map_err(unavailable)?)
 }
 
 /// `run.get`.

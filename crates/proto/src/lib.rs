@@ -43,8 +43,8 @@ pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
 pub use priority::Priority;
 pub use run_api::{
     CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunEndedNotice, RunGetRequest,
-    RunIdRequest, RunState, RunSubmitted, RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL, VERB_RUN_GET,
-    VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
+    RunIdRequest, RunListRequest, RunState, RunSubmitted, RunSummary, RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL,
+    VERB_RUN_GET, VERB_RUN_LIST, VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
 };
 pub use stats::{Figures, HistoryPoint, Latency, SeriesFigures, Snapshot, Tokens, WorkerFigures};
 pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};

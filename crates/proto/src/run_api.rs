@@ -13,6 +13,8 @@ use uuid::Uuid;
 pub const VERB_RUN_SUBMIT: &str = "run.submit";
 /// Verb of a run's view: [`RunGetRequest`] → [`RunView`].
 pub const VERB_RUN_GET: &str = "run.get";
+/// Verb of a listing of runs: [`RunListRequest`] → `[RunSummary, …]`, newest first.
+pub const VERB_RUN_LIST: &str = "run.list";
 /// Verb of a run's cancellation: [`RunIdRequest`] → [`RunChange`].
 pub const VERB_RUN_CANCEL: &str = "run.cancel";
 /// Verb of a run's resumption: [`RunIdRequest`] → [`RunChange`].
@@ -245,4 +247,36 @@ pub struct RunEndedNotice {
     pub run_id: Uuid,
     /// Its final state.
     pub state: RunState,
+}
+
+/// Request of `run.list`.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RunListRequest {
+    /// Only runs in this state.
+    #[serde(default)]
+    pub state: Option<RunState>,
+    /// Most runs returned (default 20, at most 1000).
+    #[serde(default)]
+    pub limit: Option<u32>,
+}
+
+/// One run in a listing.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunSummary {
+    /// The run.
+    pub id: Uuid,
+    /// Its name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub name: Option<String>,
+    /// State.
+    pub state: RunState,
+    /// Tasks it has had.
+    pub tasks: u32,
+    /// Of those, how many are not final.
+    pub remaining: u32,
+    /// Creation, Unix epoch milliseconds.
+    pub created_at: u64,
+    /// End, Unix epoch milliseconds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub finished_at: Option<u64>,
 }

@@ -6,8 +6,8 @@ use crate::rows::{ParentRow, Redispatch, RedispatchRow, attach_parents, redispat
 use crate::{Finalized, Store, StoreError, column};
 use std::collections::{BTreeMap, HashMap, HashSet};
 use taskfleet_proto::{
-    LoopSpec, ParentOutcome, PlannedTask, RunGetRequest, RunSpec, RunState, RunTaskView, RunTotals, RunView, Spawn,
-    TaskErrorInfo, TaskState, plan_nodes,
+    LoopSpec, ParentOutcome, PlannedTask, RunGetRequest, RunSpec, RunState, RunSummary, RunTaskView, RunTotals,
+    RunView, Spawn, TaskErrorInfo, TaskState, plan_nodes,
 };
 use uuid::Uuid;
 
@@ -502,7 +502,48 @@ impl From<RunTaskRow> for RunTaskView {
 /// Most tasks `run.get` lists.
 const MAX_LISTED: u32 = 5_000;
 
+/// A run's row as `run.list` shows it.
+#[derive(sqlx::FromRow)]
+struct RunSummaryRow {
+    id: Uuid,
+    name: Option<String>,
+    state: String,
+    task_count: i32,
+    remaining: i32,
+    created_ms: i64,
+    finished_ms: Option<i64>,
+}
+
+impl From<RunSummaryRow> for RunSummary {
+    fn from(r: RunSummaryRow) -> Self {
+        RunSummary {
+            id: r.id,
+            name: r.name,
+            state: RunState::parse(&r.state).unwrap_or(RunState::Failed),
+            tasks: r.task_count.max(0) as u32,
+            remaining: r.remaining.max(0) as u32,
+            created_at: r.created_ms.max(0) as u64,
+            finished_at: r.finished_ms.map(|m| m.max(0) as u64),
+        }
+    }
+}
+
 impl Store {
+    /// Runs, newest first: `limit` (at most 1000) of them, of `state` if given.
+    pub async fn list_runs(&self, state: Option<RunState>, limit: u32) -> Result<Vec<RunSummary>, StoreError> {
+        let rows: Vec<RunSummaryRow> = sqlx::query_as(
+            "SELECT id, name, state, task_count, remaining,
+                    (extract(epoch FROM created_at) * 1000)::int8 AS created_ms,
+                    (extract(epoch FROM finished_at) * 1000)::int8 AS finished_ms
+             FROM runs WHERE ($1::text IS NULL OR state = $1) ORDER BY id DESC LIMIT $2",
+        )
+        .bind(state.map(RunState::as_str))
+        .bind(limit.clamp(1, 1_000) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(RunSummary::from).collect())
+    }
+
     /// A run with its first tasks and totals over all of them; `None` if there is no such run.
     pub async fn run_view(&self, r: &RunGetRequest) -> Result<Option<RunView>, StoreError> {
         let run: Option<RunRow> = sqlx::query_as(

@@ -47,7 +47,7 @@ pub(crate) struct Report {
     /// When the coordinator dispatches the next attempt (`retrying` only).
     pub retry_in: Option<Duration>,
     /// The children and join added (`spawned` only).
-    pub spawn: Option<Spawn>,
+    pub spawn: Option<Box<Spawn>>,
     /// The success ends the task's run.
     pub stop_run: bool,
 }
@@ -69,7 +69,7 @@ impl Report {
         ev.result = self.result;
         ev.error = self.error;
         ev.retry_in_ms = self.retry_in.map(|d| d.as_millis() as u64);
-        ev.spawn = self.spawn.map(Box::new);
+        ev.spawn = self.spawn;
         ev.stop_run = self.stop_run;
     }
 }
@@ -91,7 +91,7 @@ pub(crate) fn settle(
             let stop_run = effects.stop_run && effects.spawn.is_none();
             return Settlement::Report(Report {
                 result: Some(result),
-                spawn: effects.spawn,
+                spawn: effects.spawn.map(Box::new),
                 stop_run,
                 ..Report::of(kind)
             });
@@ -175,7 +175,7 @@ mod tests {
         };
         let effects = Effects { spawn: Some(spawn.clone()), stop_run: false };
         let r = report(settle(Ok(Value::Null), effects.clone(), facts(1), &RETRY));
-        assert_eq!((r.kind, r.spawn), (EventKind::Spawned, Some(spawn)));
+        assert_eq!((r.kind, r.spawn), (EventKind::Spawned, Some(Box::new(spawn))));
         let r = report(settle(Err(TaskError::fatal("no")), effects, facts(1), &RETRY));
         assert_eq!((r.kind, r.spawn), (EventKind::Failed, None));
         let stop = Effects { spawn: None, stop_run: true };
