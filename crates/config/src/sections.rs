@@ -338,6 +338,10 @@ pub struct WorkflowsConfig {
     /// (a join of thousands of children) the worker reads them from the coordinator
     /// (`task.parents`) before the step starts.
     pub inline_parents_bytes: usize,
+    /// Largest checkpoint a step may save, bytes of JSON. A dispatch carries the payload (up to
+    /// `coordinator.max_body_bytes`), the checkpoint and the inline parents' outcomes: keep
+    /// the three under the NATS server's `max_payload` (1 MiB by default).
+    pub max_checkpoint_bytes: usize,
 }
 
 impl Default for WorkflowsConfig {
@@ -347,6 +351,7 @@ impl Default for WorkflowsConfig {
             max_children_per_spawn: 10_000,
             max_spawn_depth: 8,
             inline_parents_bytes: 256 << 10,
+            max_checkpoint_bytes: 128 << 10,
         }
     }
 }
@@ -364,6 +369,9 @@ impl WorkflowsConfig {
         }
         if !(1024..=16 << 20).contains(&self.inline_parents_bytes) {
             return invalid("workflows.inline_parents_bytes", "must be between 1 KiB and 16 MiB".into());
+        }
+        if !(1024..=16 << 20).contains(&self.max_checkpoint_bytes) {
+            return invalid("workflows.max_checkpoint_bytes", "must be between 1 KiB and 16 MiB".into());
         }
         Ok(())
     }

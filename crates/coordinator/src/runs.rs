@@ -11,10 +11,15 @@ use taskfleet_proto::{
 use taskfleet_store::WorkflowLimits;
 use uuid::Uuid;
 
+/// Longest run timeout: 366 days.
+const MAX_RUN_TIMEOUT_MS: u64 = 366 * 24 * 3_600_000;
 /// Runs expired per round, at most.
 const EXPIRE_LIMIT: i64 = 100;
 /// Parents returned per `task.parents` page, at most.
 const MAX_PARENTS_PAGE: u32 = 1_000;
+/// Bytes of outcomes per `task.parents` page (half of NATS's default `max_payload`); a page
+/// holds at least one parent.
+const PARENTS_PAGE_BYTES: usize = 512 << 10;
 
 /// The store's workflow limits from the configuration.
 pub(crate) fn limits(config: &taskfleet_config::Config) -> WorkflowLimits {
@@ -50,8 +55,10 @@ fn check_run(ctx: &Ctx, spec: &RunSpec) -> Result<Vec<taskfleet_proto::PlannedTa
             spec.nodes.len()
         )));
     }
-    if spec.id.is_nil() || spec.timeout_ms == Some(0) {
-        return Err(bad_request("a run needs a non-nil id and a positive timeout_ms"));
+    if spec.id.is_nil() || spec.timeout_ms.is_some_and(|t| t == 0 || t > MAX_RUN_TIMEOUT_MS) {
+        return Err(bad_request(format!(
+            "a run needs a non-nil id, and a timeout_ms in 1..={MAX_RUN_TIMEOUT_MS} if any"
+        )));
     }
     taskfleet_proto::validate_queue("queue", &spec.queue).map_err(|e| bad_request(e.to_string()))?;
     let planned = plan_nodes(&spec.nodes, &spec.queue, spec.priority, cfg.max_body_bytes)
@@ -123,21 +130,36 @@ pub(crate) async fn resume(ctx: &Ctx, id: Uuid) -> Answer {
     reply(RunChange { previous, state: RunState::Running, tasks: resumed.reset.len() })
 }
 
-/// `task.parents`: a page of a step's parents' outcomes.
+/// `task.parents`: a page of a step's parents' outcomes, cut at [`PARENTS_PAGE_BYTES`] so that
+/// it fits one NATS message.
 pub(crate) async fn parents(ctx: &Ctx, r: ParentsRequest) -> Answer {
     let limit = r.limit.unwrap_or(MAX_PARENTS_PAGE).clamp(1, MAX_PARENTS_PAGE);
-    let (parents, total) = ctx.store.parents_page(r.id, r.offset, limit).await.map_err(unavailable)?;
-    reply(ParentsReply { parents, total })
+    let (mut parents, total, previous) = ctx.store.parents_page(r.id, r.offset, limit).await.map_err(unavailable)?;
+    let mut bytes = previous.as_ref().map_or(0, outcome_bytes);
+    let fits = parents
+        .iter()
+        .position(|p| {
+            bytes += outcome_bytes(p);
+            bytes > PARENTS_PAGE_BYTES
+        })
+        .unwrap_or(parents.len());
+    parents.truncate(fits.max(1));
+    reply(ParentsReply { parents, total, previous })
+}
+
+/// Bytes an outcome takes in a reply, about.
+fn outcome_bytes(p: &taskfleet_proto::ParentOutcome) -> usize {
+    serde_json::to_vec(p).map_or(0, |v| v.len())
 }
 
 /// `task.checkpoint`: stores a step's checkpoint before answering.
 pub(crate) async fn checkpoint(ctx: &Ctx, r: CheckpointRequest) -> Answer {
     taskfleet_proto::check_json(&r.checkpoint).map_err(|e| bad_request(format!("invalid checkpoint: {e}")))?;
     let size = serde_json::to_vec(&r.checkpoint).map(|v| v.len()).unwrap_or(usize::MAX);
-    if size > ctx.config.coordinator.max_body_bytes {
+    let limit = ctx.config.workflows.max_checkpoint_bytes;
+    if size > limit {
         return Err(bad_request(format!(
-            "a checkpoint of {size} bytes is over coordinator.max_body_bytes ({})",
-            ctx.config.coordinator.max_body_bytes
+            "a checkpoint of {size} bytes is over workflows.max_checkpoint_bytes ({limit})"
         )));
     }
     reply(CheckpointReply { saved: ctx.store.save_checkpoint(r.id, &r.checkpoint).await.map_err(unavailable)? })

@@ -265,6 +265,10 @@ impl TaskEnvelope {
                 reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
             });
         }
+        let mut seen = std::collections::HashSet::with_capacity(self.depends_on.len());
+        if let Some(twice) = self.depends_on.iter().find(|d| !seen.insert(**d)) {
+            return Err(DecodeError::Invalid { field: "depends_on", reason: format!("names {twice} twice") });
+        }
         if self.depends_on.contains(&self.id) {
             return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
         }

@@ -201,7 +201,8 @@ pub struct RunView {
     pub tasks: Vec<RunTaskView>,
 }
 
-/// Request of `task.parents`.
+/// Request of `task.parents`. A page holds at most `limit` parents and stops earlier once its
+/// outcomes exceed about 512 KiB (at least one per page): read on from `offset + parents.len()`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ParentsRequest {
     /// The step.
@@ -221,6 +222,9 @@ pub struct ParentsReply {
     pub parents: Vec<ParentOutcome>,
     /// How many parents the step has.
     pub total: u32,
+    /// For a loop iteration after the first, the previous iteration's outcome.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub previous: Option<ParentOutcome>,
 }
 
 /// Request of `task.checkpoint`.

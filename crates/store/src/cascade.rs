@@ -1,5 +1,6 @@
 //! What a final state sets off, inside the transaction that records it: the waiting task it
-//! completes (a spawn's join completes its spawner, a loop iteration its predecessor), its
+//! completes (a spawn's join completes its spawner, a loop iteration its predecessor; a loop
+//! iteration completed by its join may loop on), its
 //! dependents (one fewer parent to wait for; released at zero, cancelled by a failed `fail`
 //! edge) and its run (one fewer task; ended at zero). Each step can make more tasks final, so
 //! it repeats until nothing more changes.
@@ -13,6 +14,7 @@
 //! statistics, joins written plainly were planned as scans of all of `tasks` per batch.
 
 use crate::rows::{Redispatch, RedispatchRow, redispatch_columns};
+use crate::runs::{ChangedRow, next_iterations};
 use crate::{Finalized, StoreError, column};
 use std::collections::HashMap;
 use taskfleet_proto::{RunState, TaskState};
@@ -29,20 +31,14 @@ pub(crate) struct Cascade {
     pub runs_ended: Vec<(Uuid, RunState)>,
 }
 
-/// A task row the cascade changed: its new state and run.
+/// A waiting task its completer just decided, with what a loop needs to go on.
 #[derive(sqlx::FromRow)]
-struct ChangedTask {
-    id: Uuid,
-    queue: String,
-    state: String,
-    run_id: Option<Uuid>,
-}
-
-impl ChangedTask {
-    fn finalized(self) -> Option<Finalized> {
-        let state = TaskState::parse(&self.state).filter(|s| s.is_final())?;
-        Some(Finalized { id: self.id, queue: self.queue, state, run_id: self.run_id })
-    }
+struct CompletedTask {
+    #[sqlx(flatten)]
+    row: ChangedRow,
+    result: Option<serde_json::Value>,
+    /// Completed by its own next iteration (not by a join).
+    chained: bool,
 }
 
 /// A dependent the cascade moved: released (`queued`) or cancelled.
@@ -64,7 +60,9 @@ pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Final
             *runs.entry(run).or_default() += 1;
         }
         out.finalized.append(&mut frontier);
-        frontier.extend(complete_waiting(tx, &ids).await?);
+        let (decided, loops) = complete_waiting(tx, &ids).await?;
+        frontier.extend(decided);
+        out.released.extend(next_iterations(tx, &loops.iter().collect::<Vec<_>>()).await?);
         let (released, cancelled) = move_dependents(tx, &ids, &states).await?;
         out.released.extend(released);
         frontier.extend(cancelled);
@@ -75,20 +73,35 @@ pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Final
 }
 
 /// Waiting tasks completed by tasks of `ids` take their completer's state, result and error.
-async fn complete_waiting(tx: &mut sqlx::PgConnection, ids: &[Uuid]) -> Result<Vec<Finalized>, StoreError> {
-    let rows: Vec<ChangedTask> = sqlx::query_as(
+/// Returns those now final, and the loop iterations whose join just succeeded without their
+/// loop's predicate holding: they go on to their next iteration instead.
+async fn complete_waiting(
+    tx: &mut sqlx::PgConnection,
+    ids: &[Uuid],
+) -> Result<(Vec<Finalized>, Vec<ChangedRow>), StoreError> {
+    let rows: Vec<CompletedTask> = sqlx::query_as(
         "UPDATE tasks w SET state = f.state, result = f.result, error = f.error, finished_at = now(),
                 updated_at = now(), run_at = NULL
-         FROM (SELECT completes, state, result, error FROM tasks
+         FROM (SELECT completes, state, result, error, node, iteration FROM tasks
                WHERE id = ANY($1) AND completes IS NOT NULL OFFSET 0) f
          WHERE w.id = ANY(ARRAY(SELECT completes FROM tasks WHERE id = ANY($1) AND completes IS NOT NULL))
            AND w.id = f.completes AND w.state = 'waiting'
-         RETURNING w.id, w.queue, w.state, w.run_id",
+         RETURNING w.id, w.queue, w.priority, w.state, w.run_id, w.iteration, w.loop_spec, w.spawn_depth, w.result,
+                   (f.iteration > 0 AND f.node IS NOT DISTINCT FROM w.node) AS chained",
     )
     .bind(ids)
     .fetch_all(tx)
     .await?;
-    Ok(rows.into_iter().filter_map(ChangedTask::finalized).collect())
+    let (mut finals, mut loops) = (Vec::new(), Vec::new());
+    for c in rows {
+        let state = TaskState::parse(&c.row.state);
+        if state == Some(TaskState::Succeeded) && !c.chained && c.row.loops_again(c.result.as_ref()) {
+            loops.push(c.row);
+        } else if let Some(state) = state.filter(|s| s.is_final()) {
+            finals.push(Finalized { id: c.row.id, queue: c.row.queue, state, run_id: c.row.run_id });
+        }
+    }
+    Ok((finals, loops))
 }
 
 /// Counts down the pending dependents of `parents` (which just became final, in `states`;

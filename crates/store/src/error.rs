@@ -111,6 +111,12 @@ impl StoreError {
         self.kind == StoreErrorKind::Unavailable
     }
 
+    /// Postgres rolled the transaction back to break a deadlock or a serialization conflict
+    /// (SQLSTATE class 40): the same transaction, tried again, may well succeed.
+    pub fn is_conflict(&self) -> bool {
+        matches!(&self.source, Source::Database(sqlx::Error::Database(e)) if e.code().is_some_and(|c| c.starts_with("40")))
+    }
+
     /// What Postgres said, with its SQLSTATE, for a database error; the whole error otherwise.
     pub fn database_words(&self) -> String {
         match &self.source {

@@ -267,7 +267,7 @@ impl Store {
         let mut todo = vec![(0, events.len())];
         while let Some((start, end)) = todo.pop() {
             let part = &events[start..end];
-            match self.record_events(part).await {
+            match self.record_events_retrying(part).await {
                 Ok(o) => out.merge(o),
                 Err(e) if !e.is_data_error() => return Err(e),
                 Err(e) if part.len() == 1 => {
@@ -289,6 +289,24 @@ impl Store {
             }
         }
         Ok(out)
+    }
+}
+
+impl Store {
+    /// [`Store::record_events`], tried again (up to three times) when Postgres rolled it back
+    /// to break a deadlock with a concurrent transaction (another coordinator, a run's
+    /// cancellation), so a batch is not handed back for so little.
+    async fn record_events_retrying(&self, events: &[TaskEvent]) -> Result<RecordOutcome, StoreError> {
+        let mut tries = 0;
+        loop {
+            match self.record_events(events).await {
+                Err(e) if e.is_conflict() && tries < 3 => {
+                    tries += 1;
+                    tracing::debug!(error = %e, tries, "recording conflicted with another transaction; again");
+                }
+                other => return other,
+            }
+        }
     }
 }
 

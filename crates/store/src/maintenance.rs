@@ -25,6 +25,9 @@ impl Claimed {
     }
 }
 
+/// Bytes of checkpoints one `task.runnable` answer carries, at most.
+const RUNNABLE_CHECKPOINT_BYTES: usize = 512 << 10;
+
 /// The decision for one message: a message of a newer generation than the row's was
 /// published by a claim that did not commit and may run; an older one is a leftover; one of
 /// the current generation may run unless its attempt already handed the task back (a retry or
@@ -181,12 +184,18 @@ impl Store {
         let mut by_id: HashMap<Uuid, (String, i32, bool, Option<serde_json::Value>)> =
             rows.into_iter().map(|(id, state, gen_, waits, cp)| (id, (state, gen_, waits, cp))).collect();
         let (mut answers, mut checkpoints) = (Vec::with_capacity(asked.len()), Vec::with_capacity(asked.len()));
+        // Checkpoints ride in one reply message: past this budget a message runs with the
+        // checkpoint it carries (an older one, or none).
+        let mut budget = RUNNABLE_CHECKPOINT_BYTES;
         for q in asked {
             let (answer, checkpoint) = match by_id.get_mut(&q.id) {
                 None => (Runnable::Unknown, None),
                 Some((state, current, waits, cp)) => {
                     let answer = runnable_of(state, *current, *waits, q.generation);
-                    (answer, if answer == Runnable::Run { cp.take() } else { None })
+                    let size = cp.as_ref().map_or(0, |c| c.to_string().len());
+                    let fits = answer == Runnable::Run && size <= budget;
+                    budget -= if fits { size } else { 0 };
+                    (answer, if fits { cp.take() } else { None })
                 }
             };
             answers.push(answer);
@@ -198,12 +207,17 @@ impl Store {
         Ok((answers, checkpoints))
     }
 
-    /// Pending tasks with no parent left to wait for (a release that was missed), moved to
-    /// `queued`.
+    /// Pending tasks whose parents are all final, none of them failed on a `fail` edge (a
+    /// release that was missed), moved to `queued`. Checked against the parents themselves,
+    /// not the countdown, so a miscounted row is released too.
     pub async fn release_stranded(&self) -> Result<Vec<Redispatch>, StoreError> {
         const SQL: &str = concat!(
-            "UPDATE tasks t SET state = 'queued', dispatched_at = now(), updated_at = now()
-             WHERE t.state = 'pending' AND t.waiting_on <= 0
+            "UPDATE tasks t SET state = 'queued', waiting_on = 0, dispatched_at = now(), updated_at = now()
+             WHERE t.state = 'pending'
+               AND NOT EXISTS (SELECT 1 FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
+                               WHERE d.task_id = t.id
+                                 AND (p.state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
+                                      OR (p.state <> 'succeeded' AND d.on_failure = 'fail')))
              RETURNING ",
             redispatch_columns!()
         );
@@ -215,7 +229,8 @@ impl Store {
         Ok(tasks)
     }
 
-    /// Moves dead tasks back to `queued` for another `max_attempts` attempts (the row's budget
+    /// Moves dead tasks outside runs (a run's are resumed with their run) back to `queued` for
+    /// another `max_attempts` attempts (the row's budget
     /// grows by the attempts already spent, so retries after the replay keep it): the given ids, or
     /// every dead task (of `queue`, if given) when `ids` is `None`. Their history stays in
     /// `task_attempts`.
@@ -228,7 +243,7 @@ impl Store {
         const SQL: &str = concat!(
             "UPDATE tasks t SET state = 'queued', dispatches = t.dispatches + 1, dispatched_at = now(),
                     updated_at = now(), finished_at = NULL, max_attempts = t.max_attempts + t.attempt
-             WHERE t.id IN (SELECT id FROM tasks WHERE state = 'dead'
+             WHERE t.id IN (SELECT id FROM tasks WHERE state = 'dead' AND run_id IS NULL
                               AND ($1::uuid[] IS NULL OR id = ANY($1))
                               AND ($2::text IS NULL OR queue = $2)
                             ORDER BY id LIMIT $3 FOR UPDATE SKIP LOCKED)
@@ -256,7 +271,8 @@ impl Store {
             return Ok(CancelOutcome { previous: None, ..CancelOutcome::unchanged() });
         };
         let previous = TaskState::parse(&state);
-        if previous.is_none_or(|s| s.is_final()) {
+        // A waiting task's outcome is its join's or next iteration's: cancel its run instead.
+        if previous.is_none_or(|s| s.is_final() || s == TaskState::Waiting) {
             return Ok(CancelOutcome { previous, ..CancelOutcome::unchanged() });
         }
         sqlx::query(

@@ -153,9 +153,9 @@ pub(crate) const PARENTS_SQL: &str = "SELECT d.task_id, p.id, p.node, p.state, p
      WHERE d.task_id = ANY($1)
      ORDER BY d.task_id, d.position, p.id";
 
-/// Fills in what goes with a dispatch from Postgres: each task's parents' outcomes (left out,
-/// with `parents_omitted`, when together they encode to more than `inline_bytes`) and, for a
-/// loop iteration, the previous iteration's outcome. Two queries for the whole batch.
+/// Fills in what goes with a dispatch from Postgres: each task's parents' outcomes and, for a
+/// loop iteration, the previous iteration's outcome (both left out, with `parents_omitted`,
+/// when together they encode to more than `inline_bytes`). Two queries for the whole batch.
 pub(crate) async fn attach_parents(
     conn: &mut sqlx::PgConnection,
     tasks: &mut [Redispatch],
@@ -182,20 +182,22 @@ pub(crate) async fn attach_parents(
         previous = rows.into_iter().map(|r| (r.task_id, r.into())).collect();
     }
     for t in tasks.iter_mut() {
-        if let Some(parents) = by_task.remove(&t.envelope.id) {
-            if encoded_size(&parents) > inline_bytes {
-                t.envelope.parents_omitted = true;
-            } else {
-                t.envelope.parents = parents;
-            }
-        }
+        let parents = by_task.remove(&t.envelope.id).unwrap_or_default();
         // A previous iteration still `waiting` took its successor's place: show it succeeded.
-        t.envelope.previous = t.previous.and_then(|p| previous.remove(&p)).map(|mut p| {
+        let previous = t.previous.and_then(|p| previous.remove(&p)).map(|mut p| {
             if p.state == TaskState::Waiting {
                 p.state = TaskState::Succeeded;
             }
-            Box::new(p)
+            p
         });
+        // Parents and previous iteration share one budget; over it, the worker reads both
+        // with `task.parents` before the step starts.
+        if encoded_size(&parents) + encoded_size(previous.as_slice()) > inline_bytes {
+            t.envelope.parents_omitted = true;
+        } else {
+            t.envelope.parents = parents;
+            t.envelope.previous = previous.map(Box::new);
+        }
     }
     Ok(())
 }

@@ -663,7 +663,8 @@ impl Store {
 
     /// Runs a failed or cancelled run again: succeeded tasks keep their results; every other
     /// task is set to run again with a fresh attempt budget (and its last checkpoint), a task
-    /// that had spawned or looped waits for its join or iteration again. `Ok(None)` if there
+    /// that had spawned or looped waits for its join or iteration again (or takes its result
+    /// when that one had succeeded). `Ok(None)` if there
     /// is no such run; the previous state is returned with no change when it is not failed
     /// or cancelled.
     pub async fn resume_run(&self, run: Uuid) -> Result<Option<(RunState, Option<RunResumed>)>, StoreError> {
@@ -674,10 +675,13 @@ impl Store {
         }
         let reset: Vec<(Uuid,)> = sqlx::query_as(
             "UPDATE tasks t SET
-                 state = CASE WHEN EXISTS (SELECT 1 FROM tasks c WHERE c.completes = t.id) THEN 'waiting' ELSE 'pending' END,
-                 result = NULL, error = NULL, finished_at = NULL, run_at = NULL, dispatches = t.dispatches + 1,
+                 state = CASE WHEN c.state = 'succeeded' THEN 'succeeded' WHEN c.id IS NOT NULL THEN 'waiting'
+                              ELSE 'pending' END,
+                 result = c.result, error = NULL, run_at = NULL, dispatches = t.dispatches + 1,
+                 finished_at = CASE WHEN c.state = 'succeeded' THEN now() END,
                  max_attempts = t.max_attempts + t.attempt, updated_at = now()
-             WHERE t.run_id = $1 AND t.state IN ('failed', 'dead', 'cancelled')
+             FROM tasks t0 LEFT JOIN LATERAL (SELECT id, state, result FROM tasks WHERE completes = t0.id LIMIT 1) c ON true
+             WHERE t.id = t0.id AND t.run_id = $1 AND t.state IN ('failed', 'dead', 'cancelled')
              RETURNING t.id",
         )
         .bind(run)
@@ -717,17 +721,21 @@ impl Store {
         Ok(Some((previous, Some(RunResumed { reset: reset.into_iter().map(|(id,)| id).collect(), ready }))))
     }
 
-    /// A step's parents' outcomes, `offset..offset + limit` in edge order, and how many it has.
+    /// A step's parents' outcomes, `offset..offset + limit` in edge order, how many it has,
+    /// and, for a loop iteration after the first, the previous iteration's outcome.
     pub async fn parents_page(
         &self,
         task: Uuid,
         offset: u32,
         limit: u32,
-    ) -> Result<(Vec<ParentOutcome>, u32), StoreError> {
-        let total: i64 = sqlx::query_scalar("SELECT count(*) FROM task_dependencies WHERE task_id = $1")
-            .bind(task)
-            .fetch_one(&self.pool)
-            .await?;
+    ) -> Result<(Vec<ParentOutcome>, u32, Option<ParentOutcome>), StoreError> {
+        let (total, previous): (i64, Option<Uuid>) = sqlx::query_as(
+            "SELECT (SELECT count(*) FROM task_dependencies WHERE task_id = $1),
+                    (SELECT completes FROM tasks WHERE id = $1 AND iteration > 1)",
+        )
+        .bind(task)
+        .fetch_one(&self.pool)
+        .await?;
         let rows: Vec<ParentRow> = sqlx::query_as(
             "SELECT d.task_id, p.id, p.node, p.state, p.result, p.error
              FROM task_dependencies d JOIN tasks p ON p.id = d.depends_on
@@ -738,7 +746,16 @@ impl Store {
         .bind(limit as i64)
         .fetch_all(&self.pool)
         .await?;
-        Ok((rows.into_iter().map(ParentOutcome::from).collect(), total as u32))
+        let previous: Option<ParentRow> = match previous {
+            Some(id) => sqlx::query_as(
+                "SELECT p.id AS task_id, p.id, p.node, 'succeeded' AS state, p.result, p.error FROM tasks p WHERE p.id = $1",
+            )
+            .bind(id)
+            .fetch_optional(&self.pool)
+            .await?,
+            None => None,
+        };
+        Ok((rows.into_iter().map(ParentOutcome::from).collect(), total as u32, previous.map(ParentOutcome::from)))
     }
 
     /// Stores a task's checkpoint unless the task is final; true when stored.

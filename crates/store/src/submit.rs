@@ -248,8 +248,10 @@ async fn lock_dependency_states(
     if external.is_empty() {
         return Ok(HashMap::new());
     }
+    // A run's tasks are not dependencies for tasks outside it (a run ends and is resumed as a
+    // whole): they read as unknown.
     let rows: Vec<(Uuid, String)> =
-        sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) ORDER BY id FOR SHARE")
+        sqlx::query_as("SELECT id, state FROM tasks WHERE id = ANY($1) AND run_id IS NULL ORDER BY id FOR SHARE")
             .bind(&external)
             .fetch_all(tx)
             .await?;

@@ -2,8 +2,8 @@
 
 use taskfleet_config::DatabaseConfig;
 use taskfleet_proto::{
-    EventKind, NodeSpec, Priority, RunSpec, RunState, TaskEnvelope, TaskErrorInfo, TaskEvent, TaskState, Timings,
-    plan_nodes,
+    EventKind, NodeSpec, OnFailure, Priority, RunSpec, RunState, Spawn, TaskEnvelope, TaskErrorInfo, TaskEvent,
+    TaskState, Timings, plan_nodes,
 };
 use taskfleet_store::{Store, StoreError};
 use taskfleet_test_support::{database_url, unique_name};
@@ -358,4 +358,47 @@ async fn a_join_is_released_exactly_once_under_concurrent_commits() {
             .unwrap();
         assert_eq!(out.runs_ended, vec![(spec.id, RunState::Succeeded)], "round {round}");
     }
+}
+
+/// A loop iteration that spawns is decided by its join: when the join's result does not
+/// pass the loop's predicate, the loop goes on to its next iteration. A waiting task cannot be
+/// cancelled on its own.
+#[tokio::test]
+async fn a_spawning_loop_iteration_loops_on_its_joins_result() {
+    let s = Schema::new("store_loop_spawn").await;
+    let spec = RunSpec::new(vec![NodeSpec::new("refine", "plan", serde_json::Value::Null).repeat_until("q >= 1", 3)]);
+    let planned = plan_nodes(&spec.nodes, "default", Priority::Normal, 1 << 20).unwrap();
+    let inserted = s.store.insert_run(&spec, &planned, None).await.unwrap();
+    let first = inserted.ready[0].envelope.clone();
+
+    let mut spawned = event(&first, EventKind::Spawned, 1);
+    spawned.spawn = Some(Box::new(Spawn {
+        children: vec![NodeSpec::new("", "search", serde_json::json!(1))],
+        join: NodeSpec::new("", "collect", serde_json::Value::Null),
+        on_child_failure: OnFailure::Fail,
+    }));
+    let out = s.store.record_events(&[spawned]).await.unwrap();
+    assert_eq!(out.released.len(), 1, "the child");
+    let child = out.released[0].envelope.clone();
+    assert!(!s.store.cancel(first.id).await.unwrap().cancelled, "a waiting task is not cancelled alone");
+
+    let out = s.store.record_events(&[event(&child, EventKind::Succeeded, 1)]).await.unwrap();
+    let join = out.released[0].envelope.clone();
+    assert_eq!(join.node.as_deref(), Some("join"));
+    let mut joined = event(&join, EventKind::Succeeded, 1);
+    joined.result = Some(serde_json::json!({"q": 0}));
+    let out = s.store.record_events(&[joined]).await.unwrap();
+    let next: Vec<_> = out.released.iter().map(|t| (t.envelope.node.clone(), t.envelope.iteration)).collect();
+    assert_eq!(next, vec![(Some("refine".to_string()), 2)], "the loop goes on");
+    assert!(out.runs_ended.is_empty());
+    assert_eq!(
+        out.released[0].envelope.previous.as_ref().and_then(|p| p.result.clone()),
+        Some(serde_json::json!({"q": 0}))
+    );
+
+    let second = out.released[0].envelope.clone();
+    let mut done = event(&second, EventKind::Succeeded, 1);
+    done.result = Some(serde_json::json!({"q": 2}));
+    let out = s.store.record_events(&[done]).await.unwrap();
+    assert_eq!(out.runs_ended, vec![(spec.id, RunState::Succeeded)]);
 }

@@ -114,13 +114,18 @@ pub(crate) async fn admit(
     permit: Option<OwnedSemaphorePermit>,
     granted: Vec<String>,
 ) -> Admission {
-    if !runnable(rt, attempt).await {
-        return Admission::Terminate;
-    }
+    let asked = match runnable(rt, attempt).await {
+        Some(false) => return Admission::Terminate,
+        Some(true) => true,
+        None => false,
+    };
     let checks = Checks {
         delivered: attempt.dispatch.delivered,
         max_deliver: rt.worker.config.nats.max_deliver as u32,
-        cancelled: rt.worker.cancellations.contains(&attempt.env.id),
+        // When the coordinator was just asked, Postgres has spoken: an id still in the local
+        // cancelled set belongs to a task run again since (a resumed run) whose withdrawal from
+        // the bucket has not arrived yet.
+        cancelled: !asked && rt.worker.cancellations.contains(&attempt.env.id),
         attempt: attempt.number,
         max_attempts: attempt.max_attempts,
     };
@@ -166,10 +171,11 @@ pub(crate) async fn admit(
 /// Asks the coordinator about a message that may be stale (delivered before, or of a later
 /// dispatch generation): it may have ended, or been dispatched again, since it was published.
 /// A message that runs takes the task's last checkpoint, which may be newer than its own.
-async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> bool {
+/// `None` when there was nothing to ask (a first delivery of a first dispatch).
+async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> Option<bool> {
     let d = &attempt.dispatch;
     if d.delivered <= 1 && d.generation <= 1 {
-        return true;
+        return None;
     }
     let (answer, checkpoint) = rt.gate.check(attempt.env.id, d.generation).await;
     let reason = match answer {
@@ -177,7 +183,7 @@ async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> bool {
             if checkpoint.is_some() {
                 attempt.env.checkpoint = checkpoint;
             }
-            return true;
+            return Some(true);
         }
         Runnable::Final => "final",
         Runnable::Stale => "stale",
@@ -186,7 +192,7 @@ async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> bool {
     metrics::counter!("taskfleet_worker_skipped_total", "reason" => reason).increment(1);
     tracing::debug!(task_id = %attempt.env.id, generation = d.generation, delivered = d.delivered,
                     reason, "not running a dispatch message: terminating it");
-    false
+    Some(false)
 }
 
 /// A claim on a cache entry: the attempt that holds it stores its result there.

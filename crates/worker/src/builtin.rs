@@ -58,12 +58,19 @@ fn invalid(message: String) -> TaskError {
     TaskError::fatal(message).with_code("invalid_payload")
 }
 
+/// Most children one `spawn` task may ask for (the coordinator's
+/// `workflows.max_children_per_spawn` may allow fewer).
+pub const SPAWN_MAX: u64 = 100_000;
+
 /// Spawns `{"count": N}` children of `{"kind": K}` (default `echo`) with payload
 /// `{"i": i, "payload": <payload>}` and a join of `{"join": J}` (default `collect`) that
 /// receives all their outcomes; with `{"on_child_failure": "continue"}` the join runs even
 /// when children fail. The task then waits, holding no worker, and ends with the join's result.
 pub async fn spawn(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
     let count = payload.get("count").and_then(Value::as_u64).unwrap_or(1);
+    if count > SPAWN_MAX {
+        return Err(invalid(format!("count {count} is more than {SPAWN_MAX}")));
+    }
     let kind = payload.get("kind").and_then(Value::as_str).unwrap_or("echo");
     let join = payload.get("join").and_then(Value::as_str).unwrap_or("collect");
     let on_child_failure: OnFailure = match payload.get("on_child_failure") {

@@ -110,10 +110,12 @@ pub(crate) fn spawn_publisher(
 
 /// Encodes an event, making it fit in one message: an attempt whose result is too large to
 /// publish ends `failed` with `result_too_large` (running it again would give the same
-/// result), and a progress report too large loses its value.
+/// result), one whose spawn is too large ends `failed` with `spawn_too_large`, and a progress
+/// report too large loses its value.
 fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
     let Outbound { mut event, after } = o;
     if let Some(problem) = event.result.as_ref().and_then(|r| taskfleet_proto::check_json(r).err()) {
+        event.spawn = None;
         // Postgres could not store it (a NUL character) or the fleet could not read it back
         // (nested too deep): a clear failure now, not a rejected batch later.
         metrics::counter!("taskfleet_worker_results_unstorable_total").increment(1);
@@ -132,11 +134,17 @@ fn encode_within(o: Outbound, max_bytes: usize) -> Encoded {
         "the attempt's {} bytes of events exceed the largest message the NATS server takes ({room} bytes)",
         bytes.len()
     );
-    if matches!(event.kind, EventKind::Succeeded | EventKind::Retrying | EventKind::Dead | EventKind::Failed) {
+    if event.spawn.is_some() {
+        // Children and join that do not fit one message: the spawn cannot be recorded.
+        event.kind = EventKind::Failed;
+        event.error = Some(TaskErrorInfo { code: "spawn_too_large".into(), message, retryable: false });
+    } else if matches!(event.kind, EventKind::Succeeded | EventKind::Retrying | EventKind::Dead | EventKind::Failed) {
         event.kind = EventKind::Failed;
         event.error = Some(TaskErrorInfo { code: "result_too_large".into(), message, retryable: false });
         event.retry_in_ms = None;
     }
+    event.spawn = None;
+    event.stop_run = false;
     event.result = None;
     if let Some(e) = &mut event.error {
         e.message.truncate(4096);
@@ -267,5 +275,21 @@ mod tests {
         assert_eq!(ev.kind, EventKind::Failed);
         assert_eq!(ev.error.expect("an error").code, "result_too_large");
         assert!(ev.result.is_none());
+    }
+
+    #[test]
+    fn a_spawn_larger_than_a_message_fails_its_task_clearly() {
+        let mut o = outbound(10);
+        o.event.kind = EventKind::Spawned;
+        let children = (0..20_000)
+            .map(|i| taskfleet_proto::NodeSpec::new("", "search", serde_json::json!({ "query": format!("topic {i}") })))
+            .collect();
+        let join = taskfleet_proto::NodeSpec::new("", "collect", serde_json::Value::Null);
+        o.event.spawn = Some(Box::new(taskfleet_proto::Spawn { children, join, on_child_failure: Default::default() }));
+        let e = encode_within(o, 1 << 20);
+        assert!(e.bytes.len() < 1 << 20);
+        let ev: TaskEvent = taskfleet_proto::decode(&e.bytes, None, 1 << 20).expect("decodes");
+        assert_eq!((ev.kind, ev.error.expect("an error").code.as_str()), (EventKind::Failed, "spawn_too_large"));
+        assert!(ev.spawn.is_none());
     }
 }

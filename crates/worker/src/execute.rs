@@ -45,7 +45,10 @@ pub(crate) async fn execute(
     let (parents, unreadable) = match env.parents_omitted {
         false => (std::mem::take(&mut env.parents), None),
         true => match rt.submitter.coordinator.parents(env.id).await {
-            Ok(parents) => (parents, None),
+            Ok((parents, previous)) => {
+                env.previous = previous.map(Box::new);
+                (parents, None)
+            }
             Err(e) => (Vec::new(), Some(e)),
         },
     };

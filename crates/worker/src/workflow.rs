@@ -46,9 +46,10 @@ impl Coordinator {
         })
     }
 
-    /// Every parent's outcome of `task`, page by page.
-    pub async fn parents(&self, task: TaskId) -> Result<Vec<ParentOutcome>, TaskError> {
+    /// Every parent's outcome of `task`, page by page, and the previous loop iteration's.
+    pub async fn parents(&self, task: TaskId) -> Result<(Vec<ParentOutcome>, Option<ParentOutcome>), TaskError> {
         let mut out = Vec::new();
+        let mut previous = None;
         loop {
             let request = ParentsRequest { id: task, offset: out.len() as u32, limit: None };
             let page: ParentsReply = self.ask(VERB_TASK_PARENTS, &request).await.map_err(|e| {
@@ -56,8 +57,9 @@ impl Coordinator {
             })?;
             let got = page.parents.len();
             out.extend(page.parents);
+            previous = previous.or(page.previous);
             if got == 0 || out.len() >= page.total as usize {
-                return Ok(out);
+                return Ok((out, previous));
             }
         }
     }
