@@ -45,6 +45,7 @@ async fn main() -> anyhow::Result<()> {
     let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60));
     let Some(client) = service.until_shutdown(connecting).await else { return Ok(()) };
     let client = client?;
+    warn_if_dispatches_may_not_fit(&config, client.server_info().max_payload);
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
     let cancel_bucket = topology.cancel_bucket().await?;
@@ -100,6 +101,23 @@ async fn main() -> anyhow::Result<()> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// A dispatch carries a task's payload, its last checkpoint and its parents' outcomes inline:
+/// warns when their limits together pass what the NATS server takes in one message.
+fn warn_if_dispatches_may_not_fit(config: &taskfleet_config::Config, max_payload: usize) {
+    let worst = config.coordinator.max_body_bytes
+        + config.workflows.max_checkpoint_bytes
+        + config.workflows.inline_parents_bytes
+        + 16 * 1024;
+    if worst > max_payload {
+        tracing::warn!(
+            worst_dispatch_bytes = worst,
+            max_payload,
+            "coordinator.max_body_bytes + workflows.max_checkpoint_bytes + workflows.inline_parents_bytes exceed the \
+             NATS server's max_payload: a task with all three at their limits could not be dispatched"
+        );
     }
 }
 

@@ -127,7 +127,10 @@ pub(crate) async fn resume(ctx: &Ctx, id: Uuid) -> Answer {
     if let Err(e) = crate::dispatch::publish_rows(&ctx.topology, &resumed.ready).await {
         tracing::error!(run_id = %id, error = %e, "cannot dispatch a resumed run's tasks now");
     }
-    reply(RunChange { previous, state: RunState::Running, tasks: resumed.reset.len() })
+    if resumed.state.is_final() {
+        crate::recorder::notify_runs_ended(ctx, &[(id, resumed.state)]).await;
+    }
+    reply(RunChange { previous, state: resumed.state, tasks: resumed.reset.len() })
 }
 
 /// `task.parents`: a page of a step's parents' outcomes, cut at [`PARENTS_PAGE_BYTES`] so that
@@ -162,7 +165,9 @@ pub(crate) async fn checkpoint(ctx: &Ctx, r: CheckpointRequest) -> Answer {
             "a checkpoint of {size} bytes is over workflows.max_checkpoint_bytes ({limit})"
         )));
     }
-    reply(CheckpointReply { saved: ctx.store.save_checkpoint(r.id, &r.checkpoint).await.map_err(unavailable)? })
+    reply(CheckpointReply {
+        saved: ctx.store.save_checkpoint(r.id, &r.checkpoint, r.generation).await.map_err(unavailable)?,
+    })
 }
 
 /// Fails runs past their deadline; called by the rescuer's leader each round.

@@ -234,6 +234,10 @@ pub struct CheckpointRequest {
     pub id: TaskId,
     /// What the next attempt should start from.
     pub checkpoint: Value,
+    /// Dispatch generation of the attempt saving it: a checkpoint from an attempt the task was
+    /// dispatched again since (a lost worker's) is not stored. None: not checked.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub generation: Option<u32>,
 }
 
 /// Reply of `task.checkpoint`.

@@ -92,6 +92,8 @@ pub struct RunResumed {
     pub reset: Vec<Uuid>,
     /// Of those, the ones ready now.
     pub ready: Vec<Redispatch>,
+    /// The run's state now: `running`, or final again when nothing was left to run.
+    pub state: RunState,
 }
 
 /// A row of `tasks` that a recorded event changed, with what spawns and loops need.
@@ -716,9 +718,9 @@ impl Store {
         let mut ready: Vec<Redispatch> = rows.into_iter().map(Redispatch::from).collect();
         attach_parents(&mut tx, &mut ready, self.limits.inline_parents_bytes).await?;
         // A run with nothing left to do (every task had succeeded) ends again at once.
-        finish_runs(&mut tx, &[run]).await?;
+        let state = finish_runs(&mut tx, &[run]).await?.first().map_or(RunState::Running, |(_, s)| *s);
         tx.commit().await?;
-        Ok(Some((previous, Some(RunResumed { reset: reset.into_iter().map(|(id,)| id).collect(), ready }))))
+        Ok(Some((previous, Some(RunResumed { reset: reset.into_iter().map(|(id,)| id).collect(), ready, state }))))
     }
 
     /// A step's parents' outcomes, `offset..offset + limit` in edge order, how many it has,
@@ -758,13 +760,22 @@ impl Store {
         Ok((rows.into_iter().map(ParentOutcome::from).collect(), total as u32, previous.map(ParentOutcome::from)))
     }
 
-    /// Stores a task's checkpoint unless the task is final; true when stored.
-    pub async fn save_checkpoint(&self, task: Uuid, checkpoint: &serde_json::Value) -> Result<bool, StoreError> {
+    /// Stores a task's checkpoint unless the task is final or was dispatched again after the
+    /// saving attempt's `generation`; true when stored.
+    pub async fn save_checkpoint(
+        &self,
+        task: Uuid,
+        checkpoint: &serde_json::Value,
+        generation: Option<u32>,
+    ) -> Result<bool, StoreError> {
         let done = sqlx::query(
-            "UPDATE tasks SET checkpoint = $2 WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')",
+            "UPDATE tasks SET checkpoint = $2
+             WHERE id = $1 AND state NOT IN ('succeeded', 'failed', 'dead', 'cancelled')
+               AND ($3::int4 IS NULL OR dispatches <= $3)",
         )
         .bind(task)
         .bind(checkpoint)
+        .bind(generation.map(|g| g.min(i32::MAX as u32) as i32))
         .execute(&self.pool)
         .await?;
         Ok(done.rows_affected() == 1)

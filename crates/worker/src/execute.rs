@@ -74,6 +74,7 @@ pub(crate) async fn execute(
         previous: attempt.env.previous.take().map(|p| Arc::new(*p)),
         checkpoint: attempt.env.checkpoint.take(),
         effects: effects.clone(),
+        generation: attempt.dispatch.generation.max(1) as u32,
     };
     rt.running.insert(token, RunningTask { reply, cancel: cancel.clone(), base: attempt.base.clone() });
     let stats = &rt.worker.stats;

@@ -52,6 +52,8 @@ pub struct TaskContext {
     /// The last checkpoint an earlier attempt of this task saved ([`TaskContext::checkpoint`]).
     pub checkpoint: Option<Value>,
     pub(crate) effects: Arc<Mutex<Effects>>,
+    /// Dispatch generation of the message this attempt runs from.
+    pub(crate) generation: u32,
 }
 
 /// Where a handler's child tasks go (the fleet's submit subjects) and the coordinator's API.
@@ -204,7 +206,7 @@ impl TaskContext {
             TaskError::fatal(format!("checkpoint not serializable: {e}")).with_code("checkpoint_failed")
         })?;
         let until = tokio::time::Instant::from_std(self.deadline.min(Instant::now() + Duration::from_secs(30)));
-        to.coordinator.checkpoint(self.task_id, value, until).await.map(|_| ())
+        to.coordinator.checkpoint(self.task_id, self.generation, value, until).await.map(|_| ())
     }
 
     /// Adds children and a join when this attempt succeeds: the task then waits, holding no
@@ -255,6 +257,7 @@ impl TaskContext {
             previous: None,
             checkpoint: None,
             effects: Default::default(),
+            generation: 1,
         }
     }
 }

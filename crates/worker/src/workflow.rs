@@ -70,10 +70,11 @@ impl Coordinator {
     pub async fn checkpoint(
         &self,
         task: TaskId,
+        generation: u32,
         checkpoint: serde_json::Value,
         until: tokio::time::Instant,
     ) -> Result<bool, TaskError> {
-        let request = CheckpointRequest { id: task, checkpoint };
+        let request = CheckpointRequest { id: task, checkpoint, generation: Some(generation) };
         let mut pause = Duration::from_millis(100);
         loop {
             match self.ask::<_, CheckpointReply>(VERB_TASK_CHECKPOINT, &request).await {
