@@ -19,6 +19,13 @@ async fn attempts(pool: &sqlx::PgPool, task: Uuid) -> i64 {
         .unwrap()
 }
 
+/// A task's stored result.
+async fn result(pool: &sqlx::PgPool, task: Uuid) -> Value {
+    let result: Option<Value> =
+        sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1").bind(task).fetch_one(pool).await.unwrap();
+    result.unwrap_or(Value::Null)
+}
+
 /// The view of one task of a run by node name (the first task with that node).
 fn task<'a>(view: &'a Value, node: &str) -> &'a Value {
     view["tasks"].as_array().and_then(|t| t.iter().find(|t| t["node"] == node)).unwrap_or(&Value::Null)
@@ -65,11 +72,7 @@ async fn results_flow_along_the_dag_with_each_edges_failure_policy() {
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "failed", "{view}");
     assert_eq!(task(&view, "tolerant")["state"], "succeeded", "{view}");
-    let tolerant: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
-        .bind(tasks["tolerant"])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let tolerant = result(&pool, tasks["tolerant"]).await;
     assert_eq!(tolerant, json!({"results": [null], "failed": 1}));
     for node in ["strict", "after_strict"] {
         assert_eq!(task(&view, node)["state"], "cancelled", "{node}: {view}");
@@ -146,11 +149,7 @@ async fn a_spawn_joins_all_its_children_once() {
         .await;
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
     assert_eq!(view["state"], "succeeded", "{view}");
-    let joined: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
-        .bind(tasks["research"])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let joined = result(&pool, tasks["research"]).await;
     let results = joined["results"].as_array().cloned().unwrap_or_default();
     assert_eq!(results.len(), 300, "{joined}");
     assert!(results.iter().enumerate().all(|(i, r)| r["i"] == i as u64), "children's results in spawn order");
@@ -161,11 +160,7 @@ async fn a_spawn_joins_all_its_children_once() {
         .unwrap();
     assert_eq!(joins.len(), 1);
     assert_eq!(attempts(&pool, joins[0].0).await, 1, "the join ran once");
-    let write: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
-        .bind(tasks["write"])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let write = result(&pool, tasks["write"]).await;
     assert_eq!(
         write["results"][0]["results"].as_array().map(Vec::len),
         Some(300),
@@ -250,11 +245,7 @@ async fn loops_repeat_until_their_predicate_holds() {
     assert!(iterations.iter().all(|i| i.1 == "succeeded"), "{iterations:?}");
     assert_eq!(iterations[0].2["n"], 3, "the loop's first task ends with the last iteration's result");
     assert_eq!(iterations[2].2["parents"], 1, "every iteration sees the loop's parents");
-    let publish: Value = sqlx::query_scalar("SELECT result FROM tasks WHERE id = $1")
-        .bind(tasks["publish"])
-        .fetch_one(&pool)
-        .await
-        .unwrap();
+    let publish = result(&pool, tasks["publish"]).await;
     assert_eq!(
         (publish["results"][0]["n"].clone(), publish["results"][1]["n"].clone()),
         (json!(3), json!(2)),
