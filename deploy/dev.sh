@@ -87,6 +87,9 @@ for p in $(seq 0 19); do
 done
 wait "${submitters[@]}"
 log "demo: $(curl -fsS 127.0.0.1:8089/stats | python3 -c 'import json,sys; s=json.load(sys.stdin); print(s["by_status"]["200"], "calls reached the LLM API for 200 tasks")')"
+log "demo: a workflow run (deploy/demo-run.yaml): a spawn with its join, a loop, a join of two steps"
+submitted=$($BIN/taskfleet run submit deploy/demo-run.yaml --wait --timeout 60s)
+$BIN/taskfleet run show "${submitted%%$'\n'*}"
 sleep 5   # workers report every 5 s
 $BIN/taskfleet top --once --aggregator http://127.0.0.1:9090 || true
 log "demo: recent tasks"
@@ -99,5 +102,7 @@ The fleet is running. Try:
   open http://localhost:9090/            # the dashboard (also: target/debug/taskfleet top)
   curl -s localhost:9090/v1/stats        # aggregator
   curl -s localhost:8080/v1/counts       # coordinator
+  source .dev/env && target/debug/taskfleet run submit deploy/demo-run.yaml --wait   # a workflow
+  source .dev/env && target/debug/taskfleet run ls                                    # recent runs
   make stop                              # stop the fleet
 MSG

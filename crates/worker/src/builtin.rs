@@ -62,8 +62,9 @@ fn invalid(message: String) -> TaskError {
 /// `workflows.max_children_per_spawn` may allow fewer).
 pub const SPAWN_MAX: u64 = 100_000;
 
-/// Spawns `{"count": N}` children of `{"kind": K}` (default `echo`) with payload
-/// `{"i": i, "payload": <payload>}` and a join of `{"join": J}` (default `collect`) that
+/// Spawns `{"count": N}` children of `{"kind": K}` (default `echo`), each with the payload
+/// `{"payload": P}` plus its index `"i"` (P's fields and `"i"` when P is an object, else
+/// `{"i": i, "payload": P}`), and a join of `{"join": J}` (default `collect`) that
 /// receives all their outcomes; with `{"on_child_failure": "continue"}` the join runs even
 /// when children fail. The task then waits, holding no worker, and ends with the join's result.
 pub async fn spawn(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
@@ -78,7 +79,16 @@ pub async fn spawn(ctx: TaskContext, payload: Value) -> Result<Value, TaskError>
         Some(v) => serde_json::from_value(v.clone()).map_err(|e| invalid(format!("on_child_failure: {e}")))?,
     };
     let inner = payload.get("payload").cloned().unwrap_or(Value::Null);
-    let children = (0..count).map(|i| NodeSpec::new("", kind, json!({ "i": i, "payload": inner }))).collect();
+    let child_payload = |i: u64| match &inner {
+        Value::Object(fields) => {
+            let mut fields = fields.clone();
+            fields.insert("i".into(), i.into());
+            Value::Object(fields)
+        }
+        Value::Null => json!({ "i": i }),
+        other => json!({ "i": i, "payload": other }),
+    };
+    let children = (0..count).map(|i| NodeSpec::new("", kind, child_payload(i))).collect();
     ctx.spawn(Spawn { children, join: NodeSpec::new("", join, Value::Null), on_child_failure })?;
     Ok(json!({ "spawned": count }))
 }
@@ -156,9 +166,14 @@ mod tests {
     #[tokio::test]
     async fn workflow_builtins() {
         let ctx = TaskContext::for_test("spawn");
-        spawn(ctx.clone(), json!({"count": 3, "on_child_failure": "continue"})).await.unwrap();
+        spawn(ctx.clone(), json!({"count": 3, "on_child_failure": "continue", "payload": {"ms": 5}})).await.unwrap();
         let effects = ctx.effects.lock().unwrap().clone();
         let s = effects.spawn.unwrap();
+        assert_eq!(
+            s.children[2].payload,
+            json!({"ms": 5, "i": 2}),
+            "a child's payload is the given one with its index"
+        );
         assert_eq!((s.children.len(), s.join.kind.as_str(), s.on_child_failure), (3, "collect", OnFailure::Continue));
         assert_eq!(spawn(ctx, json!({"count": 1})).await.unwrap_err().code, "invalid_spawn", "one spawn per attempt");
 
