@@ -8,13 +8,14 @@
 //! | --- | --- |
 //! | `POST /v1/chat/completions` | an OpenAI-shaped completion; the reply is `[<name>] echo: <last user message>` (see [`echo_content`]) and `usage` counts `ceil(chars / 4)` tokens per text (see [`count_tokens`]), so equal requests get equal answers; the `id` is unique per answer |
 //! | `POST /v1/search` `{"query", "max_results"}`, `GET /v1/search?q=…&max_results=…` | `{"provider", "query", "results": [{"title", "url", "snippet"}]}`, the same for the same query |
+//! | `POST /v1/embeddings` `{"model", "input": text or [texts], "dimensions"?}` | OpenAI-shaped unit vectors (256 dimensions by default) from the texts' words and character trigrams (see [`embed`]): paraphrases are close, unrelated texts are not, equal texts get equal vectors; `usage` counts [`count_tokens`] per text |
 //! | `GET /stats` | [`Stats`]: arrivals, answers by status and by endpoint, and the arrival times of the requests answered 200 (for measuring a client's rate-limit overshoot, see [`Stats::max_in_window`]) |
 //! | `POST /stats/reset` | the counters as they were; they start again from zero |
 //! | `GET /control`, `POST /control` | the current [`Behaviour`]; the body of a `POST` is a [`Control`] (any of its fields) changing it |
 //! | `GET /healthz` | `ok` |
 //!
 //! Malformed JSON or a missing field is answered 400 with `{"error":{"message","type"}}`, as
-//! OpenAI does. On the two API routes, before anything else, the mock waits `latency_ms` plus a
+//! OpenAI does. On the three API routes, before anything else, the mock waits `latency_ms` plus a
 //! uniform `0..=jitter_ms`, answers 429 with `Retry-After` when over its own token-bucket limit
 //! (`limit_per_s`) or with probability `rate_429`, and 500 with probability `error_rate`. The
 //! draws come from an RNG seeded with `seed`, so a run is reproducible.
@@ -47,6 +48,7 @@
 //! `TASKFLEET_MOCK_ERROR_RATE`, …); `RUST_LOG` sets the log level.
 
 mod api;
+mod embeddings;
 mod server;
 mod stats;
 
@@ -54,7 +56,11 @@ pub use api::{
     ChatChoice, ChatMessage, ChatRequest, ChatResponse, DEFAULT_SEARCH_RESULTS, ECHO_MAX_CHARS, ErrorBody, ErrorDetail,
     MAX_SEARCH_RESULTS, SearchRequest, SearchResponse, SearchResult, Usage, count_tokens, echo_content,
 };
-pub use stats::{CHAT_ENDPOINT, SEARCH_ENDPOINT, Stats};
+pub use embeddings::{
+    DEFAULT_DIMENSIONS, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, MAX_DIMENSIONS,
+    MAX_INPUTS, embed,
+};
+pub use stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, SEARCH_ENDPOINT, Stats};
 
 use serde::{Deserialize, Serialize};
 use server::Shared;

@@ -2,7 +2,8 @@
 //! taken for each API request.
 
 use crate::api::{self, ChatRequest, ErrorBody, SearchRequest};
-use crate::stats::{CHAT_ENDPOINT, SEARCH_ENDPOINT, Stats};
+use crate::embeddings::{EmbeddingRequest, embeddings_response};
+use crate::stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, SEARCH_ENDPOINT, Stats};
 use crate::{Behaviour, Control, MockError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -210,6 +211,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
     Router::new()
         .route("/v1/chat/completions", post(chat))
         .route("/v1/search", get(search_get).post(search_post))
+        .route("/v1/embeddings", post(embeddings))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/control", get(get_control).post(post_control))
@@ -240,6 +242,25 @@ async fn chat(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Respon
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let response = api::chat_response(&s.name, &request, seq, created);
     s.answer(arrival, StatusCode::OK, &response)
+}
+
+async fn embeddings(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let arrival = match s.gate(EMBEDDINGS_ENDPOINT).await {
+        Ok(arrival) => arrival,
+        Err(response) => return response,
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return s.bad_request(arrival, format!("cannot read the request body: {e}")),
+    };
+    let request: EmbeddingRequest = match serde_json::from_slice(&body) {
+        Ok(request) => request,
+        Err(e) => return s.bad_request(arrival, format!("invalid embeddings request: {e}")),
+    };
+    match request.texts() {
+        Ok(texts) => s.answer(arrival, StatusCode::OK, &embeddings_response(&request, &texts)),
+        Err(message) => s.bad_request(arrival, message),
+    }
 }
 
 async fn search_post(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Response {

@@ -7,6 +7,8 @@ use std::collections::BTreeMap;
 pub const CHAT_ENDPOINT: &str = "/v1/chat/completions";
 /// Path counted for `GET` and `POST /v1/search`.
 pub const SEARCH_ENDPOINT: &str = "/v1/search";
+/// Path of the embeddings endpoint, as counted in [`Stats::by_endpoint`].
+pub const EMBEDDINGS_ENDPOINT: &str = "/v1/embeddings";
 
 /// Counters of the API endpoints (chat and search; not `/stats`, `/control` or `/healthz`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -20,7 +22,7 @@ pub struct Stats {
     pub total: u64,
     /// Answers by HTTP status; 200, 400, 429 and 500 are always present.
     pub by_status: BTreeMap<u16, u64>,
-    /// Arrivals by endpoint path ([`CHAT_ENDPOINT`], [`SEARCH_ENDPOINT`]).
+    /// Arrivals by endpoint path ([`CHAT_ENDPOINT`], [`SEARCH_ENDPOINT`], [`EMBEDDINGS_ENDPOINT`]).
     pub by_endpoint: BTreeMap<String, u64>,
     /// Arrival times, in milliseconds since the server started, of the requests answered 200,
     /// in increasing order.
@@ -35,7 +37,10 @@ impl Stats {
             uptime_ms: 0.0,
             total: 0,
             by_status: [200, 400, 429, 500].into_iter().map(|s| (s, 0)).collect(),
-            by_endpoint: [CHAT_ENDPOINT, SEARCH_ENDPOINT].into_iter().map(|e| (e.to_string(), 0)).collect(),
+            by_endpoint: [CHAT_ENDPOINT, SEARCH_ENDPOINT, EMBEDDINGS_ENDPOINT]
+                .into_iter()
+                .map(|e| (e.to_string(), 0))
+                .collect(),
             accepted_ms: Vec::new(),
         }
     }

@@ -265,3 +265,22 @@ async fn invalid_config_and_shutdown() {
     let _ = tx.send(());
     running.await.expect("joined").expect("clean stop");
 }
+
+#[tokio::test]
+async fn embeddings_round_trip_and_refusals() {
+    let (mock, client) = start(Behaviour::default()).await;
+    let url = format!("{}/v1/embeddings", mock.url());
+    let body = json!({"model": "embed-test", "input": ["cook fresh pasta", "cooking fresh pasta"], "dimensions": 64});
+    let (status, _, body) = post(&client, url.clone(), &body).await;
+    assert_eq!(status, StatusCode::OK, "{body}");
+    let reply: EmbeddingResponse = serde_json::from_value(body).expect("OpenAI shape");
+    assert_eq!(reply.data.len(), 2);
+    assert_eq!(reply.data[1].index, 1);
+    assert_eq!(reply.data[0].embedding.len(), 64);
+    assert_eq!(reply.data[0].embedding, embed("cook fresh pasta", 64), "the documented vector");
+    let (status, _, body) = post(&client, url, &json!({"model": "embed-test", "input": []})).await;
+    assert_eq!(status, StatusCode::BAD_REQUEST, "{body}");
+    let stats = mock.handle().stats();
+    assert_eq!(stats.by_endpoint.get(EMBEDDINGS_ENDPOINT), Some(&2));
+    mock.shutdown().await.expect("stops");
+}
