@@ -1,18 +1,9 @@
-//! `taskfleet run`: submit a run (a DAG of named nodes) from a JSON or YAML file, draw it, wait
-//! for it, cancel and resume it. Every command is a verb of the coordinator's request/reply API
-//! (`run.submit`, `run.get`, `run.cancel`, `run.resume`), called through [`Fleet::api`].
+//! Drawing a run as text: a header, then one line per task, parents first, spawned tasks under
+//! their spawner, loop iterations under the iteration they complete, long spawns collapsed.
 
-use crate::client::Fleet;
-use anyhow::{Context, anyhow};
 use std::cmp::Reverse;
 use std::collections::{BTreeMap, BinaryHeap, HashMap, HashSet};
-use std::io::Read;
-use std::path::Path;
-use std::time::Duration;
-use taskfleet_proto::{
-    RunChange, RunGetRequest, RunIdRequest, RunSpec, RunState, RunSubmitted, RunTaskView, RunView, TaskState,
-    VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_RESUME, VERB_RUN_SUBMIT,
-};
+use taskfleet_proto::{RunState, RunTaskView, RunView, TaskState};
 use uuid::Uuid;
 
 /// Siblings with the same spawner beyond which `draw` collapses them.
@@ -29,190 +20,6 @@ const MAX_PARENTS_NAMED: usize = 5;
 const MAX_HEADER_TEXT: usize = 200;
 /// Widest tree column padded to; longer names push their line's other columns right.
 const MAX_TREE_WIDTH: usize = 48;
-
-/// Arguments of `taskfleet run submit`.
-#[derive(clap::Args)]
-pub struct SubmitArgs {
-    /// The run (a RunSpec) as JSON or YAML: `.yaml`/`.yml` files are read as YAML, others as
-    /// JSON or else YAML; `-` reads standard input.
-    file: String,
-    /// Then wait until the run is over, as `taskfleet run wait` does.
-    #[arg(long)]
-    wait: bool,
-    /// With --wait, give up after this long (exit code 2).
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration, requires = "wait")]
-    timeout: Duration,
-}
-
-/// Arguments of `taskfleet run show`.
-#[derive(clap::Args)]
-pub struct ShowArgs {
-    /// Run id.
-    id: Uuid,
-    /// Print the coordinator's answer (the RunView) as JSON instead of drawing it.
-    #[arg(long)]
-    json: bool,
-    /// Tasks listed at most, oldest first (default: the coordinator's, 1000; at most 5000).
-    /// Totals always cover every task.
-    #[arg(long)]
-    tasks: Option<u32>,
-}
-
-/// Arguments of `taskfleet run wait`.
-#[derive(clap::Args)]
-pub struct WaitArgs {
-    /// Run id.
-    id: Uuid,
-    /// Give up after this long (exit code 2).
-    #[arg(long, default_value = "10m", value_parser = humantime::parse_duration)]
-    timeout: Duration,
-}
-
-/// Arguments of `taskfleet run ls`.
-#[derive(clap::Args)]
-pub struct ListArgs {
-    /// Only runs in this state (`running`, `succeeded`, `failed`, `cancelled`).
-    #[arg(long, value_parser = parse_run_state)]
-    state: Option<RunState>,
-    /// Most runs listed.
-    #[arg(long, default_value_t = 20)]
-    limit: u32,
-}
-
-fn parse_run_state(s: &str) -> Result<RunState, String> {
-    RunState::parse(s).ok_or_else(|| format!("{s:?} is not one of running, succeeded, failed, cancelled"))
-}
-
-/// `run ls`: one line per run, newest first: id, state, tasks done of all, age, name.
-pub async fn list(fleet: &Fleet, args: ListArgs) -> anyhow::Result<i32> {
-    let runs: Vec<taskfleet_proto::RunSummary> = fleet
-        .api(
-            taskfleet_proto::VERB_RUN_LIST,
-            &taskfleet_proto::RunListRequest { state: args.state, limit: Some(args.limit) },
-        )
-        .await?;
-    let now = taskfleet_proto::now_ms();
-    println!("{:<36}  {:<9}  {:>13}  {:>9}  name", "run", "state", "tasks done", "age");
-    for r in runs {
-        let age = humantime::format_duration(Duration::from_secs(now.saturating_sub(r.created_at) / 1000));
-        let done = format!("{}/{}", r.tasks.saturating_sub(r.remaining), r.tasks);
-        println!(
-            "{:<36}  {:<9}  {:>13}  {:>9}  {}",
-            r.id,
-            r.state.as_str(),
-            done,
-            age.to_string(),
-            r.name.unwrap_or_default()
-        );
-    }
-    Ok(0)
-}
-
-/// Arguments of `taskfleet run cancel` and `taskfleet run resume`.
-#[derive(clap::Args)]
-pub struct IdArgs {
-    /// Run id.
-    id: Uuid,
-}
-
-/// `run submit`: reads the run, submits it, prints the run id and then each node's task id;
-/// with `--wait`, then waits as [`wait`] does and exits with its code.
-pub async fn submit(fleet: &Fleet, args: SubmitArgs) -> anyhow::Result<i32> {
-    let spec = read_spec(&args.file)?;
-    let submitted: RunSubmitted = fleet.api(VERB_RUN_SUBMIT, &spec).await?;
-    println!("{}", submitted.run_id);
-    let width = submitted.tasks.keys().map(|n| n.chars().count()).max().unwrap_or(0);
-    for (node, task) in &submitted.tasks {
-        println!("{node:<width$}  {task}");
-    }
-    if submitted.duplicate {
-        eprintln!("run {} exists already: nothing new was created", submitted.run_id);
-    }
-    if !args.wait {
-        return Ok(0);
-    }
-    wait(fleet, WaitArgs { id: submitted.run_id, timeout: args.timeout }).await
-}
-
-/// `run show`: the run drawn as text (see [`draw`]), or its RunView as JSON with `--json`.
-pub async fn show(fleet: &Fleet, args: ShowArgs) -> anyhow::Result<i32> {
-    let view: RunView = fleet.api(VERB_RUN_GET, &RunGetRequest { id: args.id, tasks: args.tasks }).await?;
-    if args.json {
-        println!("{}", serde_json::to_string_pretty(&view)?);
-    } else {
-        print!("{}", draw(&view));
-    }
-    Ok(0)
-}
-
-/// `run wait`: polls `run.get` until the run is not `running`, then prints its state line
-/// (standard error) and its output as JSON (standard output). Exit code 0 if it succeeded, 1 if
-/// it failed or was cancelled, 2 if it is still running after the timeout.
-pub async fn wait(fleet: &Fleet, args: WaitArgs) -> anyhow::Result<i32> {
-    let Some(view) = fleet.wait_run(args.id, args.timeout).await? else {
-        eprintln!("run {} is still running after {}", args.id, humantime::format_duration(args.timeout));
-        return Ok(2);
-    };
-    eprint!("{}", header(&view, taskfleet_proto::now_ms(), false));
-    println!("{}", serde_json::to_string_pretty(&view.output)?);
-    Ok(if view.state == RunState::Succeeded { 0 } else { 1 })
-}
-
-/// `run cancel`: prints the coordinator's RunChange as JSON.
-pub async fn cancel(fleet: &Fleet, args: IdArgs) -> anyhow::Result<i32> {
-    let change: RunChange = fleet.api(VERB_RUN_CANCEL, &RunIdRequest { id: args.id }).await?;
-    println!("{}", serde_json::to_string_pretty(&change)?);
-    if change.previous.is_final() {
-        eprintln!("run {} was already {}: nothing changed", args.id, change.previous.as_str());
-    }
-    Ok(0)
-}
-
-/// `run resume`: prints the coordinator's RunChange as JSON. A run that is neither failed nor
-/// cancelled is refused by the coordinator (an error, exit code 1).
-pub async fn resume(fleet: &Fleet, args: IdArgs) -> anyhow::Result<i32> {
-    let change: RunChange = fleet.api(VERB_RUN_RESUME, &RunIdRequest { id: args.id }).await?;
-    println!("{}", serde_json::to_string_pretty(&change)?);
-    Ok(0)
-}
-
-/// How a run file is read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Format {
-    /// `.yaml` or `.yml`.
-    Yaml,
-    /// Anything else: JSON, else YAML.
-    Guess,
-}
-
-/// Reads a RunSpec from `file` (`-`: standard input).
-fn read_spec(file: &str) -> anyhow::Result<RunSpec> {
-    let (text, format) = if file == "-" {
-        let mut text = String::new();
-        std::io::stdin().read_to_string(&mut text).context("reading the run from standard input")?;
-        (text, Format::Guess)
-    } else {
-        let text = std::fs::read_to_string(file).with_context(|| format!("reading {file}"))?;
-        let yaml = Path::new(file)
-            .extension()
-            .and_then(|e| e.to_str())
-            .is_some_and(|e| e.eq_ignore_ascii_case("yaml") || e.eq_ignore_ascii_case("yml"));
-        (text, if yaml { Format::Yaml } else { Format::Guess })
-    };
-    let name = if file == "-" { "standard input" } else { file };
-    parse_spec(&text, format).with_context(|| format!("{name} is not a valid run"))
-}
-
-/// Parses a RunSpec as YAML, or as JSON and else YAML.
-fn parse_spec(text: &str, format: Format) -> anyhow::Result<RunSpec> {
-    if format == Format::Yaml {
-        return serde_norway::from_str(text).map_err(|e| anyhow!("YAML: {e}"));
-    }
-    match serde_json::from_str(text) {
-        Ok(spec) => Ok(spec),
-        Err(json) => serde_norway::from_str(text).map_err(|yaml| anyhow!("as JSON: {json}; as YAML: {yaml}")),
-    }
-}
 
 /// The run drawn as text: a header (id, name, state, elapsed time, totals, output or error),
 /// then one line per task, parents before dependents, spawned tasks indented under their
@@ -239,7 +46,7 @@ fn draw_at(view: &RunView, now_ms: u64) -> String {
 
 /// The header: a state line, then the output or error line, if any (`with_output`: the
 /// output too, else only the error).
-fn header(view: &RunView, now_ms: u64, with_output: bool) -> String {
+pub(super) fn header(view: &RunView, now_ms: u64, with_output: bool) -> String {
     let t = &view.totals;
     let (elapsed, word) = match view.finished_at {
         Some(end) => (end.saturating_sub(view.created_at), "after"),
@@ -761,26 +568,6 @@ mod tests {
         assert_eq!(lines[1], "error: run_timeout: too slow");
         assert!(lines[2].starts_with("… 0  fetch  queued"), "{drawn}");
         assert_eq!(lines[3], "… 1 of 3 tasks listed (oldest first; --tasks N lists more, up to 5000)");
-    }
-
-    #[test]
-    fn runs_are_read_from_json_or_yaml() {
-        let json = r#"{"name": "r", "nodes": [{"name": "a", "kind": "k"},
-            {"name": "b", "kind": "k", "depends_on": ["a", {"node": "a", "on_failure": "continue"}],
-             "loop": {"until": "x > 1", "max_iterations": 2}}]}"#;
-        let yaml = "name: r\nnodes:\n  - name: a\n    kind: k\n  - name: b\n    kind: k\n    depends_on:\n      - a\n      \
-                    - {node: a, on_failure: continue}\n    loop: {until: x > 1, max_iterations: 2}\n";
-        for (text, format) in [(json, Format::Guess), (yaml, Format::Guess), (yaml, Format::Yaml)] {
-            let spec = parse_spec(text, format).unwrap();
-            assert_eq!(spec.name.as_deref(), Some("r"));
-            assert_eq!(spec.nodes[1].depends_on.len(), 2);
-            assert_eq!(spec.nodes[1].repeat.as_ref().map(|l| l.max_iterations), Some(2));
-        }
-        let yaml_payload = "nodes:\n  - name: a\n    kind: k\n    payload: {q: [1, 2.5, \"x\"]}\n";
-        assert_eq!(parse_spec(yaml_payload, Format::Guess).unwrap().nodes[0].payload, json!({"q": [1, 2.5, "x"]}));
-        let err = parse_spec("nodes: [{name: a, kind: k, bogus: 1}]", Format::Guess).unwrap_err().to_string();
-        assert!(err.contains("as JSON") && err.contains("bogus"), "{err}");
-        assert!(parse_spec("{\"nodes\": []}", Format::Yaml).is_ok());
     }
 
     #[test]
