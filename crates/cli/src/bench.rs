@@ -101,20 +101,18 @@ pub async fn events(fleet: &Fleet, args: EventsArgs) -> anyhow::Result<i32> {
     Ok(0)
 }
 
+/// The `q` quantile (0..=1) of `v`, sorting it; NaN when empty.
+pub(crate) fn percentile(v: &mut [f64], q: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
+}
+
 fn summary(name: &str, mut v: Vec<f64>) -> String {
     if v.is_empty() {
         return format!("{name}: no samples");
     }
-    v.sort_by(|a, b| a.total_cmp(b));
-    let p = |q: f64| v[((v.len() as f64 * q) as usize).min(v.len() - 1)];
-    format!(
-        "{name:<34} n={:<6} p50 {:>7.2} ms  p90 {:>7.2} ms  p99 {:>7.2} ms  max {:>7.2} ms",
-        v.len(),
-        p(0.5),
-        p(0.9),
-        p(0.99),
-        v[v.len() - 1]
-    )
+    let [p50, p90, p99, max] = [0.5, 0.9, 0.99, 1.0].map(|q| percentile(&mut v, q));
+    format!("{name:<34} n={:<6} p50 {p50:>7.2} ms  p90 {p90:>7.2} ms  p99 {p99:>7.2} ms  max {max:>7.2} ms", v.len(),)
 }
 
 /// Sends `count` tasks at `rate`, one at a time, and measures for each, on this process's

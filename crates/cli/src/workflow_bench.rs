@@ -5,6 +5,7 @@
 //! latency of `chains` two-step runs sent at a low rate (the parent's handler ending → the
 //! child's handler starting).
 
+use crate::bench::percentile;
 use crate::client::Fleet;
 use anyhow::{anyhow, bail};
 use async_nats::HeaderMap;
@@ -125,11 +126,6 @@ async fn plain_tasks(fleet: &Fleet, n: usize) -> anyhow::Result<f64> {
     sent?;
     seen?;
     Ok(t0.elapsed().as_secs_f64())
-}
-
-fn percentile(v: &mut [f64], q: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    v.get(((v.len() as f64 * q) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(f64::NAN)
 }
 
 /// Independent steps against a DAG of the same size, alternately, and plain tasks.

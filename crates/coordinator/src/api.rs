@@ -117,11 +117,7 @@ async fn cancel(ctx: &Ctx, id: TaskId) -> Answer {
     let outcome = ctx.store.cancel(id).await.map_err(unavailable)?;
     let previous = outcome.previous.ok_or_else(|| not_found(id))?;
     if outcome.cancelled {
-        if let Err(e) = ctx.cancel_bucket.put(id.to_string(), Bytes::new()).await {
-            // Postgres already says cancelled; a worker that still runs it records an attempt
-            // whose outcome is ignored.
-            tracing::warn!(task_id = %id, error = %e, "cannot announce a cancellation to workers");
-        }
+        crate::recorder::announce_cancelled(ctx, &[id]).await;
         metrics::counter!("taskfleet_coordinator_cancelled_total").increment(outcome.finalized.len() as u64);
         crate::recorder::notify_committed(ctx, &outcome.finalized).await;
         crate::recorder::notify_runs_ended(ctx, &outcome.runs_ended).await;

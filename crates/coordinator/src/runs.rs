@@ -5,8 +5,8 @@
 use crate::Ctx;
 use crate::api::{Answer, bad_request, reply, unavailable};
 use taskfleet_proto::{
-    ApiError, ApiErrorKind, CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunGetRequest,
-    RunListRequest, RunSpec, RunState, RunSubmitted, plan_nodes,
+    ApiError, ApiErrorKind, CheckpointReply, CheckpointRequest, ParentOutcome, ParentsReply, ParentsRequest, RunChange,
+    RunGetRequest, RunListRequest, RunSpec, RunState, RunSubmitted, plan_nodes,
 };
 use taskfleet_store::WorkflowLimits;
 use uuid::Uuid;
@@ -138,21 +138,16 @@ pub(crate) async fn resume(ctx: &Ctx, id: Uuid) -> Answer {
 pub(crate) async fn parents(ctx: &Ctx, r: ParentsRequest) -> Answer {
     let limit = r.limit.unwrap_or(MAX_PARENTS_PAGE).clamp(1, MAX_PARENTS_PAGE);
     let (mut parents, total, previous) = ctx.store.parents_page(r.id, r.offset, limit).await.map_err(unavailable)?;
-    let mut bytes = previous.as_ref().map_or(0, outcome_bytes);
+    let mut bytes = previous.as_ref().map_or(0, ParentOutcome::encoded_len);
     let fits = parents
         .iter()
         .position(|p| {
-            bytes += outcome_bytes(p);
+            bytes += p.encoded_len();
             bytes > PARENTS_PAGE_BYTES
         })
         .unwrap_or(parents.len());
     parents.truncate(fits.max(1));
     reply(ParentsReply { parents, total, previous })
-}
-
-/// Bytes an outcome takes in a reply, about.
-fn outcome_bytes(p: &taskfleet_proto::ParentOutcome) -> usize {
-    serde_json::to_vec(p).map_or(0, |v| v.len())
 }
 
 /// `task.checkpoint`: stores a step's checkpoint before answering.

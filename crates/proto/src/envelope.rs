@@ -225,6 +225,31 @@ impl TaskEnvelope {
     /// Checks every field against the contract. `max_payload_bytes` bounds the encoded
     /// payload (JSON length).
     pub fn validate(&self, max_payload_bytes: usize) -> Result<(), DecodeError> {
+        self.validate_task(max_payload_bytes)?;
+        self.validate_dependencies()
+    }
+
+    /// The `depends_on` of a submitted task: at most [`MAX_DEPENDENCIES`], none twice, not
+    /// itself. (A run's or a spawn's edges are checked by [`crate::plan_nodes`] instead.)
+    fn validate_dependencies(&self) -> Result<(), DecodeError> {
+        if self.depends_on.len() > MAX_DEPENDENCIES {
+            return Err(DecodeError::Invalid {
+                field: "depends_on",
+                reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
+            });
+        }
+        let mut seen = std::collections::HashSet::with_capacity(self.depends_on.len());
+        if let Some(twice) = self.depends_on.iter().find(|d| !seen.insert(**d)) {
+            return Err(DecodeError::Invalid { field: "depends_on", reason: format!("names {twice} twice") });
+        }
+        if self.depends_on.contains(&self.id) {
+            return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
+        }
+        Ok(())
+    }
+
+    /// Every check of [`TaskEnvelope::validate`] but those of `depends_on`.
+    pub fn validate_task(&self, max_payload_bytes: usize) -> Result<(), DecodeError> {
         if self.v == 0 || self.v > PROTOCOL_VERSION {
             return Err(DecodeError::UnsupportedVersion { found: self.v, supported: PROTOCOL_VERSION });
         }
@@ -258,19 +283,6 @@ impl TaskEnvelope {
                 field: "created_at",
                 reason: format!("{} ms is after 9999-12-31 ({MAX_CREATED_AT_MS} ms)", self.created_at),
             });
-        }
-        if self.depends_on.len() > MAX_DEPENDENCIES {
-            return Err(DecodeError::Invalid {
-                field: "depends_on",
-                reason: format!("{} dependencies, at most {MAX_DEPENDENCIES}", self.depends_on.len()),
-            });
-        }
-        let mut seen = std::collections::HashSet::with_capacity(self.depends_on.len());
-        if let Some(twice) = self.depends_on.iter().find(|d| !seen.insert(**d)) {
-            return Err(DecodeError::Invalid { field: "depends_on", reason: format!("names {twice} twice") });
-        }
-        if self.depends_on.contains(&self.id) {
-            return Err(DecodeError::Invalid { field: "depends_on", reason: "a task cannot depend on itself".into() });
         }
         if self.limits.len() > MAX_LIMITS {
             return Err(DecodeError::Invalid {

@@ -244,6 +244,14 @@ pub struct ParentOutcome {
     pub error: Option<TaskErrorInfo>,
 }
 
+impl ParentOutcome {
+    /// Bytes the outcome takes encoded as JSON (a little more than as MessagePack): what
+    /// budgets of outcomes travelling in one message count.
+    pub fn encoded_len(&self) -> usize {
+        serde_json::to_vec(self).map_or(0, |v| v.len())
+    }
+}
+
 /// A comparison of a loop predicate.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Op {
@@ -394,12 +402,9 @@ pub fn plan_nodes(
             l.validate().map_err(|e| invalid("nodes.loop", format!("node {:?}: {e}", n.name)))?;
             env.iteration = 1;
         }
-        // Edges are checked above; a join may have as many parents as its spawn has children,
-        // beyond what a single submitted task may name.
-        let depends_on = std::mem::take(&mut env.depends_on);
-        let checked = env.validate(max_payload_bytes);
-        env.depends_on = depends_on;
-        checked.map_err(|e| match e {
+        // Edges are checked above and for cycles below: a join may have as many parents as its
+        // spawn has children, beyond what a single submitted task may name.
+        env.validate_task(max_payload_bytes).map_err(|e| match e {
             DecodeError::Invalid { field, reason } => invalid(field, format!("node {:?}: {reason}", n.name)),
             other => other,
         })?;

@@ -31,6 +31,19 @@ pub(crate) struct Cascade {
     pub runs_ended: Vec<(Uuid, RunState)>,
 }
 
+/// A task that just became final, with what it may set off: dependents to count down, a
+/// waiting task to decide. Tasks with neither (most of a plain workload) cost the cascade no
+/// statement.
+#[derive(Debug)]
+pub(crate) struct Ended {
+    /// The task.
+    pub task: Finalized,
+    /// Other tasks depend on it.
+    pub has_dependents: bool,
+    /// It decides a waiting task.
+    pub completes: bool,
+}
+
 /// A waiting task its completer just decided, with what a loop needs to go on.
 #[derive(sqlx::FromRow)]
 struct CompletedTask {
@@ -47,25 +60,32 @@ struct MovedDependent {
     #[sqlx(flatten)]
     row: RedispatchRow,
     new_state: String,
+    moved_has_dependents: bool,
+    moved_completes: bool,
 }
 
 /// Runs the cascade from `frontier`, tasks that just became final in this transaction.
-pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Finalized>) -> Result<Cascade, StoreError> {
+pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Ended>) -> Result<Cascade, StoreError> {
     let mut out = Cascade::default();
     let mut runs: HashMap<Uuid, i32> = HashMap::new();
     while !frontier.is_empty() {
-        let ids: Vec<Uuid> = frontier.iter().map(|f| f.id).collect();
-        let states: Vec<&'static str> = frontier.iter().map(|f| f.state.as_str()).collect();
-        for run in frontier.iter().filter_map(|f| f.run_id) {
+        let completers: Vec<Uuid> = frontier.iter().filter(|e| e.completes).map(|e| e.task.id).collect();
+        let parents: Vec<(Uuid, &'static str)> =
+            frontier.iter().filter(|e| e.has_dependents).map(|e| (e.task.id, e.task.state.as_str())).collect();
+        for run in frontier.iter().filter_map(|e| e.task.run_id) {
             *runs.entry(run).or_default() += 1;
         }
-        out.finalized.append(&mut frontier);
-        let (decided, loops) = complete_waiting(tx, &ids).await?;
-        frontier.extend(decided);
-        out.released.extend(next_iterations(tx, &loops.iter().collect::<Vec<_>>()).await?);
-        let (released, cancelled) = move_dependents(tx, &ids, &states).await?;
-        out.released.extend(released);
-        frontier.extend(cancelled);
+        out.finalized.extend(frontier.drain(..).map(|e| e.task));
+        if !completers.is_empty() {
+            let (decided, loops) = complete_waiting(tx, &completers).await?;
+            frontier.extend(decided);
+            out.released.extend(next_iterations(tx, &loops.iter().collect::<Vec<_>>()).await?);
+        }
+        if !parents.is_empty() {
+            let (released, cancelled) = move_dependents(tx, &parents).await?;
+            out.released.extend(released);
+            frontier.extend(cancelled);
+        }
     }
     let ended = count_down_runs(tx, &runs).await?;
     out.runs_ended = finish_runs(tx, &ended).await?;
@@ -78,7 +98,7 @@ pub(crate) async fn cascade(tx: &mut sqlx::PgConnection, mut frontier: Vec<Final
 async fn complete_waiting(
     tx: &mut sqlx::PgConnection,
     ids: &[Uuid],
-) -> Result<(Vec<Finalized>, Vec<ChangedRow>), StoreError> {
+) -> Result<(Vec<Ended>, Vec<ChangedRow>), StoreError> {
     let rows: Vec<CompletedTask> = sqlx::query_as(
         "UPDATE tasks w SET state = f.state, result = f.result, error = f.error, finished_at = now(),
                 updated_at = now(), run_at = NULL
@@ -86,7 +106,8 @@ async fn complete_waiting(
                WHERE id = ANY($1) AND completes IS NOT NULL OFFSET 0) f
          WHERE w.id = ANY(ARRAY(SELECT completes FROM tasks WHERE id = ANY($1) AND completes IS NOT NULL))
            AND w.id = f.completes AND w.state = 'waiting'
-         RETURNING w.id, w.queue, w.priority, w.state, w.run_id, w.iteration, w.loop_spec, w.spawn_depth, w.result,
+         RETURNING w.id, w.queue, w.priority, w.state, w.run_id, w.iteration, w.loop_spec, w.spawn_depth,
+                   w.has_dependents, w.completes, w.result,
                    (f.iteration > 0 AND f.node IS NOT DISTINCT FROM w.node) AS chained",
     )
     .bind(ids)
@@ -98,29 +119,30 @@ async fn complete_waiting(
         if state == Some(TaskState::Succeeded) && !c.chained && c.row.loops_again(c.result.as_ref()) {
             loops.push(c.row);
         } else if let Some(state) = state.filter(|s| s.is_final()) {
-            finals.push(Finalized { id: c.row.id, queue: c.row.queue, state, run_id: c.row.run_id });
+            finals.push(c.row.ended(state));
         }
     }
     Ok((finals, loops))
 }
 
-/// Counts down the pending dependents of `parents` (which just became final, in `states`;
-/// their states come along so that no parent row is read again): a dependent
+/// Counts down the pending dependents of the `ended` parents (ids with the final states they
+/// just took, passed in so that no parent row is read again): a dependent
 /// with a `fail` edge from a parent that did not succeed is cancelled at once; one whose
 /// count reaches zero is released. Rows are locked in id order first, so concurrent
 /// transactions cannot deadlock on them.
 async fn move_dependents(
     tx: &mut sqlx::PgConnection,
-    parents: &[Uuid],
-    states: &[&str],
-) -> Result<(Vec<Redispatch>, Vec<Finalized>), StoreError> {
+    ended: &[(Uuid, &str)],
+) -> Result<(Vec<Redispatch>, Vec<Ended>), StoreError> {
+    let parents: Vec<Uuid> = ended.iter().map(|e| e.0).collect();
+    let states: Vec<&str> = ended.iter().map(|e| e.1).collect();
     let locked: Vec<(Uuid,)> = sqlx::query_as(
         "SELECT id FROM tasks
          WHERE id = ANY(ARRAY(SELECT task_id FROM task_dependencies WHERE depends_on = ANY($1)))
            AND state = 'pending'
          ORDER BY id FOR UPDATE",
     )
-    .bind(parents)
+    .bind(&parents)
     .fetch_all(&mut *tx)
     .await?;
     if locked.is_empty() {
@@ -149,22 +171,27 @@ async fn move_dependents(
              updated_at = CASE WHEN h.doomed OR t.waiting_on - h.n <= 0 THEN now() ELSE t.updated_at END
          FROM hits h
          WHERE t.id = ANY($2) AND t.id = h.task_id AND t.state = 'pending'
-         RETURNING t.state AS new_state, ",
+         RETURNING t.state AS new_state, t.has_dependents AS moved_has_dependents,
+                   t.completes IS NOT NULL AS moved_completes, ",
         redispatch_columns!()
     );
     let ids: Vec<Uuid> = locked.into_iter().map(|(id,)| id).collect();
     let rows: Vec<MovedDependent> =
-        sqlx::query_as(SQL).bind(parents).bind(&ids).bind(states).fetch_all(&mut *tx).await?;
+        sqlx::query_as(SQL).bind(&parents).bind(&ids).bind(&states).fetch_all(&mut *tx).await?;
     let (mut released, mut cancelled) = (Vec::new(), Vec::new());
     for r in rows {
         let task = Redispatch::from(r.row);
         match r.new_state.as_str() {
             "queued" => released.push(task),
-            "cancelled" => cancelled.push(Finalized {
-                id: task.envelope.id,
-                queue: task.envelope.queue,
-                state: TaskState::Cancelled,
-                run_id: task.envelope.run_id,
+            "cancelled" => cancelled.push(Ended {
+                task: Finalized {
+                    id: task.envelope.id,
+                    queue: task.envelope.queue,
+                    state: TaskState::Cancelled,
+                    run_id: task.envelope.run_id,
+                },
+                has_dependents: r.moved_has_dependents,
+                completes: r.moved_completes,
             }),
             _ => {}
         }

@@ -98,7 +98,7 @@ impl Store {
                     if ev.stop_run && s == TaskState::Succeeded && row.run_id.is_some() {
                         stops.push((row.run_id, ev.result.clone()));
                     }
-                    frontier.push(Finalized { id: row.id, queue: row.queue.clone(), state: s, run_id: row.run_id });
+                    frontier.push(row.ended(s));
                 }
                 _ => {}
             }
@@ -234,7 +234,8 @@ async fn update_states(tx: &mut sqlx::PgConnection, decisive: &[&TaskEvent]) -> 
                 OR ((u.gen = 0 OR u.gen >= t.dispatches) AND u.attempt >= t.attempt
                     AND NOT (u.state = 'running' AND t.run_at IS NOT NULL AND (u.gen = 0 OR u.gen <= t.dispatches))
                     AND NOT (u.state = 'running' AND t.state = 'retrying' AND u.attempt = t.attempt)))
-         RETURNING t.id, t.queue, t.priority, t.state, t.run_id, t.iteration, t.loop_spec, t.spawn_depth",
+         RETURNING t.id, t.queue, t.priority, t.state, t.run_id, t.iteration, t.loop_spec, t.spawn_depth,
+                   t.has_dependents, t.completes",
     )
     .bind(column(decisive, |ev| ev.task_id))
     .bind(column(decisive, |ev| state_after(ev).as_str()))

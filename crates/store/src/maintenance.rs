@@ -262,12 +262,13 @@ impl Store {
     /// Cancels a task that is not final yet, and its pending dependents.
     pub async fn cancel(&self, id: TaskId) -> Result<CancelOutcome, StoreError> {
         let mut tx = self.pool.begin().await?;
-        let row: Option<(String, String, Option<Uuid>)> =
-            sqlx::query_as("SELECT state, queue, run_id FROM tasks WHERE id = $1 FOR UPDATE")
-                .bind(id)
-                .fetch_optional(&mut *tx)
-                .await?;
-        let Some((state, queue, run_id)) = row else {
+        let row: Option<(String, String, Option<Uuid>, bool, bool)> = sqlx::query_as(
+            "SELECT state, queue, run_id, has_dependents, completes IS NOT NULL FROM tasks WHERE id = $1 FOR UPDATE",
+        )
+        .bind(id)
+        .fetch_optional(&mut *tx)
+        .await?;
+        let Some((state, queue, run_id, has_dependents, completes)) = row else {
             return Ok(CancelOutcome { previous: None, ..CancelOutcome::unchanged() });
         };
         let previous = TaskState::parse(&state);
@@ -284,7 +285,8 @@ impl Store {
         .execute(&mut *tx)
         .await?;
         let done = Finalized { id, queue, state: TaskState::Cancelled, run_id };
-        let mut cascade = crate::cascade::cascade(&mut tx, vec![done]).await?;
+        let ended = crate::cascade::Ended { task: done, has_dependents, completes };
+        let mut cascade = crate::cascade::cascade(&mut tx, vec![ended]).await?;
         attach_parents(&mut tx, &mut cascade.released, self.limits.inline_parents_bytes).await?;
         tx.commit().await?;
         Ok(CancelOutcome {

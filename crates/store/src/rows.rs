@@ -202,13 +202,7 @@ pub(crate) async fn attach_parents(
     Ok(())
 }
 
-/// Bytes the outcomes take in a MessagePack dispatch, about.
+/// Bytes the outcomes take in a dispatch, about.
 fn encoded_size(parents: &[ParentOutcome]) -> usize {
-    parents
-        .iter()
-        .map(|p| {
-            64 + p.result.as_ref().map_or(0, |r| r.to_string().len())
-                + p.error.as_ref().map_or(0, |e| e.message.len() + e.code.len())
-        })
-        .sum()
+    parents.iter().map(ParentOutcome::encoded_len).sum()
 }

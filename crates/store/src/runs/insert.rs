@@ -2,6 +2,7 @@
 //! next iteration; each with its edges, in the transaction that records what created them.
 
 use super::WorkflowLimits;
+use crate::cascade::Ended;
 use crate::rows::{Redispatch, RedispatchRow, redispatch_columns};
 use crate::{Finalized, Store, StoreError, column};
 use std::collections::{BTreeMap, HashMap, HashSet};
@@ -40,6 +41,21 @@ pub(crate) struct ChangedRow {
     pub iteration: i32,
     pub loop_spec: Option<serde_json::Value>,
     pub spawn_depth: i32,
+    /// Other tasks depend on it.
+    pub has_dependents: bool,
+    /// It decides a waiting task (a join, a loop's later iteration).
+    pub completes: Option<Uuid>,
+}
+
+impl ChangedRow {
+    /// The row, now final in `state`, as the cascade takes it.
+    pub fn ended(&self, state: TaskState) -> Ended {
+        Ended {
+            task: Finalized { id: self.id, queue: self.queue.clone(), state, run_id: self.run_id },
+            has_dependents: self.has_dependents,
+            completes: self.completes.is_some(),
+        }
+    }
 }
 
 impl ChangedRow {
@@ -255,14 +271,14 @@ pub(crate) async fn refuse_spawn(
     tx: &mut sqlx::PgConnection,
     parent: &ChangedRow,
     why: &str,
-) -> Result<Finalized, StoreError> {
+) -> Result<Ended, StoreError> {
     let error = TaskErrorInfo { code: "spawn_refused".into(), message: why.to_string(), retryable: false };
     sqlx::query("UPDATE tasks SET state = 'failed', error = $2, finished_at = now(), updated_at = now() WHERE id = $1")
         .bind(parent.id)
         .bind(serde_json::to_value(error).unwrap_or_default())
         .execute(tx)
         .await?;
-    Ok(Finalized { id: parent.id, queue: parent.queue.clone(), state: TaskState::Failed, run_id: parent.run_id })
+    Ok(parent.ended(TaskState::Failed))
 }
 
 /// Starts the next iteration of each loop in `loops` (succeeded iterations whose predicate
