@@ -19,6 +19,23 @@ async fn attempts(pool: &sqlx::PgPool, task: Uuid) -> i64 {
         .unwrap()
 }
 
+/// Polls one value about `task` (`sql`, with the task id as `$1`) every 20 ms until `done`
+/// holds, failing with `what` and the fleet's logs after 20 s.
+async fn until<T>(fleet: &Fleet, pool: &sqlx::PgPool, sql: &str, task: Uuid, what: &str, done: impl Fn(&T) -> bool)
+where
+    T: for<'r> sqlx::Decode<'r, sqlx::Postgres> + sqlx::Type<sqlx::Postgres> + Send + Unpin,
+{
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    loop {
+        let value: T = sqlx::query_scalar(sqlx::AssertSqlSafe(sql)).bind(task).fetch_one(pool).await.unwrap();
+        if done(&value) {
+            return;
+        }
+        assert!(std::time::Instant::now() < deadline, "{what}\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// A task's stored result.
 async fn result(pool: &sqlx::PgPool, task: Uuid) -> Value {
     let result: Option<Value> =
@@ -281,11 +298,8 @@ async fn a_step_stops_its_run_early() {
         assert_eq!(task(&view, node)["state"], "cancelled", "{node}: {view}");
     }
     // The running step was told and stopped: its attempt ends cancelled, not after a minute.
-    let deadline = std::time::Instant::now() + Duration::from_secs(10);
-    while attempts(&pool, tasks["slow"]).await == 0 {
-        assert!(std::time::Instant::now() < deadline, "the running step never stopped\n{}", fleet.logs());
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let sql = "SELECT count(*) FROM task_attempts WHERE task_id = $1";
+    until(&fleet, &pool, sql, tasks["slow"], "the running step never stopped", |n: &i64| *n > 0).await;
 }
 
 /// A long step checkpoints; its worker is killed; the next attempt starts from the last
@@ -302,19 +316,11 @@ async fn checkpoints_survive_a_worker_kill_and_runs_resume() {
     let (run, tasks) = fleet
         .submit_run(&client, json!({"nodes": [{"name": "long", "kind": "steps", "payload": {"steps": 8, "ms": 250}}]}))
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let cp: Option<Value> = sqlx::query_scalar("SELECT checkpoint FROM tasks WHERE id = $1")
-            .bind(tasks["long"])
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if cp.as_ref().and_then(|c| c["done"].as_u64()).is_some_and(|d| d >= 3) {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "no checkpoint\n{}", fleet.logs());
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let sql = "SELECT checkpoint FROM tasks WHERE id = $1";
+    until(&fleet, &pool, sql, tasks["long"], "no checkpoint", |cp: &Option<Value>| {
+        cp.as_ref().and_then(|c| c["done"].as_u64()).is_some_and(|d| d >= 3)
+    })
+    .await;
     fleet.workers[0].kill();
     fleet.start_worker(&[]);
     let view = fleet.wait_run(&client, run, RUN_TIMEOUT).await;
@@ -333,19 +339,8 @@ async fn checkpoints_survive_a_worker_kill_and_runs_resume() {
             ]}),
         )
         .await;
-    let deadline = std::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let state: String = sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1")
-            .bind(tasks["summarize"])
-            .fetch_one(&pool)
-            .await
-            .unwrap();
-        if state == "running" {
-            break;
-        }
-        assert!(std::time::Instant::now() < deadline, "summarize never ran\n{}", fleet.logs());
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    let sql = "SELECT state FROM tasks WHERE id = $1";
+    until(&fleet, &pool, sql, tasks["summarize"], "summarize never ran", |s: &String| s == "running").await;
     let cancelled = fleet.api(&client, "run.cancel", &json!({ "id": run })).await;
     assert_eq!((cancelled["previous"].clone(), cancelled["state"].clone()), (json!("running"), json!("cancelled")));
     let not_again = fleet.api(&client, "run.cancel", &json!({ "id": run })).await;
