@@ -147,6 +147,41 @@ pub fn echo_content(name: &str, last: &str) -> String {
     format!("[{name}] echo: {echoed}")
 }
 
+/// First line of a user message that asks the mock to score a text (see [`judge_content`]).
+pub const JUDGE_MARKER: &str = "SCORE";
+
+/// The judge's answer, when the last user message asks for one: a message whose first line is
+/// [`JUDGE_MARKER`], then optionally a line `required: term, term, …`, then a line `---` and the
+/// text to judge, is answered with the JSON `{"score": s, "missing": [terms]}`.
+///
+/// With `required` terms the score is the fraction of them found in the text (case-insensitive
+/// substring), and `missing` lists the others: a reviser that adds what the judge found missing
+/// gets a higher score next time. Without, the score is a uniform draw in `[0, 1)` fixed by the
+/// text's hash (three decimals), and `missing` is empty. Equal texts always get equal scores,
+/// whichever model judges them.
+pub fn judge_content(last: &str) -> Option<String> {
+    let rest = last.strip_prefix(JUDGE_MARKER)?;
+    let rest = rest.strip_prefix('\n').or_else(|| rest.strip_prefix("\r\n"))?;
+    let (head, text) = match rest.split_once("\n---\n") {
+        Some((head, text)) => (head, text),
+        None => ("", rest.strip_prefix("---\n").unwrap_or(rest)),
+    };
+    let required: Vec<&str> = head
+        .lines()
+        .find_map(|l| l.trim().strip_prefix("required:"))
+        .map(|terms| terms.split(',').map(str::trim).filter(|t| !t.is_empty()).collect())
+        .unwrap_or_default();
+    let (score, missing) = if required.is_empty() {
+        (f64::from(fnv1a(text.as_bytes()) % 1000) / 1000.0, Vec::new())
+    } else {
+        let lower = text.to_lowercase();
+        let missing: Vec<&str> = required.iter().copied().filter(|t| !lower.contains(&t.to_lowercase())).collect();
+        let found = required.len() - missing.len();
+        (found as f64 / required.len() as f64, missing)
+    };
+    Some(serde_json::json!({ "score": (score * 1000.0).round() / 1000.0, "missing": missing }).to_string())
+}
+
 /// Checks a parsed chat request for what serde cannot: at least one message.
 pub(crate) fn validate_chat(req: &ChatRequest) -> Result<(), String> {
     if req.messages.is_empty() {
@@ -168,7 +203,7 @@ pub(crate) fn chat_response(name: &str, req: &ChatRequest, seq: u64, created: u6
         .or_else(|| req.messages.last())
         .map(|m| m.content.as_str())
         .unwrap_or_default();
-    let mut content = echo_content(name, last);
+    let mut content = judge_content(last).unwrap_or_else(|| echo_content(name, last));
     let mut finish_reason = "stop";
     if let Some(max) = req.max_tokens
         && count_tokens(&content) > max
@@ -296,6 +331,27 @@ mod tests {
         assert_eq!(a.usage.completion_tokens, count_tokens("[p] echo: second"));
         assert_eq!(a.usage.total_tokens, a.usage.prompt_tokens + a.usage.completion_tokens);
         assert_eq!(a.choices[0].finish_reason, "stop");
+    }
+
+    #[test]
+    fn the_judge_scores_required_terms_or_a_hash() {
+        let scored = |m: &str| -> serde_json::Value {
+            serde_json::from_str(&judge_content(m).expect("a judge answer")).expect("JSON")
+        };
+        let partial = scored("SCORE\nrequired: alpha, Beta, gamma, delta\n---\nAlpha and beta, no more");
+        assert_eq!(partial["score"], 0.5);
+        assert_eq!(partial["missing"], serde_json::json!(["gamma", "delta"]));
+        let full = scored("SCORE\nrequired: alpha\n---\nALPHA");
+        assert_eq!(full["score"], 1.0);
+        let a = scored("SCORE\n---\ncandidate one");
+        assert_eq!(a, scored("SCORE\n---\ncandidate one"), "deterministic");
+        assert_ne!(a["score"], scored("SCORE\n---\ncandidate two")["score"]);
+        let s = a["score"].as_f64().expect("a number");
+        assert!((0.0..1.0).contains(&s), "{s}");
+        assert!(judge_content("score this").is_none(), "only the marker line asks");
+        let req = request(r#"{"model":"m","messages":[{"role":"user","content":"SCORE\n---\nx"}]}"#);
+        let content = chat_response("p", &req, 1, 0).choices[0].message.content.clone();
+        assert!(serde_json::from_str::<serde_json::Value>(&content).is_ok_and(|v| v["score"].is_number()), "{content}");
     }
 
     #[test]

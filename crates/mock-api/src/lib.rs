@@ -6,9 +6,10 @@
 //!
 //! | route | answer |
 //! | --- | --- |
-//! | `POST /v1/chat/completions` | an OpenAI-shaped completion; the reply is `[<name>] echo: <last user message>` (see [`echo_content`]) and `usage` counts `ceil(chars / 4)` tokens per text (see [`count_tokens`]), so equal requests get equal answers; the `id` is unique per answer |
+//! | `POST /v1/chat/completions` | an OpenAI-shaped completion; the reply is `[<name>] echo: <last user message>` (see [`echo_content`]) and `usage` counts `ceil(chars / 4)` tokens per text (see [`count_tokens`]), so equal requests get equal answers; the `id` is unique per answer. A last user message starting with the line `SCORE` is judged instead (`{"score", "missing"}`, see [`judge_content`]) |
 //! | `POST /v1/search` `{"query", "max_results"}`, `GET /v1/search?q=…&max_results=…` | `{"provider", "query", "results": [{"title", "url", "snippet"}]}`, the same for the same query |
 //! | `POST /v1/embeddings` `{"model", "input": text or [texts], "dimensions"?}` | OpenAI-shaped unit vectors (256 dimensions by default) from the texts' words and character trigrams (see [`embed`]): paraphrases are close, unrelated texts are not, equal texts get equal vectors; `usage` counts [`count_tokens`] per text |
+//! | `POST /v1/records` `{"records": [...]}` | `{"stored": n}`: a batch write (analytics rows), counted in [`Stats::records`] |
 //! | `GET /stats` | [`Stats`]: arrivals, answers by status and by endpoint, and the arrival times of the requests answered 200 (for measuring a client's rate-limit overshoot, see [`Stats::max_in_window`]) |
 //! | `POST /stats/reset` | the counters as they were; they start again from zero |
 //! | `GET /control`, `POST /control` | the current [`Behaviour`]; the body of a `POST` is a [`Control`] (any of its fields) changing it |
@@ -54,13 +55,14 @@ mod stats;
 
 pub use api::{
     ChatChoice, ChatMessage, ChatRequest, ChatResponse, DEFAULT_SEARCH_RESULTS, ECHO_MAX_CHARS, ErrorBody, ErrorDetail,
-    MAX_SEARCH_RESULTS, SearchRequest, SearchResponse, SearchResult, Usage, count_tokens, echo_content,
+    JUDGE_MARKER, MAX_SEARCH_RESULTS, SearchRequest, SearchResponse, SearchResult, Usage, count_tokens, echo_content,
+    judge_content,
 };
 pub use embeddings::{
     DEFAULT_DIMENSIONS, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, MAX_DIMENSIONS,
     MAX_INPUTS, embed,
 };
-pub use stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, SEARCH_ENDPOINT, Stats};
+pub use stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
 
 use serde::{Deserialize, Serialize};
 use server::Shared;

@@ -3,7 +3,7 @@
 
 use crate::api::{self, ChatRequest, ErrorBody, SearchRequest};
 use crate::embeddings::{EmbeddingRequest, embeddings_response};
-use crate::stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, SEARCH_ENDPOINT, Stats};
+use crate::stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
 use crate::{Behaviour, Control, MockError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
@@ -212,6 +212,7 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/v1/chat/completions", post(chat))
         .route("/v1/search", get(search_get).post(search_post))
         .route("/v1/embeddings", post(embeddings))
+        .route("/v1/records", post(records))
         .route("/stats", get(stats))
         .route("/stats/reset", post(reset_stats))
         .route("/control", get(get_control).post(post_control))
@@ -260,6 +261,31 @@ async fn embeddings(State(s): AppState, body: Result<Bytes, BytesRejection>) -> 
     match request.texts() {
         Ok(texts) => s.answer(arrival, StatusCode::OK, &embeddings_response(&request, &texts)),
         Err(message) => s.bad_request(arrival, message),
+    }
+}
+
+/// `POST /v1/records` `{"records": [...]}`: a batch write (e.g. analytics rows), answered
+/// `{"stored": n}` and counted in [`Stats::records`].
+async fn records(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Response {
+    let arrival = match s.gate(RECORDS_ENDPOINT).await {
+        Ok(arrival) => arrival,
+        Err(response) => return response,
+    };
+    let body = match body {
+        Ok(body) => body,
+        Err(e) => return s.bad_request(arrival, format!("cannot read the request body: {e}")),
+    };
+    #[derive(Deserialize)]
+    struct Batch {
+        records: Vec<serde_json::Value>,
+    }
+    match serde_json::from_slice::<Batch>(&body) {
+        Ok(batch) => {
+            let stored = batch.records.len() as u64;
+            s.lock().stats.records += stored;
+            s.answer(arrival, StatusCode::OK, &serde_json::json!({ "stored": stored }))
+        }
+        Err(e) => s.bad_request(arrival, format!("invalid records batch: {e}")),
     }
 }
 

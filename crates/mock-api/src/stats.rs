@@ -9,6 +9,8 @@ pub const CHAT_ENDPOINT: &str = "/v1/chat/completions";
 pub const SEARCH_ENDPOINT: &str = "/v1/search";
 /// Path of the embeddings endpoint, as counted in [`Stats::by_endpoint`].
 pub const EMBEDDINGS_ENDPOINT: &str = "/v1/embeddings";
+/// Path of the batch-write endpoint (`POST {"records": [...]}`), as counted in [`Stats::by_endpoint`].
+pub const RECORDS_ENDPOINT: &str = "/v1/records";
 
 /// Counters of the API endpoints (chat and search; not `/stats`, `/control` or `/healthz`).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -27,6 +29,9 @@ pub struct Stats {
     /// Arrival times, in milliseconds since the server started, of the requests answered 200,
     /// in increasing order.
     pub accepted_ms: Vec<f64>,
+    /// Records stored through [`RECORDS_ENDPOINT`], over all its requests.
+    #[serde(default)]
+    pub records: u64,
 }
 
 impl Stats {
@@ -37,11 +42,12 @@ impl Stats {
             uptime_ms: 0.0,
             total: 0,
             by_status: [200, 400, 429, 500].into_iter().map(|s| (s, 0)).collect(),
-            by_endpoint: [CHAT_ENDPOINT, SEARCH_ENDPOINT, EMBEDDINGS_ENDPOINT]
+            by_endpoint: [CHAT_ENDPOINT, SEARCH_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT]
                 .into_iter()
                 .map(|e| (e.to_string(), 0))
                 .collect(),
             accepted_ms: Vec::new(),
+            records: 0,
         }
     }
 
