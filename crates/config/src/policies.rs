@@ -1,7 +1,7 @@
 //! The fleet-wide policies kept in Redis (rate limits, result cache, circuit breakers) and the
 //! outside providers the built-in `http` and `llm.chat` handlers call.
 
-use crate::{CacheSpec, Chain, ConfigError, LimitNames, RateLimitSpec, TokenPrice};
+use crate::{CacheSpec, Chain, ConfigError, LimitNames, RateLimitSpec, SemanticCacheSpec, TokenPrice};
 use serde::{Deserialize, Deserializer, Serialize};
 use std::collections::BTreeMap;
 use std::time::Duration;
@@ -21,6 +21,13 @@ pub struct PoliciesConfig {
     /// payload fields that make the key, e.g. `llm.chat = "1h by model+messages+temperature"`;
     /// without `by` the whole payload is the key.
     pub cache: BTreeMap<String, CacheSpec>,
+    /// Semantic cache policy per kind: a TTL, `by` the payload field whose string is the key
+    /// text, an optional `threshold` (least cosine similarity of a hit, default 0.8) and the
+    /// embedding `model` (a key of `providers.models`, called at `POST {url}/embeddings`), e.g.
+    /// `"content.article" = "30d by keyword threshold 0.8 model text-embedding-3-small"`. A
+    /// stored result of the same kind whose key text is that similar is a hit. A kind has either
+    /// this or `cache`. Env: `TASKFLEET_SEMANTIC_CACHE=content.article=30d by keyword model emb`.
+    pub semantic_cache: BTreeMap<String, SemanticCacheSpec>,
     /// Largest result stored in the cache, in bytes (larger results are not cached).
     pub cache_max_bytes: usize,
     /// How long a task whose identical twin is running waits for the twin's result before
@@ -64,6 +71,7 @@ impl Default for PoliciesConfig {
             rate_limits: BTreeMap::new(),
             kind_limits: BTreeMap::new(),
             cache: BTreeMap::new(),
+            semantic_cache: BTreeMap::new(),
             cache_max_bytes: 1 << 20,
             single_flight_wait: Duration::from_secs(60),
             breaker_failures: 5,
@@ -88,6 +96,12 @@ impl PoliciesConfig {
                 });
             }
         }
+        if let Some(kind) = self.semantic_cache.keys().find(|kind| self.cache.contains_key(*kind)) {
+            return Err(ConfigError::Invalid {
+                field: "policies.semantic_cache",
+                message: format!("{kind} has a policy in policies.cache too; a kind has one cache or the other"),
+            });
+        }
         if self.breaker_failures == 0 || self.breaker_successes == 0 {
             return Err(ConfigError::Invalid {
                 field: "policies.breaker_failures",
@@ -110,7 +124,7 @@ impl PoliciesConfig {
     }
 }
 
-/// Outside services the built-in `http` and `llm.chat` handlers call. A provider is a name with a
+/// Outside services the built-in `http`, `llm.chat` and `llm.embed` handlers (and `Providers`) call. A provider is a name with a
 /// base URL; its circuit breaker and (optionally) rate limit go by that name.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
@@ -142,6 +156,15 @@ pub struct ProvidersConfig {
     pub pool_max_idle_per_host: usize,
     /// Largest response body read from a provider, in bytes.
     pub max_response_bytes: usize,
+    /// Texts per embeddings request at first, per provider and model: the batch size of
+    /// `llm.embed` and `Providers::embed` adapts between `embed_batch_min` and `embed_batch_max`.
+    pub embed_batch_start: usize,
+    /// Texts added to the embeddings batch size after each successful batch.
+    pub embed_batch_step: usize,
+    /// Largest embeddings batch.
+    pub embed_batch_max: usize,
+    /// Smallest embeddings batch: a failed batch (5xx, timeout, 429) halves the size down to this.
+    pub embed_batch_min: usize,
 }
 
 impl Default for ProvidersConfig {
@@ -157,6 +180,10 @@ impl Default for ProvidersConfig {
             request_timeout: Duration::from_secs(60),
             pool_max_idle_per_host: 32,
             max_response_bytes: 4 << 20,
+            embed_batch_start: 10,
+            embed_batch_step: 5,
+            embed_batch_max: 100,
+            embed_batch_min: 5,
         }
     }
 }
@@ -207,6 +234,14 @@ impl ProvidersConfig {
                 );
             }
         }
+        for (kind, spec) in &policies.semantic_cache {
+            if !self.models.contains_key(&spec.model) {
+                return invalid(
+                    "policies.semantic_cache",
+                    format!("{kind}: embedding model {:?} is not in providers.models", spec.model),
+                );
+            }
+        }
         for (model, chain) in &self.model_fallbacks {
             for m in &chain.0 {
                 if !self.models.contains_key(m) {
@@ -216,6 +251,21 @@ impl ProvidersConfig {
         }
         if self.max_response_bytes < 1024 {
             return invalid("providers.max_response_bytes", "must be at least 1024".into());
+        }
+        if self.embed_batch_min == 0 {
+            return invalid("providers.embed_batch_min", "must be at least 1".into());
+        }
+        if !(self.embed_batch_min <= self.embed_batch_start && self.embed_batch_start <= self.embed_batch_max) {
+            return invalid(
+                "providers.embed_batch_start",
+                format!(
+                    "needs embed_batch_min ({}) <= embed_batch_start ({}) <= embed_batch_max ({})",
+                    self.embed_batch_min, self.embed_batch_start, self.embed_batch_max
+                ),
+            );
+        }
+        if self.embed_batch_step == 0 {
+            return invalid("providers.embed_batch_step", "must be at least 1".into());
         }
         Ok(())
     }
@@ -249,5 +299,46 @@ mod tests {
         assert_eq!(p.chain("exa"), vec!["exa"]);
         assert_eq!(p.price("m"), Some(TokenPrice { prompt: 0.15, completion: 0.6 }));
         assert_eq!(p.price("other"), None);
+    }
+
+    #[test]
+    fn embed_batch_bounds_are_checked() {
+        let policies = PoliciesConfig::default();
+        assert!(ProvidersConfig::default().validate(&policies).is_ok());
+        let bad = [
+            ProvidersConfig { embed_batch_min: 20, ..ProvidersConfig::default() },
+            ProvidersConfig { embed_batch_start: 200, ..ProvidersConfig::default() },
+            ProvidersConfig { embed_batch_step: 0, ..ProvidersConfig::default() },
+            ProvidersConfig { embed_batch_min: 0, embed_batch_start: 0, ..ProvidersConfig::default() },
+        ];
+        for p in bad {
+            assert!(p.validate(&policies).is_err(), "{p:?}");
+        }
+    }
+
+    #[test]
+    fn semantic_cache_loads_from_env_and_is_validated() {
+        let env =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let ok = [
+            ("TASKFLEET_PROVIDERS_URLS", "mock=http://127.0.0.1:9/v1"),
+            ("TASKFLEET_PROVIDERS_MODELS", "emb=mock"),
+            ("TASKFLEET_POLICIES_SEMANTIC_CACHE", "content.article=30d by keyword threshold 0.8 model emb"),
+        ];
+        let c = crate::Config::load_from(None, env(&ok)).unwrap();
+        let spec = &c.policies.semantic_cache["content.article"];
+        assert_eq!((spec.field.as_str(), spec.threshold, spec.model.as_str()), ("keyword", 0.8, "emb"));
+
+        let unknown_model = [ok[0], ok[1], ("TASKFLEET_SEMANTIC_CACHE", "echo=1h by text model other")];
+        let err = crate::Config::load_from(None, env(&unknown_model)).unwrap_err().to_string();
+        assert!(err.contains("policies.semantic_cache") && err.contains("\"other\""), "{err}");
+
+        let both = [ok[0], ok[1], ok[2], ("TASKFLEET_POLICIES_CACHE", "content.article=1h")];
+        let err = crate::Config::load_from(None, env(&both)).unwrap_err().to_string();
+        assert!(err.contains("policies.semantic_cache") && err.contains("content.article"), "{err}");
+
+        let bad = [ok[0], ok[1], ("TASKFLEET_POLICIES_SEMANTIC_CACHE", "echo=1h by text threshold 2 model emb")];
+        let err = crate::Config::load_from(None, env(&bad)).unwrap_err().to_string();
+        assert!(err.contains("TASKFLEET_POLICIES_SEMANTIC_CACHE") && err.contains("threshold"), "{err}");
     }
 }

@@ -1,5 +1,5 @@
-//! The small text formats of some configuration values: rate limits, cache policies, lists of
-//! names, token prices and alert rules. Each is parsed once, when the configuration loads, into
+//! The small text formats of some configuration values: rate limits, cache policies (exact and
+//! semantic), lists of names, token prices and alert rules. Each is parsed once, when the configuration loads, into
 //! a type that reads with [`FromStr`] and writes back the same format with [`fmt::Display`], so
 //! the TOML file and the `TASKFLEET_*` variables keep their text form.
 
@@ -75,7 +75,7 @@ macro_rules! text_serde {
     )*};
 }
 
-text_serde!(RateLimitSpec, CacheSpec, TokenPrice, AlertSetting);
+text_serde!(RateLimitSpec, CacheSpec, SemanticCacheSpec, TokenPrice, AlertSetting);
 
 /// A string, or a number read as its text (an environment value like `a=1` parses as a number).
 pub(crate) fn text<'de, D: Deserializer<'de>>(d: D) -> Result<String, D::Error> {
@@ -186,6 +186,70 @@ impl fmt::Display for CacheSpec {
             write!(f, " by {}", self.key_fields.join("+"))?;
         }
         Ok(())
+    }
+}
+
+/// A semantic cache policy, `TTL by FIELD [threshold X] model M`: the payload field `FIELD`
+/// (a string) is embedded with model `M`, and a stored result of the same kind whose key text's
+/// vector has a cosine similarity of at least `X` (default 0.8) is a hit.
+#[derive(Debug, Clone, PartialEq)]
+pub struct SemanticCacheSpec {
+    /// How long a stored result stays usable.
+    pub ttl: Duration,
+    /// The payload field whose string is the key text.
+    pub field: String,
+    /// Least cosine similarity of a hit, in (0, 1].
+    pub threshold: f32,
+    /// The embedding model (a key of `providers.models`).
+    pub model: String,
+}
+
+impl SemanticCacheSpec {
+    /// The threshold when the spec names none.
+    pub const DEFAULT_THRESHOLD: f32 = 0.8;
+}
+
+impl FromStr for SemanticCacheSpec {
+    type Err = SpecError;
+
+    /// Parses `30d by keyword model m`, `1h by text threshold 0.85 model text-embedding-3-small`
+    /// (`threshold` and `model` in either order).
+    fn from_str(spec: &str) -> Result<Self, SpecError> {
+        let form = || SpecError::Form { text: spec.to_string(), expected: "TTL by FIELD [threshold X] model M" };
+        let words: Vec<&str> = spec.split_whitespace().collect();
+        let ttl = duration(words.first().ok_or_else(form)?)?;
+        if ttl < Duration::from_millis(1) {
+            return Err(SpecError::Range { text: spec.to_string(), rule: "ttl must be at least 1ms" });
+        }
+        let (mut field, mut threshold, mut model) = (None, None, None);
+        for pair in words[1..].chunks(2) {
+            let [name, value] = pair else { return Err(form()) };
+            let slot = match *name {
+                "by" => &mut field,
+                "threshold" => &mut threshold,
+                "model" => &mut model,
+                _ => return Err(form()),
+            };
+            if slot.replace(*value).is_some() {
+                return Err(form());
+            }
+        }
+        let (Some(field), Some(model)) = (field, model) else { return Err(form()) };
+        let threshold = match threshold {
+            None => Self::DEFAULT_THRESHOLD,
+            Some(t) => number(t)? as f32,
+        };
+        if !(threshold > 0.0 && threshold <= 1.0) {
+            return Err(SpecError::Range { text: spec.to_string(), rule: "threshold must be in (0, 1]" });
+        }
+        Ok(SemanticCacheSpec { ttl, field: field.to_string(), threshold, model: model.to_string() })
+    }
+}
+
+impl fmt::Display for SemanticCacheSpec {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write_duration(f, self.ttl)?;
+        write!(f, " by {} threshold {} model {}", self.field, self.threshold, self.model)
     }
 }
 
@@ -402,6 +466,36 @@ mod tests {
         }
         assert!("soon".parse::<CacheSpec>().is_err());
         assert!("1h with model".parse::<CacheSpec>().is_err());
+    }
+
+    #[test]
+    fn semantic_cache_specs() {
+        let s: SemanticCacheSpec = "30d by keyword threshold 0.85 model text-embedding-3-small".parse().unwrap();
+        assert_eq!(s.ttl, Duration::from_secs(30 * 86_400));
+        assert_eq!((s.field.as_str(), s.threshold, s.model.as_str()), ("keyword", 0.85, "text-embedding-3-small"));
+        let d: SemanticCacheSpec = "1h by text model emb".parse().unwrap();
+        assert_eq!((d.threshold, d.model.as_str()), (0.8, "emb"));
+        assert_eq!(d.to_string(), "1h by text threshold 0.8 model emb");
+        assert_eq!("1h model m by t".parse::<SemanticCacheSpec>().unwrap().field, "t");
+        for good in ["30d by keyword threshold 0.8 model emb", "90m by a threshold 1 model m", "1500ms by q model m"] {
+            round_trips::<SemanticCacheSpec>(good);
+        }
+        for bad in [
+            "",
+            "1h",
+            "1h by",
+            "1h model m",
+            "1h by t",
+            "1h by t threshold 0.9",
+            "soon by t",
+            "1h by t threshold 0",
+            "1h by t threshold 1.5",
+            "1h by t threshold x",
+            "1h by t by u",
+            "1h by t with m",
+        ] {
+            assert!(bad.parse::<SemanticCacheSpec>().is_err(), "{bad:?} parsed");
+        }
     }
 
     #[test]
