@@ -1,5 +1,5 @@
 //! `taskfleet-aggregator`: reads every task event through its own durable consumer and every
-//! worker's status reports, and serves the fleet's live figures: a dashboard (`/`), a JSON
+//! worker's status reports and run ends, and serves the fleet's live figures: a dashboard (`/`), a JSON
 //! snapshot (`/v1/stats`, also published every second on `<prefix>.stats`), Prometheus
 //! `/metrics`, and alerts (`<prefix>.alerts`). Per-minute rollups go to Postgres, so totals and
 //! history survive a restart; events are acknowledged once their rollup is written.
@@ -12,12 +12,14 @@ mod api;
 mod consume;
 mod flusher;
 mod publisher;
+mod run_watch;
 mod worker_status;
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 use taskfleet_aggregator::alerts::Alerts;
+use taskfleet_aggregator::runs::Runs;
 use taskfleet_aggregator::stats::Stats;
 use taskfleet_bus::Topology;
 use taskfleet_service::Service;
@@ -39,6 +41,8 @@ pub(crate) struct Ctx {
     pub snapshot: Mutex<Arc<Vec<u8>>>,
     /// The alert rules and their latest states.
     pub alerts: Mutex<Alerts>,
+    /// The figures per run name.
+    pub runs: Mutex<Runs>,
 }
 
 /// Locks a mutex of [`Ctx`], recovering it if a panicking holder poisoned it.
@@ -69,6 +73,7 @@ async fn main() -> anyhow::Result<()> {
         held: Mutex::new(Vec::new()),
         snapshot: Mutex::new(Arc::new(b"{}".to_vec())),
         alerts: Mutex::new(alerts),
+        runs: Mutex::new(Runs::new(cfg.window.as_millis() as u64, taskfleet_proto::now_ms())),
     });
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -84,6 +89,7 @@ async fn main() -> anyhow::Result<()> {
         .await?;
     let shutdown = service.shutdown.clone();
     let statuses = worker_status::start(ctx.clone()).await?;
+    let runs = run_watch::start(ctx.clone(), shutdown.clone()).await?;
     let publisher = tokio::spawn(publisher::run(ctx.clone(), shutdown.clone()));
     let flusher = tokio::spawn(flusher::run(ctx.clone(), shutdown.clone()));
 
@@ -93,6 +99,7 @@ async fn main() -> anyhow::Result<()> {
     let _ = flusher.await;
     publisher.abort();
     statuses.abort();
+    runs.abort();
     let _ = http.await;
     service.finish();
     Ok(())

@@ -26,14 +26,27 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
             let (fleet, series) = s.figures(now);
             (fleet, series, s.workers(), s.history())
         };
+        let runs = {
+            let mut r = lock(&ctx.runs);
+            r.tick(now);
+            r.figures(now)
+        };
         if last_alerts.elapsed() >= cfg.alert_interval {
             last_alerts = tokio::time::Instant::now();
             publish_alert_changes(&ctx, &fleet, &workers, now).await;
         }
         export_gauges(&fleet);
         let alerts = lock(&ctx.alerts).latest();
-        let snapshot =
-            Snapshot { generated_at: now, window_s: cfg.window.as_secs(), fleet, series, workers, alerts, history };
+        let snapshot = Snapshot {
+            generated_at: now,
+            window_s: cfg.window.as_secs(),
+            fleet,
+            series,
+            workers,
+            alerts,
+            history,
+            runs,
+        };
         publish_snapshot(&ctx, &snapshot).await;
     }
 }

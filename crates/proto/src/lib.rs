@@ -46,7 +46,7 @@ pub use run_api::{
     RunIdRequest, RunListRequest, RunState, RunSubmitted, RunSummary, RunTaskView, RunTotals, RunView, VERB_RUN_CANCEL,
     VERB_RUN_GET, VERB_RUN_LIST, VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
 };
-pub use stats::{Figures, HistoryPoint, Latency, SeriesFigures, Snapshot, Tokens, WorkerFigures};
+pub use stats::{Figures, HistoryPoint, Latency, RunFigures, SeriesFigures, Snapshot, Tokens, WorkerFigures};
 pub use subjects::{MAX_REPLY_TO_LEN, Subjects, headers};
 pub use workflow::{
     Dependency, LoopSpec, MAX_LOOP_ITERATIONS, NodeSpec, OnFailure, ParentOutcome, PlannedTask, Predicate, RunSpec,

@@ -119,6 +119,9 @@ pub struct RunTotals {
     pub cost_usd: f64,
     /// Handler time summed over attempts, milliseconds.
     pub busy_ms: u64,
+    /// Spend avoided by cache hits (what the cached results cost when they were made), USD.
+    #[serde(default)]
+    pub saved_usd: f64,
 }
 
 /// One task of a run, as `run.get` shows it.

@@ -25,6 +25,8 @@ pub struct Snapshot {
     pub alerts: Vec<Alert>,
     /// Chart points, oldest first.
     pub history: Vec<HistoryPoint>,
+    /// Per run name (`RunSpec.name`): at most 50 names, the rest summed as `other`.
+    pub runs: Vec<RunFigures>,
 }
 
 /// Percentiles of one latency histogram, in milliseconds; `None` when it is empty.
@@ -118,6 +120,46 @@ pub struct SeriesFigures {
     pub figures: Figures,
 }
 
+/// The runs of one name (`RunSpec.name`; `(unnamed)` for runs without one, `other` for the
+/// names beyond the aggregator's limit). Window counts are over the snapshot's window by when
+/// runs started or ended; `*_total` since the aggregator started.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct RunFigures {
+    /// Run name.
+    pub name: String,
+    /// Runs running now.
+    pub running: u64,
+    /// Runs created in the window.
+    pub started: u64,
+    /// Runs that succeeded in the window.
+    pub succeeded: u64,
+    /// Runs that failed in the window (a task failed, or the run timed out).
+    pub failed: u64,
+    /// Runs cancelled in the window.
+    pub cancelled: u64,
+    /// Runs created since the aggregator started.
+    pub started_total: u64,
+    /// Succeeded since the aggregator started.
+    pub succeeded_total: u64,
+    /// Failed since the aggregator started.
+    pub failed_total: u64,
+    /// Cancelled since the aggregator started.
+    pub cancelled_total: u64,
+    /// Run duration (created → ended) of the runs that ended in the window.
+    pub duration_ms: Latency,
+    /// Tokens of the runs that ended, all time.
+    pub tokens_total: Tokens,
+    /// Attempts of the runs that ended, all time.
+    pub attempts_total: u64,
+    /// Spend of the runs that ended, all time, USD.
+    pub cost_usd_total: f64,
+    /// Spend per run that ended in the window, USD.
+    pub cost_per_run_usd: Option<f64>,
+    /// Spend avoided by cache hits in the runs that ended, all time, USD.
+    pub saved_usd_total: f64,
+}
+
 /// A worker as the dashboard shows it.
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -181,5 +223,11 @@ mod tests {
                 .unwrap();
         assert_eq!(partial.fleet.error_rate, Some(0.5));
         assert_eq!(partial.series[0].figures.completed_total, 3);
+        assert!(partial.runs.is_empty(), "a snapshot from before runs reads");
+        let runs: Snapshot = serde_json::from_str(r#"{"runs":[{"name":"research","running":2}]}"#).unwrap();
+        assert_eq!(
+            (runs.runs[0].name.as_str(), runs.runs[0].running, runs.runs[0].cost_per_run_usd),
+            ("research", 2, None)
+        );
     }
 }

@@ -164,11 +164,12 @@ impl Store {
                 .bind(run)
                 .fetch_all(&self.pool)
                 .await?;
-        let (attempts, prompt, completion, cost, busy): (i64, i64, i64, f64, i64) = sqlx::query_as(
+        let (attempts, prompt, completion, cost, busy, saved): (i64, i64, i64, f64, i64, f64) = sqlx::query_as(
             "SELECT count(*), COALESCE(sum((a.usage->>'prompt_tokens')::int8), 0)::int8,
                     COALESCE(sum((a.usage->>'completion_tokens')::int8), 0)::int8,
                     COALESCE(sum((a.usage->>'cost_usd')::float8), 0)::float8,
-                    COALESCE(sum(extract(epoch FROM (a.finished_at - a.started_at)) * 1000), 0)::int8
+                    COALESCE(sum(extract(epoch FROM (a.finished_at - a.started_at)) * 1000), 0)::int8,
+                    COALESCE(sum((a.usage->>'saved_usd')::float8), 0)::float8
              FROM task_attempts a JOIN tasks t ON t.id = a.task_id WHERE t.run_id = $1",
         )
         .bind(run)
@@ -182,6 +183,7 @@ impl Store {
             completion_tokens: completion as u64,
             cost_usd: cost,
             busy_ms: busy.max(0) as u64,
+            saved_usd: saved,
         })
     }
 }
