@@ -4,6 +4,8 @@
 //!   running at the same time run once; the others wait for that result).
 //! - [`RateLimiter`]: named fleet-wide rate limits, one atomic GCRA script call per token.
 //! - [`Breakers`]: circuit breakers per dependency, state kept in Redis.
+//! - [`SemanticStore`]: the semantic cache's entries (embeddings and results) in Redis Streams,
+//!   searched in each worker's memory ([`VectorIndex`]).
 //!
 //! Redis is an accelerator, not a source of truth. Every call has a timeout
 //! (`redis.op_timeout`); when Redis does not answer, the call falls back (the cache is bypassed,
@@ -14,10 +16,12 @@
 mod breaker;
 mod cache;
 mod limiter;
+mod semantic;
 
 pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
 pub use cache::{CacheClaim, CacheKey, CachedResult, ResultCache};
 pub use limiter::{Decision, RateLimiter};
+pub use semantic::{SemanticHit, SemanticKey, SemanticLookup, SemanticStore, VectorIndex, cosine, dot};
 
 use redis::aio::ConnectionManager;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,6 +167,12 @@ impl SharedState {
     /// The result cache.
     pub fn cache(&self, policies: &PoliciesConfig) -> ResultCache {
         ResultCache::new(self.clone(), policies)
+    }
+
+    /// The semantic cache's store, with results up to `max_bytes` (`policies.cache_max_bytes`).
+    /// Create one per process and clone it: clones share the in-memory indexes.
+    pub fn semantic(&self, max_bytes: usize) -> SemanticStore {
+        SemanticStore::new(self.clone(), max_bytes)
     }
 
     /// The fleet's rate limits as configured.
