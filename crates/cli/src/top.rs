@@ -5,7 +5,7 @@ use anyhow::{Context, anyhow};
 use std::fmt::Write as _;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
-use taskfleet_proto::{AlertState, Latency, SeriesFigures, Snapshot, WorkerFigures};
+use taskfleet_proto::{AlertState, Latency, RunFigures, SeriesFigures, Snapshot, WorkerFigures};
 
 /// Placeholder for a figure the aggregator does not have (null or missing).
 const DASH: &str = "-";
@@ -91,11 +91,12 @@ async fn fetch(client: &reqwest::Client, url: &str) -> anyhow::Result<serde_json
     resp.json().await.with_context(|| format!("{url} sent invalid JSON"))
 }
 
-/// One screenful: header, fleet figures, series, workers, firing alerts.
+/// One screenful: header, fleet figures, series, runs by name, workers, firing alerts.
 pub fn render(s: &Snapshot, source: &str) -> String {
     let mut out = String::new();
     render_fleet(&mut out, s, source);
     render_series(&mut out, &s.series);
+    render_runs(&mut out, &s.runs);
     render_workers(&mut out, &s.workers, s.generated_at);
     render_alerts(&mut out, s);
     out
@@ -194,6 +195,50 @@ fn render_series(out: &mut String, series: &[SeriesFigures]) {
         "COST$",
     ];
     table(out, &header, 3, &rows, "(no tasks seen yet)");
+}
+
+/// The table of runs by name, in the aggregator's order: window counts (started, ended by
+/// state, durations) then totals since the aggregator started.
+fn render_runs(out: &mut String, runs: &[RunFigures]) {
+    out.push_str("\nRUNS\n");
+    let rows: Vec<Vec<String>> = runs
+        .iter()
+        .map(|r| {
+            vec![
+                r.name.clone(),
+                r.running.to_string(),
+                r.started.to_string(),
+                r.succeeded.to_string(),
+                r.failed.to_string(),
+                r.cancelled.to_string(),
+                r.started_total.to_string(),
+                (r.succeeded_total + r.failed_total + r.cancelled_total).to_string(),
+                ms(r.duration_ms.p50),
+                ms(r.duration_ms.p95),
+                (r.tokens_total.prompt + r.tokens_total.completion).to_string(),
+                usd(Some(r.cost_usd_total)),
+                usd(r.cost_per_run_usd),
+                usd(Some(r.saved_usd_total)),
+            ]
+        })
+        .collect();
+    let header = [
+        "NAME",
+        "RUNNING",
+        "STARTED",
+        "OK",
+        "FAILED",
+        "CANCELLED",
+        "ALL-STARTED",
+        "ALL-ENDED",
+        "DUR50",
+        "DUR95",
+        "TOKENS",
+        "COST$",
+        "$/RUN",
+        "SAVED$",
+    ];
+    table(out, &header, 1, &rows, "(no runs seen yet)");
 }
 
 /// The table of workers, sorted by id; `now` (ms since the epoch, 0 when unknown) ages their
@@ -360,6 +405,11 @@ mod tests {
         { "rule": "error_rate", "state": "resolved", "metric": "error_rate", "value": 0.0, "threshold": 0.05,
           "op": ">", "since": 1763900000000, "message": "old news" } ],
       "history": [ { "t": 1763900000000, "throughput_per_s": 120.5 } ],
+      "runs": [ { "name": "research", "running": 2, "started": 5, "succeeded": 3, "failed": 1, "cancelled": 0,
+        "started_total": 9, "succeeded_total": 6, "failed_total": 1, "cancelled_total": 0,
+        "duration_ms": { "count": 4, "p50": 1500.0, "p95": 4200.0, "p99": 4200.0, "max": 4200.0 },
+        "tokens_total": { "prompt": 300, "completion": 200 }, "attempts_total": 20, "cost_usd_total": 0.7,
+        "cost_per_run_usd": 0.1, "saved_usd_total": 0.25 } ],
       "something_new": true
     }"#;
 
@@ -378,6 +428,12 @@ mod tests {
         assert!(worker.contains("3/64") && worker.contains("12.0") && worker.ends_with("0.5s ago"), "{worker}");
         assert!(out.contains("ALERTS  1 firing, 1 resolved\nFIRING  p95_latency: p95 end-to-end 6100 ms > 5000 ms"));
         assert!(!out.contains("old news"), "resolved alerts are only counted");
+        let run = out.lines().find(|l| l.starts_with("research")).expect("a run row");
+        let cells: Vec<&str> = run.split_whitespace().collect();
+        assert_eq!(
+            cells,
+            ["research", "2", "5", "3", "1", "0", "9", "7", "1500", "4200", "500", "0.7000", "0.1000", "0.2500"]
+        );
     }
 
     #[test]
@@ -387,6 +443,7 @@ mod tests {
         assert!(out.starts_with("taskfleet top  x  -  window 0s\n"), "{out}");
         assert!(out.contains("workers -  utilisation -% (-/- in flight)  throughput 0.0/s  completed 0"), "{out}");
         assert!(out.contains("(no tasks seen yet)") && out.contains("(no workers"));
+        assert!(out.contains("RUNS\n") && out.contains("(no runs seen yet)"));
     }
 
     #[test]
