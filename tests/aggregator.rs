@@ -106,3 +106,80 @@ async fn wait_rollups(pool: &sqlx::PgPool, n: i64) -> i64 {
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
+
+/// Runs by name in `/v1/stats` `runs` and in `taskfleet top`: two `research` runs succeed, a
+/// `quorum` run fails, a `slow` one is seen running (from the poll of running runs), then ended.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn runs_by_name() {
+    let mut fleet = Fleet::new("aggregator-runs");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    fleet.start_aggregator();
+    let client = fleet.nats().await;
+    let research = || {
+        json!({"name": "research", "nodes": [
+            {"name": "search", "kind": "echo", "payload": {"q": "rust"}},
+            {"name": "write", "kind": "collect", "depends_on": ["search"]}
+        ]})
+    };
+    let (slow, _) = fleet
+        .submit_run(
+            &client,
+            json!({"name": "slow", "nodes": [{"name": "nap", "kind": "sleep", "payload": {"ms": 4000}}]}),
+        )
+        .await;
+    let mut ids = Vec::new();
+    for spec in [research(), research()] {
+        ids.push(fleet.submit_run(&client, spec).await.0);
+    }
+    let quorum = json!({"name": "quorum", "nodes": [
+        {"name": "vote", "kind": "sleep", "payload": {"fail": "fatal"}},
+        {"name": "tally", "kind": "collect", "depends_on": ["vote"]}
+    ]});
+    ids.push(fleet.submit_run(&client, quorum).await.0);
+    for id in &ids {
+        fleet.wait_run(&client, *id, Duration::from_secs(60)).await;
+    }
+    let run = |s: &Value, name: &str| {
+        s["runs"].as_array().and_then(|r| r.iter().find(|r| r["name"] == name)).cloned().unwrap_or(Value::Null)
+    };
+    let s = wait_stats(&fleet, "the runs by name, slow one running", Duration::from_secs(20), |s| {
+        run(s, "research")["succeeded_total"] == 2
+            && run(s, "quorum")["failed_total"] == 1
+            && run(s, "slow")["running"] == 1
+    })
+    .await;
+    println!("runs: {:#}", s["runs"]);
+    let r = run(&s, "research");
+    assert_eq!(
+        (r["started"].as_u64(), r["started_total"].as_u64(), r["succeeded"].as_u64()),
+        (Some(2), Some(2), Some(2))
+    );
+    assert_eq!((r["running"].as_u64(), r["failed_total"].as_u64()), (Some(0), Some(0)));
+    assert_eq!(r["duration_ms"]["count"], 2);
+    assert!(r["duration_ms"]["p95"].as_f64().is_some_and(|p| p >= r["duration_ms"]["p50"].as_f64().unwrap_or(0.0)));
+    assert!(r["attempts_total"].as_u64().is_some_and(|a| a >= 4), "{r}");
+    let q = run(&s, "quorum");
+    assert_eq!(
+        (q["started_total"].as_u64(), q["failed"].as_u64(), q["succeeded_total"].as_u64()),
+        (Some(1), Some(1), Some(0))
+    );
+    assert_eq!(run(&s, "slow")["started_total"], 1);
+
+    // `taskfleet top --once` shows them.
+    let addr = format!("http://{}", fleet.aggregator_http);
+    let out = fleet.cli(&["top", "--once", "--aggregator", &addr]);
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "taskfleet top failed: {stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    let row = |name: &str| stdout.lines().find(|l| l.split_whitespace().next() == Some(name)).map(str::to_string);
+    let research_row = row("research").unwrap_or_else(|| panic!("no research row in:\n{stdout}"));
+    assert_eq!(research_row.split_whitespace().nth(3), Some("2"), "2 succeeded: {research_row}");
+    assert!(row("quorum").is_some(), "no quorum row in:\n{stdout}");
+
+    // The slow run ends: no longer running, succeeded.
+    fleet.wait_run(&client, slow, Duration::from_secs(60)).await;
+    wait_stats(&fleet, "the slow run ended", Duration::from_secs(20), |s| {
+        run(s, "slow")["running"] == 0 && run(s, "slow")["succeeded_total"] == 1
+    })
+    .await;
+}
