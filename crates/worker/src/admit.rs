@@ -6,8 +6,7 @@
 use crate::attempt::{Attempt, Runtime, WorkerIdentity};
 use crate::handler::Handler;
 use crate::settle::Report;
-use crate::{DeferReason, TaskError};
-use serde_json::Value;
+use crate::DeferReason;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -143,7 +142,11 @@ pub(crate) async fn admit(
     let lease = match claim_cache(rt, attempt).await {
         Claimed::Hit(ev) => return Admission::Finish(ev),
         Claimed::Lead(lease) => Some(lease),
-        Claimed::Bypass => None,
+        Claimed::Bypass => match crate::semantic::admit(rt, attempt).await {
+            crate::semantic::Admitted::Hit(ev) => return Admission::Finish(ev),
+            crate::semantic::Admitted::Miss(pending) => Some(Lease::Semantic(pending)),
+            crate::semantic::Admitted::Bypass => None,
+        },
     };
     match take_limits(rt, attempt, granted).await {
         Ok(()) => {
@@ -196,30 +199,31 @@ async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> Option<bool> {
 }
 
 /// A claim on a cache entry: the attempt that holds it stores its result there.
-pub(crate) struct Lease {
-    key: CacheKey,
-    owner: String,
+pub(crate) enum Lease {
+    /// The exact cache's single-flight lease.
+    Exact { key: CacheKey, owner: String },
+    /// A semantic cache miss: the result is stored with the key text's vector.
+    Semantic(Box<crate::semantic::Pending>),
 }
 
 impl Lease {
     /// Stores a successful result (one of a task not cancelled meanwhile); else lets the
-    /// claim go so another task can lead.
-    pub async fn settle(
-        self,
-        cache: &ResultCache,
-        outcome: &Result<Value, TaskError>,
-        cancelled: bool,
-        cost_usd: Option<f64>,
-    ) {
-        match outcome {
-            Ok(result) if !cancelled => cache.store(&self.key, &self.owner, result, cost_usd).await,
-            _ => self.release(cache).await,
+    /// claim go so another task can lead. A semantic lookup's usage joins the attempt's.
+    pub async fn settle(self, cache: &ResultCache, executed: &mut crate::execute::Executed, cancelled: bool) {
+        match self {
+            Lease::Semantic(pending) => pending.settle(executed, cancelled).await,
+            Lease::Exact { key, owner } => match &executed.outcome {
+                Ok(result) if !cancelled => cache.store(&key, &owner, result, executed.usage.cost_usd).await,
+                _ => cache.release(&key, &owner).await,
+            },
         }
     }
 
     /// Lets the claim go.
     pub async fn release(self, cache: &ResultCache) {
-        cache.release(&self.key, &self.owner).await;
+        if let Lease::Exact { key, owner } = self {
+            cache.release(&key, &owner).await;
+        }
     }
 }
 
@@ -283,7 +287,7 @@ async fn claim_cache(rt: &Runtime, attempt: &Attempt) -> Claimed {
         }
         CacheClaim::Leader(owner) => {
             metrics::counter!("taskfleet_worker_cache_misses_total", "kind" => env.kind.clone()).increment(1);
-            Claimed::Lead(Lease { key, owner })
+            Claimed::Lead(Lease::Exact { key, owner })
         }
         CacheClaim::Follower | CacheClaim::Unavailable => Claimed::Bypass,
     }

@@ -149,10 +149,10 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
         }
     };
 
-    let executed = execute::execute(&rt, token, msg.reply.clone(), &mut attempt, handler).await;
+    let mut executed = execute::execute(&rt, token, msg.reply.clone(), &mut attempt, handler).await;
     let cancelled = rt.worker.cancellations.contains(&attempt.env.id);
     if let Some(lease) = lease {
-        lease.settle(&rt.policies.cache, &executed.outcome, cancelled, executed.usage.cost_usd).await;
+        lease.settle(&rt.policies.cache, &mut executed, cancelled).await;
     }
     let facts = Facts {
         attempt: attempt.number,

@@ -71,6 +71,8 @@ pub struct Shared {
     pub limiter: RateLimiter,
     /// Circuit breakers per dependency.
     pub breakers: Breakers,
+    /// The semantic cache (`policies.semantic_cache`), for [`TaskContext::semantic_lookup`].
+    pub semantic: crate::semantic::SemanticCache,
 }
 
 /// What an attempt consumed, reported by the handler and carried in its event.
@@ -140,6 +142,35 @@ impl TaskContext {
                 *u.cost_usd.get_or_insert(0.0) += c;
             }
         }
+    }
+
+    /// Looks `text` up in the semantic cache policy `name` (a key of `policies.semantic_cache`,
+    /// e.g. the kind of the task whose result is wanted): embeds it (the embedding's tokens and
+    /// cost go into this attempt's usage) and returns the most similar stored result of that
+    /// policy at or above its threshold, or `None` (also when Redis is unreachable, or outside a
+    /// worker). An open breaker or a refused rate-limit token of the embedding provider is a
+    /// deferral, a failed embedding call a retryable `embedding_failed` error (treat them as a
+    /// miss with `.ok().flatten()`); an unknown policy is a fatal `unknown_semantic_policy`.
+    pub async fn semantic_lookup(
+        &self,
+        name: &str,
+        text: &str,
+    ) -> Result<Option<crate::semantic::SemanticHit>, TaskError> {
+        crate::semantic::lookup_for(self, name, text).await
+    }
+
+    /// Stores `result` under the key text `text` in the semantic cache policy `name`, with what
+    /// computing it cost (what a later hit saves). Reuses the embedding of a recent lookup of
+    /// the same text; errors as [`TaskContext::semantic_lookup`]'s. A store Redis does not take
+    /// is skipped (the result is recomputed next time).
+    pub async fn semantic_store(
+        &self,
+        name: &str,
+        text: &str,
+        result: &Value,
+        cost_usd: Option<f64>,
+    ) -> Result<(), TaskError> {
+        crate::semantic::store_for(self, name, text, result, cost_usd).await
     }
 
     /// This attempt's usage so far.

@@ -44,6 +44,7 @@ mod pull;
 mod retry;
 mod running;
 mod scheduler;
+pub mod semantic;
 mod settle;
 pub mod stats;
 mod worker;

@@ -2,6 +2,7 @@
 //! breakers, deferral bounds and retry backoff.
 
 use crate::handler::Shared;
+use crate::semantic::SemanticCache;
 use crate::{RetryPolicy, WorkerError};
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -14,6 +15,8 @@ use taskfleet_shared_state::{ResultCache, SharedState};
 pub(crate) struct Policies {
     /// The fleet's result cache.
     pub cache: ResultCache,
+    /// The semantic cache (also given to handlers).
+    pub semantic: SemanticCache,
     /// Rate limits and breakers in Redis, also given to handlers.
     pub shared: Arc<Shared>,
     kind_limits: HashMap<String, Vec<String>>,
@@ -39,10 +42,12 @@ impl Policies {
             cache = cache.with_policy(kind.clone(), spec.clone());
         }
         let limiter = state.rate_limiter(&cfg.policies);
+        let semantic = SemanticCache::new(&state, cfg)?;
         let kind_limits = cfg.policies.kind_limits.iter().map(|(k, limits)| (k.clone(), limits.0.clone())).collect();
         Ok(Policies {
             cache,
-            shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies) }),
+            semantic: semantic.clone(),
+            shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies), semantic }),
             kind_limits,
             defer_hold_max: cfg.policies.defer_hold_max,
             breaker_max_wait: cfg.policies.breaker_max_wait,

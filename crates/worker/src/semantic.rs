@@ -1,0 +1,436 @@
+//! The semantic cache as the worker applies it: a policy (`policies.semantic_cache`) names the
+//! payload field whose string is the key text and the embedding model; the text is embedded
+//! through the model's provider (`POST {url}/embeddings`, OpenAI-shaped, through the provider's
+//! circuit breaker `llm:<model>` and its rate limit if it has one) and looked up in the fleet's
+//! [`SemanticStore`]. At admission a hit finishes the task like an exact-cache hit; a miss runs
+//! the handler and stores its result when the attempt succeeds ([`Pending`]). Handlers whose
+//! result comes later (a spawn's join) use [`TaskContext::semantic_lookup`] and
+//! [`TaskContext::semantic_store`] instead.
+//!
+//! The embedding's tokens and cost (`providers.prices` of the model, prompt price) are the
+//! attempt's: a hit costs its lookup, a miss the lookup and the handler. An unreachable
+//! embedding provider, a refused token or an open breaker never fail an admission: the task
+//! runs without the cache (`outcome="bypass"`).
+
+use crate::attempt::{Attempt, Runtime};
+use crate::execute::Executed;
+use crate::{DeferReason, TaskContext, TaskError};
+use serde_json::Value;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+use taskfleet_config::{Config, ProvidersConfig, SemanticCacheSpec};
+use taskfleet_proto::{EventKind, TaskEvent, Timings, TokenUsage, now_ms};
+pub use taskfleet_shared_state::SemanticHit;
+use taskfleet_shared_state::{
+    BreakerState, Breakers, Decision, Permit, RateLimiter, SemanticKey, SemanticLookup, SemanticStore, SharedState,
+};
+use tracing::Instrument;
+
+/// Embeddings remembered per model and text, so that a store after a lookup of the same text
+/// does not embed it again.
+const MEMO_ENTRIES: usize = 4096;
+
+/// Why an embedding could not be had.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum EmbedError {
+    /// The model's circuit breaker is open.
+    #[error("circuit breaker of {breaker} is open")]
+    BreakerOpen {
+        /// The breaker.
+        breaker: String,
+        /// Time until it lets trial calls through.
+        retry_after: Duration,
+    },
+    /// The provider's rate limit has no token within the reservation horizon.
+    #[error("rate limit {limit} has no token")]
+    RateLimited {
+        /// The limit.
+        limit: String,
+        /// When to ask again.
+        retry_after: Duration,
+    },
+    /// The call failed or its answer is unusable.
+    #[error("embedding request failed: {0}")]
+    Failed(String),
+}
+
+impl EmbedError {
+    /// The error a handler returns for it: a deferral for a breaker or a limit, else retryable.
+    fn into_task_error(self) -> TaskError {
+        match &self {
+            EmbedError::BreakerOpen { retry_after, .. } => {
+                TaskError::deferred(DeferReason::BreakerOpen, self.to_string(), *retry_after)
+            }
+            EmbedError::RateLimited { retry_after, .. } => {
+                TaskError::deferred(DeferReason::RateLimited, self.to_string(), *retry_after)
+            }
+            EmbedError::Failed(_) => TaskError::retryable(self.to_string()).with_code("embedding_failed"),
+        }
+    }
+
+    fn reason(&self) -> &'static str {
+        match self {
+            EmbedError::BreakerOpen { .. } => "breaker_open",
+            EmbedError::RateLimited { .. } => "rate_limited",
+            EmbedError::Failed(_) => "failed",
+        }
+    }
+}
+
+/// Recent embeddings by model and text.
+type Memo = HashMap<(String, String), Arc<Vec<f32>>>;
+
+/// An embedding and what it cost.
+#[derive(Debug, Clone)]
+struct Embedded {
+    vector: Arc<Vec<f32>>,
+    tokens: u64,
+    cost_usd: Option<f64>,
+}
+
+/// The semantic cache policies, the embedding client and the fleet's store; cheap to clone.
+#[derive(Clone)]
+pub struct SemanticCache {
+    store: SemanticStore,
+    policies: Arc<BTreeMap<String, SemanticCacheSpec>>,
+    providers: Arc<ProvidersConfig>,
+    /// Built only when a policy is configured.
+    client: Option<reqwest::Client>,
+    breakers: Breakers,
+    limiter: RateLimiter,
+    memo: Arc<Mutex<Memo>>,
+}
+
+impl std::fmt::Debug for SemanticCache {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("SemanticCache").field("policies", &self.policies).finish()
+    }
+}
+
+impl SemanticCache {
+    /// The configured policies over `state`. Builds an HTTP client only when there is a policy.
+    pub(crate) fn new(state: &SharedState, cfg: &Config) -> Result<SemanticCache, crate::WorkerError> {
+        let client = match cfg.policies.semantic_cache.is_empty() {
+            true => None,
+            false => {
+                // The workspace's one TLS provider; a no-op when the binary installed it.
+                let _ = rustls::crypto::ring::default_provider().install_default();
+                Some(
+                    reqwest::Client::builder()
+                        .pool_max_idle_per_host(cfg.providers.pool_max_idle_per_host)
+                        .connect_timeout(Duration::from_secs(10))
+                        .timeout(cfg.providers.request_timeout)
+                        .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
+                        .build()?,
+                )
+            }
+        };
+        Ok(SemanticCache {
+            store: state.semantic(cfg.policies.cache_max_bytes),
+            policies: Arc::new(cfg.policies.semantic_cache.clone()),
+            providers: Arc::new(cfg.providers.clone()),
+            client,
+            breakers: state.breakers(&cfg.policies),
+            limiter: state.rate_limiter(&cfg.policies),
+            memo: Default::default(),
+        })
+    }
+
+    /// The policy named `name` (a kind, or a name handlers use).
+    pub fn policy(&self, name: &str) -> Option<&SemanticCacheSpec> {
+        self.policies.get(name)
+    }
+
+    fn key(name: &str, spec: &SemanticCacheSpec) -> SemanticKey {
+        SemanticKey { name: name.to_string(), model: spec.model.clone(), ttl: spec.ttl }
+    }
+
+    /// Embeds `text` with `model`, within `budget`: breaker, rate limit, call, usage.
+    async fn embed(&self, model: &str, text: &str, budget: Duration) -> Result<Embedded, EmbedError> {
+        let failed = |m: String| EmbedError::Failed(m);
+        let client = self.client.as_ref().ok_or_else(|| failed("no semantic cache policy configured".into()))?;
+        let provider =
+            self.providers.models.get(model).ok_or_else(|| failed(format!("model {model:?} has no provider")))?;
+        let url =
+            self.providers.urls.get(provider).ok_or_else(|| failed(format!("provider {provider:?} has no url")))?;
+        let breaker = format!("llm:{model}");
+        let seen = match self.breakers.check(&breaker).await {
+            Permit::Granted(state) => state,
+            Permit::Refused { retry_after } => return Err(EmbedError::BreakerOpen { breaker, retry_after }),
+        };
+        if let Some(limit) = self.providers.limits.get(provider) {
+            match self.limiter.acquire(limit).await {
+                Ok(Decision::Allowed) => {}
+                Ok(Decision::Reserved { wait }) => tokio::time::sleep(wait).await,
+                Ok(Decision::Denied { retry_after }) => {
+                    return Err(EmbedError::RateLimited { limit: limit.clone(), retry_after });
+                }
+                Err(e) => return Err(failed(e.to_string())),
+            }
+        }
+        let mut rb = client
+            .post(format!("{}/embeddings", url.trim_end_matches('/')))
+            .timeout(budget.min(self.providers.request_timeout).max(Duration::from_millis(1)))
+            .json(&serde_json::json!({ "model": model, "input": [text] }));
+        if let Some(var) = self.providers.api_key_envs.get(provider)
+            && let Ok(key) = std::env::var(var)
+        {
+            rb = rb.bearer_auth(key);
+        }
+        let answer = self.send(rb).await;
+        let healthy = match &answer {
+            Ok((status, _)) => *status < 500,
+            Err(_) => false,
+        };
+        if !(healthy && seen == BreakerState::Closed) {
+            self.breakers.record(&breaker, seen, healthy).await;
+        }
+        let (status, body) = answer?;
+        if !(200..300).contains(&status) {
+            let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
+            return Err(failed(format!("{provider} answered {status}: {excerpt}")));
+        }
+        let reply: Value = serde_json::from_slice(&body).map_err(|e| failed(format!("answer is not JSON: {e}")))?;
+        let data = reply.get("data").and_then(Value::as_array).ok_or_else(|| failed("answer has no `data`".into()))?;
+        let first = data
+            .iter()
+            .find(|d| d.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
+            .and_then(|d| d.get("embedding"))
+            .and_then(Value::as_array)
+            .ok_or_else(|| failed("answer has no embedding".into()))?;
+        let vector: Vec<f32> = first.iter().filter_map(Value::as_f64).map(|x| x as f32).collect();
+        if vector.is_empty() || vector.len() != first.len() {
+            return Err(failed("embedding is empty or not numeric".into()));
+        }
+        let usage = reply.get("usage");
+        let tokens = usage
+            .and_then(|u| u.get("prompt_tokens").or_else(|| u.get("total_tokens")))
+            .and_then(Value::as_u64)
+            .unwrap_or(0);
+        let cost_usd = self.providers.price(model).map(|p| p.cost_usd(tokens, 0));
+        metrics::counter!("taskfleet_llm_tokens_total", "model" => model.to_string(), "type" => "prompt")
+            .increment(tokens);
+        if let Some(c) = cost_usd {
+            metrics::counter!("taskfleet_llm_cost_microusd_total", "model" => model.to_string())
+                .increment((c * 1e6).round() as u64);
+        }
+        let vector = Arc::new(vector);
+        if let Ok(mut memo) = self.memo.lock() {
+            if memo.len() >= MEMO_ENTRIES {
+                memo.clear();
+            }
+            memo.insert((model.to_string(), text.to_string()), vector.clone());
+        }
+        Ok(Embedded { vector, tokens, cost_usd })
+    }
+
+    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), EmbedError> {
+        let mut resp = rb.send().await.map_err(|e| EmbedError::Failed(e.to_string()))?;
+        let status = resp.status().as_u16();
+        let mut body = Vec::new();
+        while let Some(chunk) = resp.chunk().await.map_err(|e| EmbedError::Failed(format!("reading: {e}")))? {
+            if body.len() + chunk.len() > self.providers.max_response_bytes {
+                return Err(EmbedError::Failed("answer larger than providers.max_response_bytes".into()));
+            }
+            body.extend_from_slice(&chunk);
+        }
+        Ok((status, body))
+    }
+
+    /// The memoised embedding of `text`, or a fresh one.
+    async fn vector(&self, model: &str, text: &str, budget: Duration) -> Result<Embedded, EmbedError> {
+        let known = self.memo.lock().ok().and_then(|m| m.get(&(model.to_string(), text.to_string())).cloned());
+        match known {
+            Some(vector) => Ok(Embedded { vector, tokens: 0, cost_usd: None }),
+            None => self.embed(model, text, budget).await,
+        }
+    }
+
+    /// Embeds and looks up `text` under the policy `name`; counts the outcome and its time.
+    async fn lookup(
+        &self,
+        name: &str,
+        spec: &SemanticCacheSpec,
+        text: &str,
+        budget: Duration,
+    ) -> (Result<Embedded, EmbedError>, SemanticLookup) {
+        let started = Instant::now();
+        let embedded = self.embed(&spec.model, text, budget).await;
+        let found = match &embedded {
+            Ok(e) => self.store.lookup(&Self::key(name, spec), &e.vector, spec.threshold).await,
+            Err(e) => {
+                metrics::counter!("taskfleet_semantic_embed_failures_total", "model" => spec.model.clone(),
+                                  "reason" => e.reason())
+                .increment(1);
+                tracing::warn!(policy = name, model = %spec.model, error = %e,
+                               "embedding unavailable: running without the semantic cache");
+                SemanticLookup::Unavailable
+            }
+        };
+        let outcome = match &found {
+            SemanticLookup::Hit(_) => "hit",
+            SemanticLookup::Miss => "miss",
+            SemanticLookup::Unavailable => "bypass",
+        };
+        metrics::counter!("taskfleet_semantic_cache_lookups_total", "kind" => name.to_string(), "outcome" => outcome)
+            .increment(1);
+        metrics::histogram!("taskfleet_semantic_cache_lookup_seconds", "kind" => name.to_string())
+            .record(started.elapsed().as_secs_f64());
+        (embedded, found)
+    }
+}
+
+/// A miss at admission: the attempt's result goes into the cache if it succeeds.
+pub(crate) struct Pending {
+    cache: SemanticCache,
+    key: SemanticKey,
+    vector: Arc<Vec<f32>>,
+    /// The lookup's own tokens and cost, added to the attempt's usage.
+    tokens: u64,
+    cost_usd: Option<f64>,
+}
+
+impl Pending {
+    /// Stores a successful result (of a task not cancelled, that spawned nothing: a spawn's
+    /// result comes from its join) with the handler's cost, then adds the lookup's tokens and
+    /// cost to the attempt's usage.
+    pub async fn settle(self, executed: &mut Executed, cancelled: bool) {
+        if let Ok(result) = &executed.outcome
+            && !cancelled
+            && executed.effects.spawn.is_none()
+        {
+            let cost = executed.usage.cost_usd;
+            if let Err(e) = self.cache.store.store(&self.key, &self.vector, result, cost).await {
+                tracing::debug!(error = %e, policy = %self.key.name, "semantic cache store skipped");
+            }
+        }
+        let usage = &mut executed.usage;
+        let tokens = usage.tokens.get_or_insert(TokenUsage { prompt: 0, completion: 0 });
+        tokens.prompt += self.tokens;
+        if let Some(c) = self.cost_usd {
+            *usage.cost_usd.get_or_insert(0.0) += c;
+        }
+    }
+}
+
+/// What the semantic cache says at admission.
+pub(crate) enum Admitted {
+    /// A stored result: this `succeeded` event finishes the task.
+    Hit(Box<TaskEvent>),
+    /// Run the handler, then settle this.
+    Miss(Box<Pending>),
+    /// No policy, no key text, or the cache is unreachable: run without it.
+    Bypass,
+}
+
+/// Looks the task up when its kind has a semantic policy.
+pub(crate) async fn admit(rt: &Runtime, attempt: &Attempt) -> Admitted {
+    let cache = &rt.policies.semantic;
+    let env = &attempt.env;
+    let Some(spec) = cache.policy(&env.kind) else { return Admitted::Bypass };
+    let Some(text) = env.payload.get(&spec.field).and_then(Value::as_str) else {
+        metrics::counter!("taskfleet_semantic_cache_lookups_total", "kind" => env.kind.clone(), "outcome" => "bypass")
+            .increment(1);
+        tracing::debug!(kind = %env.kind, field = %spec.field, "no key text: running without the semantic cache");
+        return Admitted::Bypass;
+    };
+    let span = tracing::info_span!(parent: &attempt.span, "semantic_cache.lookup", kind = %env.kind,
+                                   result = tracing::field::Empty, similarity = tracing::field::Empty);
+    let (embedded, found) = cache.lookup(&env.kind, spec, text, attempt.timeout()).instrument(span.clone()).await;
+    let Ok(embedded) = embedded else {
+        span.record("result", "unavailable");
+        return Admitted::Bypass;
+    };
+    match found {
+        SemanticLookup::Hit(hit) => {
+            span.record("result", "hit");
+            span.record("similarity", hit.similarity as f64);
+            attempt.span.record("cache_hit", true);
+            Admitted::Hit(Box::new(hit_event(rt, attempt, hit, &embedded)))
+        }
+        SemanticLookup::Miss => {
+            span.record("result", "miss");
+            attempt.span.record("cache_hit", false);
+            let key = SemanticCache::key(&env.kind, spec);
+            let Embedded { vector, tokens, cost_usd } = embedded;
+            Admitted::Miss(Box::new(Pending { cache: cache.clone(), key, vector, tokens, cost_usd }))
+        }
+        // Redis unreachable: the lookup's cost is the attempt's all the same.
+        SemanticLookup::Unavailable => {
+            span.record("result", "unavailable");
+            let Embedded { vector, tokens, cost_usd } = embedded;
+            let key = SemanticCache::key(&env.kind, spec);
+            Admitted::Miss(Box::new(Pending { cache: cache.clone(), key, vector, tokens, cost_usd }))
+        }
+    }
+}
+
+/// The `succeeded` event of a hit at admission, as an exact-cache hit's, with the lookup's usage.
+fn hit_event(rt: &Runtime, attempt: &Attempt, hit: SemanticHit, embedded: &Embedded) -> TaskEvent {
+    let kind = attempt.env.kind.clone();
+    metrics::counter!("taskfleet_worker_cache_hits_total", "kind" => kind.clone()).increment(1);
+    if let Some(saved) = hit.cost_usd {
+        metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => kind)
+            .increment((saved * 1e6).round() as u64);
+    }
+    rt.worker.stats.finished.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
+    let now = now_ms();
+    let mut ev = attempt.event(EventKind::Succeeded);
+    ev.cache_hit = true;
+    ev.result = Some(hit.result);
+    ev.saved_usd = hit.cost_usd;
+    ev.tokens = Some(TokenUsage { prompt: embedded.tokens, completion: 0 });
+    ev.cost_usd = embedded.cost_usd;
+    ev.at = now;
+    ev.timings = Some(Timings {
+        created_at: attempt.env.created_at,
+        received_at: attempt.received_at,
+        started_at: now,
+        finished_at: now,
+    });
+    ev
+}
+
+/// [`TaskContext::semantic_lookup`].
+pub(crate) async fn lookup_for(ctx: &TaskContext, name: &str, text: &str) -> Result<Option<SemanticHit>, TaskError> {
+    let Some(cache) = ctx.shared.as_ref().map(|s| &s.semantic) else { return Ok(None) };
+    let spec = policy_of(cache, name)?;
+    let (embedded, found) = cache.lookup(name, spec, text, ctx.remaining()).await;
+    let embedded = embedded.map_err(EmbedError::into_task_error)?;
+    ctx.record_usage(Some(TokenUsage { prompt: embedded.tokens, completion: 0 }), embedded.cost_usd);
+    Ok(match found {
+        SemanticLookup::Hit(hit) => Some(hit),
+        SemanticLookup::Miss | SemanticLookup::Unavailable => None,
+    })
+}
+
+/// [`TaskContext::semantic_store`].
+pub(crate) async fn store_for(
+    ctx: &TaskContext,
+    name: &str,
+    text: &str,
+    result: &Value,
+    cost_usd: Option<f64>,
+) -> Result<(), TaskError> {
+    let Some(cache) = ctx.shared.as_ref().map(|s| &s.semantic) else { return Ok(()) };
+    let spec = policy_of(cache, name)?;
+    let embedded = cache.vector(&spec.model, text, ctx.remaining()).await.map_err(EmbedError::into_task_error)?;
+    if embedded.tokens > 0 || embedded.cost_usd.is_some() {
+        ctx.record_usage(Some(TokenUsage { prompt: embedded.tokens, completion: 0 }), embedded.cost_usd);
+    }
+    if let Err(e) = cache.store.store(&SemanticCache::key(name, spec), &embedded.vector, result, cost_usd).await {
+        // Redis is an accelerator: a result that is not stored is recomputed next time.
+        tracing::debug!(error = %e, policy = name, "semantic cache store skipped");
+    }
+    Ok(())
+}
+
+fn policy_of<'a>(cache: &'a SemanticCache, name: &str) -> Result<&'a SemanticCacheSpec, TaskError> {
+    cache.policy(name).ok_or_else(|| {
+        TaskError::fatal(format!("no semantic cache policy {name:?} in policies.semantic_cache"))
+            .with_code("unknown_semantic_policy")
+    })
+}
