@@ -81,6 +81,9 @@ fn check_dom(dom: &str, worker: &str) -> Option<String> {
     if number(text_of(dom, "chart-throughput-now").map(|t| t.trim_end_matches("/s"))).is_none() {
         return Some(format!("the throughput chart shows {:?}", text_of(dom, "chart-throughput-now")));
     }
+    if !dom.contains(r#"<tr data-run="research">"#) {
+        return Some("no row for the run name `research` in the runs table".into());
+    }
     if !dom.contains(r#"<li class="firing" data-rule="busy">"#) {
         return Some("the firing alert `busy` is not in the alerts list".into());
     }
@@ -96,7 +99,7 @@ fn artifacts_dir() -> PathBuf {
 }
 
 /// While `sleep` tasks trickle in, the dashboard in headless Chromium shows non-zero live
-/// figures, this fleet's worker and a firing alert; a screenshot is kept in
+/// figures, this fleet's worker, a named run and a firing alert; a screenshot is kept in
 /// `target/test-artifacts`. Then `taskfleet top --once` shows the same figures in the terminal.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_and_top_show_live_figures() {
@@ -123,7 +126,11 @@ async fn dashboard_and_top_show_live_figures() {
     // most 90 s).
     let stop = Arc::new(AtomicBool::new(false));
     let trickle = async {
-        let mut submitted = 0usize;
+        // And one named run (one task), for the runs table.
+        fleet
+            .submit_run(&client, serde_json::json!({"name": "research", "nodes": [{"name": "a", "kind": "echo"}]}))
+            .await;
+        let mut submitted = 1usize;
         let deadline = Instant::now() + Duration::from_secs(90);
         while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
             let envs: Vec<TaskEnvelope> = (0..10)
@@ -237,6 +244,7 @@ async fn dashboard_and_top_show_live_figures() {
     assert!(throughput.is_some_and(|t| t > 0.0), "no throughput figure in:\n{stdout}");
     assert!(stdout.lines().any(|l| l.starts_with(WORKER)), "no row for worker {WORKER} in:\n{stdout}");
     assert!(stdout.contains("FIRING  busy: "), "no firing alert in:\n{stdout}");
+    assert!(stdout.lines().any(|l| l.starts_with("research ")), "no row for the run name research in:\n{stdout}");
     let completed: Option<f64> =
         stdout.split("completed ").nth(1).and_then(|rest| rest.split_whitespace().next()).and_then(|n| n.parse().ok());
     assert!(completed.is_some_and(|n| n >= submitted as f64), "completed >= {submitted} expected in:\n{stdout}");
