@@ -10,7 +10,7 @@ use std::future::Future;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{ParentOutcome, Priority, Spawn, Subjects, TaskEnvelope, TaskId, TokenUsage};
-use taskfleet_shared_state::{Breakers, Decision, RateLimiter};
+use taskfleet_shared_state::{Breakers, Decision, RateLimiter, ResultCache};
 use tokio_util::sync::CancellationToken;
 
 /// What a handler knows about the task it runs.
@@ -64,13 +64,17 @@ pub(crate) struct Submitter {
     pub coordinator: Coordinator,
 }
 
-/// The fleet-wide state a handler can use: rate limits and circuit breakers in Redis.
+/// The fleet-wide state a handler can use: rate limits, circuit breakers and the result cache
+/// in Redis.
 #[derive(Debug, Clone)]
 pub struct Shared {
     /// Named fleet-wide rate limits.
     pub limiter: RateLimiter,
     /// Circuit breakers per dependency.
     pub breakers: Breakers,
+    /// The fleet's result cache with the worker's per-kind policies (what admission uses); the
+    /// inline `Providers::chat`/`http` calls consult it under the `llm.chat`/`http` policies.
+    pub cache: ResultCache,
     /// The semantic cache (`policies.semantic_cache`), for [`TaskContext::semantic_lookup`].
     pub semantic: crate::semantic::SemanticCache,
 }
@@ -82,6 +86,9 @@ pub struct Usage {
     pub tokens: Option<TokenUsage>,
     /// Cost in US dollars.
     pub cost_usd: Option<f64>,
+    /// What calls answered from the shared cache would have cost, in US dollars
+    /// ([`TaskContext::record_saved`]).
+    pub saved_usd: Option<f64>,
 }
 
 impl TaskContext {
@@ -96,28 +103,40 @@ impl TaskContext {
     /// next one is within the reservation horizon; when none is, the error defers the task
     /// (return it with `?`). Without Redis configured (a bare context) it allows.
     pub async fn acquire(&self, name: &str) -> Result<(), TaskError> {
+        match self.try_acquire(name).await? {
+            Decision::Denied { retry_after } => Err(TaskError::deferred(
+                DeferReason::RateLimited,
+                format!("rate limit {name} has no token"),
+                retry_after,
+            )),
+            Decision::Allowed | Decision::Reserved { .. } => Ok(()),
+        }
+    }
+
+    /// Like [`TaskContext::acquire`] without deferring: takes a token of the limit `name`
+    /// (waiting for a booked slot within the reservation horizon) and returns the limiter's
+    /// decision. `Denied` means no token was taken and none will be within the horizon (try
+    /// another provider, or defer). An unknown limit is a fatal `unknown_limit` error. Without
+    /// Redis configured (a bare context) it allows.
+    pub async fn try_acquire(&self, name: &str) -> Result<Decision, TaskError> {
         use tracing::Instrument;
-        let Some(shared) = &self.shared else { return Ok(()) };
+        let Some(shared) = &self.shared else { return Ok(Decision::Allowed) };
         // A `rate_limit.wait` span under the handler's, covering a booked slot's wait.
         let span = tracing::info_span!(parent: &self.span, "rate_limit.wait", limits = name,
                                        deferred = false, delay_ms = tracing::field::Empty);
         async {
             match shared.limiter.acquire(name).await {
-                Ok(Decision::Allowed) => Ok(()),
                 Ok(Decision::Reserved { wait }) => {
                     // A booked slot, at most the reservation horizon away.
                     span.record("delay_ms", wait.as_millis() as u64);
                     tokio::time::sleep(wait).await;
-                    Ok(())
+                    Ok(Decision::Reserved { wait })
                 }
-                Ok(Decision::Denied { retry_after }) => {
+                Ok(d @ Decision::Denied { .. }) => {
                     span.record("deferred", true);
-                    Err(TaskError::deferred(
-                        DeferReason::RateLimited,
-                        format!("rate limit {name} has no token"),
-                        retry_after,
-                    ))
+                    Ok(d)
                 }
+                Ok(d) => Ok(d),
                 Err(e) => Err(TaskError::fatal(e.to_string()).with_code("unknown_limit")),
             }
         }
@@ -142,6 +161,19 @@ impl TaskContext {
                 *u.cost_usd.get_or_insert(0.0) += c;
             }
         }
+    }
+
+    /// Adds what a call answered from the shared cache would have cost to this attempt's
+    /// savings (its event's `saved_usd`).
+    pub fn record_saved(&self, usd: f64) {
+        if let Ok(mut u) = self.usage.lock() {
+            *u.saved_usd.get_or_insert(0.0) += usd;
+        }
+    }
+
+    /// The fleet's result cache, when the worker has it.
+    pub fn cache(&self) -> Option<&ResultCache> {
+        self.shared.as_ref().map(|s| &s.cache)
     }
 
     /// Looks `text` up in the semantic cache policy `name` (a key of `policies.semantic_cache`,

@@ -45,9 +45,14 @@ impl Policies {
         let semantic = SemanticCache::new(&state, cfg)?;
         let kind_limits = cfg.policies.kind_limits.iter().map(|(k, limits)| (k.clone(), limits.0.clone())).collect();
         Ok(Policies {
-            cache,
             semantic: semantic.clone(),
-            shared: Arc::new(Shared { limiter, breakers: state.breakers(&cfg.policies), semantic }),
+            shared: Arc::new(Shared {
+                limiter,
+                breakers: state.breakers(&cfg.policies),
+                cache: cache.clone(),
+                semantic,
+            }),
+            cache,
             kind_limits,
             defer_hold_max: cfg.policies.defer_hold_max,
             breaker_max_wait: cfg.policies.breaker_max_wait,

@@ -1,29 +1,47 @@
-//! The built-in handlers that call outside services: `http` (a request template sent to a
-//! provider, a fallback chain of providers, or a URL) and `llm.chat` (an OpenAI-compatible chat
-//! completion, with model fallbacks, token counts and cost).
+//! The outside services taskfleet calls: the built-in `http` (a request template sent to a
+//! provider, a fallback chain of providers, or a URL), `llm.chat` (an OpenAI-compatible chat
+//! completion, with model fallbacks, token counts and cost) and `llm.embed` (OpenAI-compatible
+//! embeddings in adaptive batches) handlers, and the same calls for handlers of your own
+//! ([`Providers::chat`], [`Providers::http`], [`Providers::embed`]).
 //!
 //! Every call goes through the dependency's circuit breaker (shared by the fleet): a provider
-//! whose breaker is open is skipped for the next one in the chain, and when all are open the
-//! task is deferred until the first cooldown ends. A provider's rate limit (`providers.limits`)
-//! gives a token before the call or defers the task. Responses: 2xx succeed; 429 is retried no
-//! sooner than its `Retry-After`; 5xx, timeouts and connection errors are retryable failures
-//! that count against the breaker; other 4xx fail the task.
+//! whose breaker is open is skipped for the next one in the chain. A provider's rate limit
+//! (`providers.limits`) gives a token before the call (waiting for a booked slot within the
+//! reservation horizon); in a chain, a provider whose limit has no token within the horizon is
+//! skipped for the next one whose limit has, so a burst overflows to the fallbacks without any
+//! provider exceeding its limit. When every provider is skipped the task is deferred until the
+//! soonest of their breaker cooldowns and limit slots; a single provider whose limit has no token
+//! defers the task. Responses: 2xx succeed; 429 is retried no sooner than its `Retry-After`; 5xx,
+//! timeouts and connection errors are retryable failures that count against the breaker; other
+//! 4xx fail the task.
+//!
+//! The inline [`Providers::chat`] and [`Providers::http`] calls also use the fleet's result
+//! cache under the `llm.chat` and `http` kinds' policies (`policies.cache`), with single-flight.
 
-use crate::{Handler, TaskContext, TaskError};
-use serde::Deserialize;
-use serde_json::{Map, Value, json};
-use std::collections::BTreeMap;
+mod chat;
+mod embed;
+mod http;
+#[cfg(test)]
+mod tests;
+
+use crate::{DeferReason, Handler, TaskContext, TaskError};
+use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_config::ProvidersConfig;
-use taskfleet_proto::TokenUsage;
-use taskfleet_shared_state::{BreakerState, Permit};
+use taskfleet_shared_state::{BreakerState, CacheClaim, Decision, Permit};
+use tracing::Instrument;
 
-/// The HTTP client and provider table behind the `http` and `llm.chat` handlers.
+pub use embed::BatchRule;
+
+/// The HTTP client and provider table behind the `http`, `llm.chat` and `llm.embed` handlers
+/// and the inline calls handlers make. Clones share the client and the adaptive embedding batch
+/// sizes (the worker binary makes one for the process).
 #[derive(Clone)]
 pub struct Providers {
     client: reqwest::Client,
     config: Arc<ProvidersConfig>,
+    batches: embed::BatchSizes,
 }
 
 /// One place a call can go.
@@ -37,7 +55,7 @@ struct Target {
     limit: Option<String>,
     /// Base URL (or the full URL for a plain `url` request).
     url: String,
-    /// Model, for `llm.chat`.
+    /// Model, for `llm.chat` and `llm.embed`.
     model: Option<String>,
 }
 
@@ -48,36 +66,13 @@ struct Answer {
     retry_after: Option<Duration>,
 }
 
-/// The `http` handler's payload.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct HttpRequest {
-    /// A provider or a chain of providers from the configuration.
-    provider: Option<String>,
-    /// An absolute URL, when no provider is named.
-    url: Option<String>,
-    #[serde(default = "default_method")]
-    method: String,
-    /// Appended to the provider's base URL.
-    #[serde(default)]
-    path: String,
-    #[serde(default)]
-    query: BTreeMap<String, String>,
-    #[serde(default)]
-    headers: BTreeMap<String, String>,
-    /// A JSON body.
-    json: Option<Value>,
-    /// A text body.
-    body: Option<String>,
-}
-
-fn default_method() -> String {
-    "GET".into()
-}
-
 impl Providers {
-    /// A client with pooled keep-alive connections, as configured.
+    /// A client with pooled keep-alive connections, as configured (installing rustls' `ring`
+    /// crypto provider when the process has none).
     pub fn new(config: &ProvidersConfig) -> Result<Providers, crate::WorkerError> {
+        // The process's TLS crypto provider, unless one is installed already (the worker binary
+        // installs it; a program of your own need not).
+        let _ = rustls::crypto::ring::default_provider().install_default();
         let client = reqwest::Client::builder()
             .pool_max_idle_per_host(config.pool_max_idle_per_host)
             .pool_idle_timeout(Duration::from_secs(90))
@@ -86,24 +81,38 @@ impl Providers {
             .timeout(config.request_timeout)
             .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
             .build()?;
-        Ok(Providers { client, config: Arc::new(config.clone()) })
+        Ok(Providers {
+            client,
+            config: Arc::new(config.clone()),
+            batches: embed::BatchSizes::new(BatchRule::of(config)),
+        })
     }
 
-    /// The `http` handler.
+    /// The `http` handler (the task kind's cache policy is applied at admission).
     pub fn http_handler(&self) -> impl Handler {
         let this = self.clone();
         move |ctx: TaskContext, payload: Value| {
             let this = this.clone();
-            async move { this.http(ctx, payload).await }
+            async move { this.http_uncached(&ctx, payload).await }
         }
     }
 
-    /// The `llm.chat` handler.
+    /// The `llm.chat` handler (the task kind's cache policy is applied at admission).
     pub fn llm_chat_handler(&self) -> impl Handler {
         let this = self.clone();
         move |ctx: TaskContext, payload: Value| {
             let this = this.clone();
-            async move { this.llm_chat(ctx, payload).await }
+            async move { this.chat_uncached(&ctx, payload).await }
+        }
+    }
+
+    /// The `llm.embed` handler: `{"model", "input": [texts]}` →
+    /// `{"model", "provider", "embeddings": [[..]], "usage": {"prompt_tokens"}, "cost_usd"}`.
+    pub fn llm_embed_handler(&self) -> impl Handler {
+        let this = self.clone();
+        move |ctx: TaskContext, payload: Value| {
+            let this = this.clone();
+            async move { this.embed_task(&ctx, payload).await }
         }
     }
 
@@ -120,70 +129,8 @@ impl Providers {
         })
     }
 
-    async fn http(&self, ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
-        let req: HttpRequest = serde_json::from_value(payload)
-            .map_err(|e| TaskError::fatal(format!("http payload: {e}")).with_code("invalid_payload"))?;
-        let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
-            TaskError::fatal(format!("method {:?} is not valid", req.method)).with_code("invalid_payload")
-        })?;
-        let targets = match (&req.provider, &req.url) {
-            (Some(p), None) => {
-                self.config.chain(p).iter().map(|n| self.provider_target(n)).collect::<Result<_, _>>()?
-            }
-            (None, Some(u)) => {
-                let parsed = reqwest::Url::parse(u)
-                    .map_err(|e| TaskError::fatal(format!("url {u:?}: {e}")).with_code("invalid_payload"))?;
-                let host = parsed.host_str().unwrap_or("unknown").to_string();
-                vec![Target { provider: host.clone(), breaker: host, limit: None, url: u.clone(), model: None }]
-            }
-            _ => return Err(TaskError::fatal("name exactly one of `provider` and `url`").with_code("invalid_payload")),
-        };
-        let (target, answer) = self
-            .call(&ctx, targets, |t| {
-                let mut url = format!("{}{}", t.url, req.path);
-                if !req.query.is_empty() {
-                    let pairs: Vec<String> = req
-                        .query
-                        .iter()
-                        .map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v)))
-                        .collect();
-                    url.push(if url.contains('?') { '&' } else { '?' });
-                    url.push_str(&pairs.join("&"));
-                }
-                let mut rb = self.client.request(method.clone(), url);
-                for (k, v) in &req.headers {
-                    rb = rb.header(k, v);
-                }
-                if let Some(j) = &req.json {
-                    rb = rb.json(j);
-                } else if let Some(b) = &req.body {
-                    rb = rb.body(b.clone());
-                }
-                rb
-            })
-            .await?;
-        let body = match serde_json::from_slice::<Value>(&answer.body) {
-            Ok(v) => json!({ "json": v }),
-            Err(_) => json!({ "body": String::from_utf8_lossy(&answer.body) }),
-        };
-        let mut out = json!({ "provider": target.provider, "status": answer.status });
-        if let (Some(o), Value::Object(b)) = (out.as_object_mut(), body) {
-            o.extend(b);
-        }
-        Ok(out)
-    }
-
-    async fn llm_chat(&self, ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
-        let Value::Object(request) = payload else {
-            return Err(TaskError::fatal("llm.chat payload must be an object").with_code("invalid_payload"));
-        };
-        let model = request
-            .get("model")
-            .and_then(Value::as_str)
-            .ok_or_else(|| TaskError::fatal("llm.chat payload needs a `model`").with_code("invalid_payload"))?;
-        if !request.get("messages").is_some_and(Value::is_array) {
-            return Err(TaskError::fatal("llm.chat payload needs `messages`").with_code("invalid_payload"));
-        }
+    /// The targets of a model and its fallbacks (breaker per model).
+    fn model_targets(&self, model: &str) -> Result<Vec<Target>, TaskError> {
         let mut targets = Vec::new();
         for m in self.config.model_chain(model) {
             let provider = self.config.models.get(&m).ok_or_else(|| {
@@ -194,51 +141,78 @@ impl Providers {
             t.model = Some(m);
             targets.push(t);
         }
-        let (target, answer) = self
-            .call(&ctx, targets, |t| {
-                let mut body: Map<String, Value> = request.clone();
-                body.insert("model".into(), Value::String(t.model.clone().unwrap_or_default()));
-                body.remove("stream");
-                self.client.post(format!("{}/chat/completions", t.url)).json(&body)
-            })
-            .await?;
-        let reply: Value = serde_json::from_slice(&answer.body)
-            .map_err(|e| TaskError::retryable(format!("completion is not JSON: {e}")).with_code("bad_response"))?;
-        let model = target.model.unwrap_or_default();
-        let usage = reply.get("usage");
-        let tokens = TokenUsage {
-            prompt: usage.and_then(|u| u.get("prompt_tokens")).and_then(Value::as_u64).unwrap_or(0),
-            completion: usage.and_then(|u| u.get("completion_tokens")).and_then(Value::as_u64).unwrap_or(0),
-        };
-        let cost = self.config.price(&model).map(|price| price.cost_usd(tokens.prompt, tokens.completion));
-        ctx.record_usage(Some(tokens), cost);
-        if let Some(c) = cost {
-            metrics::counter!("taskfleet_llm_cost_microusd_total", "model" => model.clone())
-                .increment((c * 1e6).round() as u64);
-        }
-        metrics::counter!("taskfleet_llm_tokens_total", "model" => model.clone(), "type" => "prompt")
-            .increment(tokens.prompt);
-        metrics::counter!("taskfleet_llm_tokens_total", "model" => model.clone(), "type" => "completion")
-            .increment(tokens.completion);
-        let choice = reply.get("choices").and_then(|c| c.get(0));
-        Ok(json!({
-            "model": model,
-            "provider": target.provider,
-            "content": choice.and_then(|c| c.pointer("/message/content")).cloned().unwrap_or(Value::Null),
-            "finish_reason": choice.and_then(|c| c.get("finish_reason")).cloned().unwrap_or(Value::Null),
-            "usage": { "prompt_tokens": tokens.prompt, "completion_tokens": tokens.completion },
-            "cost_usd": cost,
-        }))
+        Ok(targets)
     }
 
-    /// Calls the first target whose breaker lets the call through.
+    /// Runs `compute` for a call that a task of `kind` with `payload` would make, through the
+    /// shared result cache under that kind's policy: a stored result is returned with
+    /// `"cached": true` (its cost recorded as saved); an identical call running elsewhere is
+    /// waited for; otherwise the call runs and its result (with the cost it reports in
+    /// `cost_usd`) is stored. Without a policy or Redis the call just runs.
+    async fn cached<F>(&self, ctx: &TaskContext, kind: &str, payload: &Value, compute: F) -> Result<Value, TaskError>
+    where
+        F: std::future::Future<Output = Result<Value, TaskError>>,
+    {
+        let Some(cache) = ctx.cache() else { return compute.await };
+        let Some(key) = cache.key_for(kind, payload) else { return compute.await };
+        let lease = ctx.remaining().max(Duration::from_millis(1));
+        let span = tracing::info_span!(parent: &ctx.span, "cache.lookup", kind, inline = true,
+                                       result = tracing::field::Empty, waited = false);
+        let claim = async {
+            let claim = cache.claim(&key, lease).await;
+            if claim != CacheClaim::Follower {
+                return claim;
+            }
+            span.record("waited", true);
+            cache.wait_for(&key, lease, cache.single_flight_wait().min(lease)).await
+        }
+        .instrument(span.clone())
+        .await;
+        match claim {
+            CacheClaim::Hit(hit) => {
+                span.record("result", "hit");
+                metrics::counter!("taskfleet_worker_inline_cache_hits_total", "kind" => kind.to_string()).increment(1);
+                if let Some(saved) = hit.cost_usd {
+                    ctx.record_saved(saved);
+                    metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => kind.to_string())
+                        .increment((saved * 1e6).round() as u64);
+                }
+                let mut result = hit.result;
+                if let Some(o) = result.as_object_mut() {
+                    o.insert("cached".into(), Value::Bool(true));
+                }
+                Ok(result)
+            }
+            CacheClaim::Leader(owner) => {
+                span.record("result", "miss");
+                let outcome = compute.await;
+                match &outcome {
+                    Ok(result) if !ctx.cancel.is_cancelled() => {
+                        let cost = result.get("cost_usd").and_then(Value::as_f64);
+                        cache.store(&key, &owner, result, cost).await;
+                    }
+                    _ => cache.release(&key, &owner).await,
+                }
+                outcome
+            }
+            CacheClaim::Follower | CacheClaim::Unavailable => {
+                span.record("result", if claim == CacheClaim::Follower { "wait_expired" } else { "unavailable" });
+                compute.await
+            }
+        }
+    }
+
+    /// Calls the first target whose breaker lets the call through and whose rate limit has a
+    /// token within the reservation horizon (a lone target's limit defers the task instead).
     async fn call(
         &self,
         ctx: &TaskContext,
         targets: Vec<Target>,
         build: impl Fn(&Target) -> reqwest::RequestBuilder,
     ) -> Result<(Target, Answer), TaskError> {
-        let mut soonest: Option<Duration> = None;
+        let single = targets.len() == 1;
+        let mut breaker_open: Option<Duration> = None;
+        let mut limited: Option<Duration> = None;
         for t in targets {
             let seen = match ctx.breakers() {
                 None => BreakerState::Closed,
@@ -246,13 +220,23 @@ impl Providers {
                     Permit::Granted(s) => s,
                     Permit::Refused { retry_after } => {
                         tracing::debug!(provider = %t.provider, breaker = %t.breaker, "breaker open, trying the next provider");
-                        soonest = Some(soonest.map_or(retry_after, |s| s.min(retry_after)));
+                        breaker_open = Some(breaker_open.map_or(retry_after, |s| s.min(retry_after)));
                         continue;
                     }
                 },
             };
             if let Some(limit) = &t.limit {
-                ctx.acquire(limit).await?;
+                if single {
+                    ctx.acquire(limit).await?;
+                } else if let Decision::Denied { retry_after } = ctx.try_acquire(limit).await? {
+                    // No token within the horizon: overflow to the next provider. (A half-open
+                    // breaker's trial permit taken above expires after a cooldown.)
+                    tracing::debug!(provider = %t.provider, limit = %limit, "rate limit has no token, trying the next provider");
+                    metrics::counter!("taskfleet_provider_overflow_total", "provider" => t.provider.clone())
+                        .increment(1);
+                    limited = Some(limited.map_or(retry_after, |s| s.min(retry_after)));
+                    continue;
+                }
             }
             let mut rb = build(&t).timeout(ctx.remaining().min(self.config.request_timeout));
             if let Some(var) = self.config.api_key_envs.get(&t.provider)
@@ -280,8 +264,16 @@ impl Providers {
                     .with_code(format!("http_{s}"))),
             };
         }
-        let wait = soonest.unwrap_or(Duration::from_secs(1));
-        Err(TaskError::deferred(crate::DeferReason::BreakerOpen, "every provider's circuit breaker is open", wait))
+        if let Some(slot) = limited {
+            let wait = breaker_open.map_or(slot, |b| b.min(slot));
+            return Err(TaskError::deferred(
+                DeferReason::RateLimited,
+                "every provider of the chain is rate-limited (or its circuit breaker is open)",
+                wait,
+            ));
+        }
+        let wait = breaker_open.unwrap_or(Duration::from_secs(1));
+        Err(TaskError::deferred(DeferReason::BreakerOpen, "every provider's circuit breaker is open", wait))
     }
 
     async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Answer, TaskError> {
