@@ -34,3 +34,8 @@ fn run_example(name: &str) {
 fn research() {
     run_example("research");
 }
+
+#[test]
+fn quorum() {
+    run_example("quorum");
+}

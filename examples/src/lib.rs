@@ -4,4 +4,5 @@
 //! names. `taskfleet-examples all` runs them in turn and prints one table.
 
 pub mod harness;
+pub mod quorum;
 pub mod research;

@@ -30,7 +30,7 @@ async fn main() -> anyhow::Result<()> {
     let opts = Options { quick: args.quick };
     let fleet = Fleet::connect().await?;
     let names: Vec<&str> = match args.example.as_str() {
-        "all" => vec!["research"],
+        "all" => vec!["research", "quorum"],
         one => vec![one],
     };
     let mut rows: Vec<Figure> = Vec::new();
@@ -38,6 +38,7 @@ async fn main() -> anyhow::Result<()> {
         eprintln!("running the {name} example{}", if opts.quick { " (quick)" } else { "" });
         let figures = match name {
             "research" => taskfleet_examples::research::run(&fleet, opts).await?,
+            "quorum" => taskfleet_examples::quorum::run(&fleet, opts).await?,
             other => anyhow::bail!("no example named {other:?}"),
         };
         rows.extend(figures);
