@@ -32,7 +32,7 @@ use taskfleet_config::ProvidersConfig;
 use taskfleet_shared_state::{BreakerState, CacheClaim, Decision, Permit};
 use tracing::Instrument;
 
-pub use embed::BatchRule;
+pub use embed::{BatchRule, EMBED_BATCH_RETRIES};
 
 /// The HTTP client and provider table behind the `http`, `llm.chat` and `llm.embed` handlers
 /// and the inline calls handlers make. Clones share the client and the adaptive embedding batch
