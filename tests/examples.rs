@@ -39,3 +39,8 @@ fn research() {
 fn quorum() {
     run_example("quorum");
 }
+
+#[test]
+fn content() {
+    run_example("content");
+}

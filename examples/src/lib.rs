@@ -3,6 +3,7 @@
 //! breakers and fallbacks) against `taskfleet-mock-api`, measured against the figure its design
 //! names. `taskfleet-examples all` runs them in turn and prints one table.
 
+pub mod content;
 pub mod harness;
 pub mod quorum;
 pub mod research;

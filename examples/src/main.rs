@@ -39,6 +39,7 @@ async fn main() -> anyhow::Result<()> {
         let figures = match name {
             "research" => taskfleet_examples::research::run(&fleet, opts).await?,
             "quorum" => taskfleet_examples::quorum::run(&fleet, opts).await?,
+            "content" => taskfleet_examples::content::run(&fleet, opts).await?,
             other => anyhow::bail!("no example named {other:?}"),
         };
         rows.extend(figures);
