@@ -1,5 +1,5 @@
 # taskfleet: the two commands a new machine needs are `make dev` and `make test`.
-.PHONY: dev stop test test-unit bench lint k8s-validate golden services
+.PHONY: dev stop test test-unit bench lint k8s-validate golden services examples
 
 ## Install and start NATS, Postgres and Redis, build, start a fleet and run a demo workload.
 dev:
@@ -25,6 +25,11 @@ test: services
 bench: services
 	cargo build --release --locked --workspace --bins
 	bench/all.sh
+
+## The five example workloads on the dev fleet (started if it is not running), one table of
+## their figures. QUICK=1 make examples: small scale; EXAMPLE=research make examples: one of them.
+examples:
+	deploy/examples.sh
 
 ## Formatting and lints.
 lint:
