@@ -17,16 +17,18 @@ fn cosine(a: &str, b: &str) -> f32 {
     embed(a, 256).iter().zip(embed(b, 256)).map(|(x, y)| x * y).sum()
 }
 
+/// A task's payload, result, and its attempt's worker and usage, as Postgres has them.
+type Row = (serde_json::Value, Option<serde_json::Value>, Option<String>, Option<serde_json::Value>);
+
 /// (text of the payload, text of the result, worker, usage) of every task's last attempt.
 async fn outcomes(pool: &sqlx::PgPool) -> Vec<(String, String, String, serde_json::Value)> {
-    let rows: Vec<(serde_json::Value, Option<serde_json::Value>, Option<String>, Option<serde_json::Value>)> =
-        sqlx::query_as(
-            "SELECT t.payload, t.result, a.worker, a.usage FROM tasks t \
+    let rows: Vec<Row> = sqlx::query_as(
+        "SELECT t.payload, t.result, a.worker, a.usage FROM tasks t \
              JOIN task_attempts a ON a.task_id = t.id ORDER BY a.finished_at",
-        )
-        .fetch_all(pool)
-        .await
-        .unwrap();
+    )
+    .fetch_all(pool)
+    .await
+    .unwrap();
     rows.into_iter()
         .map(|(payload, result, worker, usage)| {
             let text = |v: &serde_json::Value| v["text"].as_str().unwrap_or_default().to_string();
