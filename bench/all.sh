@@ -7,12 +7,13 @@
 #   5. policies.sh   Redis round trips and tasks/s of cache hits and misses; rate-limit accuracy
 #   6. aggregator.sh the aggregator's event throughput ceiling
 #   7. workflows.sh  release latency of a dependent step, a DAG against independent steps, a fan-out's join
+#   8. semantic_bench semantic cache lookups at 100,000 entries of 256 dims (in-worker index, Redis sync)
 # QUICK=1 shrinks every workload (a smoke run of the suite, not figures to report).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if [[ ${QUICK:-0} == 1 ]]; then
     export TASKS=5000 BACKLOG=20000 PROBES=2 CALLS=1000 EVENTS=50000 COUNT=200
-    export WIDTH=100 DEPTH=5 ROUNDS=1 CHILDREN=1000 CHAINS=40
+    export WIDTH=100 DEPTH=5 ROUNDS=1 CHILDREN=1000 CHAINS=40 ENTRIES=10000
     scaling_tasks=5000
 else
     scaling_tasks=50000
@@ -35,3 +36,5 @@ section "6. aggregator"
 bench/aggregator.sh
 section "7. workflows"
 bench/workflows.sh
+section "8. semantic cache lookups"
+cargo run --release --locked -q -p taskfleet-shared-state --example semantic_bench
