@@ -44,3 +44,13 @@ fn quorum() {
 fn content() {
     run_example("content");
 }
+
+#[test]
+fn document() {
+    run_example("document");
+}
+
+#[test]
+fn beam() {
+    run_example("beam");
+}

@@ -3,7 +3,9 @@
 //! breakers and fallbacks) against `taskfleet-mock-api`, measured against the figure its design
 //! names. `taskfleet-examples all` runs them in turn and prints one table.
 
+pub mod beam;
 pub mod content;
+pub mod document;
 pub mod harness;
 pub mod quorum;
 pub mod research;

@@ -11,6 +11,9 @@ struct Args {
     /// Which: `all`, or one of research, quorum, document, content, beam.
     #[arg(default_value = "all")]
     example: String,
+    /// With `worker`: the example whose worker alone runs (the beam example's kill figure).
+    #[arg(hide = true)]
+    worker_of: Option<String>,
     /// A small, fast run: per-minute limits become per-second, latencies a tenth, fewer runs.
     #[arg(long, env = "EXAMPLES_QUICK")]
     quick: bool,
@@ -29,8 +32,14 @@ async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     let opts = Options { quick: args.quick };
     let fleet = Fleet::connect().await?;
+    if args.example == "worker" {
+        return match args.worker_of.as_deref() {
+            Some("beam") => taskfleet_examples::beam::worker_process(&fleet).await,
+            other => anyhow::bail!("no example worker named {other:?}"),
+        };
+    }
     let names: Vec<&str> = match args.example.as_str() {
-        "all" => vec!["research", "quorum"],
+        "all" => vec!["research", "quorum", "document", "beam"],
         one => vec![one],
     };
     let mut rows: Vec<Figure> = Vec::new();
@@ -39,7 +48,9 @@ async fn main() -> anyhow::Result<()> {
         let figures = match name {
             "research" => taskfleet_examples::research::run(&fleet, opts).await?,
             "quorum" => taskfleet_examples::quorum::run(&fleet, opts).await?,
+            "document" => taskfleet_examples::document::run(&fleet, opts).await?,
             "content" => taskfleet_examples::content::run(&fleet, opts).await?,
+            "beam" => taskfleet_examples::beam::run(&fleet, opts).await?,
             other => anyhow::bail!("no example named {other:?}"),
         };
         rows.extend(figures);
