@@ -434,3 +434,74 @@ fn policy_of<'a>(cache: &'a SemanticCache, name: &str) -> Result<&'a SemanticCac
             .with_code("unknown_semantic_policy")
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policies::Policies;
+    use serde_json::json;
+    use taskfleet_config::RedisConfig;
+    use taskfleet_mock_api::{Control, EMBEDDINGS_ENDPOINT, MockApi, MockConfig, RunningMock};
+
+    /// A context whose shared state (in the local Redis, under a fresh prefix) has the policy
+    /// `docs = "1h by q threshold 0.8 model emb"` served by the mock.
+    async fn context(mock: &RunningMock) -> TaskContext {
+        let mut cfg = Config {
+            redis: RedisConfig {
+                url: std::env::var("TASKFLEET_TEST_REDIS_URL").unwrap_or_else(|_| "redis://127.0.0.1:6379".into()),
+                key_prefix: format!("taskfleet-test:{}:", uuid::Uuid::now_v7()),
+                ..RedisConfig::default()
+            },
+            ..Config::default()
+        };
+        cfg.providers.urls.insert("mock".into(), format!("{}/v1", mock.url()));
+        cfg.providers.models.insert("emb".into(), "mock".into());
+        cfg.providers.prices.insert("emb".into(), "0.02/0".parse().unwrap());
+        cfg.policies.breaker_failures = 2;
+        cfg.policies.semantic_cache.insert("docs".into(), "1h by q threshold 0.8 model emb".parse().unwrap());
+        let probe = SharedState::connect_and_wait(&cfg.redis, Duration::from_secs(5)).await.unwrap();
+        assert!(probe.is_up(), "these tests need Redis at {}", cfg.redis.url);
+        let policies = Policies::connect(&cfg, &Default::default(), Default::default()).unwrap();
+        let key = SemanticKey { name: "probe".into(), model: "m".into(), ttl: Duration::from_secs(1) };
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while policies.semantic.store.lookup(&key, &[1.0], 0.5).await == SemanticLookup::Unavailable {
+            assert!(Instant::now() < deadline, "Redis did not come up");
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+        let mut ctx = TaskContext::for_test("custom");
+        ctx.shared = Some(policies.shared.clone());
+        ctx
+    }
+
+    #[tokio::test]
+    async fn handlers_look_up_and_store_by_meaning_and_pay_for_the_embeddings() {
+        let mock = MockApi::start(MockConfig { name: "emb".into(), ..MockConfig::default() }).await.unwrap();
+        let ctx = context(&mock).await;
+        let text = "How do I cook fresh pasta at home?";
+        assert_eq!(ctx.semantic_lookup("docs", text).await, Ok(None));
+        let after_lookup = ctx.usage();
+        assert!(after_lookup.tokens.is_some_and(|t| t.prompt > 0) && after_lookup.cost_usd.is_some_and(|c| c > 0.0));
+        // The store reuses the lookup's embedding of the same text.
+        ctx.semantic_store("docs", text, &json!({"answer": "boil water"}), Some(0.5)).await.unwrap();
+        assert_eq!(ctx.usage(), after_lookup);
+        assert_eq!(mock.stats().by_endpoint[EMBEDDINGS_ENDPOINT], 1);
+
+        let hit = ctx.semantic_lookup("docs", "how to cook fresh pasta at home").await.unwrap().expect("a hit");
+        assert_eq!((hit.result, hit.cost_usd), (json!({"answer": "boil water"}), Some(0.5)));
+        assert!(hit.similarity >= 0.8 && hit.similarity < 1.0, "{}", hit.similarity);
+        assert_eq!(ctx.semantic_lookup("docs", "Quarterly revenue of semiconductor vendors").await, Ok(None));
+        let unknown = ctx.semantic_lookup("nope", text).await.unwrap_err();
+        assert_eq!(unknown.code, "unknown_semantic_policy");
+
+        // A failing provider: a retryable error, then (breaker_failures 2) a deferral.
+        mock.control(&Control { error_rate: Some(1.0), ..Control::default() }).unwrap();
+        for _ in 0..2 {
+            let e = ctx.semantic_lookup("docs", "something else").await.unwrap_err();
+            assert_eq!(e.code, "embedding_failed", "{e}");
+        }
+        let e = ctx.semantic_lookup("docs", "something else").await.unwrap_err();
+        assert!(matches!(e.disposition, crate::Disposition::Defer { reason: DeferReason::BreakerOpen, .. }), "{e:?}");
+        // Outside a worker there is no cache.
+        assert_eq!(TaskContext::for_test("x").semantic_lookup("docs", text).await, Ok(None));
+    }
+}
