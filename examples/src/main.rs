@@ -39,7 +39,7 @@ async fn main() -> anyhow::Result<()> {
         };
     }
     let names: Vec<&str> = match args.example.as_str() {
-        "all" => vec!["research", "quorum", "document", "beam"],
+        "all" => vec!["research", "quorum", "document", "content", "beam"],
         one => vec![one],
     };
     let mut rows: Vec<Figure> = Vec::new();
