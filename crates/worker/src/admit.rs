@@ -3,10 +3,10 @@
 //! identical task running elsewhere is waited for), then a token of every rate limit the task
 //! needs, or a deferral that holds no slot.
 
+use crate::DeferReason;
 use crate::attempt::{Attempt, Runtime, WorkerIdentity};
 use crate::handler::Handler;
 use crate::settle::Report;
-use crate::DeferReason;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
