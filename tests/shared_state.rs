@@ -263,3 +263,114 @@ async fn tasks_run_while_redis_is_down() {
     }
     assert!(fleet.logs().contains("Redis reachable"), "the recovery is logged");
 }
+
+/// A worker SIGKILLed while it computes a cacheable task holds its single-flight lease no
+/// longer than `cache_lease` (the lease is renewed only while its holder lives): an identical
+/// task submitted after the kill waits for the lease to lapse, then runs itself, instead of
+/// waiting out `single_flight_wait` for a result that never comes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_leaseholder_stalls_its_twins_no_longer_than_the_lease() {
+    const LEASE: Duration = Duration::from_secs(3);
+    const RUN: Duration = Duration::from_secs(10);
+    let mut fleet = Fleet::new("cachelease");
+    fleet
+        .set("TASKFLEET_POLICIES_CACHE", "sleep=1h")
+        .set("TASKFLEET_POLICIES_CACHE_LEASE", "3s")
+        .set("TASKFLEET_POLICIES_SINGLE_FLIGHT_WAIT", "60s")
+        .set("TASKFLEET_NATS_ACK_WAIT", "3s");
+    fleet.start_coordinator();
+    fleet.start_worker(&[("TASKFLEET_WORKER_ID", "w0")]);
+    fleet.start_worker(&[("TASKFLEET_WORKER_ID", "w1")]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    let sleep = || {
+        let mut t = TaskEnvelope::new("sleep", json!({ "ms": RUN.as_millis() as u64 }));
+        t.timeout_ms = 120_000;
+        t
+    };
+
+    // The first copy runs; once it has run for a while (its lease renewed), its worker dies.
+    let first = sleep();
+    fleet.submit_all(&client, std::slice::from_ref(&first)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let holder: String = loop {
+        let w: Option<(String, Option<String>)> = sqlx::query_as("SELECT state, worker FROM tasks WHERE id = $1")
+            .bind(first.id)
+            .fetch_optional(&pool)
+            .await
+            .unwrap();
+        if let Some(("running", Some(w))) = w.as_ref().map(|(s, w)| (s.as_str(), w.clone())) {
+            break w;
+        }
+        assert!(Instant::now() < deadline, "the first copy did not start\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    tokio::time::sleep(LEASE + Duration::from_secs(1)).await;
+    let killed_at = Instant::now();
+    fleet.workers[if holder == "w0" { 0 } else { 1 }].kill();
+
+    // Its twin, submitted now, runs on the surviving worker once the dead holder's lease lapses.
+    let twin = sleep();
+    fleet.submit_all(&client, std::slice::from_ref(&twin)).await;
+    let deadline = Instant::now() + Duration::from_secs(90);
+    let (worker, cache_hit) = loop {
+        let row: Option<(String, Option<String>, Option<serde_json::Value>)> = sqlx::query_as(
+            "SELECT t.state, t.worker, (SELECT usage FROM task_attempts a WHERE a.task_id = t.id ORDER BY attempt DESC LIMIT 1)
+             FROM tasks t WHERE id = $1",
+        )
+        .bind(twin.id)
+        .fetch_optional(&pool)
+        .await
+        .unwrap();
+        if let Some((state, worker, usage)) = row
+            && state == "succeeded"
+        {
+            break (worker, usage.is_some_and(|u| u["cache_hit"] == true));
+        }
+        assert!(Instant::now() < deadline, "the twin did not finish\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let recovered = killed_at.elapsed();
+    // The dead task's own redelivery (after ack_wait) competes for the lapsed lease too: one of
+    // the two runs the sleep, the other gets its result.
+    fleet.wait_final(&pool, 2, Duration::from_secs(60)).await;
+    let counts = fleet.counts(&pool).await;
+    println!(
+        "leaseholder SIGKILLed: its twin finished {recovered:?} after the kill (cache_lease {LEASE:?}, run {RUN:?}, \
+         single_flight_wait 60 s; on {worker:?}, cache hit {cache_hit}); {counts:?}"
+    );
+    assert_eq!(counts.get("succeeded"), Some(&2), "{counts:?}");
+    assert_ne!(worker.as_deref(), Some(holder.as_str()));
+    // At most the lease's lapse, one run and slack for polling and reporting; the old lease
+    // (the task's timeout) would have held the twin for the whole 60 s wait.
+    assert!(recovered < LEASE + RUN + Duration::from_secs(5), "the twin finished {recovered:?} after the kill");
+}
+
+/// A cacheable kind whose attempt spawns children: the attempt's own return value is interim
+/// (the task's result is the join's), so the exact cache stores nothing for it, and an
+/// identical task later spawns and joins again instead of taking the interim value as a hit.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_spawning_attempts_interim_result_is_not_cached() {
+    let mut fleet = Fleet::new("cachespawn");
+    fleet.set("TASKFLEET_POLICIES_CACHE", "spawn=1h");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    let client = fleet.nats().await;
+    let pool = fleet.env.pg_pool().await;
+    for round in 0..2 {
+        let spec = json!({"nodes": [{"name": "fan", "kind": "spawn", "payload": {"count": 2}}]});
+        let (run, tasks) = fleet.submit_run(&client, spec).await;
+        let view = fleet.wait_run(&client, run, Duration::from_secs(60)).await;
+        assert_eq!(view["state"], "succeeded", "{view}");
+        let (result, usage): (serde_json::Value, Option<serde_json::Value>) = sqlx::query_as(
+            "SELECT t.result, (SELECT usage FROM task_attempts a WHERE a.task_id = t.id ORDER BY attempt DESC LIMIT 1)
+             FROM tasks t WHERE id = $1",
+        )
+        .bind(tasks["fan"])
+        .fetch_one(&pool)
+        .await
+        .unwrap();
+        assert_eq!(result["results"].as_array().map(Vec::len), Some(2), "round {round}: the join's result: {result}");
+        assert!(!usage.is_some_and(|u| u["cache_hit"] == true), "round {round}: an interim result was a cache hit");
+    }
+}

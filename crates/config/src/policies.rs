@@ -34,6 +34,11 @@ pub struct PoliciesConfig {
     /// running itself (single-flight lease).
     #[serde(with = "humantime_serde")]
     pub single_flight_wait: Duration,
+    /// How long a single-flight lease lasts unless renewed: the task computing a cached result
+    /// renews it every third of this while it runs, so a worker that dies holding it (killed,
+    /// lost) lets it lapse within this and an identical task waiting for it runs instead.
+    #[serde(with = "humantime_serde")]
+    pub cache_lease: Duration,
     /// Failures within `breaker_window` that open a dependency's circuit breaker.
     pub breaker_failures: u32,
     /// Window in which failures are counted.
@@ -74,6 +79,7 @@ impl Default for PoliciesConfig {
             semantic_cache: BTreeMap::new(),
             cache_max_bytes: 1 << 20,
             single_flight_wait: Duration::from_secs(60),
+            cache_lease: Duration::from_secs(10),
             breaker_failures: 5,
             breaker_window: Duration::from_secs(30),
             breaker_cooldown: Duration::from_secs(15),
@@ -106,6 +112,12 @@ impl PoliciesConfig {
             return Err(ConfigError::Invalid {
                 field: "policies.breaker_failures",
                 message: "breaker_failures and breaker_successes must be at least 1".into(),
+            });
+        }
+        if self.cache_lease < Duration::from_millis(30) {
+            return Err(ConfigError::Invalid {
+                field: "policies.cache_lease",
+                message: "must be at least 30ms (it is renewed every third of itself)".into(),
             });
         }
         if self.rate_limit_horizon > self.defer_hold_max {

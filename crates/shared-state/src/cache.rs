@@ -2,11 +2,12 @@
 //!
 //! A kind's cache policy names a TTL and the payload fields that make the key. Before running a
 //! task the worker *claims* its key in one script call: a stored result is a hit; otherwise the
-//! first claimant takes a lease (a lock with the task's timeout) and runs the task, and any
-//! identical task arriving meanwhile waits for that result instead of running again. The leader
+//! first claimant takes a lease (a lock lasting `policies.cache_lease`) and runs the task, and
+//! any identical task arriving meanwhile waits for that result instead of running again. The
+//! leader renews the lease every third of `cache_lease` while it computes ([`CacheLease`]), and
 //! stores the result and drops the lease in one call; a leader that fails drops the lease, and a
-//! leader that dies lets it expire, so a waiter then runs the task itself.
-
+//! leader that dies stops renewing, so its lease lapses within `cache_lease` and a waiter then
+//! runs the task itself.
 use crate::SharedState;
 use serde_json::Value;
 use sha2::{Digest, Sha256};
@@ -30,6 +31,11 @@ return 1
 
 const RELEASE: &str = r#"
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"#;
+
+const RENEW: &str = r#"
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('PEXPIRE', KEYS[1], ARGV[2]) end
 return 0
 "#;
 
@@ -106,16 +112,56 @@ pub struct CachedResult {
 }
 
 /// The outcome of claiming a key.
-#[derive(Debug, Clone, PartialEq)]
+#[derive(Debug, PartialEq)]
 pub enum CacheClaim {
     /// A result is stored: use it.
     Hit(CachedResult),
-    /// Nobody runs this yet: run it, then [`ResultCache::store`] (or `release`) with this owner.
-    Leader(String),
+    /// Nobody runs this yet: run it, then [`ResultCache::store`] (or `release`) with this lease.
+    Leader(CacheLease),
     /// An identical task is running elsewhere: wait for its result.
     Follower,
     /// Redis is unreachable: run without the cache.
     Unavailable,
+}
+
+/// A single-flight lease this process holds: while it lives, a background task renews it every
+/// third of `policies.cache_lease` (a `PEXPIRE` only while the lease is still this owner's).
+/// [`ResultCache::store`] and [`ResultCache::release`] take it and stop the renewals; dropping
+/// it stops them too, so a lease forgotten by its holder lapses like a dead holder's.
+///
+/// One small task per held lease rather than renewals on the worker's heartbeat loop: leases are
+/// also taken by inline calls (`Providers::chat`/`http`) deep inside handlers, which know the
+/// cache but not the worker's loops; the heartbeat's period follows `ack_wait`, not the lease;
+/// and a spawned timer costs no Redis call until its first renewal, so a task that ends within a
+/// third of the lease (most cached calls) makes none.
+pub struct CacheLease {
+    owner: String,
+    renewal: tokio::task::AbortHandle,
+}
+
+impl CacheLease {
+    /// The lease's owner token (the value of the lease key in Redis).
+    pub fn owner(&self) -> &str {
+        &self.owner
+    }
+}
+
+impl Drop for CacheLease {
+    fn drop(&mut self) {
+        self.renewal.abort();
+    }
+}
+
+impl std::fmt::Debug for CacheLease {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("CacheLease").field("owner", &self.owner).finish()
+    }
+}
+
+impl PartialEq for CacheLease {
+    fn eq(&self, other: &Self) -> bool {
+        self.owner == other.owner
+    }
 }
 
 /// The shared result cache.
@@ -125,9 +171,11 @@ pub struct ResultCache {
     policies: Arc<BTreeMap<String, CacheSpec>>,
     max_bytes: usize,
     wait: Duration,
+    lease: Duration,
     claim: Arc<redis::Script>,
     store: Arc<redis::Script>,
     release: Arc<redis::Script>,
+    renew: Arc<redis::Script>,
 }
 
 impl ResultCache {
@@ -137,9 +185,11 @@ impl ResultCache {
             policies: Arc::new(policies.cache.clone()),
             max_bytes: policies.cache_max_bytes,
             wait: policies.single_flight_wait,
+            lease: policies.cache_lease.max(Duration::from_millis(3)),
             claim: Arc::new(redis::Script::new(CLAIM)),
             store: Arc::new(redis::Script::new(STORE)),
             release: Arc::new(redis::Script::new(RELEASE)),
+            renew: Arc::new(redis::Script::new(RENEW)),
         }
     }
 
@@ -163,12 +213,17 @@ impl ResultCache {
         (self.state.key(&["cache", &key.kind, &key.hash]), self.state.key(&["cache-lease", &key.kind, &key.hash]))
     }
 
-    /// Looks the key up and, on a miss, tries to become the one that computes it (holding the
-    /// lease for at most `lease`). One round trip.
-    pub async fn claim(&self, key: &CacheKey, lease: Duration) -> CacheClaim {
+    /// How long a lease lasts unless renewed (`policies.cache_lease`).
+    pub fn lease(&self) -> Duration {
+        self.lease
+    }
+
+    /// Looks the key up and, on a miss, tries to become the one that computes it (a lease of
+    /// `policies.cache_lease`, renewed while the returned [`CacheLease`] lives). One round trip.
+    pub async fn claim(&self, key: &CacheKey) -> CacheClaim {
         let (value_key, lease_key) = self.keys(key);
         let owner = format!("{:016x}", rand_u64());
-        let lease_ms = lease.as_millis().max(1) as u64;
+        let lease_ms = self.lease.as_millis().max(1) as u64;
         let script = self.claim.clone();
         let owner_arg = owner.clone();
         let answer = self
@@ -186,10 +241,11 @@ impl ResultCache {
         let claim = match answer {
             Ok((1, bytes)) => match decode(&bytes) {
                 Some(hit) => CacheClaim::Hit(hit),
-                // Unreadable entry (e.g. written by another version): recompute it.
-                None => CacheClaim::Leader(owner),
+                // Unreadable entry (e.g. written by another version): recompute it. No lease
+                // was taken; the renewals' first one finds that and stops.
+                None => CacheClaim::Leader(self.renewed(key, owner)),
             },
-            Ok((2, _)) => CacheClaim::Leader(owner),
+            Ok((2, _)) => CacheClaim::Leader(self.renewed(key, owner)),
             Ok(_) => CacheClaim::Follower,
             Err(_) => CacheClaim::Unavailable,
         };
@@ -204,14 +260,50 @@ impl ResultCache {
         claim
     }
 
+    /// The lease `owner` just took, with its renewals started: every third of the lease, while
+    /// the returned value lives and the lease is still `owner`'s.
+    fn renewed(&self, key: &CacheKey, owner: String) -> CacheLease {
+        let (_, lease_key) = self.keys(key);
+        let (state, script, kind) = (self.state.clone(), self.renew.clone(), key.kind.clone());
+        let (every, lease_ms, token) = (self.lease / 3, self.lease.as_millis().max(1) as u64, owner.clone());
+        let renewal = tokio::spawn(async move {
+            let mut tick = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                let (script, lease_key, token) = (script.clone(), lease_key.clone(), token.clone());
+                let renewed = state
+                    .run("cache_renew", async move |mut conn| {
+                        script.key(&lease_key).arg(&token).arg(lease_ms).invoke_async::<i64>(&mut conn).await
+                    })
+                    .await;
+                match renewed {
+                    Ok(1) => {}
+                    // Lapsed (this process stalled for a whole lease) and maybe taken by another:
+                    // stop; the result is still stored when it comes.
+                    Ok(_) => {
+                        metrics::counter!("taskfleet_cache_lease_lost_total", "kind" => kind.clone()).increment(1);
+                        tracing::debug!(kind = %kind, "single-flight lease lapsed before it was renewed");
+                        return;
+                    }
+                    // Redis unreachable: try again at the next tick.
+                    Err(_) => {}
+                }
+            }
+        })
+        .abort_handle();
+        CacheLease { owner, renewal }
+    }
+
     /// Waits (polling, 5 ms doubling to 100 ms) until the key holds a result or its lease is
-    /// free to take, for at most `max_wait`. Returns `Follower` if the wait ran out.
-    pub async fn wait_for(&self, key: &CacheKey, lease: Duration, max_wait: Duration) -> CacheClaim {
+    /// free to take (stored, released, or lapsed unrenewed), for at most `max_wait`. Returns
+    /// `Follower` if the wait ran out.
+    pub async fn wait_for(&self, key: &CacheKey, max_wait: Duration) -> CacheClaim {
         let deadline = tokio::time::Instant::now() + max_wait;
         let mut pause = Duration::from_millis(5);
         loop {
             tokio::time::sleep(pause.min(deadline.saturating_duration_since(tokio::time::Instant::now()))).await;
-            match self.claim(key, lease).await {
+            match self.claim(key).await {
                 CacheClaim::Follower if tokio::time::Instant::now() < deadline => {}
                 other => return other,
             }
@@ -219,20 +311,21 @@ impl ResultCache {
         }
     }
 
-    /// Stores a result and drops the lease `owner` holds. Results larger than
+    /// Stores a result and drops `lease` (stopping its renewals). Results larger than
     /// `policies.cache_max_bytes` are not stored (the lease is still dropped).
-    pub async fn store(&self, key: &CacheKey, owner: &str, result: &Value, cost_usd: Option<f64>) {
+    pub async fn store(&self, key: &CacheKey, lease: CacheLease, result: &Value, cost_usd: Option<f64>) {
         let bytes =
             serde_json::to_vec(&serde_json::json!({ "result": result, "cost_usd": cost_usd })).unwrap_or_default();
         if bytes.len() > self.max_bytes {
             metrics::counter!("taskfleet_cache_too_large_total", "kind" => key.kind.clone()).increment(1);
-            self.release(key, owner).await;
+            self.release(key, lease).await;
             return;
         }
         let (value_key, lease_key) = self.keys(key);
         let ttl_ms = key.ttl.as_millis().max(1) as u64;
         let script = self.store.clone();
-        let owner = owner.to_string();
+        let owner = lease.owner.clone();
+        drop(lease);
         let _ = self
             .state
             .run("cache_store", async move |mut conn| {
@@ -248,11 +341,13 @@ impl ResultCache {
             .await;
     }
 
-    /// Drops the lease `owner` holds without storing anything (the task failed or was deferred).
-    pub async fn release(&self, key: &CacheKey, owner: &str) {
+    /// Drops `lease` (stopping its renewals) without storing anything (the task failed, was
+    /// deferred, or spawned children whose join gives its result).
+    pub async fn release(&self, key: &CacheKey, lease: CacheLease) {
         let (_, lease_key) = self.keys(key);
         let script = self.release.clone();
-        let owner = owner.to_string();
+        let owner = lease.owner.clone();
+        drop(lease);
         let _ = self
             .state
             .run("cache_release", async move |mut conn| {
@@ -300,43 +395,86 @@ mod tests {
         assert_ne!(CacheKey::new("k", &json!({"a": 1}), &whole), CacheKey::new("k", &json!({"a": 2}), &whole));
     }
 
-    #[tokio::test]
-    async fn single_flight_hit_and_release() {
-        let prefix = taskfleet_test_support::RedisPrefix::new("cache");
-        let redis = RedisConfig {
+    fn redis_config(prefix: &taskfleet_test_support::RedisPrefix) -> RedisConfig {
+        RedisConfig {
             url: prefix.url.clone(),
             key_prefix: prefix.prefix.clone(),
             op_timeout: Duration::from_millis(500),
-        };
-        let state = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
-        let mut policies = PoliciesConfig::default();
+        }
+    }
+
+    /// A cache with an `llm.chat` policy and leases of `lease`.
+    async fn cache_of(redis: &RedisConfig, lease: Duration) -> (ResultCache, PoliciesConfig) {
+        let state = SharedState::connect_and_wait(redis, Duration::from_secs(5)).await.unwrap();
+        let mut policies = PoliciesConfig { cache_lease: lease, ..PoliciesConfig::default() };
         policies.cache.insert("llm.chat".into(), "1m by prompt".parse().unwrap());
-        let cache = state.cache(&policies);
+        (state.cache(&policies), policies)
+    }
+
+    #[tokio::test]
+    async fn single_flight_hit_and_release() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("cache");
+        let redis = redis_config(&prefix);
+        let (cache, policies) = cache_of(&redis, Duration::from_secs(5)).await;
         let key = cache.key_for("llm.chat", &json!({"prompt": "hello"})).unwrap();
         assert!(cache.key_for("echo", &json!({})).is_none());
 
-        let CacheClaim::Leader(owner) = cache.claim(&key, Duration::from_secs(5)).await else { panic!("not leader") };
-        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Follower);
+        let CacheClaim::Leader(owner) = cache.claim(&key).await else { panic!("not leader") };
+        assert_eq!(cache.claim(&key).await, CacheClaim::Follower);
         // A waiter gets the leader's result as soon as it is stored.
         let waiter = {
             let (cache, key) = (cache.clone(), key.clone());
-            tokio::spawn(async move { cache.wait_for(&key, Duration::from_secs(5), Duration::from_secs(5)).await })
+            tokio::spawn(async move { cache.wait_for(&key, Duration::from_secs(5)).await })
         };
         tokio::time::sleep(Duration::from_millis(30)).await;
-        cache.store(&key, &owner, &json!({"text": "hi"}), Some(0.002)).await;
+        cache.store(&key, owner, &json!({"text": "hi"}), Some(0.002)).await;
         let expected = CachedResult { result: json!({"text": "hi"}), cost_usd: Some(0.002) };
         assert_eq!(waiter.await.unwrap(), CacheClaim::Hit(expected.clone()));
-        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Hit(expected));
+        assert_eq!(cache.claim(&key).await, CacheClaim::Hit(expected));
 
         // A failed leader releases its lease: the next claimant leads.
         let other = cache.key_for("llm.chat", &json!({"prompt": "other"})).unwrap();
-        let CacheClaim::Leader(owner) = cache.claim(&other, Duration::from_secs(5)).await else { panic!() };
-        cache.release(&other, &owner).await;
-        assert!(matches!(cache.claim(&other, Duration::from_secs(5)).await, CacheClaim::Leader(_)));
+        let CacheClaim::Leader(owner) = cache.claim(&other).await else { panic!() };
+        cache.release(&other, owner).await;
+        assert!(matches!(cache.claim(&other).await, CacheClaim::Leader(_)));
 
         // Redis unreachable: bypass.
         let down = RedisConfig { url: "redis://127.0.0.1:1".into(), ..redis };
         let cache = SharedState::connect(&down).unwrap().cache(&policies);
-        assert_eq!(cache.claim(&key, Duration::from_secs(5)).await, CacheClaim::Unavailable);
+        assert_eq!(cache.claim(&key).await, CacheClaim::Unavailable);
+    }
+
+    /// A leader that dies (stops renewing without releasing) loses its lease within
+    /// `cache_lease`, and a waiter leads; a leader that lives keeps its lease for as long as it
+    /// computes, however many lease periods that is.
+    #[tokio::test]
+    async fn a_dead_leaders_lease_lapses_a_live_one_is_renewed() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("cache-lease");
+        let lease = Duration::from_millis(300);
+        let (cache, _) = cache_of(&redis_config(&prefix), lease).await;
+
+        // The leader dies: its renewals stop (dropping the lease stops them, as the death of its
+        // process would) and nobody releases the lease.
+        let key = cache.key_for("llm.chat", &json!({"prompt": "dies"})).unwrap();
+        let CacheClaim::Leader(dead) = cache.claim(&key).await else { panic!("not leader") };
+        let died = tokio::time::Instant::now();
+        drop(dead);
+        assert_eq!(cache.claim(&key).await, CacheClaim::Follower);
+        let CacheClaim::Leader(next) = cache.wait_for(&key, Duration::from_secs(10)).await else {
+            panic!("the waiter did not take over")
+        };
+        let waited = died.elapsed();
+        assert!(waited <= lease + Duration::from_millis(150), "took over after {waited:?}");
+        cache.release(&key, next).await;
+
+        // A live leader renews: after five lease periods an identical claim still waits.
+        let key = cache.key_for("llm.chat", &json!({"prompt": "lives"})).unwrap();
+        let CacheClaim::Leader(live) = cache.claim(&key).await else { panic!("not leader") };
+        for _ in 0..5 {
+            tokio::time::sleep(lease).await;
+            assert_eq!(cache.claim(&key).await, CacheClaim::Follower);
+        }
+        cache.store(&key, live, &json!("done"), None).await;
+        assert!(matches!(cache.claim(&key).await, CacheClaim::Hit(_)));
     }
 }

@@ -19,7 +19,7 @@ mod limiter;
 mod semantic;
 
 pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
-pub use cache::{CacheClaim, CacheKey, CachedResult, ResultCache};
+pub use cache::{CacheClaim, CacheKey, CacheLease, CachedResult, ResultCache};
 pub use limiter::{Decision, RateLimiter};
 pub use semantic::{SemanticHit, SemanticKey, SemanticLookup, SemanticStore, VectorIndex, cosine, dot};
 

@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
 use taskfleet_proto::{EventKind, Runnable, TaskEvent, Timings, now_ms};
-use taskfleet_shared_state::{CacheClaim, CacheKey, Decision, ResultCache};
+use taskfleet_shared_state::{CacheClaim, CacheKey, CacheLease, Decision, ResultCache};
 use tokio::sync::OwnedSemaphorePermit;
 use tracing::Instrument;
 
@@ -200,30 +200,41 @@ async fn runnable(rt: &Runtime, attempt: &mut Attempt) -> Option<bool> {
 
 /// A claim on a cache entry: the attempt that holds it stores its result there.
 pub(crate) enum Lease {
-    /// The exact cache's single-flight lease.
-    Exact { key: CacheKey, owner: String },
+    /// The exact cache's single-flight lease, renewed while it is held.
+    Exact { key: CacheKey, lease: CacheLease },
     /// A semantic cache miss: the result is stored with the key text's vector.
     Semantic(Box<crate::semantic::Pending>),
 }
 
 impl Lease {
-    /// Stores a successful result (one of a task not cancelled meanwhile); else lets the
-    /// claim go so another task can lead. A semantic lookup's usage joins the attempt's.
+    /// Stores a successful result (one of a task not cancelled meanwhile, that spawned
+    /// nothing); else lets the claim go so another task can lead. A semantic lookup's usage
+    /// joins the attempt's.
     pub async fn settle(self, cache: &ResultCache, executed: &mut crate::execute::Executed, cancelled: bool) {
         match self {
             Lease::Semantic(pending) => pending.settle(executed, cancelled).await,
-            Lease::Exact { key, owner } => match &executed.outcome {
-                Ok(result) if !cancelled => cache.store(&key, &owner, result, executed.usage.cost_usd).await,
-                _ => cache.release(&key, &owner).await,
+            Lease::Exact { key, lease } => match storable(executed, cancelled) {
+                Some(result) => cache.store(&key, lease, result, executed.usage.cost_usd).await,
+                None => cache.release(&key, lease).await,
             },
         }
     }
 
     /// Lets the claim go.
     pub async fn release(self, cache: &ResultCache) {
-        if let Lease::Exact { key, owner } = self {
-            cache.release(&key, &owner).await;
+        if let Lease::Exact { key, lease } = self {
+            cache.release(&key, lease).await;
         }
+    }
+}
+
+/// The result an attempt leaves in the exact cache: a success of a task not cancelled
+/// meanwhile. An attempt that spawned children has none: what it returned is interim, the
+/// task's result comes later from the join (a twin must wait for, or run, the whole thing).
+fn storable(executed: &crate::execute::Executed, cancelled: bool) -> Option<&serde_json::Value> {
+    match &executed.outcome {
+        Ok(result) if !cancelled && executed.effects.spawn.is_none() => Some(result),
+        _ => None,
     }
 }
 
@@ -245,12 +256,12 @@ async fn claim_cache(rt: &Runtime, attempt: &Attempt) -> Claimed {
     let lookup = tracing::info_span!(parent: &attempt.span, "cache.lookup", kind = %env.kind,
                                      result = tracing::field::Empty, waited = false);
     let claim = async {
-        let claim = cache.claim(&key, timeout).await;
+        let claim = cache.claim(&key).await;
         if claim != CacheClaim::Follower {
             return claim;
         }
         lookup.record("waited", true);
-        cache.wait_for(&key, timeout, cache.single_flight_wait().min(timeout)).await
+        cache.wait_for(&key, cache.single_flight_wait().min(timeout)).await
     }
     .instrument(lookup.clone())
     .await;
@@ -285,9 +296,9 @@ async fn claim_cache(rt: &Runtime, attempt: &Attempt) -> Claimed {
             });
             Claimed::Hit(Box::new(ev))
         }
-        CacheClaim::Leader(owner) => {
+        CacheClaim::Leader(lease) => {
             metrics::counter!("taskfleet_worker_cache_misses_total", "kind" => env.kind.clone()).increment(1);
-            Claimed::Lead(Lease::Exact { key, owner })
+            Claimed::Lead(Lease::Exact { key, lease })
         }
         CacheClaim::Follower | CacheClaim::Unavailable => Claimed::Bypass,
     }
@@ -365,6 +376,26 @@ mod tests {
         assert_eq!(check(&c, Some(())), Err(Skip::DeliveriesExhausted { delivered: 1 }));
         let c = Checks { max_deliver: 2, ..checks() };
         assert_eq!(check(&c, Some(())), Ok(()));
+    }
+
+    #[test]
+    fn a_spawning_attempt_leaves_nothing_in_the_cache() {
+        let spawn = taskfleet_proto::Spawn {
+            children: vec![taskfleet_proto::NodeSpec::new("", "k", serde_json::Value::Null)],
+            join: taskfleet_proto::NodeSpec::new("", "j", serde_json::Value::Null),
+            on_child_failure: Default::default(),
+        };
+        let executed = |outcome, spawn| crate::execute::Executed {
+            outcome,
+            timings: Timings::default(),
+            usage: Default::default(),
+            effects: crate::workflow::Effects { spawn, stop_run: false },
+        };
+        let done = executed(Ok(serde_json::json!({"x": 1})), None);
+        assert_eq!(storable(&done, false), Some(&serde_json::json!({"x": 1})));
+        assert_eq!(storable(&done, true), None);
+        assert_eq!(storable(&executed(Ok(serde_json::json!({"spawned": 2})), Some(spawn)), false), None);
+        assert_eq!(storable(&executed(Err(crate::TaskError::fatal("no")), None), false), None);
     }
 
     #[test]

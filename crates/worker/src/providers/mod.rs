@@ -155,16 +155,17 @@ impl Providers {
     {
         let Some(cache) = ctx.cache() else { return compute.await };
         let Some(key) = cache.key_for(kind, payload) else { return compute.await };
-        let lease = ctx.remaining().max(Duration::from_millis(1));
+        // The lease lasts `policies.cache_lease` and is renewed while the call runs, so a
+        // worker killed mid-call holds its twins up for at most that long.
         let span = tracing::info_span!(parent: &ctx.span, "cache.lookup", kind, inline = true,
                                        result = tracing::field::Empty, waited = false);
         let claim = async {
-            let claim = cache.claim(&key, lease).await;
+            let claim = cache.claim(&key).await;
             if claim != CacheClaim::Follower {
                 return claim;
             }
             span.record("waited", true);
-            cache.wait_for(&key, lease, cache.single_flight_wait().min(lease)).await
+            cache.wait_for(&key, cache.single_flight_wait().min(ctx.remaining())).await
         }
         .instrument(span.clone())
         .await;
@@ -183,15 +184,15 @@ impl Providers {
                 }
                 Ok(result)
             }
-            CacheClaim::Leader(owner) => {
+            CacheClaim::Leader(lease) => {
                 span.record("result", "miss");
                 let outcome = compute.await;
                 match &outcome {
                     Ok(result) if !ctx.cancel.is_cancelled() => {
                         let cost = result.get("cost_usd").and_then(Value::as_f64);
-                        cache.store(&key, &owner, result, cost).await;
+                        cache.store(&key, lease, result, cost).await;
                     }
-                    _ => cache.release(&key, &owner).await,
+                    _ => cache.release(&key, lease).await,
                 }
                 outcome
             }
