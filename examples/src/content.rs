@@ -206,8 +206,8 @@ async fn lookup(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
     }
     let keyword = payload.get("keyword").and_then(Value::as_str).unwrap_or_default();
     match ctx.semantic_lookup(POLICY, keyword).await {
+        // A hit counts as the step's cache hit and saves the article's cost.
         Ok(Some(hit)) => {
-            ctx.record_saved(hit.cost_usd.unwrap_or(0.0));
             ctx.stop_run();
             Ok(json!({ "hit": true, "similarity": hit.similarity, "article": hit.result, "cost_usd": spent(&ctx) }))
         }

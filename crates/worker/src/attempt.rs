@@ -189,6 +189,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
             ev.cost_usd = executed.usage.cost_usd;
             // An admission hit never runs a handler: what this attempt saved is its inline hits'.
             ev.saved_usd = ev.saved_usd.or(executed.usage.saved_usd);
+            ev.cache_hit |= executed.usage.cache_hit;
             report.apply(&mut ev);
             if ev.kind == EventKind::Retrying {
                 ev.next_traceparent = traceparent_of(&msg);

@@ -89,6 +89,9 @@ pub struct Usage {
     /// What calls answered from the shared cache would have cost, in US dollars
     /// ([`TaskContext::record_saved`]).
     pub saved_usd: Option<f64>,
+    /// The attempt's result came from the cache: a hit of [`TaskContext::semantic_lookup`]
+    /// (its event then counts as a cache hit, as an admission hit's does).
+    pub cache_hit: bool,
 }
 
 impl TaskContext {
@@ -181,8 +184,10 @@ impl TaskContext {
     /// cost go into this attempt's usage) and returns the most similar stored result of that
     /// policy at or above its threshold, or `None` (also when Redis is unreachable, or outside a
     /// worker). An open breaker or a refused rate-limit token of the embedding provider is a
-    /// deferral, a failed embedding call a retryable `embedding_failed` error (treat them as a
-    /// miss with `.ok().flatten()`); an unknown policy is a fatal `unknown_semantic_policy`.
+    /// deferral, a failed embedding call its retryable error (`http_500`, `http_timeout`, …;
+    /// treat them as a miss with `.ok().flatten()`); an unknown policy is a fatal
+    /// `unknown_semantic_policy`. A hit counts as this attempt's cache hit and saves the stored
+    /// result's cost.
     pub async fn semantic_lookup(
         &self,
         name: &str,
@@ -203,6 +208,17 @@ impl TaskContext {
         cost_usd: Option<f64>,
     ) -> Result<(), TaskError> {
         crate::semantic::store_for(self, name, text, result, cost_usd).await
+    }
+
+    /// Marks this attempt as served by the cache (its event counts as a cache hit), saving
+    /// `saved_usd`.
+    pub(crate) fn record_cache_hit(&self, saved_usd: Option<f64>) {
+        if let Ok(mut u) = self.usage.lock() {
+            u.cache_hit = true;
+        }
+        if let Some(usd) = saved_usd {
+            self.record_saved(usd);
+        }
     }
 
     /// This attempt's usage so far.
@@ -299,6 +315,12 @@ impl TaskContext {
 
     /// A context for calling a handler directly, e.g. in unit tests.
     pub fn for_test(kind: &str) -> TaskContext {
+        TaskContext::detached(kind, None, tracing::Span::none(), Instant::now() + Duration::from_secs(60))
+    }
+
+    /// A context outside any handler, with its own usage: for calls the worker makes on a task's
+    /// behalf before its handler runs (the semantic cache's lookup at admission).
+    pub(crate) fn detached(kind: &str, shared: Option<Arc<Shared>>, span: tracing::Span, deadline: Instant) -> Self {
         TaskContext {
             task_id: uuid::Uuid::now_v7(),
             kind: kind.to_string(),
@@ -306,12 +328,12 @@ impl TaskContext {
             priority: Priority::Normal,
             attempt: 1,
             max_attempts: 1,
-            deadline: Instant::now() + Duration::from_secs(60),
+            deadline,
             cancel: CancellationToken::new(),
             progress: None,
-            shared: None,
+            shared,
             usage: Default::default(),
-            span: tracing::Span::none(),
+            span,
             submitter: None,
             run_id: None,
             node: None,

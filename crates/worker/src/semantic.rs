@@ -1,7 +1,7 @@
 //! The semantic cache as the worker applies it: a policy (`policies.semantic_cache`) names the
 //! payload field whose string is the key text and the embedding model; the text is embedded
-//! through the model's provider (`POST {url}/embeddings`, OpenAI-shaped, through the provider's
-//! circuit breaker `llm:<model>` and its rate limit if it has one) and looked up in the fleet's
+//! with [`Providers::embed`] (the model's provider, its circuit breaker `llm:<model>` and its
+//! rate limit if it has one) and looked up in the fleet's
 //! [`SemanticStore`]. At admission a hit finishes the task like an exact-cache hit; a miss runs
 //! the handler and stores its result when the attempt succeeds ([`Pending`]). Handlers whose
 //! result comes later (a spawn's join) use [`TaskContext::semantic_lookup`] and
@@ -14,70 +14,22 @@
 
 use crate::attempt::{Attempt, Runtime};
 use crate::execute::Executed;
-use crate::{DeferReason, TaskContext, TaskError};
+use crate::providers::Providers;
+use crate::{DeferReason, Disposition, TaskContext, TaskError, Usage};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant};
-use taskfleet_config::{Config, ProvidersConfig, SemanticCacheSpec};
+use std::time::Instant;
+use taskfleet_config::{Config, SemanticCacheSpec};
 use taskfleet_proto::{EventKind, TaskEvent, Timings, TokenUsage, now_ms};
 pub use taskfleet_shared_state::SemanticHit;
-use taskfleet_shared_state::{
-    BreakerState, Breakers, Decision, Permit, RateLimiter, SemanticKey, SemanticLookup, SemanticStore, SharedState,
-};
+use taskfleet_shared_state::{SemanticKey, SemanticLookup, SemanticStore, SharedState};
 use tracing::Instrument;
 
 /// Embeddings remembered per model and text, so that a store after a lookup of the same text
 /// does not embed it again.
 const MEMO_ENTRIES: usize = 4096;
-
-/// Why an embedding could not be had.
-#[derive(Debug, Clone, PartialEq, thiserror::Error)]
-pub enum EmbedError {
-    /// The model's circuit breaker is open.
-    #[error("circuit breaker of {breaker} is open")]
-    BreakerOpen {
-        /// The breaker.
-        breaker: String,
-        /// Time until it lets trial calls through.
-        retry_after: Duration,
-    },
-    /// The provider's rate limit has no token within the reservation horizon.
-    #[error("rate limit {limit} has no token")]
-    RateLimited {
-        /// The limit.
-        limit: String,
-        /// When to ask again.
-        retry_after: Duration,
-    },
-    /// The call failed or its answer is unusable.
-    #[error("embedding request failed: {0}")]
-    Failed(String),
-}
-
-impl EmbedError {
-    /// The error a handler returns for it: a deferral for a breaker or a limit, else retryable.
-    fn into_task_error(self) -> TaskError {
-        match &self {
-            EmbedError::BreakerOpen { retry_after, .. } => {
-                TaskError::deferred(DeferReason::BreakerOpen, self.to_string(), *retry_after)
-            }
-            EmbedError::RateLimited { retry_after, .. } => {
-                TaskError::deferred(DeferReason::RateLimited, self.to_string(), *retry_after)
-            }
-            EmbedError::Failed(_) => TaskError::retryable(self.to_string()).with_code("embedding_failed"),
-        }
-    }
-
-    fn reason(&self) -> &'static str {
-        match self {
-            EmbedError::BreakerOpen { .. } => "breaker_open",
-            EmbedError::RateLimited { .. } => "rate_limited",
-            EmbedError::Failed(_) => "failed",
-        }
-    }
-}
 
 /// Recent embeddings by model and text.
 type Memo = HashMap<(String, String), Arc<Vec<f32>>>;
@@ -90,16 +42,14 @@ struct Embedded {
     cost_usd: Option<f64>,
 }
 
-/// The semantic cache policies, the embedding client and the fleet's store; cheap to clone.
+/// The semantic cache policies, the embedding calls and the fleet's store; cheap to clone.
 #[derive(Clone)]
 pub struct SemanticCache {
     store: SemanticStore,
     policies: Arc<BTreeMap<String, SemanticCacheSpec>>,
-    providers: Arc<ProvidersConfig>,
-    /// Built only when a policy is configured.
-    client: Option<reqwest::Client>,
-    breakers: Breakers,
-    limiter: RateLimiter,
+    /// The embedding calls ([`Providers::embed`]: breaker `llm:<model>`, the provider's rate
+    /// limit, price); built only when a policy is configured.
+    providers: Option<Providers>,
     memo: Arc<Mutex<Memo>>,
 }
 
@@ -109,31 +59,26 @@ impl std::fmt::Debug for SemanticCache {
     }
 }
 
+/// Why an embedding was not had, for `taskfleet_semantic_embed_failures_total{reason}`.
+fn failure_reason(e: &TaskError) -> &'static str {
+    match e.disposition {
+        Disposition::Defer { reason: DeferReason::RateLimited, .. } => "rate_limited",
+        Disposition::Defer { .. } => "breaker_open",
+        _ => "failed",
+    }
+}
+
 impl SemanticCache {
     /// The configured policies over `state`. Builds an HTTP client only when there is a policy.
     pub(crate) fn new(state: &SharedState, cfg: &Config) -> Result<SemanticCache, crate::WorkerError> {
-        let client = match cfg.policies.semantic_cache.is_empty() {
+        let providers = match cfg.policies.semantic_cache.is_empty() {
             true => None,
-            false => {
-                // The workspace's one TLS provider; a no-op when the binary installed it.
-                let _ = rustls::crypto::ring::default_provider().install_default();
-                Some(
-                    reqwest::Client::builder()
-                        .pool_max_idle_per_host(cfg.providers.pool_max_idle_per_host)
-                        .connect_timeout(Duration::from_secs(10))
-                        .timeout(cfg.providers.request_timeout)
-                        .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
-                        .build()?,
-                )
-            }
+            false => Some(Providers::new(&cfg.providers)?),
         };
         Ok(SemanticCache {
             store: state.semantic(cfg.policies.cache_max_bytes),
             policies: Arc::new(cfg.policies.semantic_cache.clone()),
-            providers: Arc::new(cfg.providers.clone()),
-            client,
-            breakers: state.breakers(&cfg.policies),
-            limiter: state.rate_limiter(&cfg.policies),
+            providers,
             memo: Default::default(),
         })
     }
@@ -147,76 +92,19 @@ impl SemanticCache {
         SemanticKey { name: name.to_string(), model: spec.model.clone(), ttl: spec.ttl }
     }
 
-    /// Embeds `text` with `model`, within `budget`: breaker, rate limit, call, usage.
-    async fn embed(&self, model: &str, text: &str, budget: Duration) -> Result<Embedded, EmbedError> {
-        let failed = |m: String| EmbedError::Failed(m);
-        let client = self.client.as_ref().ok_or_else(|| failed("no semantic cache policy configured".into()))?;
-        let provider =
-            self.providers.models.get(model).ok_or_else(|| failed(format!("model {model:?} has no provider")))?;
-        let url =
-            self.providers.urls.get(provider).ok_or_else(|| failed(format!("provider {provider:?} has no url")))?;
-        let breaker = format!("llm:{model}");
-        let seen = match self.breakers.check(&breaker).await {
-            Permit::Granted(state) => state,
-            Permit::Refused { retry_after } => return Err(EmbedError::BreakerOpen { breaker, retry_after }),
+    /// Embeds `text` with `model` as a call of `ctx` (its tokens and cost go into `ctx`'s usage,
+    /// and are returned too), and remembers the vector for a store of the same text.
+    async fn embed(&self, ctx: &TaskContext, model: &str, text: &str) -> Result<Embedded, TaskError> {
+        let Some(providers) = &self.providers else {
+            return Err(TaskError::fatal("no semantic cache policy configured").with_code("unknown_semantic_policy"));
         };
-        if let Some(limit) = self.providers.limits.get(provider) {
-            match self.limiter.acquire(limit).await {
-                Ok(Decision::Allowed) => {}
-                Ok(Decision::Reserved { wait }) => tokio::time::sleep(wait).await,
-                Ok(Decision::Denied { retry_after }) => {
-                    return Err(EmbedError::RateLimited { limit: limit.clone(), retry_after });
-                }
-                Err(e) => return Err(failed(e.to_string())),
-            }
-        }
-        let mut rb = client
-            .post(format!("{}/embeddings", url.trim_end_matches('/')))
-            .timeout(budget.min(self.providers.request_timeout).max(Duration::from_millis(1)))
-            .json(&serde_json::json!({ "model": model, "input": [text] }));
-        if let Some(var) = self.providers.api_key_envs.get(provider)
-            && let Ok(key) = std::env::var(var)
-        {
-            rb = rb.bearer_auth(key);
-        }
-        let answer = self.send(rb).await;
-        let healthy = match &answer {
-            Ok((status, _)) => *status < 500,
-            Err(_) => false,
-        };
-        if !(healthy && seen == BreakerState::Closed) {
-            self.breakers.record(&breaker, seen, healthy).await;
-        }
-        let (status, body) = answer?;
-        if !(200..300).contains(&status) {
-            let excerpt = String::from_utf8_lossy(&body[..body.len().min(200)]).into_owned();
-            return Err(failed(format!("{provider} answered {status}: {excerpt}")));
-        }
-        let reply: Value = serde_json::from_slice(&body).map_err(|e| failed(format!("answer is not JSON: {e}")))?;
-        let data = reply.get("data").and_then(Value::as_array).ok_or_else(|| failed("answer has no `data`".into()))?;
-        let first = data
-            .iter()
-            .find(|d| d.get("index").and_then(Value::as_u64).unwrap_or(0) == 0)
-            .and_then(|d| d.get("embedding"))
-            .and_then(Value::as_array)
-            .ok_or_else(|| failed("answer has no embedding".into()))?;
-        let vector: Vec<f32> = first.iter().filter_map(Value::as_f64).map(|x| x as f32).collect();
-        if vector.is_empty() || vector.len() != first.len() {
-            return Err(failed("embedding is empty or not numeric".into()));
-        }
-        let usage = reply.get("usage");
-        let tokens = usage
-            .and_then(|u| u.get("prompt_tokens").or_else(|| u.get("total_tokens")))
-            .and_then(Value::as_u64)
-            .unwrap_or(0);
-        let cost_usd = self.providers.price(model).map(|p| p.cost_usd(tokens, 0));
-        metrics::counter!("taskfleet_llm_tokens_total", "model" => model.to_string(), "type" => "prompt")
-            .increment(tokens);
-        if let Some(c) = cost_usd {
-            metrics::counter!("taskfleet_llm_cost_microusd_total", "model" => model.to_string())
-                .increment((c * 1e6).round() as u64);
-        }
-        let vector = Arc::new(vector);
+        let before = ctx.usage();
+        let mut vectors = providers.embed(ctx, model, &[text.to_string()]).await?;
+        let vector = Arc::new(vectors.pop().unwrap_or_default());
+        let after = ctx.usage();
+        let prompt = |u: &Usage| u.tokens.map_or(0, |t| t.prompt);
+        let tokens = prompt(&after).saturating_sub(prompt(&before));
+        let cost_usd = after.cost_usd.map(|c| c - before.cost_usd.unwrap_or(0.0));
         if let Ok(mut memo) = self.memo.lock() {
             if memo.len() >= MEMO_ENTRIES {
                 memo.clear();
@@ -226,43 +114,31 @@ impl SemanticCache {
         Ok(Embedded { vector, tokens, cost_usd })
     }
 
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<(u16, Vec<u8>), EmbedError> {
-        let mut resp = rb.send().await.map_err(|e| EmbedError::Failed(e.to_string()))?;
-        let status = resp.status().as_u16();
-        let mut body = Vec::new();
-        while let Some(chunk) = resp.chunk().await.map_err(|e| EmbedError::Failed(format!("reading: {e}")))? {
-            if body.len() + chunk.len() > self.providers.max_response_bytes {
-                return Err(EmbedError::Failed("answer larger than providers.max_response_bytes".into()));
-            }
-            body.extend_from_slice(&chunk);
-        }
-        Ok((status, body))
-    }
-
     /// The memoised embedding of `text`, or a fresh one.
-    async fn vector(&self, model: &str, text: &str, budget: Duration) -> Result<Embedded, EmbedError> {
+    async fn vector(&self, ctx: &TaskContext, model: &str, text: &str) -> Result<Embedded, TaskError> {
         let known = self.memo.lock().ok().and_then(|m| m.get(&(model.to_string(), text.to_string())).cloned());
         match known {
             Some(vector) => Ok(Embedded { vector, tokens: 0, cost_usd: None }),
-            None => self.embed(model, text, budget).await,
+            None => self.embed(ctx, model, text).await,
         }
     }
 
-    /// Embeds and looks up `text` under the policy `name`; counts the outcome and its time.
+    /// Embeds and looks up `text` under the policy `name` as a call of `ctx`; counts the
+    /// outcome and its time.
     async fn lookup(
         &self,
+        ctx: &TaskContext,
         name: &str,
         spec: &SemanticCacheSpec,
         text: &str,
-        budget: Duration,
-    ) -> (Result<Embedded, EmbedError>, SemanticLookup) {
+    ) -> (Result<Embedded, TaskError>, SemanticLookup) {
         let started = Instant::now();
-        let embedded = self.embed(&spec.model, text, budget).await;
+        let embedded = self.embed(ctx, &spec.model, text).await;
         let found = match &embedded {
             Ok(e) => self.store.lookup(&Self::key(name, spec), &e.vector, spec.threshold).await,
             Err(e) => {
                 metrics::counter!("taskfleet_semantic_embed_failures_total", "model" => spec.model.clone(),
-                                  "reason" => e.reason())
+                                  "reason" => failure_reason(e))
                 .increment(1);
                 tracing::warn!(policy = name, model = %spec.model, error = %e,
                                "embedding unavailable: running without the semantic cache");
@@ -338,7 +214,9 @@ pub(crate) async fn admit(rt: &Runtime, attempt: &Attempt) -> Admitted {
     };
     let span = tracing::info_span!(parent: &attempt.span, "semantic_cache.lookup", kind = %env.kind,
                                    result = tracing::field::Empty, similarity = tracing::field::Empty);
-    let (embedded, found) = cache.lookup(&env.kind, spec, text, attempt.timeout()).instrument(span.clone()).await;
+    let deadline = Instant::now() + attempt.timeout();
+    let ctx = TaskContext::detached(&env.kind, Some(rt.policies.shared.clone()), span.clone(), deadline);
+    let (embedded, found) = cache.lookup(&ctx, &env.kind, spec, text).instrument(span.clone()).await;
     let Ok(embedded) = embedded else {
         span.record("result", "unavailable");
         return Admitted::Bypass;
@@ -394,15 +272,18 @@ fn hit_event(rt: &Runtime, attempt: &Attempt, hit: SemanticHit, embedded: &Embed
     ev
 }
 
-/// [`TaskContext::semantic_lookup`].
+/// [`TaskContext::semantic_lookup`]: the embedding is a call of `ctx` (its usage is `ctx`'s); a
+/// hit marks the attempt as served by the cache, saving the stored result's cost.
 pub(crate) async fn lookup_for(ctx: &TaskContext, name: &str, text: &str) -> Result<Option<SemanticHit>, TaskError> {
     let Some(cache) = ctx.shared.as_ref().map(|s| &s.semantic) else { return Ok(None) };
     let spec = policy_of(cache, name)?;
-    let (embedded, found) = cache.lookup(name, spec, text, ctx.remaining()).await;
-    let embedded = embedded.map_err(EmbedError::into_task_error)?;
-    ctx.record_usage(Some(TokenUsage { prompt: embedded.tokens, completion: 0 }), embedded.cost_usd);
+    let (embedded, found) = cache.lookup(ctx, name, spec, text).await;
+    embedded?;
     Ok(match found {
-        SemanticLookup::Hit(hit) => Some(hit),
+        SemanticLookup::Hit(hit) => {
+            ctx.record_cache_hit(hit.cost_usd);
+            Some(hit)
+        }
         SemanticLookup::Miss | SemanticLookup::Unavailable => None,
     })
 }
@@ -417,10 +298,7 @@ pub(crate) async fn store_for(
 ) -> Result<(), TaskError> {
     let Some(cache) = ctx.shared.as_ref().map(|s| &s.semantic) else { return Ok(()) };
     let spec = policy_of(cache, name)?;
-    let embedded = cache.vector(&spec.model, text, ctx.remaining()).await.map_err(EmbedError::into_task_error)?;
-    if embedded.tokens > 0 || embedded.cost_usd.is_some() {
-        ctx.record_usage(Some(TokenUsage { prompt: embedded.tokens, completion: 0 }), embedded.cost_usd);
-    }
+    let embedded = cache.vector(ctx, &spec.model, text).await?;
     if let Err(e) = cache.store.store(&SemanticCache::key(name, spec), &embedded.vector, result, cost_usd).await {
         // Redis is an accelerator: a result that is not stored is recomputed next time.
         tracing::debug!(error = %e, policy = name, "semantic cache store skipped");
@@ -438,6 +316,7 @@ fn policy_of<'a>(cache: &'a SemanticCache, name: &str) -> Result<&'a SemanticCac
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::time::Duration;
     use crate::policies::Policies;
     use serde_json::json;
     use taskfleet_config::RedisConfig;
@@ -493,14 +372,16 @@ mod tests {
         let unknown = ctx.semantic_lookup("nope", text).await.unwrap_err();
         assert_eq!(unknown.code, "unknown_semantic_policy");
 
-        // A failing provider: a retryable error, then (breaker_failures 2) a deferral.
+        // A failing provider: the embedding call's own error (the call retries a failed batch
+        // within the attempt, so breaker_failures 2 opens the breaker), then a deferral that
+        // keeps further calls off the provider.
         mock.control(&Control { error_rate: Some(1.0), ..Control::default() }).unwrap();
-        for _ in 0..2 {
-            let e = ctx.semantic_lookup("docs", "something else").await.unwrap_err();
-            assert_eq!(e.code, "embedding_failed", "{e}");
-        }
+        let before = mock.stats().by_endpoint[EMBEDDINGS_ENDPOINT];
+        let e = ctx.semantic_lookup("docs", "something else").await.unwrap_err();
+        assert!(e.is_retryable() || matches!(e.disposition, crate::Disposition::Defer { .. }), "{e:?}");
         let e = ctx.semantic_lookup("docs", "something else").await.unwrap_err();
         assert!(matches!(e.disposition, crate::Disposition::Defer { reason: DeferReason::BreakerOpen, .. }), "{e:?}");
+        assert_eq!(mock.stats().by_endpoint[EMBEDDINGS_ENDPOINT] - before, 2, "no call while the breaker is open");
         // Outside a worker there is no cache.
         assert_eq!(TaskContext::for_test("x").semantic_lookup("docs", text).await, Ok(None));
     }
