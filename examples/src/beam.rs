@@ -14,8 +14,9 @@
 //! Early stop (unless the payload says `"early_stop": false`): after a round whose best score is
 //! ≥ 0.9, or after the 2nd round in a row whose best improved by less than 0.05 over the round
 //! before. A checkpoint (round, beams, best, stall count, memo) every 3 rounds; progress
-//! `{"round", "best"}` after every round. 180 s per LLM call, a cached call's twin waits at most
-//! 2 s for it (single-flight); stated mock latency 300 ms a call.
+//! `{"round", "best"}` after every round. 180 s per LLM call; a cached call's twin waits for
+//! it (single-flight; the leases of a killed worker's calls lapse within 3 s); stated mock
+//! latency 300 ms a call.
 //!
 //! Figures: a search completes in < 2 min; early stop is ≥ 20% faster than a full 15-round
 //! search (other goal and seed, same invocation); a worker process SIGKILLed mid-search
@@ -124,9 +125,9 @@ fn settings(url: &str) -> Vec<(&'static str, String)> {
         ("TASKFLEET_PROVIDERS_PRICES", format!("{MODEL}=2.5/10")),
         ("TASKFLEET_POLICIES_CACHE", "llm.chat=30m by model+messages".into()),
         ("TASKFLEET_PROVIDERS_REQUEST_TIMEOUT", "180s".into()),
-        // A call whose twin is in flight waits at most this for the twin's answer (calls take
-        // 300 ms); also how long the leases of a killed worker's calls hold up its successor.
-        ("TASKFLEET_POLICIES_SINGLE_FLIGHT_WAIT", "2s".into()),
+        // The single-flight leases of a killed worker's calls lapse within this (renewed while
+        // a call runs), so they hold up the search's successor no longer.
+        ("TASKFLEET_POLICIES_CACHE_LEASE", "3s".into()),
         ("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "16".into()),
     ]
 }
