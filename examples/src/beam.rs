@@ -55,8 +55,22 @@ const GOAL_TERMS: usize = 6;
 const DISTRACTORS: usize = 6;
 /// What plans are made of (no term is a substring of another).
 const VOCAB: [&str; 16] = [
-    "venue", "catering", "budget", "invitations", "transport", "lodging", "schedule", "speakers", "permits",
-    "insurance", "signage", "audio", "security", "volunteers", "photography", "parking",
+    "venue",
+    "catering",
+    "budget",
+    "invitations",
+    "transport",
+    "lodging",
+    "schedule",
+    "speakers",
+    "permits",
+    "insurance",
+    "signage",
+    "audio",
+    "security",
+    "volunteers",
+    "photography",
+    "parking",
 ];
 /// The round after which the kill figure SIGKILLs the worker process.
 const KILL_AFTER_ROUND: u32 = 4;
@@ -97,7 +111,11 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
         NAME,
         first,
         "< 120 s",
-        format!("{} ({e_rounds} rounds, stopped on {e_why}, best {e_best:.3}); full 15 rounds {}", secs(*early_took), secs(*full_took)),
+        format!(
+            "{} ({e_rounds} rounds, stopped on {e_why}, best {e_best:.3}); full 15 rounds {}",
+            secs(*early_took),
+            secs(*full_took)
+        ),
         e_ok && f_ok && *early_took < limit && *full_took < limit,
     )];
     let faster = 1.0 - early_took.as_secs_f64() / full_took.as_secs_f64().max(1e-9);
@@ -190,7 +208,9 @@ async fn kill_and_resume(fleet: &Fleet) -> anyhow::Result<Figure> {
     let (from, rounds) = (field("started_from"), field("rounds"));
     Ok(Figure::new(
         NAME,
-        format!("worker process SIGKILLed after round ≥ {KILL_AFTER_ROUND} of a 15-round search (ack_wait {KILL_ACK_WAIT})"),
+        format!(
+            "worker process SIGKILLed after round ≥ {KILL_AFTER_ROUND} of a 15-round search (ack_wait {KILL_ACK_WAIT})"
+        ),
         "a second worker resumes from the last checkpoint (round > 1) and finishes",
         format!(
             "killed after round {killed_after}; resumed from round {from} {} later; {rounds} of {MAX_ROUNDS} rounds, {} {} after the kill",
@@ -391,7 +411,9 @@ where
         let score = serde_json::from_str::<Value>(&content)
             .ok()
             .and_then(|v| v.get("score").and_then(Value::as_f64))
-            .ok_or_else(|| TaskError::retryable(format!("the judge gave no score: {content}")).with_code("bad_verdict"))?;
+            .ok_or_else(|| {
+            TaskError::retryable(format!("the judge gave no score: {content}")).with_code("bad_verdict")
+        })?;
         memo.insert(text.clone(), score);
     }
     Ok(plans
@@ -414,7 +436,12 @@ pub fn select(mut pool: Vec<Beam>) -> Vec<Beam> {
 }
 
 /// The first state: the agents' steps, scored.
-pub async fn initial<F, Fut>(goal: &[String], steps: Vec<String>, ask: &F, calls: &mut Calls) -> Result<State, TaskError>
+pub async fn initial<F, Fut>(
+    goal: &[String],
+    steps: Vec<String>,
+    ask: &F,
+    calls: &mut Calls,
+) -> Result<State, TaskError>
 where
     F: Fn(String) -> Fut,
     Fut: Future<Output = Result<(String, bool), TaskError>>,
@@ -552,7 +579,10 @@ mod tests {
         let mut calls = Calls::default();
         let firsts = (0..AGENTS as usize)
             .map(|i| {
-                let answer = taskfleet_mock_api::echo_content(PROVIDER, &format!("Agent {i}, goal {seed}: propose a first step."));
+                let answer = taskfleet_mock_api::echo_content(
+                    PROVIDER,
+                    &format!("Agent {i}, goal {seed}: propose a first step."),
+                );
                 pick(&answer, i, &vocab).expect("a step")
             })
             .collect();
@@ -588,7 +618,8 @@ mod tests {
     #[test]
     fn select_keeps_the_best_distinct_plans() {
         let b = |s: &[&str], score| Beam { steps: s.iter().map(|x| x.to_string()).collect(), score };
-        let kept = select(vec![b(&["a", "b"], 0.5), b(&["b", "a"], 0.5), b(&["a"], 0.5), b(&["c"], 0.9), b(&["d"], 0.1)]);
+        let kept =
+            select(vec![b(&["a", "b"], 0.5), b(&["b", "a"], 0.5), b(&["a"], 0.5), b(&["c"], 0.9), b(&["d"], 0.1)]);
         assert_eq!(kept, vec![b(&["c"], 0.9), b(&["a"], 0.5), b(&["a", "b"], 0.5)]);
     }
 

@@ -37,16 +37,36 @@ ones comparisons, transactional ones clear next steps. End with three related ke
 
 /// Topics of the keywords; each is asked as written and then as paraphrases.
 const TOPICS: [&str; 30] = [
-    "best running shoes for beginners", "how to start a vegetable garden", "budget travel tips for europe",
-    "home espresso machine buying guide", "learn python programming fast", "healthy meal prep for the week",
-    "how to train a puppy at home", "remote work productivity habits", "electric car charging at home",
-    "beginner yoga poses for flexibility", "how to save money on groceries", "best hiking trails in colorado",
-    "indoor plants that need little light", "how to write a cover letter", "sourdough bread baking basics",
-    "first time home buyer checklist", "marathon training plan for beginners", "how to reduce stress at work",
-    "solar panels for small houses", "learning guitar chords quickly", "kids birthday party ideas at home",
-    "best budget mechanical keyboards", "how to improve sleep quality", "camping gear list for families",
-    "podcast equipment for beginners", "how to clean a cast iron pan", "winter skin care routine tips",
-    "time management for college students", "backyard chicken keeping guide", "how to negotiate a pay raise",
+    "best running shoes for beginners",
+    "how to start a vegetable garden",
+    "budget travel tips for europe",
+    "home espresso machine buying guide",
+    "learn python programming fast",
+    "healthy meal prep for the week",
+    "how to train a puppy at home",
+    "remote work productivity habits",
+    "electric car charging at home",
+    "beginner yoga poses for flexibility",
+    "how to save money on groceries",
+    "best hiking trails in colorado",
+    "indoor plants that need little light",
+    "how to write a cover letter",
+    "sourdough bread baking basics",
+    "first time home buyer checklist",
+    "marathon training plan for beginners",
+    "how to reduce stress at work",
+    "solar panels for small houses",
+    "learning guitar chords quickly",
+    "kids birthday party ideas at home",
+    "best budget mechanical keyboards",
+    "how to improve sleep quality",
+    "camping gear list for families",
+    "podcast equipment for beginners",
+    "how to clean a cast iron pan",
+    "winter skin care routine tips",
+    "time management for college students",
+    "backyard chicken keeping guide",
+    "how to negotiate a pay raise",
 ];
 
 /// Paraphrases of a keyword, as different users type the same need.
@@ -113,14 +133,24 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     let mut rows = vec![
         Figure::new(
             NAME,
-            format!("{requests} article requests: p95 per article (search 300 ms, writer 1.5 s, embeddings 60 ms{})", if opts.quick { ", quick: / 10" } else { "" }),
+            format!(
+                "{requests} article requests: p95 per article (search 300 ms, writer 1.5 s, embeddings 60 ms{})",
+                if opts.quick { ", quick: / 10" } else { "" }
+            ),
             "< 5 s",
-            format!("{} (p50 {}), {failed} failed", secs(Duration::from_secs_f64(p95)), secs(Duration::from_secs_f64(percentile(&durations, 50.0)))),
+            format!(
+                "{} (p50 {}), {failed} failed",
+                secs(Duration::from_secs_f64(p95)),
+                secs(Duration::from_secs_f64(percentile(&durations, 50.0)))
+            ),
             p95 < 5.0 && failed == 0,
         ),
         Figure::new(
             NAME,
-            format!("cost per request at a {:.0}% semantic hit rate ({hits} of {requests}), fleet accounting", hit_rate * 100.0),
+            format!(
+                "cost per request at a {:.0}% semantic hit rate ({hits} of {requests}), fleet accounting",
+                hit_rate * 100.0
+            ),
             "≤ $0.012, hit rate ~70%",
             format!("${cached_cost:.4} against ${uncached_cost:.4} uncached; ${saved:.3} saved"),
             cached_cost <= 0.012 && (0.6..=0.8).contains(&hit_rate),
@@ -134,7 +164,13 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
         ),
     ];
     if let Some(alerts) = alerts().await {
-        rows.push(Figure::new(NAME, "fleet alerts firing (hit rate < 50%, p95 > 5 s, error rate > 5%)", "none of these", alerts.clone(), !["low_cache_hit_rate", "high_p95_latency", "high_error_rate"].iter().any(|a| alerts.contains(a))));
+        rows.push(Figure::new(
+            NAME,
+            "fleet alerts firing (hit rate < 50%, p95 > 5 s, error rate > 5%)",
+            "none of these",
+            alerts.clone(),
+            !["low_cache_hit_rate", "high_p95_latency", "high_error_rate"].iter().any(|a| alerts.contains(a)),
+        ));
     }
     Ok(rows)
 }

@@ -40,8 +40,18 @@ const TERMS: usize = 5;
 const STEP_TIMEOUT_MS: u64 = 120_000;
 const DOC_TIMEOUT_MS: u64 = 300_000;
 /// Section terms a document may require (none is a substring of a topic or a prompt word).
-const SECTIONS: [&str; 10] =
-    ["background", "methods", "evidence", "risks", "costs", "timeline", "stakeholders", "metrics", "glossary", "outlook"];
+const SECTIONS: [&str; 10] = [
+    "background",
+    "methods",
+    "evidence",
+    "risks",
+    "costs",
+    "timeline",
+    "stakeholders",
+    "metrics",
+    "glossary",
+    "outlook",
+];
 const TOPICS: [&str; 10] = [
     "tidal power",
     "coral reefs",
@@ -63,8 +73,7 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     for (provider, ms) in LATENCY_MS {
         urls.push(format!("{provider}={}", mocks.start(provider, latency(opts.latency_ms(ms))).await?));
     }
-    let prices: Vec<String> =
-        PRICES.iter().map(|(m, p, c)| format!("{m}={}/{}", p * 1000.0, c * 1000.0)).collect();
+    let prices: Vec<String> = PRICES.iter().map(|(m, p, c)| format!("{m}={}/{}", p * 1000.0, c * 1000.0)).collect();
     let config = fleet.worker_config(
         NAME,
         &[
@@ -105,7 +114,8 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
         good += usize::from(ok);
     }
     let (min, max) = scores.iter().fold((f64::INFINITY, 0.0f64), |(lo, hi), s| (lo.min(*s), hi.max(*s)));
-    let mut first = format!("{docs} concurrent documents: score ≥ {QUALITY:.2}, each within 300 s, ≤ {MAX_RERUNS} re-runs");
+    let mut first =
+        format!("{docs} concurrent documents: score ≥ {QUALITY:.2}, each within 300 s, ≤ {MAX_RERUNS} re-runs");
     if opts.quick {
         first.push_str(" (quick: latencies / 10)");
     }
@@ -128,7 +138,7 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     let (cost, prompt, completion) = views.iter().fold((0.0, 0u64, 0u64), |(c, p, q), v| {
         (c + v.totals.cost_usd, p + v.totals.prompt_tokens, q + v.totals.completion_tokens)
     });
-    let worst = views.iter().map(|v| recompute_gap(v)).fold(Some(0.0f64), |acc, g| Some(acc?.max(g?)));
+    let worst = views.iter().try_fold(0.0f64, |acc, v| Some(acc.max(recompute_gap(v)?)));
     let matched = worst.is_some_and(|g| g <= 1e-9) && cost > 0.0;
     rows.push(Figure::new(
         NAME,
@@ -302,8 +312,9 @@ async fn verify(providers: Providers, ctx: TaskContext, payload: Value) -> Resul
     let required = strings(payload.get("required"));
     let prompt = format!("SCORE\nrequired: {}\n---\n{edited}", required.join(", "));
     let answer = providers.chat(&ctx, chat(LARGE, prompt)).await?;
-    let verdict: Value = serde_json::from_str(&content(&answer))
-        .map_err(|e| TaskError::retryable(format!("the verifier's answer is not JSON: {e}")).with_code("bad_verdict"))?;
+    let verdict: Value = serde_json::from_str(&content(&answer)).map_err(|e| {
+        TaskError::retryable(format!("the verifier's answer is not JSON: {e}")).with_code("bad_verdict")
+    })?;
     let score = verdict
         .get("score")
         .and_then(Value::as_f64)
@@ -334,7 +345,8 @@ mod tests {
         let terms = required_terms(topic);
         let draft = taskfleet_mock_api::echo_content("large-llm", &format!("Draft {topic}: {}.", terms.join(", ")));
         let edited = taskfleet_mock_api::echo_content("small-llm", &format!("Edit: {draft}"));
-        let verdict = taskfleet_mock_api::judge_content(&format!("SCORE\nrequired: {}\n---\n{edited}", terms.join(", ")));
+        let verdict =
+            taskfleet_mock_api::judge_content(&format!("SCORE\nrequired: {}\n---\n{edited}", terms.join(", ")));
         let v: Value = serde_json::from_str(&verdict.expect("a verdict")).expect("JSON");
         assert_eq!(v["score"], 1.0, "{edited}");
     }

@@ -71,7 +71,9 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     let speedup = c / p.max(1e-9);
     let mut rows = vec![Figure::new(
         NAME,
-        format!("{RAG_QUERIES} RAG queries, 3 scorers, generate: DAG against the same steps chained ({CALL_MS} ms a call, median of {rounds})"),
+        format!(
+            "{RAG_QUERIES} RAG queries, 3 scorers, generate: DAG against the same steps chained ({CALL_MS} ms a call, median of {rounds})"
+        ),
         "≥ 3.0×",
         format!("{speedup:.2}× ({} against {})", secs(Duration::from_secs_f64(p)), secs(Duration::from_secs_f64(c))),
         speedup >= 3.0,
@@ -137,7 +139,8 @@ fn spec(question: &str, sequential: bool) -> RunSpec {
     nodes.push(NodeSpec::new("context", "quorum.merge", json!({})).after(&rag_refs));
     previous = "context".into();
     for (node, model) in SCORERS {
-        let mut n = retry(NodeSpec::new(node, "quorum.score", json!({ "model": model }))).after(&["validate", "context"]);
+        let mut n =
+            retry(NodeSpec::new(node, "quorum.score", json!({ "model": model }))).after(&["validate", "context"]);
         if sequential && previous != "context" {
             n.depends_on.push(continue_after(&previous));
         }
@@ -147,7 +150,8 @@ fn spec(question: &str, sequential: bool) -> RunSpec {
     let mut decide = NodeSpec::new("quorum", "quorum.decide", json!({ "needed": 2 }));
     decide.depends_on = SCORERS.iter().map(|(n, _)| continue_after(n)).collect();
     nodes.push(decide);
-    nodes.push(retry(NodeSpec::new("generate", "quorum.generate", json!({}))).after(&["quorum", "context", "validate"]));
+    nodes
+        .push(retry(NodeSpec::new("generate", "quorum.generate", json!({}))).after(&["quorum", "context", "validate"]));
     nodes.push(retry(NodeSpec::new("analytics", "quorum.analytics", json!({}))).after(&["generate", "quorum"]));
     let mut spec = RunSpec::new(nodes);
     spec.name = Some(if sequential { format!("{NAME}-chained") } else { NAME.to_string() });
@@ -192,7 +196,9 @@ async fn merge(ctx: TaskContext, _payload: Value) -> Result<Value, TaskError> {
     let mut sources: Vec<String> = Vec::new();
     let mut snippets = Vec::new();
     for p in ctx.parents.iter() {
-        for r in p.result.as_ref().and_then(|r| r.pointer("/json/results")).and_then(Value::as_array).into_iter().flatten() {
+        for r in
+            p.result.as_ref().and_then(|r| r.pointer("/json/results")).and_then(Value::as_array).into_iter().flatten()
+        {
             let url = r.get("url").and_then(Value::as_str).unwrap_or_default().to_string();
             if !sources.contains(&url) {
                 sources.push(url);
@@ -215,7 +221,9 @@ async fn score(providers: Providers, ctx: TaskContext, payload: Value) -> Result
         Ok(a) => a,
         // A model whose breaker is open would hold the vote for its cooldown: it is out.
         Err(e) if matches!(e.disposition, Disposition::Defer { .. }) => {
-            return Err(TaskError::fatal(format!("{model} is unavailable: {}", e.message)).with_code("model_unavailable"));
+            return Err(
+                TaskError::fatal(format!("{model} is unavailable: {}", e.message)).with_code("model_unavailable")
+            );
         }
         Err(e) => return Err(e),
     };
@@ -231,15 +239,17 @@ async fn score(providers: Providers, ctx: TaskContext, payload: Value) -> Result
 /// Accepts the verdict that at least `needed` of the votes share; failed votes do not count.
 async fn decide(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
     let needed = payload.get("needed").and_then(Value::as_u64).unwrap_or(2) as usize;
-    let votes: Vec<bool> =
-        ctx.parents.iter().filter_map(|p| p.result.as_ref()?.get("approve")?.as_bool()).collect();
+    let votes: Vec<bool> = ctx.parents.iter().filter_map(|p| p.result.as_ref()?.get("approve")?.as_bool()).collect();
     let approve = votes.iter().filter(|v| **v).count();
-    let (verdict, agreeing) = if approve >= votes.len() - approve { (true, approve) } else { (false, votes.len() - approve) };
+    let (verdict, agreeing) =
+        if approve >= votes.len() - approve { (true, approve) } else { (false, votes.len() - approve) };
     if agreeing < needed {
         return Err(TaskError::fatal(format!("no quorum: {agreeing} of {} votes agree, {needed} needed", votes.len()))
             .with_code("no_quorum"));
     }
-    Ok(json!({ "approve": verdict, "agreeing": agreeing, "votes": votes.len(), "failed": ctx.parents.len() - votes.len() }))
+    Ok(
+        json!({ "approve": verdict, "agreeing": agreeing, "votes": votes.len(), "failed": ctx.parents.len() - votes.len() }),
+    )
 }
 
 /// Writes the answer from the context, once the vote accepted the plan.
@@ -257,7 +267,8 @@ async fn generate(providers: Providers, ctx: TaskContext, _payload: Value) -> Re
 async fn analytics(providers: Providers, ctx: TaskContext, _payload: Value) -> Result<Value, TaskError> {
     let mut records = vec![json!({ "run": ctx.run_id, "step": "quorum", "outcome": ctx.parent_result("quorum") })];
     records.push(json!({ "run": ctx.run_id, "step": "generate", "usage": ctx.parent_result("generate").and_then(|g| g.get("usage")) }));
-    let request = json!({ "provider": "analytics", "method": "POST", "path": "/records", "json": { "records": records } });
+    let request =
+        json!({ "provider": "analytics", "method": "POST", "path": "/records", "json": { "records": records } });
     providers.http(&ctx, request).await?;
     Ok(json!({ "records": records.len(), "quorum": ctx.parent_result("quorum") }))
 }

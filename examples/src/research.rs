@@ -47,7 +47,10 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
             ("TASKFLEET_PROVIDERS_PRICES", format!("{PLANNER}=2.5/10,{RESEARCHER}=0.8/4")),
             ("TASKFLEET_POLICIES_RATE_LIMITS", limits.join(",")),
             ("TASKFLEET_PROVIDERS_LIMITS", "tavily=tavily,perplexity=perplexity,exa=exa".into()),
-            ("TASKFLEET_PROVIDERS_CHAINS", CHAINS.iter().map(|(k, c)| format!("{k}={c}")).collect::<Vec<_>>().join(",")),
+            (
+                "TASKFLEET_PROVIDERS_CHAINS",
+                CHAINS.iter().map(|(k, c)| format!("{k}={c}")).collect::<Vec<_>>().join(","),
+            ),
             ("TASKFLEET_POLICIES_CACHE", "http=1h by provider+path+json,llm.chat=24h by model+messages".into()),
             ("TASKFLEET_WORKER_MAX_CONCURRENT_TASKS", "16".into()),
             // A call may book a token at most this far ahead instead of overflowing: 1 s
@@ -65,7 +68,8 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     let wall = started.elapsed();
     worker.stop().await?;
 
-    let complete = finished.iter().filter(|(v, _)| report_sections(v.output.as_ref()).is_some_and(|n| n == queries)).count();
+    let complete =
+        finished.iter().filter(|(v, _)| report_sections(v.output.as_ref()).is_some_and(|n| n == queries)).count();
     let mut rows = vec![Figure::new(
         NAME,
         format!("{runs} concurrent runs of {queries} queries: reports with non-empty sections"),
@@ -219,7 +223,9 @@ async fn write(providers: Providers, ctx: TaskContext, payload: Value) -> Result
     for n in &notes {
         let heading = n.get("query").and_then(Value::as_str).unwrap_or_default();
         let text = n.get("notes").and_then(Value::as_str).unwrap_or_default();
-        sections.push(json!({ "heading": heading, "text": text, "chain": n.get("chain"), "source": n.get("search_provider") }));
+        sections.push(
+            json!({ "heading": heading, "text": text, "chain": n.get("chain"), "source": n.get("search_provider") }),
+        );
     }
     let headings: Vec<&str> = sections.iter().filter_map(|s| s.get("heading").and_then(Value::as_str)).collect();
     let summary = providers.chat(&ctx, chat(PLANNER, format!("Summarise {topic}: {}", headings.join("; ")))).await?;

@@ -316,9 +316,9 @@ fn policy_of<'a>(cache: &'a SemanticCache, name: &str) -> Result<&'a SemanticCac
 #[cfg(test)]
 mod tests {
     use super::*;
-    use std::time::Duration;
     use crate::policies::Policies;
     use serde_json::json;
+    use std::time::Duration;
     use taskfleet_config::RedisConfig;
     use taskfleet_mock_api::{Control, EMBEDDINGS_ENDPOINT, MockApi, MockConfig, RunningMock};
 
