@@ -19,7 +19,7 @@
 use crate::harness::{Figure, Fleet, Mocks, Options, latency, percentile, queue, run_duration, secs};
 use serde_json::{Value, json};
 use std::time::Duration;
-use taskfleet_proto::{NodeSpec, RunSpec, RunState};
+use taskfleet_proto::{AlertState, NodeSpec, RunSpec, RunState, Snapshot};
 use taskfleet_worker::providers::Providers;
 use taskfleet_worker::{TaskContext, TaskError, Worker};
 
@@ -33,7 +33,14 @@ reader's problem, three to five sections with descriptive headings, concrete exa
 conclusion with a call to action. Cite the sources given. Use plain language, short paragraphs, active voice, \
 no filler, no claims the sources do not support. Keep every heading under sixty characters and every paragraph \
 under ninety words. Match the keyword's search intent: informational keywords get explanations, commercial \
-ones comparisons, transactional ones clear next steps. End with three related keywords for internal links.";
+ones comparisons, transactional ones clear next steps. End with three related keywords for internal links. \
+Structure: open with a one-sentence answer to the keyword's question, then expand; every section starts with \
+its main point, follows with evidence from the sources, and ends with a practical tip. Prefer numbers, \
+measurements and named examples over adjectives. When sources disagree, say so and give both positions with \
+their sources. Do not invent statistics, prices, dates or quotes. Write for a reader who skims: bold the key \
+phrase of each section once, use bulleted lists for steps and options, and keep lists under seven items. \
+The FAQ answers the three questions a reader is most likely to ask next, in two or three sentences each. \
+Meta description: at most 155 characters, containing the keyword once, written as a promise to the reader.";
 
 /// Topics of the keywords; each is asked as written and then as paraphrases.
 const TOPICS: [&str; 30] = [
@@ -96,6 +103,7 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
     let providers = Providers::new(&config.providers)?;
     let worker = fleet.spawn_worker(worker(config, &providers));
     let topics = &TOPICS[..opts.pick(30, 10)];
+    let hits_before = snapshot().await.as_ref().map_or(0, lookup_hits);
 
     // 1. Uncached: the same pipeline without the cache, for a sample of the topics.
     let uncached: Vec<RunSpec> = topics.iter().take(opts.pick(10, 4)).map(|t| spec(t, false)).collect();
@@ -163,30 +171,55 @@ pub async fn run(fleet: &Fleet, opts: Options) -> anyhow::Result<Vec<Figure>> {
             largest_batch > 10,
         ),
     ];
-    if let Some(alerts) = alerts().await {
-        rows.push(Figure::new(
-            NAME,
-            "fleet alerts firing (hit rate < 50%, p95 > 5 s, error rate > 5%)",
-            "none of these",
-            alerts.clone(),
-            !["low_cache_hit_rate", "high_p95_latency", "high_error_rate"].iter().any(|a| alerts.contains(a)),
-        ));
+    if let Some((measured, pass)) = alert_figures(hits_before, hits, p95).await {
+        let figure = "the fleet's alert rules on this workload's figures (aggregator window)";
+        rows.push(Figure::new(NAME, figure, "hit rate ≥ 50%, error rate ≤ 5%, p95 ≤ 5 s", measured, pass));
     }
     Ok(rows)
 }
 
-/// The alerts firing at the aggregator (`TASKFLEET_AGGREGATOR_URL`), if it answers.
-async fn alerts() -> Option<String> {
+/// The aggregator's snapshot (`TASKFLEET_AGGREGATOR_URL`), if one answers.
+async fn snapshot() -> Option<Snapshot> {
     let base = std::env::var("TASKFLEET_AGGREGATOR_URL").unwrap_or_else(|_| "http://127.0.0.1:9090".into());
-    let stats: Value = reqwest::get(format!("{base}/v1/stats")).await.ok()?.json().await.ok()?;
-    let firing: Vec<String> = stats
-        .get("alerts")?
-        .as_array()?
+    reqwest::get(format!("{base}/v1/stats")).await.ok()?.json().await.ok()
+}
+
+/// Cache hits of this workload's lookup step the aggregator has counted, all time.
+fn lookup_hits(stats: &Snapshot) -> u64 {
+    stats
+        .series
         .iter()
-        .filter(|a| a.get("firing").and_then(Value::as_bool).unwrap_or(false))
-        .filter_map(|a| a.get("name").and_then(Value::as_str).map(str::to_string))
-        .collect();
-    Some(if firing.is_empty() { "none".into() } else { firing.join(", ") })
+        .filter(|s| s.queue == queue(NAME) && s.kind == "content.lookup")
+        .map(|s| s.figures.cache_hits_total)
+        .sum()
+}
+
+/// The fleet's default alert rules (hit rate < 50%, p95 > 5 s, error rate > 5%) applied to this
+/// workload's own figures at the aggregator, once it has counted the `hits` cache hits of the
+/// lookup step this invocation made (`hits_before` were counted before it); with the alerts
+/// firing fleet-wide (other workloads' included). `None` when no aggregator answers.
+async fn alert_figures(hits_before: u64, hits: usize, p95_s: f64) -> Option<(String, bool)> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let stats = snapshot().await?;
+        let ours: Vec<_> = stats.series.iter().filter(|s| s.queue == queue(NAME)).collect();
+        let lookup = ours.iter().find(|s| s.kind == "content.lookup");
+        if lookup_hits(&stats) < hits_before + hits as u64 && std::time::Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(500)).await;
+            continue;
+        }
+        let hit_rate = lookup.and_then(|l| l.figures.cache_hit_rate).unwrap_or(0.0);
+        let error_rate = ours.iter().filter_map(|s| s.figures.error_rate).fold(0.0, f64::max);
+        let firing: Vec<String> =
+            stats.alerts.into_iter().filter(|a| a.state == AlertState::Firing).map(|a| a.rule).collect();
+        let firing = if firing.is_empty() { "none".to_string() } else { firing.join(", ") };
+        let measured = format!(
+            "lookup hit rate {:.0}%, worst step error rate {:.1}%, p95 {p95_s:.2} s; firing fleet-wide: {firing}",
+            hit_rate * 100.0,
+            error_rate * 100.0
+        );
+        return Some((measured, hit_rate >= 0.5 && error_rate <= 0.05 && p95_s <= 5.0));
+    }
 }
 
 fn mean(values: impl Iterator<Item = f64>) -> f64 {
