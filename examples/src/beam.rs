@@ -199,8 +199,13 @@ async fn kill_and_resume(fleet: &Fleet) -> anyhow::Result<Figure> {
     };
     let view = fleet.wait(run, Duration::from_secs(300)).await?;
     let ended_after = killed_at.elapsed();
-    let _ = tokio::process::Command::new("kill").args(["-TERM", &second.id().unwrap_or(0).to_string()]).status().await;
-    let _ = tokio::time::timeout(Duration::from_secs(15), second.wait()).await;
+    // A drain (SIGTERM), or a kill if it is already gone or does not stop in time.
+    if let Some(pid) = second.id() {
+        let _ = tokio::process::Command::new("kill").args(["-TERM", &pid.to_string()]).status().await;
+    }
+    if tokio::time::timeout(Duration::from_secs(15), second.wait()).await.is_err() {
+        let _ = second.start_kill();
+    }
     mocks.shutdown().await;
 
     let out = view.output.as_ref().and_then(|o| o.get("search"));
