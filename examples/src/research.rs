@@ -252,7 +252,8 @@ fn overflow_count(finished: &[(taskfleet_proto::RunView, Duration)]) -> usize {
         .filter(|s| {
             let chain = s.get("chain").and_then(Value::as_str).unwrap_or_default();
             let primary = CHAINS.iter().find(|(k, _)| *k == chain).and_then(|(_, c)| c.split('>').next());
-            s.get("source").and_then(Value::as_str) != primary
+            // A section without a source is not served by a fallback: it was not served.
+            s.get("source").and_then(Value::as_str).is_some_and(|p| Some(p) != primary)
         })
         .count()
 }

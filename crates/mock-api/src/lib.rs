@@ -62,7 +62,7 @@ pub use embeddings::{
     DEFAULT_DIMENSIONS, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, MAX_DIMENSIONS,
     MAX_INPUTS, embed,
 };
-pub use stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
+pub use stats::{Billed, CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
 
 use serde::{Deserialize, Serialize};
 use server::Shared;

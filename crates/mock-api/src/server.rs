@@ -242,6 +242,7 @@ async fn chat(State(s): AppState, body: Result<Bytes, BytesRejection>) -> Respon
     let seq = s.seq.fetch_add(1, Ordering::Relaxed);
     let created = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
     let response = api::chat_response(&s.name, &request, seq, created);
+    s.lock().stats.bill(&request.model, response.usage.prompt_tokens, response.usage.completion_tokens);
     s.answer(arrival, StatusCode::OK, &response)
 }
 
@@ -259,7 +260,11 @@ async fn embeddings(State(s): AppState, body: Result<Bytes, BytesRejection>) -> 
         Err(e) => return s.bad_request(arrival, format!("invalid embeddings request: {e}")),
     };
     match request.texts() {
-        Ok(texts) => s.answer(arrival, StatusCode::OK, &embeddings_response(&request, &texts)),
+        Ok(texts) => {
+            let response = embeddings_response(&request, &texts);
+            s.lock().stats.bill(&request.model, response.usage.prompt_tokens, 0);
+            s.answer(arrival, StatusCode::OK, &response)
+        }
         Err(message) => s.bad_request(arrival, message),
     }
 }

@@ -32,6 +32,19 @@ pub struct Stats {
     /// Records stored through [`RECORDS_ENDPOINT`], over all its requests.
     #[serde(default)]
     pub records: u64,
+    /// Tokens the mock billed, by model: the `usage` of every chat completion and embedding it
+    /// answered 200, as a provider's invoice would count them.
+    #[serde(default)]
+    pub tokens: BTreeMap<String, Billed>,
+}
+
+/// Tokens billed for one model.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Billed {
+    /// Prompt (input) tokens.
+    pub prompt: u64,
+    /// Completion (output) tokens.
+    pub completion: u64,
 }
 
 impl Stats {
@@ -48,6 +61,7 @@ impl Stats {
                 .collect(),
             accepted_ms: Vec::new(),
             records: 0,
+            tokens: BTreeMap::new(),
         }
     }
 
@@ -71,6 +85,13 @@ impl Stats {
             best = best.max(end - start + 1);
         }
         best
+    }
+
+    /// Bills `prompt` and `completion` tokens to `model`.
+    pub(crate) fn bill(&mut self, model: &str, prompt: u32, completion: u32) {
+        let b = self.tokens.entry(model.to_string()).or_default();
+        b.prompt += u64::from(prompt);
+        b.completion += u64::from(completion);
     }
 
     pub(crate) fn arrived(&mut self, endpoint: &str) {

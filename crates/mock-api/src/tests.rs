@@ -284,3 +284,28 @@ async fn embeddings_round_trip_and_refusals() {
     assert_eq!(stats.by_endpoint.get(EMBEDDINGS_ENDPOINT), Some(&2));
     mock.shutdown().await.expect("stops");
 }
+
+#[tokio::test]
+async fn answered_tokens_are_billed_by_model_and_records_counted() {
+    let (mock, client) = start(Behaviour::default()).await;
+    let (_, _, a) = post(&client, format!("{}/v1/chat/completions", mock.url()), &chat_body("first")).await;
+    let (_, _, b) = post(&client, format!("{}/v1/chat/completions", mock.url()), &chat_body("second one")).await;
+    let emb = json!({"model": "emb-test", "input": ["one text", "another"]});
+    let (_, _, e) = post(&client, format!("{}/v1/embeddings", mock.url()), &emb).await;
+    let (status, _, stored) =
+        post(&client, format!("{}/v1/records", mock.url()), &json!({"records": [{"a": 1}, {"b": 2}, 3]})).await;
+    assert_eq!((status, stored), (StatusCode::OK, json!({"stored": 3})));
+    mock.control(&Control { error_rate: Some(1.0), ..Control::default() }).expect("control");
+    let (failed, _, _) = post(&client, format!("{}/v1/chat/completions", mock.url()), &chat_body("unbilled")).await;
+    assert_eq!(failed, StatusCode::INTERNAL_SERVER_ERROR);
+
+    let stats = mock.stats();
+    let sum = |field: &str| a["usage"][field].as_u64().unwrap() + b["usage"][field].as_u64().unwrap();
+    assert_eq!(stats.tokens["gpt-test"], Billed { prompt: sum("prompt_tokens"), completion: sum("completion_tokens") });
+    assert_eq!(
+        stats.tokens["emb-test"],
+        Billed { prompt: e["usage"]["prompt_tokens"].as_u64().unwrap(), completion: 0 }
+    );
+    assert_eq!(stats.records, 3);
+    mock.shutdown().await.expect("shutdown");
+}
