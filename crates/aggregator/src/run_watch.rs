@@ -2,31 +2,37 @@
 //!
 //! * Ends: the coordinator's `RunEndedNotice` on core NATS (`<prefix>.runs.<id>.ended`), one
 //!   wildcard subscription. The notice carries only the id and the state, so each end is read
-//!   back from Postgres (`Store::run_view` with no tasks: the run's row and its totals, two
-//!   indexed queries). Reading it here rather than putting it on the notice keeps that cost off
-//!   the coordinator's recording path, and it is paid only when an aggregator watches. Core
-//!   NATS is not durable: an end published while the aggregator is down or slow is not counted
-//!   (fine for live figures; Postgres keeps every run).
-//! * Started and running: every [`POLL`] the runs in state `running` (`Store::list_runs`, the
-//!   query `run.list` answers with, read directly since the aggregator has the database
-//!   anyway: no coordinator round trip). A poll rather than a notice at submission: it needs no
+//!   back from Postgres (`Store::run_end_summary`: the run's name, state, times and totals, one
+//!   query by primary key). Reading it here rather than putting it on the notice keeps that
+//!   cost off the coordinator's recording path, and it is paid only when an aggregator watches.
+//!   Core NATS is not durable: an end published while the aggregator is down or slow is not
+//!   counted (fine for live figures; Postgres keeps every run).
+//! * Started and running: every [`POLL`], two grouped queries read directly from Postgres (the
+//!   aggregator has the database anyway: no coordinator round trip): the runs in state
+//!   `running` per name (`Store::running_runs_by_name`, every one of them, however many), and
+//!   the runs created per name and 5-second bucket since the oldest bucket the window shows
+//!   (`Store::runs_created_by_name`). A poll rather than a notice at submission: it needs no
 //!   change to the coordinator, and "running now" is then what Postgres says, right after a
 //!   restart of either service and even when an end notice was lost; a run that starts and ends
-//!   between two polls is still counted as started, from its end. At most [`LISTED`] running
-//!   runs (the newest) are seen.
+//!   between two polls is counted as started by the next poll. Starts come only from those
+//!   creation counts, so no run is counted as started twice (`runs::Runs::polled`).
 
 use crate::{Ctx, lock};
 use futures::StreamExt;
 use std::sync::Arc;
 use std::time::Duration;
-use taskfleet_aggregator::runs::EndedRun;
-use taskfleet_proto::{RunEndedNotice, RunGetRequest, RunState, now_ms};
+use taskfleet_aggregator::runs::{EndedRun, Poll};
+use taskfleet_aggregator::stats::BUCKET_MS;
+use taskfleet_proto::{RunEndedNotice, now_ms};
 use tokio_util::sync::CancellationToken;
 
-/// How often the running runs are read.
+// Constants rather than knobs: none changes what the figures mean, and each is far from a limit
+// an operator would need to move. A poll costs two grouped queries however many runs there are;
+// 2 s keeps "running" fresh next to the dashboard's refresh. An end costs one query by primary
+// key; 8 at once keeps a burst of ends from queueing without taking much of the pool.
+
+/// How often the running and created runs are counted.
 const POLL: Duration = Duration::from_secs(2);
-/// Most running runs read per poll (the store's ceiling).
-const LISTED: u32 = 1_000;
 /// Ends read back from Postgres at once.
 const CONCURRENT_READS: usize = 8;
 
@@ -62,7 +68,7 @@ async fn take_end(ctx: &Ctx, notice: RunEndedNotice) {
     if !notice.state.is_final() {
         return;
     }
-    match ctx.store.run_view(&RunGetRequest { id: notice.run_id, tasks: Some(0) }).await {
+    match ctx.store.run_end_summary(notice.run_id).await {
         Ok(Some(view)) => {
             // Its state now (a run resumed since is running again; its next end will count).
             if !view.state.is_final() {
@@ -86,16 +92,22 @@ async fn take_end(ctx: &Ctx, notice: RunEndedNotice) {
     }
 }
 
-/// Reads the running runs every [`POLL`], forever.
+/// Counts the running and created runs every [`POLL`], forever.
 async fn poll_running(ctx: &Ctx) {
     let mut tick = tokio::time::interval(POLL);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tick.tick().await;
         let asked_at = now_ms();
-        match ctx.store.list_runs(Some(RunState::Running), LISTED).await {
-            Ok(list) => lock(&ctx.runs).running(&list, asked_at, now_ms()),
-            Err(e) => tracing::warn!(error = %e, "cannot list the running runs"),
+        let since = lock(&ctx.runs).since(asked_at);
+        let read = async {
+            let running = ctx.store.running_runs_by_name().await?;
+            let created = ctx.store.runs_created_by_name(since, BUCKET_MS).await?;
+            Ok::<_, taskfleet_store::StoreError>(Poll { running, created })
+        };
+        match read.await {
+            Ok(poll) => lock(&ctx.runs).polled(&poll, since, asked_at),
+            Err(e) => tracing::warn!(error = %e, "cannot count the running runs"),
         }
     }
 }

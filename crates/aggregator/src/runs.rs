@@ -2,18 +2,20 @@
 //! durations, tokens, cost and savings, over the sliding window in 5-second buckets and since
 //! the aggregator started.
 //!
-//! Fed by two sources (see `run_watch` in the binary): the runs listed `running` in Postgres,
-//! read every few seconds ([`Runs::running`]), and each run's end, announced on core NATS and
-//! read back with its totals ([`Runs::ended`]). A run is counted as started once, by whichever
-//! source sees it first, at its creation time. Memory is bounded: at most [`MAX_NAMES`] names
-//! (later ones are summed as [`OTHER`]), and the runs remembered by id are those running plus
-//! those that started or ended within about a window.
+//! Fed by two sources (see `run_watch` in the binary): a poll of Postgres every few seconds
+//! ([`Runs::polled`]) counting per name the runs `running` and the runs created per 5-second
+//! bucket since the oldest bucket the window shows, and each run's end, announced on core NATS
+//! and read back with its totals ([`Runs::ended`]). Starts come only from the creation counts,
+//! each bucket's replaced by every poll until it is final, so a run is counted as started once
+//! at its creation time however many runs there are. Memory is bounded: at most [`MAX_NAMES`]
+//! names (later ones are summed as [`OTHER`]), buckets of about a window, and the runs
+//! remembered by id are those that ended within about a window.
 
 use crate::slot::{histogram, latency};
 use crate::stats::BUCKET_MS;
 use hdrhistogram::Histogram;
 use std::collections::{BTreeMap, HashMap};
-use taskfleet_proto::{RunFigures, RunState, RunSummary, RunTotals, Tokens};
+use taskfleet_proto::{RunFigures, RunState, RunTotals, Tokens};
 use uuid::Uuid;
 
 /// Most run names kept apart; runs of later names are summed under [`OTHER`].
@@ -87,38 +89,53 @@ impl Ends {
     }
 }
 
-/// One 5-second bucket of one name.
+/// One 5-second bucket of one name: the runs that ended in it.
 struct Bucket {
-    started: u64,
     ends: Ends,
     duration: Histogram<u64>,
 }
 
 impl Default for Bucket {
     fn default() -> Self {
-        Bucket { started: 0, ends: Ends::default(), duration: histogram() }
+        Bucket { ends: Ends::default(), duration: histogram() }
     }
 }
 
 #[derive(Default)]
 struct Name {
+    /// Runs `running` at the latest poll, less those whose end was taken since.
     running: u64,
-    started_total: u64,
+    /// Runs created per 5-second bucket (start ms), as the latest poll read them.
+    starts: BTreeMap<u64, u64>,
+    /// Runs created in buckets no longer read (final counts, folded out of `starts`).
+    started_before: u64,
     ends_total: Ends,
     buckets: BTreeMap<u64, Bucket>,
 }
 
-/// A run remembered by id, so that it is counted as started once and its end once.
+/// An ended run remembered by id, so that its end is counted once.
 struct Known {
     name: String,
+    /// Its creation, Unix epoch ms.
+    created_at: u64,
     /// Its last end (a resumed run ends again later), Unix epoch ms.
-    ended_at: Option<u64>,
+    ended_at: u64,
     /// When that end was taken, on the aggregator's clock.
     end_taken_at: u64,
-    /// In the latest listing of running runs.
-    listed: bool,
-    /// When it was last listed, started or ended, Unix epoch ms.
+    /// The poll (its `asked_at`) whose running count this end was taken off.
+    taken_off: Option<u64>,
+    /// When it was last ended, Unix epoch ms.
     seen_at: u64,
+}
+
+/// What one poll of Postgres read: the runs `running` per name (all of them), and the runs
+/// created since [`Runs::since`] per name and 5-second bucket, whatever their state now.
+#[derive(Debug, Clone, Default)]
+pub struct Poll {
+    /// `(name, runs running)`.
+    pub running: Vec<(Option<String>, u64)>,
+    /// `(name, bucket start ms, runs created)`.
+    pub created: Vec<(Option<String>, u64, u64)>,
 }
 
 /// The figures of every run name.
@@ -127,13 +144,24 @@ pub struct Runs {
     started_ms: u64,
     names: BTreeMap<String, Name>,
     known: HashMap<Uuid, Known>,
+    /// The lower bound of the latest poll's creation counts.
+    since: u64,
+    /// When the latest poll was asked for.
+    asked_at: Option<u64>,
 }
 
 impl Runs {
     /// No runs yet, over a `window_ms` window; runs created before `now_ms` (the aggregator's
     /// start) are not counted as started.
     pub fn new(window_ms: u64, now_ms: u64) -> Runs {
-        Runs { window_ms: window_ms.max(BUCKET_MS), started_ms: now_ms, names: BTreeMap::new(), known: HashMap::new() }
+        Runs {
+            window_ms: window_ms.max(BUCKET_MS),
+            started_ms: now_ms,
+            names: BTreeMap::new(),
+            known: HashMap::new(),
+            since: now_ms,
+            asked_at: None,
+        }
     }
 
     /// The name a run is counted under: its own while fewer than [`MAX_NAMES`] are kept.
@@ -151,62 +179,102 @@ impl Runs {
         at + self.window_ms >= now_ms
     }
 
-    /// Remembers a run, counting it as started (at `created_at`) if it is new to us and was
-    /// created since the aggregator started. Returns the name it is counted under.
-    fn see(&mut self, id: Uuid, name: Option<&str>, created_at: u64, now_ms: u64) -> String {
-        if let Some(k) = self.known.get_mut(&id) {
-            k.seen_at = now_ms;
-            return k.name.clone();
-        }
-        let key = self.key(name);
-        let counts = created_at >= self.started_ms;
-        let at = created_at.min(now_ms);
-        let windowed = self.in_window(at, now_ms);
-        let n = self.names.entry(key.clone()).or_default();
-        if counts {
-            n.started_total += 1;
-            if windowed {
-                n.buckets.entry(at - at % BUCKET_MS).or_default().started += 1;
-            }
-        }
-        self.known
-            .insert(id, Known { name: key.clone(), ended_at: None, end_taken_at: 0, listed: false, seen_at: now_ms });
-        key
+    /// From when a poll asked for at `asked_at` should count the runs created: the start of
+    /// the oldest bucket the window may still show (never before the aggregator started, and
+    /// never earlier than the previous poll's bound). Buckets before it were read whole by
+    /// earlier polls and are final.
+    pub fn since(&self, asked_at: u64) -> u64 {
+        let oldest = asked_at.saturating_sub(self.window_ms + BUCKET_MS);
+        (oldest - oldest % BUCKET_MS).max(self.started_ms).max(self.since)
     }
 
-    /// Takes the latest listing of running runs (only `running` entries are read), asked for
-    /// at `asked_at`. A run listed after its end was taken was resumed and runs again; one
-    /// whose end was taken after the listing was asked for is still ended (the listing is
-    /// older than the end).
-    pub fn running(&mut self, listed: &[RunSummary], asked_at: u64, now_ms: u64) {
-        for k in self.known.values_mut() {
-            k.listed = false;
+    /// Takes a poll asked for at `asked_at`, its creation counts read from `since` (as
+    /// [`Runs::since`] gave it). Creation counts replace those of the buckets the poll read
+    /// (each run is in exactly one bucket, read by one poll after another until the bucket
+    /// is older than `since` and its count final), so no run is counted as started twice,
+    /// however many run at once or how often they are polled. Running counts replace the
+    /// previous ones, less the runs whose end was taken after the poll was asked for (the
+    /// poll is older than those ends).
+    pub fn polled(&mut self, poll: &Poll, since: u64, asked_at: u64) {
+        let since = since.max(self.since);
+        for n in self.names.values_mut() {
+            // Buckets reaching past `since` are read again (their counts are replaced below);
+            // those wholly before it will not be, and their counts are final.
+            let _read_again = n.starts.split_off(&since.saturating_sub(BUCKET_MS - 1));
+            n.started_before += n.starts.values().sum::<u64>();
+            n.starts.clear();
+            n.running = 0;
         }
-        for r in listed.iter().filter(|r| r.state == RunState::Running) {
-            self.see(r.id, r.name.as_deref(), r.created_at, now_ms);
-            if let Some(k) = self.known.get_mut(&r.id) {
-                k.listed = true;
-                if k.ended_at.is_some() && k.end_taken_at < asked_at {
-                    k.ended_at = None;
-                }
+        for (name, bucket, count) in &poll.created {
+            if bucket + BUCKET_MS <= since {
+                continue;
             }
+            let key = self.key(name.as_deref());
+            *self.names.entry(key).or_default().starts.entry(*bucket).or_default() += count;
         }
-        self.count_running();
+        for (name, count) in &poll.running {
+            let key = self.key(name.as_deref());
+            self.names.entry(key).or_default().running += count;
+        }
+        self.since = since;
+        self.asked_at = Some(asked_at);
+        // Ends taken since the poll was asked for, of runs it counted as running.
+        let ids: Vec<Uuid> = self
+            .known
+            .iter()
+            .filter(|(_, k)| k.end_taken_at >= asked_at && k.created_at <= asked_at && k.ended_at > asked_at)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in ids {
+            self.take_off(id, asked_at);
+        }
     }
 
-    /// Takes a run's end; the same end seen twice is counted once.
+    /// Takes an ended run off the running count of the poll asked for at `asked_at`, once.
+    fn take_off(&mut self, id: Uuid, asked_at: u64) {
+        let Some(k) = self.known.get_mut(&id) else { return };
+        if k.taken_off == Some(asked_at) {
+            return;
+        }
+        k.taken_off = Some(asked_at);
+        if let Some(n) = self.names.get_mut(&k.name) {
+            n.running = n.running.saturating_sub(1);
+        }
+    }
+
+    /// Takes a run's end; the same end seen twice is counted once. Its start is not counted
+    /// here (polls count every run created, ended or not).
     pub fn ended(&mut self, run: &EndedRun, now_ms: u64) {
         if !run.state.is_final() {
             return;
         }
-        let key = self.see(run.id, run.name.as_deref(), run.created_at, now_ms);
         let finished = if run.finished_at == 0 { now_ms } else { run.finished_at.min(now_ms) };
-        if let Some(k) = self.known.get_mut(&run.id) {
-            if k.ended_at == Some(finished) {
-                return;
+        let key = match self.known.get_mut(&run.id) {
+            Some(k) if k.ended_at == finished => return,
+            Some(k) => {
+                (k.ended_at, k.end_taken_at, k.seen_at) = (finished, now_ms, now_ms);
+                k.name.clone()
             }
-            k.ended_at = Some(finished);
-            k.end_taken_at = now_ms;
+            None => {
+                let key = self.key(run.name.as_deref());
+                let k = Known {
+                    name: key.clone(),
+                    created_at: run.created_at,
+                    ended_at: finished,
+                    end_taken_at: now_ms,
+                    taken_off: None,
+                    seen_at: now_ms,
+                };
+                self.known.insert(run.id, k);
+                key
+            }
+        };
+        // Counted as running by the latest poll: no longer.
+        if let Some(asked_at) = self.asked_at
+            && run.created_at <= asked_at
+            && finished > asked_at
+        {
+            self.take_off(run.id, asked_at);
         }
         let windowed = self.in_window(finished, now_ms);
         let n = self.names.entry(key).or_default();
@@ -218,28 +286,16 @@ impl Runs {
                 b.duration.saturating_record((finished - run.created_at).clamp(1, MAX_MS));
             }
         }
-        self.count_running();
     }
 
-    fn count_running(&mut self) {
-        for n in self.names.values_mut() {
-            n.running = 0;
-        }
-        for k in self.known.values().filter(|k| k.listed && k.ended_at.is_none()) {
-            if let Some(n) = self.names.get_mut(&k.name) {
-                n.running += 1;
-            }
-        }
-    }
-
-    /// Drops buckets that left the window and forgets runs neither running nor seen within
-    /// about a window. Call it about every second.
+    /// Drops buckets that left the window and forgets ended runs not seen within about a
+    /// window. Call it about every second.
     pub fn tick(&mut self, now_ms: u64) {
         let oldest = now_ms.saturating_sub(self.window_ms + BUCKET_MS);
         for n in self.names.values_mut() {
             n.buckets.retain(|start, _| *start >= oldest);
         }
-        self.known.retain(|_, k| (k.listed && k.ended_at.is_none()) || k.seen_at >= oldest);
+        self.known.retain(|_, k| k.seen_at >= oldest);
     }
 
     /// Every name's figures over the window ending `now_ms`, by name, [`OTHER`] last.
@@ -249,9 +305,9 @@ impl Runs {
             .names
             .iter()
             .map(|(name, n)| {
-                let (mut started, mut ends, mut duration) = (0, Ends::default(), histogram());
+                let (mut ends, mut duration) = (Ends::default(), histogram());
+                let started = n.starts.range(from - from % BUCKET_MS..).map(|(_, c)| c).sum();
                 for (_, b) in n.buckets.range(from - from % BUCKET_MS..) {
-                    started += b.started;
                     ends.add(&b.ends);
                     let _ = duration.add(&b.duration);
                 }
@@ -263,7 +319,7 @@ impl Runs {
                     succeeded: ends.succeeded,
                     failed: ends.failed,
                     cancelled: ends.cancelled,
-                    started_total: n.started_total,
+                    started_total: n.started_before + n.starts.values().sum::<u64>(),
                     succeeded_total: t.succeeded,
                     failed_total: t.failed,
                     cancelled_total: t.cancelled,
@@ -287,16 +343,40 @@ mod tests {
 
     const NOW: u64 = 1_000_000_000;
 
-    fn listed(id: Uuid, name: &str, created_at: u64) -> RunSummary {
-        RunSummary {
-            id,
-            name: Some(name.into()),
-            state: RunState::Running,
-            tasks: 2,
-            remaining: 1,
-            created_at,
-            finished_at: None,
+    /// A run as the test's stand-in for Postgres holds it.
+    struct Row {
+        id: Uuid,
+        name: &'static str,
+        created_at: u64,
+        running: bool,
+    }
+
+    fn row(id: Uuid, name: &'static str, created_at: u64) -> Row {
+        Row { id, name, created_at, running: true }
+    }
+
+    fn set_running(db: &mut [Row], id: Uuid, running: bool) {
+        db.iter_mut().filter(|r| r.id == id).for_each(|r| r.running = running);
+    }
+
+    /// A poll asked for at `asked_at`, answered as the store's grouped queries would.
+    fn poll(r: &mut Runs, db: &[Row], asked_at: u64) {
+        let since = r.since(asked_at);
+        let mut running = BTreeMap::<&str, u64>::new();
+        let mut created = BTreeMap::<(&str, u64), u64>::new();
+        for row in db.iter().filter(|row| row.created_at <= asked_at) {
+            if row.running {
+                *running.entry(row.name).or_default() += 1;
+            }
+            if row.created_at >= since {
+                *created.entry((row.name, row.created_at - row.created_at % BUCKET_MS)).or_default() += 1;
+            }
         }
+        let poll = Poll {
+            running: running.into_iter().map(|(n, c)| (Some(n.to_string()), c)).collect(),
+            created: created.into_iter().map(|((n, b), c)| (Some(n.to_string()), b, c)).collect(),
+        };
+        r.polled(&poll, since, asked_at);
     }
 
     fn ended(id: Uuid, name: &str, state: RunState, created_at: u64, finished_at: u64) -> EndedRun {
@@ -321,16 +401,25 @@ mod tests {
     fn started_running_and_ended_are_counted_once() {
         let mut r = Runs::new(60_000, NOW - 100_000);
         let (a, b, c, old) = (Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7(), Uuid::now_v7());
-        // Listed twice while running: started once; one from before the aggregator: running only.
-        let list = [listed(a, "research", NOW - 3_000), listed(b, "research", NOW - 2_000), listed(old, "research", 1)];
-        r.running(&list, NOW - 1_000, NOW - 1_000);
-        r.running(&list, NOW, NOW);
-        // a ends (its notice twice); c started and ended between two listings.
-        r.ended(&ended(a, "research", RunState::Succeeded, NOW - 3_000, NOW - 500), NOW);
-        r.ended(&ended(a, "research", RunState::Succeeded, NOW - 3_000, NOW - 500), NOW);
+        // Polled twice while running: started once; one from before the aggregator: running
+        // only. c starts and ends between two polls.
+        let mut db = vec![
+            row(a, "research", NOW - 3_000),
+            row(b, "research", NOW - 2_000),
+            row(old, "research", 1),
+            Row { running: false, ..row(c, "quorum", NOW - 1_500) },
+        ];
+        poll(&mut r, &db, NOW - 1_800);
+        // a ends (its notice twice), and c's end is taken.
+        set_running(&mut db, a, false);
+        r.ended(&ended(a, "research", RunState::Succeeded, NOW - 3_000, NOW - 500), NOW - 400);
+        r.ended(&ended(a, "research", RunState::Succeeded, NOW - 3_000, NOW - 500), NOW - 400);
         r.ended(&ended(c, "quorum", RunState::Failed, NOW - 1_500, NOW - 100), NOW);
-        // A listing asked for before a ended, read after its end: a stays ended.
-        r.running(&list, NOW - 1, NOW);
+        assert_eq!(r.figures(NOW)[1].running, 2, "a's end is taken off the poll's count");
+        // A poll asked for before a ended, read after its end: a stays ended.
+        set_running(&mut db, a, true);
+        poll(&mut r, &db, NOW - 600);
+        set_running(&mut db, a, false);
         let f = r.figures(NOW);
         assert_eq!(f.len(), 2);
         let (quorum, research) = (&f[0], &f[1]);
@@ -338,6 +427,10 @@ mod tests {
             (research.name.as_str(), research.running, research.started, research.started_total),
             ("research", 2, 2, 2)
         );
+        poll(&mut r, &db, NOW);
+        let f = r.figures(NOW);
+        let research = &f[1];
+        assert_eq!((research.running, research.started, research.started_total), (2, 2, 2));
         assert_eq!((research.succeeded, research.failed, research.succeeded_total), (1, 0, 1));
         assert_eq!(research.duration_ms.count, 1);
         let p50 = research.duration_ms.p50.unwrap_or_default();
@@ -347,29 +440,80 @@ mod tests {
         assert_eq!(research.cost_per_run_usd, Some(0.02));
         assert_eq!((quorum.name.as_str(), quorum.running, quorum.started, quorum.failed), ("quorum", 0, 1, 1));
 
-        // After the window: window counts are gone, totals stay; ended runs are forgotten, the
-        // running ones are not (and are not started again).
+        // After the window: window counts are gone, totals stay; ended runs are forgotten, and
+        // the running ones are not started again.
         let later = NOW + 120_000;
         r.tick(later);
-        r.running(&list[1..], later, later);
+        poll(&mut r, &db, later);
         let f = r.figures(later);
         let research = &f[1];
         assert_eq!((research.started, research.succeeded, research.duration_ms.count), (0, 0, 0));
         assert_eq!((research.started_total, research.succeeded_total, research.running), (2, 1, 2));
         assert_eq!(research.cost_per_run_usd, None);
-        assert_eq!(r.known.len(), 2, "only the running runs are remembered");
+        assert_eq!(f[0].started_total, 1);
+        assert!(r.known.is_empty(), "ended runs are forgotten after the window");
 
-        // b is resumed after it ended: listed again later, it runs again, and its second end counts.
-        r.ended(&ended(b, "research", RunState::Failed, NOW - 2_000, later - 10), later);
-        assert_eq!(r.figures(later)[1].running, 1);
-        r.running(&list[1..], later + 5_000, later + 5_000);
+        // b ends, is resumed: polled again later, it runs again, and its second end counts.
+        set_running(&mut db, b, false);
+        r.ended(&ended(b, "research", RunState::Failed, NOW - 2_000, later + 1_000), later + 1_000);
+        assert_eq!(r.figures(later + 1_000)[1].running, 1);
+        set_running(&mut db, b, true);
+        poll(&mut r, &db, later + 5_000);
         assert_eq!(r.figures(later + 5_000)[1].running, 2);
+        set_running(&mut db, b, false);
         r.ended(&ended(b, "research", RunState::Succeeded, NOW - 2_000, later + 6_000), later + 6_000);
         let research = &r.figures(later + 6_000)[1];
         assert_eq!(
             (research.running, research.failed_total, research.succeeded_total, research.started_total),
             (1, 1, 2, 2)
         );
+    }
+
+    /// Far more running runs than a listing would hold (1,500): all are running, each is
+    /// started once however often it is polled, and their ends long after the window (when
+    /// the aggregator has forgotten them) do not start them again.
+    #[test]
+    fn many_running_runs_are_counted_and_started_once() {
+        let mut r = Runs::new(60_000, NOW - 100_000);
+        let mut db: Vec<Row> = (0..1_500).map(|i| row(Uuid::now_v7(), "bulk", NOW - 30_000 + i * 10)).collect();
+        for t in [NOW, NOW + 2_000, NOW + 4_000] {
+            poll(&mut r, &db, t);
+            let f = &r.figures(t)[0];
+            assert_eq!((f.running, f.started, f.started_total), (1_500, 1_500, 1_500));
+        }
+        // Hours later, polled every few seconds meanwhile: still running, started once.
+        let mut t = NOW + 4_000;
+        while t < NOW + 3_600_000 {
+            t += 2_000;
+            poll(&mut r, &db, t);
+            r.tick(t);
+        }
+        let f = &r.figures(t)[0];
+        assert_eq!((f.running, f.started, f.started_total), (1_500, 0, 1_500));
+        // They all end: none is started again, and none runs.
+        for row in &mut db {
+            row.running = false;
+            r.ended(&ended(row.id, "bulk", RunState::Succeeded, row.created_at, t + 100), t + 200);
+        }
+        let f = &r.figures(t + 200)[0];
+        assert_eq!((f.running, f.started_total, f.succeeded, f.succeeded_total), (0, 1_500, 1_500, 1_500));
+        poll(&mut r, &db, t + 2_000);
+        let f = &r.figures(t + 2_000)[0];
+        assert_eq!((f.running, f.started_total, f.succeeded_total), (0, 1_500, 1_500));
+        // Runs created later are counted once each, across the fold of their buckets.
+        let first_new = db.len();
+        for i in 0..20 {
+            db.push(row(Uuid::now_v7(), "bulk", t + 2_500 + i * 700));
+        }
+        let mut u = t + 2_000;
+        while u < t + 200_000 {
+            u += 2_000;
+            poll(&mut r, &db, u);
+            r.tick(u);
+        }
+        assert_eq!(db.len() - first_new, 20);
+        let f = &r.figures(u)[0];
+        assert_eq!((f.running, f.started, f.started_total), (20, 0, 1_520));
     }
 
     #[test]

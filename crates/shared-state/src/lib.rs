@@ -18,7 +18,7 @@ mod cache;
 mod limiter;
 mod semantic;
 
-pub use breaker::{BreakerSettings, BreakerState, Breakers, Permit};
+pub use breaker::{BreakerSettings, BreakerState, Breakers, Grant, Permit};
 pub use cache::{CacheClaim, CacheKey, CacheLease, CachedResult, ResultCache};
 pub use limiter::{Decision, RateLimiter};
 pub use semantic::{SemanticHit, SemanticKey, SemanticLookup, SemanticStore, VectorIndex, cosine, dot};

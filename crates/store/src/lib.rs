@@ -19,7 +19,7 @@ pub use maintenance::{CancelOutcome, Claimed, LeaderLock};
 pub use queries::TaskRecord;
 pub use rollups::Rollup;
 pub use rows::Redispatch;
-pub use runs::{RunEnded, RunInserted, RunResumed, WorkflowLimits};
+pub use runs::{RunEndSummary, RunEnded, RunInserted, RunResumed, WorkflowLimits};
 pub use submit::{Duplicate, InsertOutcome, Rejected};
 
 use sqlx::postgres::{PgConnectOptions, PgPoolOptions};

@@ -402,3 +402,41 @@ async fn a_spawning_loop_iteration_loops_on_its_joins_result() {
     let out = s.store.record_events(&[done]).await.unwrap();
     assert_eq!(out.runs_ended, vec![(spec.id, RunState::Succeeded)]);
 }
+
+/// What the aggregator reads: an ended run's summary in one query (the same totals `run.get`
+/// gives), and the runs running and created per name, all of them, in grouped queries.
+#[tokio::test]
+async fn run_end_summary_and_counts_per_name() {
+    let s = Schema::new("store_run_counts").await;
+    let mut ids = Vec::new();
+    for name in ["research", "research", "quorum"] {
+        let mut spec = RunSpec::new(vec![NodeSpec::new("only", "echo", serde_json::json!(1))]);
+        spec.name = Some(name.into());
+        let planned = plan_nodes(&spec.nodes, "default", Priority::Normal, 1 << 20).unwrap();
+        let inserted = s.store.insert_run(&spec, &planned, None).await.unwrap();
+        ids.push((spec.id, inserted.ready[0].envelope.clone()));
+    }
+    let mut running = s.store.running_runs_by_name().await.unwrap();
+    running.sort();
+    assert_eq!(running, vec![(Some("quorum".to_string()), 1), (Some("research".to_string()), 2)]);
+    let created = s.store.runs_created_by_name(0, 5_000).await.unwrap();
+    assert_eq!(created.iter().map(|(_, _, n)| n).sum::<u64>(), 3);
+    assert!(created.iter().all(|(_, b, _)| b % 5_000 == 0 && *b > 0));
+    let future = taskfleet_proto::now_ms() + 60_000;
+    assert!(s.store.runs_created_by_name(future, 5_000).await.unwrap().is_empty());
+
+    let (run, task) = &ids[0];
+    let out = s.store.record_events(&[event(task, EventKind::Succeeded, 1)]).await.unwrap();
+    assert_eq!(out.runs_ended, vec![(*run, RunState::Succeeded)]);
+    let summary = s.store.run_end_summary(*run).await.unwrap().expect("the run");
+    let view = s.store.run_view(&taskfleet_proto::RunGetRequest { id: *run, tasks: Some(0) }).await.unwrap().unwrap();
+    assert_eq!(
+        (summary.name.as_deref(), summary.state, summary.created_at, summary.finished_at),
+        (Some("research"), RunState::Succeeded, view.created_at, view.finished_at)
+    );
+    assert_eq!(summary.totals, view.totals);
+    assert_eq!((summary.totals.tasks, summary.totals.attempts), (1, 1));
+    assert!(s.store.run_end_summary(uuid::Uuid::now_v7()).await.unwrap().is_none());
+    let running = s.store.running_runs_by_name().await.unwrap();
+    assert!(running.contains(&(Some("research".to_string()), 1)), "{running:?}");
+}

@@ -1,4 +1,5 @@
-//! Reading runs: one run with its tasks and totals (`run.get`), recent runs (`run.list`).
+//! Reading runs: one run with its tasks and totals (`run.get`), recent runs (`run.list`), and
+//! for the aggregator an ended run's summary and the runs running and created per name.
 
 use crate::{Store, StoreError};
 use taskfleet_proto::{RunGetRequest, RunState, RunSummary, RunTaskView, RunTotals, RunView, TaskErrorInfo, TaskState};
@@ -94,7 +95,114 @@ impl From<RunSummaryRow> for RunSummary {
     }
 }
 
+/// An ended run as the aggregator counts it: [`Store::run_end_summary`].
+#[derive(Debug, Clone, PartialEq)]
+pub struct RunEndSummary {
+    /// The run.
+    pub id: Uuid,
+    /// Its name.
+    pub name: Option<String>,
+    /// Its state now (a run resumed since its end is `running` again).
+    pub state: RunState,
+    /// Creation, Unix epoch ms.
+    pub created_at: u64,
+    /// End, Unix epoch ms (`None` while running).
+    pub finished_at: Option<u64>,
+    /// Sums over its tasks and attempts, as `run.get` gives them.
+    pub totals: RunTotals,
+}
+
+#[derive(sqlx::FromRow)]
+struct RunEndRow {
+    name: Option<String>,
+    state: String,
+    created_ms: i64,
+    finished_ms: Option<i64>,
+    states: Option<sqlx::types::Json<std::collections::BTreeMap<String, i64>>>,
+    attempts: i64,
+    prompt_tokens: i64,
+    completion_tokens: i64,
+    cost_usd: f64,
+    busy_ms: i64,
+    saved_usd: f64,
+}
+
 impl Store {
+    /// An ended run's name, state, times and totals in one query (what [`Store::run_view`]
+    /// reads in four); `None` if there is no such run.
+    pub async fn run_end_summary(&self, id: Uuid) -> Result<Option<RunEndSummary>, StoreError> {
+        let row: Option<RunEndRow> = sqlx::query_as(
+            "SELECT r.name, r.state, (extract(epoch FROM r.created_at) * 1000)::int8 AS created_ms,
+                    (extract(epoch FROM r.finished_at) * 1000)::int8 AS finished_ms,
+                    (SELECT jsonb_object_agg(s.state, s.n)
+                     FROM (SELECT state, count(*) AS n FROM tasks WHERE run_id = r.id GROUP BY state) s) AS states,
+                    a.attempts, a.prompt_tokens, a.completion_tokens, a.cost_usd, a.busy_ms, a.saved_usd
+             FROM runs r
+             CROSS JOIN LATERAL (
+                 SELECT count(*)::int8 AS attempts,
+                        COALESCE(sum((a.usage->>'prompt_tokens')::int8), 0)::int8 AS prompt_tokens,
+                        COALESCE(sum((a.usage->>'completion_tokens')::int8), 0)::int8 AS completion_tokens,
+                        COALESCE(sum((a.usage->>'cost_usd')::float8), 0)::float8 AS cost_usd,
+                        COALESCE(sum(extract(epoch FROM (a.finished_at - a.started_at)) * 1000), 0)::int8 AS busy_ms,
+                        COALESCE(sum((a.usage->>'saved_usd')::float8), 0)::float8 AS saved_usd
+                 FROM task_attempts a JOIN tasks t ON t.id = a.task_id WHERE t.run_id = r.id) a
+             WHERE r.id = $1",
+        )
+        .bind(id)
+        .fetch_optional(&self.pool)
+        .await?;
+        Ok(row.map(|r| {
+            let states: std::collections::BTreeMap<String, u64> =
+                r.states.map(|j| j.0).unwrap_or_default().into_iter().map(|(s, n)| (s, n.max(0) as u64)).collect();
+            RunEndSummary {
+                id,
+                name: r.name,
+                state: RunState::parse(&r.state).unwrap_or(RunState::Failed),
+                created_at: r.created_ms.max(0) as u64,
+                finished_at: r.finished_ms.map(|m| m.max(0) as u64),
+                totals: RunTotals {
+                    tasks: states.values().sum(),
+                    states,
+                    attempts: r.attempts.max(0) as u64,
+                    prompt_tokens: r.prompt_tokens.max(0) as u64,
+                    completion_tokens: r.completion_tokens.max(0) as u64,
+                    cost_usd: r.cost_usd,
+                    busy_ms: r.busy_ms.max(0) as u64,
+                    saved_usd: r.saved_usd,
+                },
+            }
+        }))
+    }
+
+    /// The runs in state `running` per name (`None`: unnamed), all of them in one grouped
+    /// query: `SELECT name, count(*) FROM runs WHERE state = 'running' GROUP BY name`.
+    pub async fn running_runs_by_name(&self) -> Result<Vec<(Option<String>, u64)>, StoreError> {
+        let rows: Vec<(Option<String>, i64)> =
+            sqlx::query_as("SELECT name, count(*) FROM runs WHERE state = 'running' GROUP BY name")
+                .fetch_all(&self.pool)
+                .await?;
+        Ok(rows.into_iter().map(|(name, n)| (name, n.max(0) as u64)).collect())
+    }
+
+    /// The runs created at or after `since_ms` (Unix epoch ms), whatever their state now, per
+    /// name and `bucket_ms` bucket of creation: `(name, bucket start ms, runs)`.
+    pub async fn runs_created_by_name(
+        &self,
+        since_ms: u64,
+        bucket_ms: u64,
+    ) -> Result<Vec<(Option<String>, u64, u64)>, StoreError> {
+        let rows: Vec<(Option<String>, i64, i64)> = sqlx::query_as(
+            "SELECT name, b.ms - b.ms % $2 AS bucket, count(*)
+             FROM runs CROSS JOIN LATERAL (SELECT (extract(epoch FROM created_at) * 1000)::int8 AS ms) b
+             WHERE created_at >= to_timestamp($1::float8 / 1000) GROUP BY 1, 2",
+        )
+        .bind(since_ms as i64)
+        .bind(bucket_ms.max(1) as i64)
+        .fetch_all(&self.pool)
+        .await?;
+        Ok(rows.into_iter().map(|(name, b, n)| (name, b.max(0) as u64, n.max(0) as u64)).collect())
+    }
+
     /// Runs, newest first: `limit` (at most 1000) of them, of `state` if given.
     pub async fn list_runs(&self, state: Option<RunState>, limit: u32) -> Result<Vec<RunSummary>, StoreError> {
         let rows: Vec<RunSummaryRow> = sqlx::query_as(

@@ -11,7 +11,9 @@
 //! skipped for the next one whose limit has, so a burst overflows to the fallbacks without any
 //! provider exceeding its limit. When every provider is skipped the task is deferred until the
 //! soonest of their breaker cooldowns and limit slots; a single provider whose limit has no token
-//! defers the task. Responses: 2xx succeed; 429 is retried no sooner than its `Retry-After`; 5xx,
+//! defers the task. Responses: 2xx succeed; 429 in a chain moves on to the next provider like a
+//! limit without a token (its `Retry-After` is that provider's soonest slot), and a lone
+//! provider's 429 is retried no sooner than its `Retry-After`, counting against nothing; 5xx,
 //! timeouts and connection errors are retryable failures that count against the breaker; other
 //! 4xx fail the task.
 //!
@@ -29,7 +31,7 @@ use serde_json::Value;
 use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_config::ProvidersConfig;
-use taskfleet_shared_state::{BreakerState, CacheClaim, Decision, Permit};
+use taskfleet_shared_state::{CacheClaim, Decision, Grant, Permit};
 use tracing::Instrument;
 
 pub use embed::{BatchRule, EMBED_BATCH_RETRIES};
@@ -204,7 +206,11 @@ impl Providers {
     }
 
     /// Calls the first target whose breaker lets the call through and whose rate limit has a
-    /// token within the reservation horizon (a lone target's limit defers the task instead).
+    /// token within the reservation horizon (a lone target's limit defers the task instead). In
+    /// a chain, a provider answering 429 is skipped like one whose limit has no token, its
+    /// `Retry-After` taken as its soonest slot; a lone provider's 429 is a retryable error no
+    /// sooner than its `Retry-After`. A call not made (no token) or answered 429 counts for
+    /// nothing at the breaker: a half-open breaker's trial permit is given back.
     async fn call(
         &self,
         ctx: &TaskContext,
@@ -214,29 +220,41 @@ impl Providers {
         let single = targets.len() == 1;
         let mut breaker_open: Option<Duration> = None;
         let mut limited: Option<Duration> = None;
+        let soonest = |slot: &mut Option<Duration>, d: Duration| *slot = Some(slot.map_or(d, |s| s.min(d)));
         for t in targets {
-            let seen = match ctx.breakers() {
-                None => BreakerState::Closed,
+            let grant = match ctx.breakers() {
+                None => None,
                 Some(b) => match b.check(&t.breaker).await {
-                    Permit::Granted(s) => s,
+                    Permit::Granted(g) => Some(g),
                     Permit::Refused { retry_after } => {
                         tracing::debug!(provider = %t.provider, breaker = %t.breaker, "breaker open, trying the next provider");
-                        breaker_open = Some(breaker_open.map_or(retry_after, |s| s.min(retry_after)));
+                        soonest(&mut breaker_open, retry_after);
                         continue;
                     }
                 },
             };
             if let Some(limit) = &t.limit {
-                if single {
-                    ctx.acquire(limit).await?;
-                } else if let Decision::Denied { retry_after } = ctx.try_acquire(limit).await? {
-                    // No token within the horizon: overflow to the next provider. (A half-open
-                    // breaker's trial permit taken above expires after a cooldown.)
-                    tracing::debug!(provider = %t.provider, limit = %limit, "rate limit has no token, trying the next provider");
-                    metrics::counter!("taskfleet_provider_overflow_total", "provider" => t.provider.clone())
+                let decision = if single {
+                    ctx.acquire(limit).await.map(|()| Decision::Allowed)
+                } else {
+                    ctx.try_acquire(limit).await
+                };
+                match decision {
+                    Err(e) => {
+                        give_back(ctx, &t.breaker, grant).await;
+                        return Err(e);
+                    }
+                    Ok(Decision::Denied { retry_after }) => {
+                        // No token within the horizon: overflow to the next provider.
+                        give_back(ctx, &t.breaker, grant).await;
+                        tracing::debug!(provider = %t.provider, limit = %limit, "rate limit has no token, trying the next provider");
+                        metrics::counter!("taskfleet_provider_overflow_total", "provider" => t.provider.clone(),
+                                          "reason" => "no_token")
                         .increment(1);
-                    limited = Some(limited.map_or(retry_after, |s| s.min(retry_after)));
-                    continue;
+                        soonest(&mut limited, retry_after);
+                        continue;
+                    }
+                    Ok(_) => {}
                 }
             }
             let mut rb = build(&t).timeout(ctx.remaining().min(self.config.request_timeout));
@@ -246,19 +264,34 @@ impl Providers {
                 rb = rb.bearer_auth(key);
             }
             let result = self.send(rb).await;
+            if let Ok(answer) = &result
+                && answer.status == 429
+            {
+                // The provider is up but limiting us: neither a success nor a failure.
+                give_back(ctx, &t.breaker, grant).await;
+                let slot = answer.retry_after.unwrap_or(Duration::from_secs(1));
+                if single {
+                    return Err(TaskError::retryable(format!("{} answered 429 Too Many Requests", t.provider))
+                        .with_code("http_429")
+                        .retry_after(slot));
+                }
+                tracing::debug!(provider = %t.provider, retry_after_ms = slot.as_millis() as u64,
+                                "provider answered 429, trying the next provider");
+                metrics::counter!("taskfleet_provider_overflow_total", "provider" => t.provider.clone(), "reason" => "429")
+                    .increment(1);
+                soonest(&mut limited, slot);
+                continue;
+            }
             let healthy = match &result {
                 Ok(a) => a.status < 500,
                 Err(_) => false,
             };
-            if let Some(b) = ctx.breakers() {
-                b.record(&t.breaker, seen, healthy).await;
+            if let (Some(b), Some(g)) = (ctx.breakers(), grant) {
+                b.record(&t.breaker, g.state, healthy).await;
             }
             let answer = result?;
             return match answer.status {
                 200..=299 => Ok((t, answer)),
-                429 => Err(TaskError::retryable(format!("{} answered 429 Too Many Requests", t.provider))
-                    .with_code("http_429")
-                    .retry_after(answer.retry_after.unwrap_or(Duration::from_secs(1)))),
                 s @ 500.. => Err(TaskError::retryable(format!("{} answered {s}: {}", t.provider, answer.excerpt()))
                     .with_code(format!("http_{s}"))),
                 s => Err(TaskError::fatal(format!("{} answered {s}: {}", t.provider, answer.excerpt()))
@@ -306,6 +339,13 @@ impl Providers {
             body.extend_from_slice(&chunk);
         }
         Ok(Answer { status, body, retry_after })
+    }
+}
+
+/// Gives a breaker permit back unused (see [`taskfleet_shared_state::Breakers::give_back`]).
+async fn give_back(ctx: &TaskContext, breaker: &str, grant: Option<Grant>) {
+    if let (Some(b), Some(g)) = (ctx.breakers(), grant) {
+        b.give_back(breaker, g).await;
     }
 }
 
