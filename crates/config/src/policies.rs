@@ -28,6 +28,11 @@ pub struct PoliciesConfig {
     /// stored result of the same kind whose key text is that similar is a hit. A kind has either
     /// this or `cache`. Env: `TASKFLEET_SEMANTIC_CACHE=content.article=30d by keyword model emb`.
     pub semantic_cache: BTreeMap<String, SemanticCacheSpec>,
+    /// Longest a task's semantic cache lookup at admission (embedding the key text, then the
+    /// search) may take: past it the task runs without the cache (`outcome="bypass"`), so a
+    /// slow embedding provider delays tasks by at most this much.
+    #[serde(with = "humantime_serde")]
+    pub semantic_lookup_timeout: Duration,
     /// Largest result stored in the cache, in bytes (larger results are not cached).
     pub cache_max_bytes: usize,
     /// How long a task whose identical twin is running waits for the twin's result before
@@ -77,6 +82,7 @@ impl Default for PoliciesConfig {
             kind_limits: BTreeMap::new(),
             cache: BTreeMap::new(),
             semantic_cache: BTreeMap::new(),
+            semantic_lookup_timeout: Duration::from_secs(2),
             cache_max_bytes: 1 << 20,
             single_flight_wait: Duration::from_secs(60),
             cache_lease: Duration::from_secs(10),
@@ -106,6 +112,12 @@ impl PoliciesConfig {
             return Err(ConfigError::Invalid {
                 field: "policies.semantic_cache",
                 message: format!("{kind} has a policy in policies.cache too; a kind has one cache or the other"),
+            });
+        }
+        if self.semantic_lookup_timeout.is_zero() {
+            return Err(ConfigError::Invalid {
+                field: "policies.semantic_lookup_timeout",
+                message: "must be greater than 0".into(),
             });
         }
         if self.breaker_failures == 0 || self.breaker_successes == 0 {
@@ -326,6 +338,15 @@ mod tests {
         for p in bad {
             assert!(p.validate(&policies).is_err(), "{p:?}");
         }
+    }
+
+    #[test]
+    fn the_semantic_lookup_timeout_must_be_positive() {
+        assert_eq!(PoliciesConfig::default().semantic_lookup_timeout, Duration::from_secs(2));
+        let zero = PoliciesConfig { semantic_lookup_timeout: Duration::ZERO, ..PoliciesConfig::default() };
+        assert!(matches!(zero.validate(), Err(ConfigError::Invalid { field: "policies.semantic_lookup_timeout", .. })));
+        let short = PoliciesConfig { semantic_lookup_timeout: Duration::from_millis(1), ..PoliciesConfig::default() };
+        assert!(short.validate().is_ok());
     }
 
     #[test]

@@ -16,7 +16,10 @@ use std::sync::Arc;
 use std::time::Duration;
 use taskfleet_config::{CacheSpec, PoliciesConfig};
 
+/// With ARGV[3], first deletes the stored value if it is still ARGV[3] (an entry the caller
+/// could not read), so that the claim takes a real lease instead of leading without one.
 const CLAIM: &str = r#"
+if ARGV[3] and redis.call('GET', KEYS[1]) == ARGV[3] then redis.call('DEL', KEYS[1]) end
 local v = redis.call('GET', KEYS[1])
 if v then return {1, v} end
 if redis.call('SET', KEYS[2], ARGV[1], 'NX', 'PX', ARGV[2]) then return {2, ''} end
@@ -219,33 +222,26 @@ impl ResultCache {
     }
 
     /// Looks the key up and, on a miss, tries to become the one that computes it (a lease of
-    /// `policies.cache_lease`, renewed while the returned [`CacheLease`] lives). One round trip.
+    /// `policies.cache_lease`, renewed while the returned [`CacheLease`] lives). One round trip;
+    /// two when the stored entry is unreadable (e.g. written by another version): it is deleted
+    /// and the key claimed again, so the caller leads with a real lease.
     pub async fn claim(&self, key: &CacheKey) -> CacheClaim {
-        let (value_key, lease_key) = self.keys(key);
-        let owner = format!("{:016x}", rand_u64());
-        let lease_ms = self.lease.as_millis().max(1) as u64;
-        let script = self.claim.clone();
-        let owner_arg = owner.clone();
-        let answer = self
-            .state
-            .run("cache_claim", async move |mut conn| {
-                script
-                    .key(&value_key)
-                    .key(&lease_key)
-                    .arg(&owner_arg)
-                    .arg(lease_ms)
-                    .invoke_async::<(i64, Vec<u8>)>(&mut conn)
-                    .await
-            })
-            .await;
+        let mut answer = self.claim_once(key, None).await;
+        if let Ok((_, (1, bytes))) = &answer
+            && decode(bytes).is_none()
+        {
+            metrics::counter!("taskfleet_cache_unreadable_total", "kind" => key.kind.clone()).increment(1);
+            tracing::debug!(kind = %key.kind, "unreadable cache entry: deleting it and claiming again");
+            let unreadable = bytes.clone();
+            answer = self.claim_once(key, Some(unreadable)).await;
+        }
         let claim = match answer {
-            Ok((1, bytes)) => match decode(&bytes) {
+            Ok((_, (1, bytes))) => match decode(&bytes) {
                 Some(hit) => CacheClaim::Hit(hit),
-                // Unreadable entry (e.g. written by another version): recompute it. No lease
-                // was taken; the renewals' first one finds that and stops.
-                None => CacheClaim::Leader(self.renewed(key, owner)),
+                // Unreadable again (another writer of another version): run without the cache.
+                None => CacheClaim::Unavailable,
             },
-            Ok((2, _)) => CacheClaim::Leader(self.renewed(key, owner)),
+            Ok((owner, (2, _))) => CacheClaim::Leader(self.renewed(key, owner)),
             Ok(_) => CacheClaim::Follower,
             Err(_) => CacheClaim::Unavailable,
         };
@@ -258,6 +254,42 @@ impl ResultCache {
         metrics::counter!("taskfleet_cache_lookups_total", "kind" => key.kind.clone(), "outcome" => outcome)
             .increment(1);
         claim
+    }
+
+    /// One run of the claim script with a fresh owner token (deleting the value first if it is
+    /// still `discard`): the owner and the script's answer.
+    async fn claim_once(
+        &self,
+        key: &CacheKey,
+        discard: Option<Vec<u8>>,
+    ) -> Result<(String, (i64, Vec<u8>)), crate::SharedStateError> {
+        let (value_key, lease_key) = self.keys(key);
+        let owner = format!("{:016x}", rand_u64());
+        let lease_ms = self.lease.as_millis().max(1) as u64;
+        let script = self.claim.clone();
+        let owner_arg = owner.clone();
+        let answer = self
+            .state
+            .run("cache_claim", async move |mut conn| {
+                let mut invocation = script.key(&value_key);
+                invocation.key(&lease_key).arg(&owner_arg).arg(lease_ms);
+                if let Some(discard) = &discard {
+                    invocation.arg(discard.as_slice());
+                }
+                invocation.invoke_async::<(i64, Vec<u8>)>(&mut conn).await
+            })
+            .await?;
+        Ok((owner, answer))
+    }
+
+    /// [`claim`](Self::claim), and when an identical task holds the lease,
+    /// [`wait_for`](Self::wait_for) its result for up to `max_wait`; the claim and whether it
+    /// waited.
+    pub async fn claim_or_wait(&self, key: &CacheKey, max_wait: Duration) -> (CacheClaim, bool) {
+        match self.claim(key).await {
+            CacheClaim::Follower => (self.wait_for(key, max_wait).await, true),
+            claim => (claim, false),
+        }
     }
 
     /// The lease `owner` just took, with its renewals started: every third of the lease, while
@@ -442,6 +474,31 @@ mod tests {
         let down = RedisConfig { url: "redis://127.0.0.1:1".into(), ..redis };
         let cache = SharedState::connect(&down).unwrap().cache(&policies);
         assert_eq!(cache.claim(&key).await, CacheClaim::Unavailable);
+    }
+
+    /// An entry the cache cannot read (e.g. written by another version) is deleted and the key
+    /// claimed again: the caller leads with a real lease (an identical claim waits) and stores
+    /// a readable result.
+    #[tokio::test]
+    async fn an_unreadable_entry_is_replaced_under_a_real_lease() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("cache-unreadable");
+        let (cache, _) = cache_of(&redis_config(&prefix), Duration::from_secs(5)).await;
+        let key = cache.key_for("llm.chat", &json!({"prompt": "garbled"})).unwrap();
+        let (value_key, _) = cache.keys(&key);
+        let set: Result<(), _> = cache
+            .state
+            .run("test_set", async move |mut conn| {
+                redis::cmd("SET").arg(&value_key).arg("not json {").query_async(&mut conn).await
+            })
+            .await;
+        set.unwrap();
+        let CacheClaim::Leader(lease) = cache.claim(&key).await else { panic!("not leader") };
+        assert_eq!(cache.claim(&key).await, CacheClaim::Follower, "the leader holds a real lease");
+        // A follower with a short wait gives up: the lease is renewed, not lapsed.
+        assert_eq!(cache.claim_or_wait(&key, Duration::from_millis(50)).await, (CacheClaim::Follower, true));
+        cache.store(&key, lease, &json!({"text": "fresh"}), None).await;
+        let fresh = CachedResult { result: json!({"text": "fresh"}), cost_usd: None };
+        assert_eq!(cache.claim_or_wait(&key, Duration::from_secs(1)).await, (CacheClaim::Hit(fresh), false));
     }
 
     /// A leader that dies (stops renewing without releasing) loses its lease within

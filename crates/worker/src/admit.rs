@@ -5,8 +5,9 @@
 
 use crate::DeferReason;
 use crate::attempt::{Attempt, Runtime, WorkerIdentity};
-use crate::handler::Handler;
+use crate::handler::{Handler, Usage};
 use crate::settle::Report;
+use serde_json::Value;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::Duration;
@@ -37,6 +38,8 @@ pub(crate) struct Refusal {
     pub granted: Vec<String>,
     /// The `rate_limit.wait` span, which covers the wait.
     pub span: tracing::Span,
+    /// What the admission's semantic lookup consumed (the deferral carries it).
+    pub usage: Usage,
 }
 
 /// Why a delivered message ends without running its handler.
@@ -154,16 +157,19 @@ pub(crate) async fn admit(
             Admission::Run { handler, lease }
         }
         Err(refused) => {
-            if let Some(lease) = lease {
-                lease.release(&rt.policies.cache).await;
-            }
+            let usage = match lease {
+                Some(lease) => lease.release(&rt.policies.cache).await,
+                None => Usage::default(),
+            };
             match refused {
                 LimitRefusal::Wait { reason, delay, granted, span } => {
-                    Admission::Defer(Refusal { reason, delay, permit, granted, span })
+                    Admission::Defer(Refusal { reason, delay, permit, granted, span, usage })
                 }
                 LimitRefusal::Unknown(e) => {
                     let mut ev = attempt.base.clone();
                     Report::failure(EventKind::Failed, "unknown_limit", e.to_string(), false).apply(&mut ev);
+                    ev.tokens = usage.tokens;
+                    ev.cost_usd = usage.cost_usd;
                     Admission::Finish(Box::new(ev))
                 }
             }
@@ -213,29 +219,58 @@ impl Lease {
     pub async fn settle(self, cache: &ResultCache, executed: &mut crate::execute::Executed, cancelled: bool) {
         match self {
             Lease::Semantic(pending) => pending.settle(executed, cancelled).await,
-            Lease::Exact { key, lease } => match storable(executed, cancelled) {
+            Lease::Exact { key, lease } => match executed.cacheable_result(cancelled) {
                 Some(result) => cache.store(&key, lease, result, executed.usage.cost_usd).await,
                 None => cache.release(&key, lease).await,
             },
         }
     }
 
-    /// Lets the claim go.
-    pub async fn release(self, cache: &ResultCache) {
-        if let Lease::Exact { key, lease } = self {
-            cache.release(&key, lease).await;
+    /// Lets the claim go; returns what taking it consumed (a semantic lookup's embedding),
+    /// which the caller reports instead of the attempt that did not run.
+    pub async fn release(self, cache: &ResultCache) -> Usage {
+        match self {
+            Lease::Exact { key, lease } => {
+                cache.release(&key, lease).await;
+                Usage::default()
+            }
+            Lease::Semantic(pending) => pending.usage(),
         }
     }
 }
 
-/// The result an attempt leaves in the exact cache: a success of a task not cancelled
-/// meanwhile. An attempt that spawned children has none: what it returned is interim, the
-/// task's result comes later from the join (a twin must wait for, or run, the whole thing).
-fn storable(executed: &crate::execute::Executed, cancelled: bool) -> Option<&serde_json::Value> {
-    match &executed.outcome {
-        Ok(result) if !cancelled && executed.effects.spawn.is_none() => Some(result),
-        _ => None,
+/// The `succeeded` event of an attempt its cache hit at admission finishes (exact or semantic):
+/// the stored `result`, what computing it cost (`saved_usd`) and what the lookup consumed.
+pub(crate) fn cache_hit_event(
+    rt: &Runtime,
+    attempt: &Attempt,
+    result: Value,
+    saved_usd: Option<f64>,
+    usage: Usage,
+) -> TaskEvent {
+    let kind = attempt.env.kind.clone();
+    metrics::counter!("taskfleet_worker_cache_hits_total", "kind" => kind.clone()).increment(1);
+    if let Some(saved) = saved_usd {
+        metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => kind)
+            .increment((saved * 1e6).round() as u64);
     }
+    rt.worker.stats.finished.fetch_add(1, Ordering::Relaxed);
+    metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
+    let now = now_ms();
+    let mut ev = attempt.event(EventKind::Succeeded);
+    ev.cache_hit = true;
+    ev.result = Some(result);
+    ev.saved_usd = saved_usd;
+    ev.tokens = usage.tokens;
+    ev.cost_usd = usage.cost_usd;
+    ev.at = now;
+    ev.timings = Some(Timings {
+        created_at: attempt.env.created_at,
+        received_at: attempt.received_at,
+        started_at: now,
+        finished_at: now,
+    });
+    ev
 }
 
 /// What the cache said.
@@ -255,16 +290,9 @@ async fn claim_cache(rt: &Runtime, attempt: &Attempt) -> Claimed {
     let timeout = attempt.timeout();
     let lookup = tracing::info_span!(parent: &attempt.span, "cache.lookup", kind = %env.kind,
                                      result = tracing::field::Empty, waited = false);
-    let claim = async {
-        let claim = cache.claim(&key).await;
-        if claim != CacheClaim::Follower {
-            return claim;
-        }
-        lookup.record("waited", true);
-        cache.wait_for(&key, cache.single_flight_wait().min(timeout)).await
-    }
-    .instrument(lookup.clone())
-    .await;
+    let (claim, waited) =
+        cache.claim_or_wait(&key, cache.single_flight_wait().min(timeout)).instrument(lookup.clone()).await;
+    lookup.record("waited", waited);
     let result = match &claim {
         CacheClaim::Hit(_) => "hit",
         CacheClaim::Leader(_) => "miss",
@@ -275,26 +303,7 @@ async fn claim_cache(rt: &Runtime, attempt: &Attempt) -> Claimed {
     attempt.span.record("cache_hit", matches!(claim, CacheClaim::Hit(_)));
     match claim {
         CacheClaim::Hit(hit) => {
-            metrics::counter!("taskfleet_worker_cache_hits_total", "kind" => env.kind.clone()).increment(1);
-            if let Some(saved) = hit.cost_usd {
-                metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => env.kind.clone())
-                    .increment((saved * 1e6).round() as u64);
-            }
-            rt.worker.stats.finished.fetch_add(1, Ordering::Relaxed);
-            metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
-            let now = now_ms();
-            let mut ev = attempt.event(EventKind::Succeeded);
-            ev.cache_hit = true;
-            ev.result = Some(hit.result);
-            ev.saved_usd = hit.cost_usd;
-            ev.at = now;
-            ev.timings = Some(Timings {
-                created_at: env.created_at,
-                received_at: attempt.received_at,
-                started_at: now,
-                finished_at: now,
-            });
-            Claimed::Hit(Box::new(ev))
+            Claimed::Hit(Box::new(cache_hit_event(rt, attempt, hit.result, hit.cost_usd, Usage::default())))
         }
         CacheClaim::Leader(lease) => {
             metrics::counter!("taskfleet_worker_cache_misses_total", "kind" => env.kind.clone()).increment(1);
@@ -392,10 +401,10 @@ mod tests {
             effects: crate::workflow::Effects { spawn, stop_run: false },
         };
         let done = executed(Ok(serde_json::json!({"x": 1})), None);
-        assert_eq!(storable(&done, false), Some(&serde_json::json!({"x": 1})));
-        assert_eq!(storable(&done, true), None);
-        assert_eq!(storable(&executed(Ok(serde_json::json!({"spawned": 2})), Some(spawn)), false), None);
-        assert_eq!(storable(&executed(Err(crate::TaskError::fatal("no")), None), false), None);
+        assert_eq!(done.cacheable_result(false), Some(&serde_json::json!({"x": 1})));
+        assert_eq!(done.cacheable_result(true), None);
+        assert_eq!(executed(Ok(serde_json::json!({"spawned": 2})), Some(spawn)).cacheable_result(false), None);
+        assert_eq!(executed(Err(crate::TaskError::fatal("no")), None).cacheable_result(false), None);
     }
 
     #[test]

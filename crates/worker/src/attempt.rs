@@ -3,7 +3,7 @@
 
 use crate::admit::{self, Admission};
 use crate::cancellations::Cancellations;
-use crate::defer::{self, Deferral};
+use crate::defer::{self, Carried, Deferral};
 use crate::events::{AfterPublish, EventSender};
 use crate::execute;
 use crate::gate::Gate;
@@ -11,7 +11,7 @@ use crate::handler::{Handler, Submitter};
 use crate::lanes::{Delivery, Lanes};
 use crate::policies::Policies;
 use crate::progress::ProgressSender;
-use crate::running::Running;
+use crate::running::{Running, RunningTask};
 use crate::settle::{Facts, Settlement, settle};
 use crate::{DeferReason, WorkerStats};
 use async_nats::jetstream::{AckKind, Message};
@@ -52,6 +52,8 @@ pub(crate) struct Runtime {
     pub submitter: Arc<Submitter>,
     /// Asks the coordinator whether a possibly stale message still runs.
     pub gate: Gate,
+    /// Usage of tasks deferred in memory, for their next event.
+    pub carried: Carried,
 }
 
 /// An attempt of a task: the envelope, what the message says about itself, the event every
@@ -126,15 +128,44 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
         let _ = msg.ack_with(AckKind::Term).await;
         return;
     };
-    let (handler, lease) = match admit::admit(&rt, &mut attempt, permit, granted).await {
+    // Admission can take a while (the coordinator's gate, a single-flight wait, a semantic
+    // lookup): the delivery is heartbeated meanwhile, so JetStream does not hand it to another
+    // worker. The entry is removed on every path but a run, whose entry replaces it.
+    let admitting = RunningTask {
+        reply: msg.reply.clone(),
+        cancel: tokio_util::sync::CancellationToken::new(),
+        base: attempt.base.clone(),
+    };
+    rt.running.insert(token, admitting);
+    // What a deferral of this task held in this worker's memory consumed.
+    let carried = rt.carried.take(attempt.env.id);
+    let admission = admit::admit(&rt, &mut attempt, permit, granted).await;
+    // Gone from the registry: the drain handed the delivery back meanwhile.
+    let handed_back = match &admission {
+        Admission::Run { .. } => !rt.running.contains(token),
+        _ => !rt.running.remove(token),
+    };
+    let (handler, lease) = match admission {
+        Admission::Run { lease, .. } if handed_back => {
+            if let Some(lease) = lease {
+                lease.release(&rt.policies.cache).await;
+            }
+            return;
+        }
         Admission::Run { handler, lease } => (handler, lease),
         Admission::Terminate => {
             record_outcome(&attempt.span, EventKind::Cancelled);
             let _ = msg.ack_with(AckKind::Term).await;
             return;
         }
-        Admission::Finish(ev) => return finish(&rt, &attempt.span, *ev, msg),
-        Admission::Defer(d) => {
+        Admission::Finish(mut ev) => {
+            defer::charge(&mut ev, &carried);
+            return finish(&rt, &attempt.span, *ev, msg);
+        }
+        // Handed back: redelivered elsewhere, nothing to wait for here.
+        Admission::Defer(_) if handed_back => return,
+        Admission::Defer(mut d) => {
+            d.usage.add(&carried);
             let after = Deferral {
                 token,
                 lane,
@@ -144,6 +175,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
                 jitter: d.reason != DeferReason::RateLimitBooked,
                 span: d.span,
                 deferred_since,
+                usage: d.usage,
             };
             return defer::defer(&rt, msg, attempt.base, after, d.reason);
         }
@@ -154,6 +186,7 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
     if let Some(lease) = lease {
         lease.settle(&rt.policies.cache, &mut executed, cancelled).await;
     }
+    executed.usage.add(&carried);
     let facts = Facts {
         attempt: attempt.number,
         max_attempts: attempt.max_attempts,
@@ -178,6 +211,8 @@ pub(crate) async fn run_delivery(rt: Runtime, token: u64, delivery: Delivery) {
                 jitter: true,
                 span,
                 deferred_since: since,
+                // Its usage so far (its admission's lookup, calls made before the deferral).
+                usage: executed.usage,
             };
             defer::defer(&rt, msg, attempt.base, after, reason);
         }

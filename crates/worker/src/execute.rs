@@ -29,8 +29,21 @@ pub(crate) struct Executed {
     pub effects: Effects,
 }
 
+impl Executed {
+    /// The result this attempt leaves in a cache (exact or semantic): a success of a task not
+    /// cancelled meanwhile. An attempt that spawned children has none: what it returned is
+    /// interim, the task's result comes later from the join (a twin must wait for, or run, the
+    /// whole thing).
+    pub fn cacheable_result(&self, cancelled: bool) -> Option<&Value> {
+        match &self.outcome {
+            Ok(result) if !cancelled && self.effects.spawn.is_none() => Some(result),
+            _ => None,
+        }
+    }
+}
+
 /// Runs the attempt's handler; the attempt is in the running registry (for heartbeats and
-/// cancellation) under `token` meanwhile. Takes the payload out of the attempt's envelope.
+/// cancellation) under `token` meanwhile (replacing its admission's entry). Takes the payload out of the attempt's envelope.
 pub(crate) async fn execute(
     rt: &Runtime,
     token: u64,

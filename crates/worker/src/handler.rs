@@ -94,6 +94,28 @@ pub struct Usage {
     pub cache_hit: bool,
 }
 
+impl Usage {
+    /// Adds `other`'s tokens, cost and savings to these (a cache hit stays this usage's own).
+    pub(crate) fn add(&mut self, other: &Usage) {
+        if let Some(t) = other.tokens {
+            let sum = self.tokens.get_or_insert(TokenUsage { prompt: 0, completion: 0 });
+            sum.prompt += t.prompt;
+            sum.completion += t.completion;
+        }
+        if let Some(c) = other.cost_usd {
+            *self.cost_usd.get_or_insert(0.0) += c;
+        }
+        if let Some(s) = other.saved_usd {
+            *self.saved_usd.get_or_insert(0.0) += s;
+        }
+    }
+
+    /// Nothing consumed nor saved.
+    pub(crate) fn is_empty(&self) -> bool {
+        self.tokens.is_none() && self.cost_usd.is_none() && self.saved_usd.is_none()
+    }
+}
+
 impl TaskContext {
     /// Reports progress; it is published as a `progress` event.
     pub fn progress(&self, value: impl Serialize) {

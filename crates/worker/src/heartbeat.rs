@@ -1,4 +1,5 @@
-//! Heartbeats: in-progress acks for every task this worker holds, running or buffered, so
+//! Heartbeats: in-progress acks for every task this worker holds (buffered in the lanes, being
+//! admitted, running, or deferred in memory: the last three in the running registry), so
 //! JetStream does not redeliver them while they wait or run.
 
 use crate::lanes::Lanes;

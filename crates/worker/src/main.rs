@@ -32,6 +32,7 @@ async fn main() -> anyhow::Result<()> {
         .handler("http", providers.http_handler())
         .handler("llm.chat", providers.llm_chat_handler())
         .handler("llm.embed", providers.llm_embed_handler())
+        .providers(providers.clone())
         .build();
     let stats = worker.stats();
     let gauges = tokio::spawn(taskfleet_worker::stats::run(stats.clone()));

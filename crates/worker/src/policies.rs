@@ -2,6 +2,7 @@
 //! breakers, deferral bounds and retry backoff.
 
 use crate::handler::Shared;
+use crate::providers::Providers;
 use crate::semantic::SemanticCache;
 use crate::{RetryPolicy, WorkerError};
 use std::collections::HashMap;
@@ -22,6 +23,8 @@ pub(crate) struct Policies {
     kind_limits: HashMap<String, Vec<String>>,
     /// Deferrals up to this long wait in memory; longer ones go back to the coordinator.
     pub defer_hold_max: Duration,
+    /// Longest semantic cache lookup at admission; past it the task runs without the cache.
+    pub semantic_lookup_timeout: Duration,
     /// How long a task may be deferred for open breakers before an attempt fails.
     pub breaker_max_wait: Duration,
     retry_default: RetryPolicy,
@@ -29,12 +32,24 @@ pub(crate) struct Policies {
 }
 
 impl Policies {
-    /// Connects to the shared state with the configured policies and the builder's per-kind
-    /// cache and retry policies.
+    /// [`connect_with`](Self::connect_with) an HTTP client of its own, built from the
+    /// configuration.
+    #[cfg(test)]
     pub fn connect(
         cfg: &Config,
         cache_by_kind: &HashMap<String, CacheSpec>,
         retry_by_kind: HashMap<String, RetryPolicy>,
+    ) -> Result<Policies, WorkerError> {
+        Self::connect_with(cfg, cache_by_kind, retry_by_kind, &Providers::new(&cfg.providers)?)
+    }
+
+    /// Connects to the shared state with the configured policies and the builder's per-kind
+    /// cache and retry policies; the semantic cache embeds with `providers` (the worker's).
+    pub fn connect_with(
+        cfg: &Config,
+        cache_by_kind: &HashMap<String, CacheSpec>,
+        retry_by_kind: HashMap<String, RetryPolicy>,
+        providers: &Providers,
     ) -> Result<Policies, WorkerError> {
         let state = SharedState::connect(&cfg.redis)?;
         let mut cache = state.cache(&cfg.policies);
@@ -42,7 +57,7 @@ impl Policies {
             cache = cache.with_policy(kind.clone(), spec.clone());
         }
         let limiter = state.rate_limiter(&cfg.policies);
-        let semantic = SemanticCache::new(&state, cfg)?;
+        let semantic = SemanticCache::new(&state, cfg, providers);
         let kind_limits = cfg.policies.kind_limits.iter().map(|(k, limits)| (k.clone(), limits.0.clone())).collect();
         Ok(Policies {
             semantic: semantic.clone(),
@@ -55,6 +70,7 @@ impl Policies {
             cache,
             kind_limits,
             defer_hold_max: cfg.policies.defer_hold_max,
+            semantic_lookup_timeout: cfg.policies.semantic_lookup_timeout,
             breaker_max_wait: cfg.policies.breaker_max_wait,
             retry_default: RetryPolicy {
                 base: cfg.worker.retry_base,

@@ -1,5 +1,5 @@
-//! The registry of attempts in progress (and of deferred tasks waiting in memory), for
-//! heartbeats, cancellation, progress events and the drain.
+//! The registry of attempts in progress (and of deliveries being admitted, and of deferred
+//! tasks waiting in memory), for heartbeats, cancellation, progress events and the drain.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -34,6 +34,11 @@ impl Running {
     /// Forgets delivery `token`; false when it was gone already (handed back by the drain).
     pub fn remove(&self, token: u64) -> bool {
         self.lock().remove(&token).is_some()
+    }
+
+    /// Whether delivery `token` is registered.
+    pub fn contains(&self, token: u64) -> bool {
+        self.lock().contains_key(&token)
     }
 
     /// How many tasks are registered.
@@ -82,8 +87,10 @@ mod tests {
         running.insert(2, task(b));
         assert_eq!(running.cancel_task(a), 1);
         assert_eq!(running.base_of(b).map(|e| e.task_id), Some(b));
+        assert!(running.contains(1));
         assert!(running.remove(1));
         assert!(!running.remove(1), "a second removal finds nothing");
+        assert!(!running.contains(1));
         let left = running.drain();
         assert_eq!(left.len(), 1);
         assert!(!left[0].cancel.is_cancelled());

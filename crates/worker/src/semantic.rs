@@ -10,7 +10,12 @@
 //! The embedding's tokens and cost (`providers.prices` of the model, prompt price) are the
 //! attempt's: a hit costs its lookup, a miss the lookup and the handler. An unreachable
 //! embedding provider, a refused token or an open breaker never fail an admission: the task
-//! runs without the cache (`outcome="bypass"`).
+//! runs without the cache (`outcome="bypass"`), and so does a lookup at admission that takes
+//! longer than `policies.semantic_lookup_timeout`.
+//!
+//! Embeddings are remembered per model and text (by SHA-256, a bounded number of them): a
+//! store after a lookup, a deferred task admitted again, or another task of the same text on
+//! this worker reuses the vector instead of paying for it again.
 
 use crate::attempt::{Attempt, Runtime};
 use crate::execute::Executed;
@@ -18,21 +23,31 @@ use crate::providers::Providers;
 use crate::{DeferReason, Disposition, TaskContext, TaskError, Usage};
 use serde_json::Value;
 use std::collections::{BTreeMap, HashMap};
-use std::sync::atomic::Ordering;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use taskfleet_config::{Config, SemanticCacheSpec};
-use taskfleet_proto::{EventKind, TaskEvent, Timings, TokenUsage, now_ms};
+use taskfleet_proto::{TaskEvent, TokenUsage};
 pub use taskfleet_shared_state::SemanticHit;
 use taskfleet_shared_state::{SemanticKey, SemanticLookup, SemanticStore, SharedState};
 use tracing::Instrument;
 
 /// Embeddings remembered per model and text, so that a store after a lookup of the same text
-/// does not embed it again.
+/// (or a lookup of a text embedded before) does not embed it again.
 const MEMO_ENTRIES: usize = 4096;
 
-/// Recent embeddings by model and text.
-type Memo = HashMap<(String, String), Arc<Vec<f32>>>;
+/// Recent embeddings by [`memo_key`]: the key is a fixed 32 bytes however long the text.
+type Memo = HashMap<[u8; 32], Arc<Vec<f32>>>;
+
+/// SHA-256 of `model` (length-prefixed, so no (model, text) pair collides with another's
+/// concatenation) and `text`.
+fn memo_key(model: &str, text: &str) -> [u8; 32] {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update((model.len() as u64).to_le_bytes());
+    h.update(model.as_bytes());
+    h.update(text.as_bytes());
+    h.finalize().into()
+}
 
 /// An embedding and what it cost.
 #[derive(Debug, Clone)]
@@ -69,18 +84,16 @@ fn failure_reason(e: &TaskError) -> &'static str {
 }
 
 impl SemanticCache {
-    /// The configured policies over `state`. Builds an HTTP client only when there is a policy.
-    pub(crate) fn new(state: &SharedState, cfg: &Config) -> Result<SemanticCache, crate::WorkerError> {
-        let providers = match cfg.policies.semantic_cache.is_empty() {
-            true => None,
-            false => Some(Providers::new(&cfg.providers)?),
-        };
-        Ok(SemanticCache {
+    /// The configured policies over `state`, embedding with the worker's `providers` (its HTTP
+    /// client and adaptive batch sizes), kept only when there is a policy.
+    pub(crate) fn new(state: &SharedState, cfg: &Config, providers: &Providers) -> SemanticCache {
+        let providers = (!cfg.policies.semantic_cache.is_empty()).then(|| providers.clone());
+        SemanticCache {
             store: state.semantic(cfg.policies.cache_max_bytes),
             policies: Arc::new(cfg.policies.semantic_cache.clone()),
             providers,
             memo: Default::default(),
-        })
+        }
     }
 
     /// The policy named `name` (a kind, or a name handlers use).
@@ -89,7 +102,7 @@ impl SemanticCache {
     }
 
     fn key(name: &str, spec: &SemanticCacheSpec) -> SemanticKey {
-        SemanticKey { name: name.to_string(), model: spec.model.clone(), ttl: spec.ttl }
+        SemanticKey { name: name.to_string(), model: spec.model.clone(), ttl: spec.ttl, max_entries: spec.max_entries }
     }
 
     /// Embeds `text` with `model` as a call of `ctx` (its tokens and cost go into `ctx`'s usage,
@@ -109,14 +122,14 @@ impl SemanticCache {
             if memo.len() >= MEMO_ENTRIES {
                 memo.clear();
             }
-            memo.insert((model.to_string(), text.to_string()), vector.clone());
+            memo.insert(memo_key(model, text), vector.clone());
         }
         Ok(Embedded { vector, tokens, cost_usd })
     }
 
-    /// The memoised embedding of `text`, or a fresh one.
+    /// The memoised embedding of `text` (which costs nothing), or a fresh one.
     async fn vector(&self, ctx: &TaskContext, model: &str, text: &str) -> Result<Embedded, TaskError> {
-        let known = self.memo.lock().ok().and_then(|m| m.get(&(model.to_string(), text.to_string())).cloned());
+        let known = self.memo.lock().ok().and_then(|m| m.get(&memo_key(model, text)).cloned());
         match known {
             Some(vector) => Ok(Embedded { vector, tokens: 0, cost_usd: None }),
             None => self.embed(ctx, model, text).await,
@@ -133,7 +146,7 @@ impl SemanticCache {
         text: &str,
     ) -> (Result<Embedded, TaskError>, SemanticLookup) {
         let started = Instant::now();
-        let embedded = self.embed(ctx, &spec.model, text).await;
+        let embedded = self.vector(ctx, &spec.model, text).await;
         let found = match &embedded {
             Ok(e) => self.store.lookup(&Self::key(name, spec), &e.vector, spec.threshold).await,
             Err(e) => {
@@ -158,6 +171,29 @@ impl SemanticCache {
     }
 }
 
+impl SemanticCache {
+    /// [`lookup`](Self::lookup) for at most `limit`; `None` (counted and logged as a bypass)
+    /// past it.
+    async fn lookup_within(
+        &self,
+        ctx: &TaskContext,
+        name: &str,
+        spec: &SemanticCacheSpec,
+        text: &str,
+        limit: Duration,
+    ) -> Option<(Result<Embedded, TaskError>, SemanticLookup)> {
+        let found = tokio::time::timeout(limit, self.lookup(ctx, name, spec, text)).await.ok();
+        if found.is_none() {
+            metrics::counter!("taskfleet_semantic_cache_lookups_total", "kind" => name.to_string(),
+                              "outcome" => "bypass")
+            .increment(1);
+            tracing::warn!(policy = name, model = %spec.model, ?limit,
+                           "semantic cache lookup exceeded policies.semantic_lookup_timeout: running without the cache");
+        }
+        found
+    }
+}
+
 /// A miss at admission: the attempt's result goes into the cache if it succeeds.
 pub(crate) struct Pending {
     cache: SemanticCache,
@@ -173,22 +209,24 @@ impl Pending {
     /// result comes from its join) with the handler's cost, then adds the lookup's tokens and
     /// cost to the attempt's usage.
     pub async fn settle(self, executed: &mut Executed, cancelled: bool) {
-        if let Ok(result) = &executed.outcome
-            && !cancelled
-            && executed.effects.spawn.is_none()
-        {
+        if let Some(result) = executed.cacheable_result(cancelled) {
             let cost = executed.usage.cost_usd;
             if let Err(e) = self.cache.store.store(&self.key, &self.vector, result, cost).await {
                 tracing::debug!(error = %e, policy = %self.key.name, "semantic cache store skipped");
             }
         }
-        let usage = &mut executed.usage;
-        let tokens = usage.tokens.get_or_insert(TokenUsage { prompt: 0, completion: 0 });
-        tokens.prompt += self.tokens;
-        if let Some(c) = self.cost_usd {
-            *usage.cost_usd.get_or_insert(0.0) += c;
-        }
+        executed.usage.add(&self.usage());
     }
+
+    /// The lookup's own tokens and cost.
+    pub fn usage(&self) -> Usage {
+        lookup_usage(self.tokens, self.cost_usd)
+    }
+}
+
+/// A lookup's usage: its prompt tokens (0 for a remembered embedding) and cost.
+fn lookup_usage(tokens: u64, cost_usd: Option<f64>) -> Usage {
+    Usage { tokens: Some(TokenUsage { prompt: tokens, completion: 0 }), cost_usd, ..Usage::default() }
 }
 
 /// What the semantic cache says at admission.
@@ -214,9 +252,15 @@ pub(crate) async fn admit(rt: &Runtime, attempt: &Attempt) -> Admitted {
     };
     let span = tracing::info_span!(parent: &attempt.span, "semantic_cache.lookup", kind = %env.kind,
                                    result = tracing::field::Empty, similarity = tracing::field::Empty);
-    let deadline = Instant::now() + attempt.timeout();
+    let limit = rt.policies.semantic_lookup_timeout;
+    let deadline = Instant::now() + attempt.timeout().min(limit);
     let ctx = TaskContext::detached(&env.kind, Some(rt.policies.shared.clone()), span.clone(), deadline);
-    let (embedded, found) = cache.lookup(&ctx, &env.kind, spec, text).instrument(span.clone()).await;
+    let Some((embedded, found)) =
+        cache.lookup_within(&ctx, &env.kind, spec, text, limit).instrument(span.clone()).await
+    else {
+        span.record("result", "timeout");
+        return Admitted::Bypass;
+    };
     let Ok(embedded) = embedded else {
         span.record("result", "unavailable");
         return Admitted::Bypass;
@@ -226,7 +270,8 @@ pub(crate) async fn admit(rt: &Runtime, attempt: &Attempt) -> Admitted {
             span.record("result", "hit");
             span.record("similarity", hit.similarity as f64);
             attempt.span.record("cache_hit", true);
-            Admitted::Hit(Box::new(hit_event(rt, attempt, hit, &embedded)))
+            let usage = lookup_usage(embedded.tokens, embedded.cost_usd);
+            Admitted::Hit(Box::new(crate::admit::cache_hit_event(rt, attempt, hit.result, hit.cost_usd, usage)))
         }
         SemanticLookup::Miss => {
             span.record("result", "miss");
@@ -243,33 +288,6 @@ pub(crate) async fn admit(rt: &Runtime, attempt: &Attempt) -> Admitted {
             Admitted::Miss(Box::new(Pending { cache: cache.clone(), key, vector, tokens, cost_usd }))
         }
     }
-}
-
-/// The `succeeded` event of a hit at admission, as an exact-cache hit's, with the lookup's usage.
-fn hit_event(rt: &Runtime, attempt: &Attempt, hit: SemanticHit, embedded: &Embedded) -> TaskEvent {
-    let kind = attempt.env.kind.clone();
-    metrics::counter!("taskfleet_worker_cache_hits_total", "kind" => kind.clone()).increment(1);
-    if let Some(saved) = hit.cost_usd {
-        metrics::counter!("taskfleet_worker_cache_saved_microusd_total", "kind" => kind)
-            .increment((saved * 1e6).round() as u64);
-    }
-    rt.worker.stats.finished.fetch_add(1, Ordering::Relaxed);
-    metrics::counter!("taskfleet_worker_attempts_total", "outcome" => "cache_hit").increment(1);
-    let now = now_ms();
-    let mut ev = attempt.event(EventKind::Succeeded);
-    ev.cache_hit = true;
-    ev.result = Some(hit.result);
-    ev.saved_usd = hit.cost_usd;
-    ev.tokens = Some(TokenUsage { prompt: embedded.tokens, completion: 0 });
-    ev.cost_usd = embedded.cost_usd;
-    ev.at = now;
-    ev.timings = Some(Timings {
-        created_at: attempt.env.created_at,
-        received_at: attempt.received_at,
-        started_at: now,
-        finished_at: now,
-    });
-    ev
 }
 
 /// [`TaskContext::semantic_lookup`]: the embedding is a call of `ctx` (its usage is `ctx`'s); a
@@ -341,7 +359,7 @@ mod tests {
         let probe = SharedState::connect_and_wait(&cfg.redis, Duration::from_secs(5)).await.unwrap();
         assert!(probe.is_up(), "these tests need Redis at {}", cfg.redis.url);
         let policies = Policies::connect(&cfg, &Default::default(), Default::default()).unwrap();
-        let key = SemanticKey { name: "probe".into(), model: "m".into(), ttl: Duration::from_secs(1) };
+        let key = SemanticKey { name: "probe".into(), model: "m".into(), ttl: Duration::from_secs(1), max_entries: 1 };
         let deadline = Instant::now() + Duration::from_secs(5);
         while policies.semantic.store.lookup(&key, &[1.0], 0.5).await == SemanticLookup::Unavailable {
             assert!(Instant::now() < deadline, "Redis did not come up");
@@ -384,5 +402,57 @@ mod tests {
         assert_eq!(mock.stats().by_endpoint[EMBEDDINGS_ENDPOINT] - before, 2, "no call while the breaker is open");
         // Outside a worker there is no cache.
         assert_eq!(TaskContext::for_test("x").semantic_lookup("docs", text).await, Ok(None));
+    }
+
+    #[test]
+    fn memo_keys_are_fixed_size_and_tell_model_from_text() {
+        assert_ne!(memo_key("a", "bc"), memo_key("ab", "c"));
+        assert_eq!(memo_key("m", "some text"), memo_key("m", "some text"));
+        assert_ne!(memo_key("m", "some text"), memo_key("n", "some text"));
+        assert_eq!(memo_key("m", &"long ".repeat(10_000)).len(), 32);
+    }
+
+    /// A text embedded once (a lookup of a deferred task admitted again, or another task of
+    /// the same text) is looked up with the remembered vector: no second embedding call, and
+    /// nothing charged for it.
+    #[tokio::test]
+    async fn lookups_reuse_a_remembered_embedding() {
+        let mock = MockApi::start(MockConfig { name: "emb".into(), ..MockConfig::default() }).await.unwrap();
+        let ctx = context(&mock).await;
+        let cache = &ctx.shared.as_ref().unwrap().semantic;
+        let spec = cache.policy("docs").unwrap().clone();
+        let text = "Which trains run to the coast on Sundays?";
+        let (first, found) = cache.lookup(&ctx, "docs", &spec, text).await;
+        let first = first.unwrap();
+        assert_eq!(found, SemanticLookup::Miss);
+        assert!(first.tokens > 0 && first.cost_usd.is_some_and(|c| c > 0.0), "{first:?}");
+        let after_first = ctx.usage();
+        let (again, found) = cache.lookup(&ctx, "docs", &spec, text).await;
+        let again = again.unwrap();
+        assert_eq!(found, SemanticLookup::Miss);
+        assert_eq!((again.tokens, again.cost_usd), (0, None));
+        assert_eq!(again.vector, first.vector);
+        assert_eq!(ctx.usage(), after_first, "the second lookup cost nothing");
+        assert_eq!(mock.stats().by_endpoint[EMBEDDINGS_ENDPOINT], 1);
+    }
+
+    /// A lookup slower than its limit gives up at the limit (the admission then runs the task
+    /// without the cache) instead of holding the delivery for the embedding's request timeout.
+    #[tokio::test]
+    async fn a_slow_lookup_gives_up_at_its_limit() {
+        let mock = MockApi::start(MockConfig { name: "emb".into(), ..MockConfig::default() }).await.unwrap();
+        let ctx = context(&mock).await;
+        let cache = &ctx.shared.as_ref().unwrap().semantic;
+        let spec = cache.policy("docs").unwrap().clone();
+        mock.control(&Control { latency_ms: Some(3_000), ..Control::default() }).unwrap();
+        let started = Instant::now();
+        let found = cache.lookup_within(&ctx, "docs", &spec, "slow text", Duration::from_millis(200)).await;
+        assert!(found.is_none(), "the lookup did not time out");
+        let took = started.elapsed();
+        assert!(took >= Duration::from_millis(200) && took < Duration::from_millis(1_500), "{took:?}");
+        // Within its limit, the same lookup answers.
+        mock.control(&Control { latency_ms: Some(0), ..Control::default() }).unwrap();
+        let found = cache.lookup_within(&ctx, "docs", &spec, "fast text", Duration::from_secs(5)).await;
+        assert!(matches!(found, Some((Ok(_), SemanticLookup::Miss))), "{found:?}");
     }
 }

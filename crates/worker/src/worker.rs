@@ -8,6 +8,7 @@ use crate::handler::Submitter;
 use crate::lanes::Lanes;
 use crate::policies::Policies;
 use crate::presence::Presence;
+use crate::providers::Providers;
 use crate::running::Running;
 use crate::workflow::Coordinator;
 use crate::{Handler, RetryPolicy, WorkerError, WorkerStats, cancellations, heartbeat, progress, pull};
@@ -29,6 +30,7 @@ pub struct WorkerBuilder {
     handlers: HashMap<String, Arc<dyn Handler>>,
     retry_by_kind: HashMap<String, RetryPolicy>,
     cache_by_kind: HashMap<String, CacheSpec>,
+    providers: Option<Providers>,
 }
 
 impl WorkerBuilder {
@@ -52,6 +54,15 @@ impl WorkerBuilder {
         self
     }
 
+    /// The outside-services client the worker's own calls use (the semantic cache's
+    /// embeddings): pass the one your handlers call, so that the process has one HTTP connection
+    /// pool and one set of adaptive embedding batch sizes. Without it the worker builds its own
+    /// from `providers` in the configuration when it starts.
+    pub fn providers(mut self, providers: Providers) -> Self {
+        self.providers = Some(providers);
+        self
+    }
+
     /// Finishes the worker.
     pub fn build(self) -> Worker {
         let id = if self.config.worker.id.is_empty() { default_id() } else { self.config.worker.id.clone() };
@@ -65,6 +76,7 @@ impl WorkerBuilder {
             }),
             retry_by_kind: self.retry_by_kind,
             cache_by_kind: self.cache_by_kind,
+            providers: self.providers,
         }
     }
 }
@@ -85,6 +97,7 @@ pub struct Worker {
     identity: Arc<WorkerIdentity>,
     retry_by_kind: HashMap<String, RetryPolicy>,
     cache_by_kind: HashMap<String, CacheSpec>,
+    providers: Option<Providers>,
 }
 
 /// The loops a running worker starts besides its pullers.
@@ -99,7 +112,13 @@ struct Loops {
 impl Worker {
     /// Starts building a worker with the fleet configuration.
     pub fn builder(config: Config) -> WorkerBuilder {
-        WorkerBuilder { config, handlers: HashMap::new(), retry_by_kind: HashMap::new(), cache_by_kind: HashMap::new() }
+        WorkerBuilder {
+            config,
+            handlers: HashMap::new(),
+            retry_by_kind: HashMap::new(),
+            cache_by_kind: HashMap::new(),
+            providers: None,
+        }
     }
 
     /// This worker's id, as it appears in events.
@@ -125,7 +144,12 @@ impl Worker {
         let cfg = &id.config;
         let topology = Topology::new(client.clone(), &cfg.nats);
         topology.ensure_streams().await?;
-        let policies = Arc::new(Policies::connect(cfg, &self.cache_by_kind, self.retry_by_kind.clone())?);
+        let providers = match &self.providers {
+            Some(p) => p.clone(),
+            None => Providers::new(&cfg.providers)?,
+        };
+        let policies =
+            Arc::new(Policies::connect_with(cfg, &self.cache_by_kind, self.retry_by_kind.clone(), &providers)?);
         let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
         let pulling = CancellationToken::new();
         let pullers = self.start_pullers(&topology, &lanes, &pulling).await?;
@@ -229,6 +253,7 @@ impl Worker {
                 coordinator: Coordinator { client: client.clone(), subjects: topology.subjects.clone() },
             }),
             gate: Gate::spawn(client.clone(), topology.subjects.api("task.runnable")),
+            carried: Default::default(),
         };
         Ok((rt, loops))
     }

@@ -161,16 +161,9 @@ impl Providers {
         // worker killed mid-call holds its twins up for at most that long.
         let span = tracing::info_span!(parent: &ctx.span, "cache.lookup", kind, inline = true,
                                        result = tracing::field::Empty, waited = false);
-        let claim = async {
-            let claim = cache.claim(&key).await;
-            if claim != CacheClaim::Follower {
-                return claim;
-            }
-            span.record("waited", true);
-            cache.wait_for(&key, cache.single_flight_wait().min(ctx.remaining())).await
-        }
-        .instrument(span.clone())
-        .await;
+        let (claim, waited) =
+            cache.claim_or_wait(&key, cache.single_flight_wait().min(ctx.remaining())).instrument(span.clone()).await;
+        span.record("waited", waited);
         match claim {
             CacheClaim::Hit(hit) => {
                 span.record("result", "hit");
@@ -189,6 +182,7 @@ impl Providers {
             CacheClaim::Leader(lease) => {
                 span.record("result", "miss");
                 let outcome = compute.await;
+                // An inline call cannot spawn: a success of an attempt not cancelled is cacheable.
                 match &outcome {
                     Ok(result) if !ctx.cancel.is_cancelled() => {
                         let cost = result.get("cost_usd").and_then(Value::as_f64);
