@@ -22,11 +22,12 @@ pub struct PoliciesConfig {
     /// without `by` the whole payload is the key.
     pub cache: BTreeMap<String, CacheSpec>,
     /// Semantic cache policy per kind: a TTL, `by` the payload field whose string is the key
-    /// text, an optional `threshold` (least cosine similarity of a hit, default 0.8) and the
-    /// embedding `model` (a key of `providers.models`, called at `POST {url}/embeddings`), e.g.
-    /// `"content.article" = "30d by keyword threshold 0.8 model text-embedding-3-small"`. A
-    /// stored result of the same kind whose key text is that similar is a hit. A kind has either
-    /// this or `cache`. Env: `TASKFLEET_SEMANTIC_CACHE=content.article=30d by keyword model emb`.
+    /// text, an optional `threshold` (least cosine similarity of a hit, default 0.8), the
+    /// embedding `model` (a key of `providers.models`, called at `POST {url}/embeddings`) and an
+    /// optional `max` (most entries kept, the oldest dropped first; default 100000), e.g.
+    /// `"content.article" = "30d by keyword threshold 0.8 model text-embedding-3-small max 50000"`.
+    /// A stored result of the same kind whose key text is that similar is a hit. A kind has
+    /// either this or `cache`. Env: `TASKFLEET_SEMANTIC_CACHE=content.article=30d by keyword model emb`.
     pub semantic_cache: BTreeMap<String, SemanticCacheSpec>,
     /// Longest a task's semantic cache lookup at admission (embedding the key text, then the
     /// search) may take: past it the task runs without the cache (`outcome="bypass"`), so a

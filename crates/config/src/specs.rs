@@ -189,9 +189,10 @@ impl fmt::Display for CacheSpec {
     }
 }
 
-/// A semantic cache policy, `TTL by FIELD [threshold X] model M`: the payload field `FIELD`
-/// (a string) is embedded with model `M`, and a stored result of the same kind whose key text's
-/// vector has a cosine similarity of at least `X` (default 0.8) is a hit.
+/// A semantic cache policy, `TTL by FIELD [threshold X] model M [max N]`: the payload field
+/// `FIELD` (a string) is embedded with model `M`, and a stored result of the same kind whose key
+/// text's vector has a cosine similarity of at least `X` (default 0.8) is a hit. At most `N`
+/// entries (default 100,000) are kept, the oldest dropped first.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SemanticCacheSpec {
     /// How long a stored result stays usable.
@@ -202,32 +203,39 @@ pub struct SemanticCacheSpec {
     pub threshold: f32,
     /// The embedding model (a key of `providers.models`).
     pub model: String,
+    /// Most entries kept (in Redis and in every worker's index), the oldest dropped first.
+    pub max_entries: u64,
 }
 
 impl SemanticCacheSpec {
     /// The threshold when the spec names none.
     pub const DEFAULT_THRESHOLD: f32 = 0.8;
+    /// The entry cap when the spec names none: about 100 MiB of 256-dimension vectors per
+    /// worker (1 KiB each), 600 MiB at 1,536 dimensions.
+    pub const DEFAULT_MAX_ENTRIES: u64 = 100_000;
 }
 
 impl FromStr for SemanticCacheSpec {
     type Err = SpecError;
 
-    /// Parses `30d by keyword model m`, `1h by text threshold 0.85 model text-embedding-3-small`
-    /// (`threshold` and `model` in either order).
+    /// Parses `30d by keyword model m`, `1h by text threshold 0.85 model text-embedding-3-small`,
+    /// `30d by keyword model m max 10000` (the words after the TTL in any order).
     fn from_str(spec: &str) -> Result<Self, SpecError> {
-        let form = || SpecError::Form { text: spec.to_string(), expected: "TTL by FIELD [threshold X] model M" };
+        let form =
+            || SpecError::Form { text: spec.to_string(), expected: "TTL by FIELD [threshold X] model M [max N]" };
         let words: Vec<&str> = spec.split_whitespace().collect();
         let ttl = duration(words.first().ok_or_else(form)?)?;
         if ttl < Duration::from_millis(1) {
             return Err(SpecError::Range { text: spec.to_string(), rule: "ttl must be at least 1ms" });
         }
-        let (mut field, mut threshold, mut model) = (None, None, None);
+        let (mut field, mut threshold, mut model, mut max) = (None, None, None, None);
         for pair in words[1..].chunks(2) {
             let [name, value] = pair else { return Err(form()) };
             let slot = match *name {
                 "by" => &mut field,
                 "threshold" => &mut threshold,
                 "model" => &mut model,
+                "max" => &mut max,
                 _ => return Err(form()),
             };
             if slot.replace(*value).is_some() {
@@ -242,14 +250,22 @@ impl FromStr for SemanticCacheSpec {
         if !(threshold > 0.0 && threshold <= 1.0) {
             return Err(SpecError::Range { text: spec.to_string(), rule: "threshold must be in (0, 1]" });
         }
-        Ok(SemanticCacheSpec { ttl, field: field.to_string(), threshold, model: model.to_string() })
+        let max_entries = max.map_or(Ok(Self::DEFAULT_MAX_ENTRIES), whole_number)?;
+        if max_entries == 0 {
+            return Err(SpecError::Range { text: spec.to_string(), rule: "max must be positive" });
+        }
+        Ok(SemanticCacheSpec { ttl, field: field.to_string(), threshold, model: model.to_string(), max_entries })
     }
 }
 
 impl fmt::Display for SemanticCacheSpec {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         write_duration(f, self.ttl)?;
-        write!(f, " by {} threshold {} model {}", self.field, self.threshold, self.model)
+        write!(f, " by {} threshold {} model {}", self.field, self.threshold, self.model)?;
+        if self.max_entries != Self::DEFAULT_MAX_ENTRIES {
+            write!(f, " max {}", self.max_entries)?;
+        }
+        Ok(())
     }
 }
 
@@ -473,11 +489,22 @@ mod tests {
         let s: SemanticCacheSpec = "30d by keyword threshold 0.85 model text-embedding-3-small".parse().unwrap();
         assert_eq!(s.ttl, Duration::from_secs(30 * 86_400));
         assert_eq!((s.field.as_str(), s.threshold, s.model.as_str()), ("keyword", 0.85, "text-embedding-3-small"));
+        assert_eq!(s.max_entries, SemanticCacheSpec::DEFAULT_MAX_ENTRIES);
         let d: SemanticCacheSpec = "1h by text model emb".parse().unwrap();
-        assert_eq!((d.threshold, d.model.as_str()), (0.8, "emb"));
+        assert_eq!((d.threshold, d.model.as_str(), d.max_entries), (0.8, "emb", 100_000));
         assert_eq!(d.to_string(), "1h by text threshold 0.8 model emb");
         assert_eq!("1h model m by t".parse::<SemanticCacheSpec>().unwrap().field, "t");
-        for good in ["30d by keyword threshold 0.8 model emb", "90m by a threshold 1 model m", "1500ms by q model m"] {
+        let m: SemanticCacheSpec = "30d by keyword threshold 0.8 model m max 100".parse().unwrap();
+        assert_eq!(m.max_entries, 100);
+        assert_eq!(m.to_string(), "720h by keyword threshold 0.8 model m max 100");
+        assert_eq!("1h max 7 by t model m".parse::<SemanticCacheSpec>().unwrap().max_entries, 7);
+        for good in [
+            "30d by keyword threshold 0.8 model emb",
+            "90m by a threshold 1 model m",
+            "1500ms by q model m",
+            "30d by keyword threshold 0.8 model m max 1",
+            "1h by q model m max 100000",
+        ] {
             round_trips::<SemanticCacheSpec>(good);
         }
         for bad in [
@@ -493,6 +520,11 @@ mod tests {
             "1h by t threshold x",
             "1h by t by u",
             "1h by t with m",
+            "1h by t model m max 0",
+            "1h by t model m max -1",
+            "1h by t model m max 1.5",
+            "1h by t model m max",
+            "1h by t model m max 5 max 6",
         ] {
             assert!(bad.parse::<SemanticCacheSpec>().is_err(), "{bad:?} parsed");
         }

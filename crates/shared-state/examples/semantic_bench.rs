@@ -1,6 +1,8 @@
 //! What the semantic cache's search costs: lookups in a worker's exact cosine index
 //! ([`VectorIndex`]) at N entries of D dimensions, the cost of building it, and (with Redis)
-//! storing the entries in the fleet's stream and a fresh worker's sync of all of them.
+//! storing the entries in the fleet's streams, a fresh worker's sync of all of them, its memory
+//! per entry, and lookups through [`SemanticStore`](taskfleet_shared_state::SemanticStore)
+//! (sync, scan on the blocking pool, and the hit's result read by id).
 //!
 //! `cargo run --release -p taskfleet-shared-state --example semantic_bench` (`ENTRIES`, default
 //! 100000; `DIMS`, 256; `QUERIES`, 1000; `REDIS_URL`, default `redis://127.0.0.1:6379`, `-` to
@@ -109,7 +111,12 @@ async fn redis_part(url: &str, vectors: &[Vec<f32>], probes: &[(usize, Vec<f32>)
         (Ok(w), Ok(r)) if w.is_up() => (w.semantic(1 << 20), r.semantic(1 << 20).with_sync_interval(Duration::ZERO)),
         _ => return eprintln!("Redis at {url} unreachable: skipping the Redis part"),
     };
-    let key = SemanticKey { name: "bench".into(), model: "bench".into(), ttl: Duration::from_secs(3600) };
+    let key = SemanticKey {
+        name: "bench".into(),
+        model: "bench".into(),
+        ttl: Duration::from_secs(3600),
+        max_entries: vectors.len() as u64,
+    };
     let result =
         serde_json::json!({ "text": "a result of about a hundred bytes, standing in for what a handler returns." });
     let started = Instant::now();
@@ -145,12 +152,21 @@ async fn redis_part(url: &str, vectors: &[Vec<f32>], probes: &[(usize, Vec<f32>)
         reader.lookup(&key, &probes[0].1, 0.8).await;
         first.push(t.elapsed().as_secs_f64() * 1e3);
     }
+    let elapsed = started.elapsed();
+    first.sort_by(f64::total_cmp);
+    let (len, bytes) = (reader.local_len(&key).await, reader.local_bytes(&key).await);
     println!(
-        "redis: a fresh worker read all {} entries in {:.2} s over {} lookups ({:?} ms each)",
-        reader.local_len(&key).await,
-        started.elapsed().as_secs_f64(),
+        "redis: a fresh worker read all {len} entries in {:.2} s over {} lookups (median {:.0} ms, longest {:.0} ms)",
+        elapsed.as_secs_f64(),
         first.len(),
-        first.iter().map(|ms| ms.round() as u64).collect::<Vec<_>>()
+        first.get(first.len() / 2).copied().unwrap_or_default(),
+        first.last().copied().unwrap_or_default(),
+    );
+    println!(
+        "redis: the reader's index holds {:.1} MiB, {:.0} bytes per entry ({} of vector)",
+        bytes as f64 / (1 << 20) as f64,
+        bytes as f64 / len.max(1) as f64,
+        vectors[0].len() * 4
     );
     let mut times = Vec::new();
     let mut hits = 0;
@@ -162,12 +178,16 @@ async fn redis_part(url: &str, vectors: &[Vec<f32>], probes: &[(usize, Vec<f32>)
         times.push(t.elapsed());
     }
     println!("redis: {hits} of {} lookups hit", probes.len());
-    report("lookup with an incremental sync each (sync interval 0) and the scan", times);
+    report("lookup with an incremental sync each (sync interval 0), the scan and the hit's read", times);
     let _ = writer_cleanup(&cfg, &prefix).await;
 }
 
 async fn writer_cleanup(cfg: &RedisConfig, prefix: &str) -> redis::RedisResult<()> {
     let client = redis::Client::open(cfg.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    redis::cmd("DEL").arg(format!("{prefix}semantic:bench:bench")).query_async::<()>(&mut conn).await
+    redis::cmd("DEL")
+        .arg(format!("{prefix}semantic:bench:bench"))
+        .arg(format!("{prefix}semantic-results:bench:bench"))
+        .query_async::<()>(&mut conn)
+        .await
 }
