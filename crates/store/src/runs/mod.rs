@@ -11,8 +11,8 @@ mod view;
 pub(crate) use ending::end_run;
 pub use ending::{RunEnded, RunResumed};
 pub use insert::RunInserted;
-pub use view::RunEndSummary;
 pub(crate) use insert::{ChangedRow, next_iterations, refuse_spawn, spawn_children};
+pub use view::RunEndSummary;
 
 use std::collections::BTreeMap;
 
