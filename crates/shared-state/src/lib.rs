@@ -213,6 +213,11 @@ impl SharedState {
         result
     }
 
+    /// The longest wait for one Redis command (`redis.op_timeout`).
+    pub(crate) fn op_timeout(&self) -> Duration {
+        self.inner.op_timeout
+    }
+
     pub(crate) fn key(&self, parts: &[&str]) -> String {
         let mut k = self.inner.prefix.clone();
         for (i, p) in parts.iter().enumerate() {

@@ -277,7 +277,8 @@ struct Cursor {
 /// One policy in this worker.
 #[derive(Debug)]
 struct Partition {
-    /// Held by the one lookup that syncs (across its Redis calls; the others do not wait).
+    /// Held by the one lookup that syncs (across its Redis calls; the others wait for it at
+    /// most one Redis call's timeout, then search the index as it is).
     cursor: tokio::sync::Mutex<Cursor>,
     /// Written only to add what a sync read (and drop what expired), never across a Redis call.
     index: Arc<tokio::sync::RwLock<Index>>,
@@ -362,10 +363,17 @@ impl SemanticStore {
 
     /// The most similar live entry of `key` whose similarity to `vector` is at least
     /// `threshold`, after reading the entries other workers stored (if the last read is older
-    /// than the sync interval and no other lookup of `key` is reading them).
+    /// than the sync interval; a lookup arriving while another reads waits for that read, at
+    /// most `redis.op_timeout`).
     pub async fn lookup(&self, key: &SemanticKey, vector: &[f32], threshold: f32) -> SemanticLookup {
         let part = self.partition(key);
-        if let Ok(mut cursor) = part.cursor.try_lock() {
+        // While another lookup syncs, wait for it (what it reads may be this lookup's hit), but
+        // no longer than one Redis call: past that, search the index as it is.
+        let cursor = match part.cursor.try_lock() {
+            Ok(cursor) => Some(cursor),
+            Err(_) => tokio::time::timeout(self.state.op_timeout(), part.cursor.lock()).await.ok(),
+        };
+        if let Some(mut cursor) = cursor {
             let due = part.stale.swap(false, Ordering::AcqRel)
                 || cursor.synced_at.is_none_or(|t| t.elapsed() >= self.sync_interval);
             if due && self.sync(key, &part, &mut cursor).await.is_err() {
@@ -725,6 +733,33 @@ mod tests {
         let mut conn = client.get_multiplexed_async_connection().await.unwrap();
         redis::cmd("DEL").arg(&results).query_async::<()>(&mut conn).await.unwrap();
         assert_eq!(b.lookup(&key, &unit(4, 1), 0.9).await, SemanticLookup::Miss);
+    }
+
+    #[tokio::test]
+    async fn lookups_during_another_lookups_sync_see_what_it_reads() {
+        let prefix = taskfleet_test_support::RedisPrefix::new("semantic-concurrent");
+        let cfg = redis(&prefix, &prefix.prefix);
+        let (a, b) = (connect(&cfg).await, connect(&cfg).await);
+        let key =
+            SemanticKey { name: "conc".into(), model: "m".into(), ttl: Duration::from_secs(60), max_entries: 1000 };
+        for i in 0..300 {
+            a.store(&key, &spread(8, i), &json!(i), None).await.unwrap();
+        }
+        // 20 lookups at once on a worker that has read nothing yet: one syncs, the others wait
+        // for it instead of searching an empty index.
+        let lookups: Vec<_> = (0..20)
+            .map(|i| {
+                let (b, key) = (b.clone(), key.clone());
+                tokio::spawn(async move {
+                    matches!(b.lookup(&key, &spread(8, 280 + i), 0.999).await, SemanticLookup::Hit(_))
+                })
+            })
+            .collect();
+        let mut hits = Vec::new();
+        for l in lookups {
+            hits.push(l.await.unwrap());
+        }
+        assert!(hits.iter().all(|h| *h), "{hits:?}");
     }
 
     #[tokio::test]
