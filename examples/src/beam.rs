@@ -22,7 +22,7 @@
 //! search (other goal and seed, same invocation); a worker process SIGKILLed mid-search
 //! resumes from its last checkpoint, not from round 1.
 
-use crate::harness::{Figure, Fleet, Mocks, Options, latency, queue, secs};
+use crate::harness::{Figure, Fleet, Mocks, Options, chat_request, latency, queue, secs, strings};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use std::collections::{BTreeMap, BTreeSet};
@@ -291,19 +291,14 @@ fn worker(config: taskfleet_config::Config, providers: &Providers) -> Worker {
         .build()
 }
 
-/// 32-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
-}
-
 /// Goal number `seed`: its terms, and the vocabulary candidates are drawn from (the goal's
 /// terms and as many distractors, in an order of the seed).
 pub fn goal_of(seed: u64) -> (Vec<String>, Vec<String>) {
     let mut all: Vec<&str> = VOCAB.to_vec();
-    all.sort_by_key(|t| fnv1a(format!("{seed}/{t}").as_bytes()));
+    all.sort_by_key(|t| taskfleet_mock_api::fnv1a(format!("{seed}/{t}").as_bytes()));
     let goal: Vec<String> = all[..GOAL_TERMS].iter().map(|s| s.to_string()).collect();
     let mut vocab: Vec<String> = all[..GOAL_TERMS + DISTRACTORS].iter().map(|s| s.to_string()).collect();
-    vocab.sort_by_key(|t| fnv1a(format!("{t}/{seed}").as_bytes()));
+    vocab.sort_by_key(|t| taskfleet_mock_api::fnv1a(format!("{t}/{seed}").as_bytes()));
     (goal, vocab)
 }
 
@@ -312,18 +307,8 @@ pub fn pick(answer: &str, j: usize, vocab: &[String]) -> Option<String> {
     if vocab.is_empty() {
         return None;
     }
-    let h = fnv1a(format!("{answer}#{j}").as_bytes()) as usize;
+    let h = taskfleet_mock_api::fnv1a(format!("{answer}#{j}").as_bytes()) as usize;
     Some(vocab[h % vocab.len()].clone())
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-fn chat(prompt: String) -> Value {
-    json!({ "model": MODEL, "messages": [{ "role": "user", "content": prompt }] })
 }
 
 /// An agent: asks the model for a first plan step.
@@ -331,7 +316,8 @@ async fn agent(providers: Providers, ctx: TaskContext, payload: Value) -> Result
     let vocab = strings(payload.get("vocab"));
     let i = payload.get("i").and_then(Value::as_u64).unwrap_or(0) as usize;
     let seed = payload.get("seed").and_then(Value::as_u64).unwrap_or(0);
-    let answer = providers.chat(&ctx, chat(format!("Agent {i}, goal {seed}: propose a first step."))).await?;
+    let answer =
+        providers.chat(&ctx, chat_request(MODEL, format!("Agent {i}, goal {seed}: propose a first step."))).await?;
     let text = answer.get("content").and_then(Value::as_str).unwrap_or_default();
     let step = pick(text, i, &vocab).ok_or_else(|| TaskError::fatal("no vocabulary").with_code("invalid_payload"))?;
     Ok(json!({ "agent": i, "step": step }))
@@ -519,7 +505,7 @@ async fn search(providers: Providers, ctx: TaskContext, payload: Value) -> Resul
     let ask = |prompt: String| {
         let (providers, ctx) = (providers.clone(), ctx.clone());
         async move {
-            let answer = providers.chat(&ctx, chat(prompt)).await?;
+            let answer = providers.chat(&ctx, chat_request(MODEL, prompt)).await?;
             let content = answer.get("content").and_then(Value::as_str).unwrap_or_default().to_string();
             Ok((content, answer.get("cached").and_then(Value::as_bool).unwrap_or(false)))
         }

@@ -16,7 +16,7 @@
 //! document from the fleet's own accounting (`RunView.totals`) matches its tasks' tokens ×
 //! the price table.
 
-use crate::harness::{Figure, Fleet, Mocks, Options, latency, queue, secs};
+use crate::harness::{Figure, Fleet, Mocks, Options, answer_text, chat_request, latency, queue, secs, strings};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{NodeSpec, RunSpec, RunView, TaskState};
@@ -220,34 +220,15 @@ fn worker(config: taskfleet_config::Config, providers: &Providers) -> Worker {
         .build()
 }
 
-fn chat(model: &str, prompt: String) -> Value {
-    json!({ "model": model, "messages": [{ "role": "user", "content": prompt }] })
-}
-
-fn content(answer: &Value) -> String {
-    answer.get("content").and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
 fn text<'a>(v: &'a Value, key: &str) -> &'a str {
     v.get(key).and_then(Value::as_str).unwrap_or_default()
-}
-
-fn strings(v: Option<&Value>) -> Vec<String> {
-    v.and_then(Value::as_array)
-        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
-        .unwrap_or_default()
-}
-
-/// 32-bit FNV-1a.
-fn fnv1a(bytes: &[u8]) -> u32 {
-    bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 
 /// The document's required section terms: [`TERMS`] of [`SECTIONS`], ordered by a hash of the
 /// topic and the term.
 pub fn required_terms(topic: &str) -> Vec<String> {
     let mut all: Vec<&str> = SECTIONS.to_vec();
-    all.sort_by_key(|t| fnv1a(format!("{topic}/{t}").as_bytes()));
+    all.sort_by_key(|t| taskfleet_mock_api::fnv1a(format!("{topic}/{t}").as_bytes()));
     all.into_iter().take(TERMS).map(str::to_string).collect()
 }
 
@@ -259,9 +240,10 @@ async fn research(providers: Providers, ctx: TaskContext, payload: Value) -> Res
         return Err(TaskError::fatal("a document needs a topic").with_code("invalid_payload"));
     }
     let required = required_terms(topic);
-    let answer = providers.chat(&ctx, chat(LARGE, format!("Research {topic}: {}.", required.join(", ")))).await?;
-    let notes = content(&answer);
-    let found = 1 + fnv1a(notes.as_bytes()) as usize % (TERMS - 1);
+    let answer =
+        providers.chat(&ctx, chat_request(LARGE, format!("Research {topic}: {}.", required.join(", ")))).await?;
+    let notes = answer_text(&answer);
+    let found = 1 + taskfleet_mock_api::fnv1a(notes.as_bytes()) as usize % (TERMS - 1);
     Ok(json!({ "topic": topic, "required": required, "found": required[..found], "notes": notes }))
 }
 
@@ -298,8 +280,8 @@ async fn revise(ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
 async fn write(providers: Providers, ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
     let topic = text(&payload, "topic");
     let terms = strings(payload.get("terms"));
-    let answer = providers.chat(&ctx, chat(LARGE, format!("Draft {topic}: {}.", terms.join(", ")))).await?;
-    Ok(json!({ "draft": content(&answer) }))
+    let answer = providers.chat(&ctx, chat_request(LARGE, format!("Draft {topic}: {}.", terms.join(", ")))).await?;
+    Ok(json!({ "draft": answer_text(&answer) }))
 }
 
 /// The editor (small model): an edited draft.
@@ -309,8 +291,8 @@ async fn edit(providers: Providers, ctx: TaskContext, _payload: Value) -> Result
         .and_then(|w| w.get("draft"))
         .and_then(Value::as_str)
         .ok_or_else(|| TaskError::fatal("no draft to edit").with_code("missing_parent"))?;
-    let answer = providers.chat(&ctx, chat(SMALL, format!("Edit: {draft}"))).await?;
-    Ok(json!({ "edited": content(&answer) }))
+    let answer = providers.chat(&ctx, chat_request(SMALL, format!("Edit: {draft}"))).await?;
+    Ok(json!({ "edited": answer_text(&answer) }))
 }
 
 /// The verifier (large model, the stand-in judge): scores the edited draft against the
@@ -324,8 +306,8 @@ async fn verify(providers: Providers, ctx: TaskContext, payload: Value) -> Resul
         .ok_or_else(|| TaskError::fatal("no edited draft to verify").with_code("missing_parent"))?;
     let required = strings(payload.get("required"));
     let prompt = format!("SCORE\nrequired: {}\n---\n{edited}", required.join(", "));
-    let answer = providers.chat(&ctx, chat(LARGE, prompt)).await?;
-    let verdict: Value = serde_json::from_str(&content(&answer)).map_err(|e| {
+    let answer = providers.chat(&ctx, chat_request(LARGE, prompt)).await?;
+    let verdict: Value = serde_json::from_str(&answer_text(&answer)).map_err(|e| {
         TaskError::retryable(format!("the verifier's answer is not JSON: {e}")).with_code("bad_verdict")
     })?;
     let score = verdict

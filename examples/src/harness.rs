@@ -8,6 +8,7 @@
 
 use anyhow::{Context, bail};
 use serde::Serialize;
+use serde_json::{Value, json};
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use taskfleet_config::Config;
@@ -138,9 +139,9 @@ impl Fleet {
         Ok(submitted.run_id)
     }
 
-    /// The run's view (`run.get`).
-    pub async fn get(&self, id: Uuid) -> anyhow::Result<RunView> {
-        let body = serde_json::to_vec(&RunGetRequest { id, tasks: Some(5000) })?;
+    /// The run's view (`run.get`) with at most `tasks` of its tasks.
+    pub async fn get(&self, id: Uuid, tasks: u32) -> anyhow::Result<RunView> {
+        let body = serde_json::to_vec(&RunGetRequest { id, tasks: Some(tasks) })?;
         let asking = self.client.request(self.subjects.api(VERB_RUN_GET), body.into());
         let reply = tokio::time::timeout(Duration::from_secs(10), asking)
             .await
@@ -151,14 +152,13 @@ impl Fleet {
         Ok(serde_json::from_slice(&reply.payload)?)
     }
 
-    /// Waits until the run has ended; returns its view.
+    /// Waits until the run has ended; returns its view with (up to 5,000 of) its tasks.
     pub async fn wait(&self, id: Uuid, timeout: Duration) -> anyhow::Result<RunView> {
         let deadline = Instant::now() + timeout;
         let mut sub = self.client.subscribe(self.subjects.run_ended(&id)).await?;
         loop {
-            let view = self.get(id).await?;
-            if view.state != RunState::Running {
-                return Ok(view);
+            if self.get(id, 0).await?.state != RunState::Running {
+                return self.get(id, 5000).await;
             }
             if Instant::now() > deadline {
                 bail!("run {id} still running after {timeout:?}");
@@ -256,6 +256,23 @@ pub fn percentile(values: &[f64], p: f64) -> f64 {
     v.sort_by(f64::total_cmp);
     let rank = ((p / 100.0) * v.len() as f64).ceil() as usize;
     v[rank.clamp(1, v.len()) - 1]
+}
+
+/// A chat request of one user message.
+pub fn chat_request(model: &str, prompt: String) -> Value {
+    json!({ "model": model, "messages": [{ "role": "user", "content": prompt }] })
+}
+
+/// The text of a chat answer (`Providers::chat`'s result).
+pub fn answer_text(answer: &Value) -> String {
+    answer.get("content").and_then(Value::as_str).unwrap_or_default().to_string()
+}
+
+/// The strings of a JSON array (none when it is not one).
+pub fn strings(v: Option<&Value>) -> Vec<String> {
+    v.and_then(Value::as_array)
+        .map(|a| a.iter().filter_map(Value::as_str).map(str::to_string).collect())
+        .unwrap_or_default()
 }
 
 /// Seconds with two decimals.

@@ -13,7 +13,7 @@
 //! Figure: 10 concurrent runs of 2 queries each all return a report with non-empty sections,
 //! and no provider exceeds its limit in any window at the mock API (its arrival log).
 
-use crate::harness::{Figure, Fleet, Mocks, Options, latency, queue, secs};
+use crate::harness::{Figure, Fleet, Mocks, Options, answer_text, chat_request, latency, queue, secs};
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use taskfleet_proto::{NodeSpec, RetryBackoff, RunSpec};
@@ -135,22 +135,13 @@ fn worker(config: taskfleet_config::Config, providers: &Providers) -> Worker {
         .build()
 }
 
-/// A chat request of one user message.
-fn chat(model: &str, prompt: String) -> Value {
-    json!({ "model": model, "messages": [{ "role": "user", "content": prompt }] })
-}
-
-fn content(answer: &Value) -> String {
-    answer.get("content").and_then(Value::as_str).unwrap_or_default().to_string()
-}
-
 /// The planner: asks for the queries and assigns each a kind (news, academic, web), which
 /// picks its search chain. The stand-in model cannot plan, so the queries are the topic with
 /// an aspect each; the model's answer travels along as the plan.
 async fn plan(providers: Providers, ctx: TaskContext, payload: Value) -> Result<Value, TaskError> {
     let topic = payload.get("topic").and_then(Value::as_str).unwrap_or("anything");
     let n = payload.get("queries").and_then(Value::as_u64).unwrap_or(2) as usize;
-    let answer = providers.chat(&ctx, chat(PLANNER, format!("Plan {n} web searches about {topic}."))).await?;
+    let answer = providers.chat(&ctx, chat_request(PLANNER, format!("Plan {n} web searches about {topic}."))).await?;
     // Kinds rotate over the runs' queries, so every chain gets its share.
     let offset = payload.get("n").and_then(Value::as_u64).unwrap_or(0) as usize * n;
     let queries: Vec<Value> = (0..n)
@@ -159,7 +150,7 @@ async fn plan(providers: Providers, ctx: TaskContext, payload: Value) -> Result<
             json!({ "query": format!("{topic}: {}", ASPECTS[i % ASPECTS.len()]), "kind": kind })
         })
         .collect();
-    Ok(json!({ "plan": content(&answer), "queries": queries }))
+    Ok(json!({ "plan": answer_text(&answer), "queries": queries }))
 }
 
 /// Fans out: per query, a search through its kind's chain and a researcher reading it; a
@@ -200,13 +191,14 @@ async fn read(providers: Providers, ctx: TaskContext, payload: Value) -> Result<
         .and_then(Value::as_array)
         .map(|r| r.iter().filter_map(|x| x.get("snippet").and_then(Value::as_str)).collect())
         .unwrap_or_default();
-    let answer =
-        providers.chat(&ctx, chat(RESEARCHER, format!("Notes on {query} from: {}", snippets.join(" | ")))).await?;
+    let answer = providers
+        .chat(&ctx, chat_request(RESEARCHER, format!("Notes on {query} from: {}", snippets.join(" | "))))
+        .await?;
     Ok(json!({
         "query": query,
         "chain": payload.get("chain"),
         "search_provider": search.get("provider"),
-        "notes": content(&answer),
+        "notes": answer_text(&answer),
     }))
 }
 
@@ -228,8 +220,9 @@ async fn write(providers: Providers, ctx: TaskContext, payload: Value) -> Result
         );
     }
     let headings: Vec<&str> = sections.iter().filter_map(|s| s.get("heading").and_then(Value::as_str)).collect();
-    let summary = providers.chat(&ctx, chat(PLANNER, format!("Summarise {topic}: {}", headings.join("; ")))).await?;
-    Ok(json!({ "topic": topic, "summary": content(&summary), "sections": sections }))
+    let summary =
+        providers.chat(&ctx, chat_request(PLANNER, format!("Summarise {topic}: {}", headings.join("; ")))).await?;
+    Ok(json!({ "topic": topic, "summary": answer_text(&summary), "sections": sections }))
 }
 
 /// Sections of a finished run's report, when every one has a heading and text.

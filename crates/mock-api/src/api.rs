@@ -266,8 +266,9 @@ fn slug(text: &str) -> String {
     if trimmed.is_empty() { "x".to_string() } else { trimmed.to_string() }
 }
 
-/// 32-bit FNV-1a: stable across Rust versions, unlike `DefaultHasher`.
-fn fnv1a(bytes: &[u8]) -> u32 {
+/// 32-bit FNV-1a: stable across Rust versions, unlike `DefaultHasher` (the mock's answers and
+/// the examples' stand-in choices derive from it, so runs are reproducible).
+pub fn fnv1a(bytes: &[u8]) -> u32 {
     bytes.iter().fold(0x811c_9dc5u32, |h, b| (h ^ u32::from(*b)).wrapping_mul(0x0100_0193))
 }
 

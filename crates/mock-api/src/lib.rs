@@ -56,7 +56,7 @@ mod stats;
 pub use api::{
     ChatChoice, ChatMessage, ChatRequest, ChatResponse, DEFAULT_SEARCH_RESULTS, ECHO_MAX_CHARS, ErrorBody, ErrorDetail,
     JUDGE_MARKER, MAX_SEARCH_RESULTS, SearchRequest, SearchResponse, SearchResult, Usage, count_tokens, echo_content,
-    judge_content,
+    fnv1a, judge_content,
 };
 pub use embeddings::{
     DEFAULT_DIMENSIONS, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, MAX_DIMENSIONS,
