@@ -24,4 +24,4 @@ pub use publish::{Outgoing, publish_all};
 pub use submit::{
     RunSubmitError, SentSubmission, SubmitError, decode_message, publish_submission, send_submission, submit_run,
 };
-pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect};
+pub use topology::{COORDINATOR_CONSUMER, ConsumerProgress, StreamState, Topology, connect, server_addrs};

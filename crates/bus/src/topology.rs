@@ -1,18 +1,32 @@
 //! Connecting and declaring streams and consumers.
 
 use crate::{BusError, BusErrorKind};
+use async_nats::ServerAddr;
 use async_nats::jetstream::{
     self,
     consumer::{AckPolicy, DeliverPolicy, pull},
     stream::{self, DiscardPolicy, RetentionPolicy, StorageType},
 };
 use std::time::Duration;
-use taskfleet_config::{NatsConfig, StorageKind};
+use taskfleet_config::{NatsConfig, StorageKind, redact_url};
 use taskfleet_proto::{Priority, Subjects};
 
-/// Connects to NATS, retrying for up to `patience`, and checks that the server runs JetStream.
-/// Servers older than 2.10.23 are accepted with a warning (production should run a newer one).
+/// The seed servers of `cfg.url` (comma-separated), parsed. Errors show the entry with its
+/// credentials redacted.
+pub fn server_addrs(cfg: &NatsConfig) -> Result<Vec<ServerAddr>, BusError> {
+    cfg.servers()
+        .into_iter()
+        .map(|s| s.parse::<ServerAddr>().map_err(|e| BusError::new(BusErrorKind::Connect, redact_url(s), e)))
+        .collect()
+}
+
+/// Connects to NATS through any of the seed servers of `cfg.url`, retrying for up to
+/// `patience`, and checks that the server runs JetStream. Servers older than 2.10.23 are
+/// accepted with a warning (production should run a newer one). Logs and errors show the
+/// servers with credentials redacted.
 pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result<async_nats::Client, BusError> {
+    let servers = server_addrs(cfg)?;
+    let shown = cfg.redacted_url();
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(100);
     let client = loop {
@@ -29,30 +43,32 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
                     other => tracing::debug!(%other, "NATS connection event"),
                 }
             })
-            .connect(cfg.url.as_str())
+            .connect(servers.clone())
             .await;
         match attempt {
             Ok(client) => break client,
             Err(e) if tokio::time::Instant::now() + delay < deadline => {
-                tracing::warn!(url = %cfg.url, error = %e, "NATS not reachable yet, retrying");
+                tracing::warn!(servers = %shown, error = %e, "NATS not reachable yet, retrying");
                 tokio::time::sleep(delay).await;
                 delay = (delay * 2).min(Duration::from_secs(2));
             }
             Err(e) => {
-                return Err(BusError::new(BusErrorKind::Connect, cfg.url.as_str(), e));
+                return Err(BusError::new(BusErrorKind::Connect, shown, e));
             }
         }
     };
     let info = client.server_info();
+    tracing::info!(servers = %shown, server = %info.server_name, version = %info.version, "NATS connection up");
+    let shown = format!("{} (one of {shown})", info.server_name);
     if !info.jetstream {
         let why = format!("JetStream is not enabled on nats-server {} (start it with -js)", info.version);
-        return Err(BusError::new(BusErrorKind::Unsuitable, cfg.url.as_str(), why));
+        return Err(BusError::new(BusErrorKind::Unsuitable, shown, why));
     }
     let version = parse_version(&info.version);
     if version < (2, 9, 0) {
         let why =
             format!("nats-server {} is too old: taskfleet needs 2.9 or later (2.10.23+ recommended)", info.version);
-        return Err(BusError::new(BusErrorKind::Unsuitable, cfg.url.as_str(), why));
+        return Err(BusError::new(BusErrorKind::Unsuitable, shown, why));
     }
     if version < (2, 10, 23) {
         tracing::warn!(
@@ -290,7 +306,20 @@ impl Topology {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_version;
+    use super::{parse_version, server_addrs};
+    use taskfleet_config::NatsConfig;
+
+    #[test]
+    fn every_seed_server_is_parsed_and_errors_are_redacted() {
+        let cfg = NatsConfig { url: "nats://a:4222, tls://u:pw@b:4223 ,c:4224".into(), ..NatsConfig::default() };
+        let addrs = server_addrs(&cfg).unwrap();
+        let hosts: Vec<_> = addrs.iter().map(|a| (a.host().to_string(), a.port(), a.tls_required())).collect();
+        assert_eq!(hosts, [("a".into(), 4222, false), ("b".into(), 4223, true), ("c".into(), 4224, false)]);
+        let bad = NatsConfig { url: "nats://a:4222,nats://u:hunter2@b:99999".into(), ..NatsConfig::default() };
+        let e = server_addrs(&bad).unwrap_err().to_string();
+        assert!(e.starts_with("cannot connect to NATS at nats://u:***@b:99999: "), "{e}");
+        assert!(!e.contains("hunter2"), "{e}");
+    }
 
     #[test]
     fn versions() {

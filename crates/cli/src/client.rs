@@ -29,9 +29,9 @@ impl Fleet {
         let client = async_nats::ConnectOptions::new()
             .name("taskfleet-cli")
             .connection_timeout(Duration::from_secs(5))
-            .connect(config.nats.url.as_str())
+            .connect(taskfleet_bus::server_addrs(&config.nats)?)
             .await
-            .with_context(|| format!("cannot reach NATS at {}", config.nats.url))?;
+            .with_context(|| format!("cannot reach NATS at {}", config.nats.redacted_url()))?;
         let js = async_nats::jetstream::ContextBuilder::new()
             .timeout(Duration::from_secs(10))
             .max_ack_inflight(4096)

@@ -16,6 +16,7 @@
 
 mod loader;
 mod policies;
+mod redact;
 #[cfg(test)]
 mod reference;
 mod sections;
@@ -23,6 +24,7 @@ mod specs;
 
 pub use loader::{ConfigError, Origin};
 pub use policies::*;
+pub use redact::{REDACTED, redact_url, redact_urls};
 pub use sections::*;
 pub use specs::*;
 

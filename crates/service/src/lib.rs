@@ -27,6 +27,13 @@ impl Service {
     pub fn start(name: &str) -> anyhow::Result<Service> {
         let config = Config::load().map_err(|e| anyhow::anyhow!("{e}"))?;
         let telemetry = taskfleet_telemetry::init(name, &config.telemetry)?;
+        // Connection URLs may carry passwords: only their redacted forms are ever logged.
+        tracing::info!(
+            nats = %config.nats.redacted_url(),
+            database = %config.database.redacted_url(),
+            redis = %config.redis.redacted_url(),
+            "{name} starting"
+        );
         let metrics = PrometheusBuilder::new()
             .install_recorder()
             .map_err(|e| anyhow::anyhow!("cannot install metrics recorder: {e}"))?;
