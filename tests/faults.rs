@@ -304,7 +304,10 @@ async fn faults_lose_nothing_and_end_each_task_once() {
         .set("TASKFLEET_POLICIES_CACHE", "echo=10m")
         .set("TASKFLEET_POLICIES_SINGLE_FLIGHT_WAIT", "2s")
         .set("TASKFLEET_POLICIES_RATE_LIMITS", "echo=500/s burst 50")
-        .set("TASKFLEET_POLICIES_KIND_LIMITS", "echo=echo");
+        .set("TASKFLEET_POLICIES_KIND_LIMITS", "echo=echo")
+        // The probes are `url` targets on this machine.
+        .set("TASKFLEET_PROVIDERS_URL_HOSTS", "127.0.0.1")
+        .set("TASKFLEET_PROVIDERS_ALLOW_PRIVATE_ADDRESSES", "127.0.0.1");
     fleet.start_coordinator();
     fleet.start_worker(&[]);
     fleet.start_worker(&[]);

@@ -190,6 +190,79 @@ pub struct ProvidersConfig {
     pub embed_batch_max: usize,
     /// Smallest embeddings batch: a failed batch (5xx, timeout, 429) halves the size down to this.
     pub embed_batch_min: usize,
+    /// Hosts an `http` task may name in `url` (exact names or IP addresses, `*.example.com` for
+    /// any subdomain, `*` for any host); empty refuses every `url` (`url_not_allowed`). Such
+    /// calls get no API key. Env: `TASKFLEET_PROVIDERS_URL_HOSTS=api.example.com,*.example.org`.
+    pub url_hosts: Vec<String>,
+    /// Loopback, private, link-local (cloud metadata), CGNAT, unspecified and multicast addresses
+    /// that `url` targets and redirects off a provider's host may still reach: CIDRs
+    /// (`10.0.0.0/8`, `fd00::/8`, a bare address) or `all`. Checked after DNS resolution and on
+    /// every redirect; a configured provider's own host is trusted.
+    pub allow_private_addresses: Vec<String>,
+}
+
+/// An IP address range (`10.0.0.0/8`, `fd00::/8`, or one address), as in
+/// `providers.allow_private_addresses`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct IpRange {
+    addr: std::net::IpAddr,
+    prefix: u8,
+}
+
+impl IpRange {
+    /// Whether `ip` is in the range (an IPv4-mapped IPv6 address counts as its IPv4 address).
+    pub fn contains(&self, ip: std::net::IpAddr) -> bool {
+        use std::net::IpAddr;
+        let ip = match ip {
+            IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+            v4 => v4,
+        };
+        match (self.addr, ip) {
+            (IpAddr::V4(net), IpAddr::V4(ip)) => {
+                let mask = u32::MAX.checked_shl(32 - u32::from(self.prefix)).unwrap_or(0);
+                u32::from(net) & mask == u32::from(ip) & mask
+            }
+            (IpAddr::V6(net), IpAddr::V6(ip)) => {
+                let mask = u128::MAX.checked_shl(128 - u32::from(self.prefix)).unwrap_or(0);
+                u128::from(net) & mask == u128::from(ip) & mask
+            }
+            _ => false,
+        }
+    }
+}
+
+impl std::str::FromStr for IpRange {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<IpRange, String> {
+        let (addr, prefix) = s.trim().split_once('/').map_or((s.trim(), None), |(a, p)| (a, Some(p)));
+        let addr: std::net::IpAddr = addr.parse().map_err(|_| format!("{s:?} is not an address or CIDR"))?;
+        let max = if addr.is_ipv4() { 32 } else { 128 };
+        let prefix = match prefix {
+            None => max,
+            Some(p) => p.parse::<u8>().ok().filter(|p| *p <= max).ok_or_else(|| format!("{s:?}: bad prefix length"))?,
+        };
+        Ok(IpRange { addr, prefix })
+    }
+}
+
+/// Which restricted addresses `providers.allow_private_addresses` lets through.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum PrivateAllowance {
+    /// Every address (`all`).
+    All,
+    /// The addresses in these ranges.
+    Ranges(Vec<IpRange>),
+}
+
+impl PrivateAllowance {
+    /// Whether `ip` is let through.
+    pub fn allows(&self, ip: std::net::IpAddr) -> bool {
+        match self {
+            PrivateAllowance::All => true,
+            PrivateAllowance::Ranges(ranges) => ranges.iter().any(|r| r.contains(ip)),
+        }
+    }
 }
 
 impl Default for ProvidersConfig {
@@ -209,6 +282,8 @@ impl Default for ProvidersConfig {
             embed_batch_step: 5,
             embed_batch_max: 100,
             embed_batch_min: 5,
+            url_hosts: Vec::new(),
+            allow_private_addresses: Vec::new(),
         }
     }
 }
@@ -229,8 +304,26 @@ impl ProvidersConfig {
         self.prices.get(model).copied()
     }
 
+    /// `allow_private_addresses` parsed (an entry that does not parse is an error).
+    pub fn private_allowance(&self) -> Result<PrivateAllowance, String> {
+        if self.allow_private_addresses.iter().any(|a| a.trim().eq_ignore_ascii_case("all")) {
+            return Ok(PrivateAllowance::All);
+        }
+        self.allow_private_addresses.iter().map(|a| a.parse()).collect::<Result<_, _>>().map(PrivateAllowance::Ranges)
+    }
+
     pub(crate) fn validate(&self, policies: &PoliciesConfig) -> Result<(), ConfigError> {
         let invalid = |field, message| Err(ConfigError::Invalid { field, message });
+        if let Err(message) = self.private_allowance() {
+            return invalid("providers.allow_private_addresses", message);
+        }
+        for host in &self.url_hosts {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let ipv6 = name.trim_start_matches('[').trim_end_matches(']').parse::<std::net::Ipv6Addr>().is_ok();
+            if name.is_empty() || (!ipv6 && name.contains(['/', ':', '@', '\\', ' ', '[', ']'])) {
+                return invalid("providers.url_hosts", format!("{host:?} is not a host name, `*.suffix` or `*`"));
+            }
+        }
         for (name, url) in &self.urls {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return invalid("providers.urls", format!("{name}: {url:?} is not an http(s) URL"));
@@ -374,5 +467,41 @@ mod tests {
         let bad = [ok[0], ok[1], ("TASKFLEET_POLICIES_SEMANTIC_CACHE", "echo=1h by text threshold 2 model emb")];
         let err = crate::Config::load_from(None, env(&bad)).unwrap_err().to_string();
         assert!(err.contains("TASKFLEET_POLICIES_SEMANTIC_CACHE") && err.contains("threshold"), "{err}");
+    }
+
+    #[test]
+    fn url_hosts_and_private_addresses_load_and_are_validated() {
+        let env =
+            |pairs: &[(&str, &str)]| pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())).collect::<Vec<_>>();
+        let ok = [
+            ("TASKFLEET_PROVIDERS_URL_HOSTS", "api.example.com, *.example.org,127.0.0.1,[::1]"),
+            ("TASKFLEET_PROVIDERS_ALLOW_PRIVATE_ADDRESSES", "10.0.0.0/8,fd00::/8,127.0.0.1"),
+        ];
+        let c = crate::Config::load_from(None, env(&ok)).unwrap();
+        assert_eq!(c.providers.url_hosts, ["api.example.com", "*.example.org", "127.0.0.1", "[::1]"]);
+        let allowed = c.providers.private_allowance().unwrap();
+        for ip in ["10.1.2.3", "fd12::1", "127.0.0.1", "::ffff:10.9.9.9"] {
+            assert!(allowed.allows(ip.parse().unwrap()), "{ip}");
+        }
+        for ip in ["11.0.0.1", "127.0.0.2", "fe80::1", "169.254.169.254"] {
+            assert!(!allowed.allows(ip.parse().unwrap()), "{ip}");
+        }
+        assert_eq!(ProvidersConfig::default().private_allowance().unwrap(), PrivateAllowance::Ranges(Vec::new()));
+        let all = [("TASKFLEET_PROVIDERS_ALLOW_PRIVATE_ADDRESSES", "all")];
+        let c = crate::Config::load_from(None, env(&all)).unwrap();
+        assert_eq!(c.providers.private_allowance().unwrap(), PrivateAllowance::All);
+        assert!("0.0.0.0/0".parse::<IpRange>().unwrap().contains("1.2.3.4".parse().unwrap()));
+
+        for bad in ["10.0.0.0/33", "10.0.0", "fd00::/129", "private"] {
+            let err = crate::Config::load_from(None, env(&[("TASKFLEET_PROVIDERS_ALLOW_PRIVATE_ADDRESSES", bad)]))
+                .unwrap_err()
+                .to_string();
+            assert!(err.contains("providers.allow_private_addresses"), "{bad}: {err}");
+        }
+        for bad in ["http://x.com", "x.com/path", "user@x.com", "x.com:443", "*."] {
+            let err =
+                crate::Config::load_from(None, env(&[("TASKFLEET_PROVIDERS_URL_HOSTS", bad)])).unwrap_err().to_string();
+            assert!(err.contains("providers.url_hosts"), "{bad}: {err}");
+        }
     }
 }

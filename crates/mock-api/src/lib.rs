@@ -10,7 +10,8 @@
 //! | `POST /v1/search` `{"query", "max_results"}`, `GET /v1/search?q=…&max_results=…` | `{"provider", "query", "results": [{"title", "url", "snippet"}]}`, the same for the same query |
 //! | `POST /v1/embeddings` `{"model", "input": text or [texts], "dimensions"?}` | OpenAI-shaped unit vectors (256 dimensions by default) from the texts' words and character trigrams (see [`embed`]): paraphrases are close, unrelated texts are not, equal texts get equal vectors; `usage` counts [`count_tokens`] per text |
 //! | `POST /v1/records` `{"records": [...]}` | `{"stored": n}`: a batch write (analytics rows), counted in [`Stats::records`] |
-//! | `GET /stats` | [`Stats`]: arrivals, answers by status and by endpoint, and the arrival times of the requests answered 200 (for measuring a client's rate-limit overshoot, see [`Stats::max_in_window`]) |
+//! | `GET /stats` | [`Stats`]: arrivals, answers by status and by endpoint, and the arrival times of the requests answered 200 (for measuring a client's rate-limit overshoot, see [`Stats::max_in_window`]), and every request's method, path and `Authorization` header ([`Stats::requests`]: which credentials reached it) |
+//! | `GET /redirect?to=URL` | `302 Found` with `Location: URL` (for testing a client's redirect rules) |
 //! | `POST /stats/reset` | the counters as they were; they start again from zero |
 //! | `GET /control`, `POST /control` | the current [`Behaviour`]; the body of a `POST` is a [`Control`] (any of its fields) changing it |
 //! | `GET /healthz` | `ok` |
@@ -62,7 +63,9 @@ pub use embeddings::{
     DEFAULT_DIMENSIONS, Embedding, EmbeddingInput, EmbeddingRequest, EmbeddingResponse, EmbeddingUsage, MAX_DIMENSIONS,
     MAX_INPUTS, embed,
 };
-pub use stats::{Billed, CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
+pub use stats::{
+    Billed, CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, MAX_SEEN, RECORDS_ENDPOINT, SEARCH_ENDPOINT, SeenRequest, Stats,
+};
 
 use serde::{Deserialize, Serialize};
 use server::Shared;

@@ -3,12 +3,13 @@
 
 use crate::api::{self, ChatRequest, ErrorBody, SearchRequest};
 use crate::embeddings::{EmbeddingRequest, embeddings_response};
-use crate::stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, Stats};
+use crate::stats::{CHAT_ENDPOINT, EMBEDDINGS_ENDPOINT, RECORDS_ENDPOINT, SEARCH_ENDPOINT, SeenRequest, Stats};
 use crate::{Behaviour, Control, MockError};
 use axum::body::Bytes;
 use axum::extract::rejection::{BytesRejection, QueryRejection};
-use axum::extract::{Query, State};
+use axum::extract::{Query, Request, State};
 use axum::http::{StatusCode, header};
+use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
@@ -217,8 +218,44 @@ pub(crate) fn router(shared: Arc<Shared>) -> Router {
         .route("/stats/reset", post(reset_stats))
         .route("/control", get(get_control).post(post_control))
         .route("/healthz", get(|| async { "ok" }))
+        .route("/redirect", get(redirect))
         .fallback(not_found)
+        .layer(middleware::from_fn_with_state(shared.clone(), record_request))
         .with_state(shared)
+}
+
+/// Notes every request but the mock's own `/stats`, `/control` and `/healthz` in
+/// [`Stats::requests`], with its `Authorization` header.
+async fn record_request(State(s): AppState, request: Request, next: Next) -> Response {
+    let path = request.uri().path();
+    if !(path.starts_with("/stats") || path == "/control" || path == "/healthz") {
+        let authorization =
+            request.headers().get(header::AUTHORIZATION).map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned());
+        let seen = SeenRequest { method: request.method().to_string(), path: path.to_string(), authorization };
+        s.lock().stats.seen(seen);
+    }
+    next.run(request).await
+}
+
+/// Query string of `GET /redirect`.
+#[derive(Deserialize)]
+struct RedirectParams {
+    to: String,
+}
+
+/// `GET /redirect?to=URL`: `302 Found` to `URL` (for testing a client's redirect rules).
+async fn redirect(params: Result<Query<RedirectParams>, QueryRejection>) -> Response {
+    match params {
+        Ok(Query(p)) => match header::HeaderValue::from_str(&p.to) {
+            Ok(location) => (StatusCode::FOUND, [(header::LOCATION, location)]).into_response(),
+            Err(_) => {
+                (StatusCode::BAD_REQUEST, Json(ErrorBody::new("invalid_request_error", "invalid 'to'"))).into_response()
+            }
+        },
+        Err(e) => {
+            (StatusCode::BAD_REQUEST, Json(ErrorBody::new("invalid_request_error", format!("{e}")))).into_response()
+        }
+    }
 }
 
 type AppState = State<Arc<Shared>>;

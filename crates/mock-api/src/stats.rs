@@ -36,6 +36,24 @@ pub struct Stats {
     /// answered 200, as a provider's invoice would count them.
     #[serde(default)]
     pub tokens: BTreeMap<String, Billed>,
+    /// The first [`MAX_SEEN`] requests to any path but `/stats`, `/control` and `/healthz`, in
+    /// arrival order, with their `Authorization` header: which credentials reached this server.
+    #[serde(default)]
+    pub requests: Vec<SeenRequest>,
+}
+
+/// Most requests kept in [`Stats::requests`].
+pub const MAX_SEEN: usize = 10_000;
+
+/// One request as it arrived.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SeenRequest {
+    /// Method, e.g. `GET`.
+    pub method: String,
+    /// Path (without the query).
+    pub path: String,
+    /// The `Authorization` header, if any.
+    pub authorization: Option<String>,
 }
 
 /// Tokens billed for one model.
@@ -62,6 +80,7 @@ impl Stats {
             accepted_ms: Vec::new(),
             records: 0,
             tokens: BTreeMap::new(),
+            requests: Vec::new(),
         }
     }
 
@@ -92,6 +111,17 @@ impl Stats {
         let b = self.tokens.entry(model.to_string()).or_default();
         b.prompt += u64::from(prompt);
         b.completion += u64::from(completion);
+    }
+
+    /// The `Authorization` headers of the requests seen, in arrival order.
+    pub fn authorizations(&self) -> Vec<Option<String>> {
+        self.requests.iter().map(|r| r.authorization.clone()).collect()
+    }
+
+    pub(crate) fn seen(&mut self, request: SeenRequest) {
+        if self.requests.len() < MAX_SEEN {
+            self.requests.push(request);
+        }
     }
 
     pub(crate) fn arrived(&mut self, endpoint: &str) {

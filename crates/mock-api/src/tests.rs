@@ -309,3 +309,26 @@ async fn answered_tokens_are_billed_by_model_and_records_counted() {
     assert_eq!(stats.records, 3);
     mock.shutdown().await.expect("shutdown");
 }
+
+#[tokio::test]
+async fn records_authorization_headers_and_redirects() {
+    let (mock, _) = start(Behaviour::default()).await;
+    let client = reqwest::Client::builder().redirect(reqwest::redirect::Policy::none()).build().unwrap();
+    let url = format!("{}/v1/search", mock.url());
+    let r = client.post(&url).bearer_auth("sk-one").json(&json!({ "query": "q" })).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::OK);
+    client.get(format!("{url}?q=x")).send().await.unwrap();
+    let r = client.get(format!("{}/redirect?to=http://10.0.0.1/x", mock.url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::FOUND);
+    assert_eq!(r.headers()[reqwest::header::LOCATION], "http://10.0.0.1/x");
+    let r = client.get(format!("{}/redirect", mock.url())).send().await.unwrap();
+    assert_eq!(r.status(), StatusCode::BAD_REQUEST);
+    // The mock's own routes are not noted.
+    client.get(format!("{}/healthz", mock.url())).send().await.unwrap();
+    let stats = mock.stats();
+    assert_eq!(stats.authorizations(), vec![Some("Bearer sk-one".to_string()), None, None, None]);
+    let paths: Vec<&str> = stats.requests.iter().map(|r| r.path.as_str()).collect();
+    assert_eq!(paths, ["/v1/search", "/v1/search", "/redirect", "/redirect"]);
+    assert_eq!(stats.requests[0].method, "POST");
+    mock.shutdown().await.unwrap();
+}

@@ -1,7 +1,7 @@
 //! The `http` kind and [`Providers::http`]: a request template sent to a provider, a chain of
 //! providers, or a URL.
 
-use super::{Providers, Target, encode_component};
+use super::{Providers, Target, encode_component, guard};
 use crate::{TaskContext, TaskError};
 use serde::Deserialize;
 use serde_json::{Value, json};
@@ -17,7 +17,7 @@ struct HttpRequest {
     url: Option<String>,
     #[serde(default = "default_method")]
     method: String,
-    /// Appended to the provider's base URL.
+    /// Joined to the provider's base URL as a path (see `guard::join_path`).
     #[serde(default)]
     path: String,
     #[serde(default)]
@@ -53,34 +53,67 @@ impl Providers {
         let method = reqwest::Method::from_bytes(req.method.to_ascii_uppercase().as_bytes()).map_err(|_| {
             TaskError::fatal(format!("method {:?} is not valid", req.method)).with_code("invalid_payload")
         })?;
-        let targets = match (&req.provider, &req.url) {
+        // Everything the payload decides is checked here, before any breaker or limit is
+        // consulted: a request that cannot be built is the payload's fault, never a provider's.
+        let mut headers = reqwest::header::HeaderMap::new();
+        for (k, v) in &req.headers {
+            let name = reqwest::header::HeaderName::from_bytes(k.as_bytes()).map_err(|_| {
+                TaskError::fatal(format!("header name {k:?} is not valid")).with_code("invalid_payload")
+            })?;
+            if name == reqwest::header::HOST {
+                return Err(TaskError::fatal("the Host header cannot be set").with_code("invalid_payload"));
+            }
+            let value = reqwest::header::HeaderValue::from_str(v).map_err(|_| {
+                TaskError::fatal(format!("header {k:?}: value is not valid")).with_code("invalid_payload")
+            })?;
+            headers.append(name, value);
+        }
+        let query = (!req.query.is_empty()).then(|| {
+            req.query
+                .iter()
+                .map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v)))
+                .collect::<Vec<_>>()
+                .join("&")
+        });
+        let with_query = |url: reqwest::Url| {
+            let mut url = url.to_string();
+            if let Some(q) = &query {
+                url.push(if url.contains('?') { '&' } else { '?' });
+                url.push_str(q);
+            }
+            url
+        };
+        let targets: Vec<Target> = match (&req.provider, &req.url) {
             (Some(p), None) => {
-                self.config.chain(p).iter().map(|n| self.provider_target(n)).collect::<Result<_, _>>()?
+                let mut targets = Vec::new();
+                for name in self.config.chain(p) {
+                    let mut t = self.provider_target(&name)?;
+                    t.url = with_query(guard::join_path(&t.url, &req.path)?);
+                    targets.push(t);
+                }
+                targets
             }
             (None, Some(u)) => {
                 let parsed = reqwest::Url::parse(u)
                     .map_err(|e| TaskError::fatal(format!("url {u:?}: {e}")).with_code("invalid_payload"))?;
+                self.guard.check_url(&parsed, "url").map_err(guard::Refused::into_task_error)?;
+                let url = guard::join_path(parsed.as_str(), &req.path)?;
                 let host = parsed.host_str().unwrap_or("unknown").to_string();
-                vec![Target { provider: host.clone(), breaker: host, limit: None, url: u.clone(), model: None }]
+                // Its own breaker (`url:<host>`), and no API key whatever the host is called.
+                vec![Target {
+                    provider: host.clone(),
+                    breaker: format!("url:{host}"),
+                    limit: None,
+                    url: with_query(url),
+                    origin: None,
+                    model: None,
+                }]
             }
             _ => return Err(TaskError::fatal("name exactly one of `provider` and `url`").with_code("invalid_payload")),
         };
         let (target, answer) = self
             .call(ctx, targets, |t| {
-                let mut url = format!("{}{}", t.url, req.path);
-                if !req.query.is_empty() {
-                    let pairs: Vec<String> = req
-                        .query
-                        .iter()
-                        .map(|(k, v)| format!("{}={}", encode_component(k), encode_component(v)))
-                        .collect();
-                    url.push(if url.contains('?') { '&' } else { '?' });
-                    url.push_str(&pairs.join("&"));
-                }
-                let mut rb = self.client.request(method.clone(), url);
-                for (k, v) in &req.headers {
-                    rb = rb.header(k, v);
-                }
+                let mut rb = self.client_for(t).request(method.clone(), &t.url).headers(headers.clone());
                 if let Some(j) = &req.json {
                     rb = rb.json(j);
                 } else if let Some(b) = &req.body {

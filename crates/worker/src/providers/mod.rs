@@ -17,11 +17,21 @@
 //! timeouts and connection errors are retryable failures that count against the breaker; other
 //! 4xx fail the task.
 //!
+//! Where a call may go (see `guard`): a provider's API key is sent only to that provider's
+//! configured host (never with a `url` target, and reqwest drops it on a redirect to another
+//! host); a payload's `path` is joined as a URL path and cannot change the host; a `url` target
+//! must be on `providers.url_hosts`, and it (and any redirect off a provider's host) may not
+//! reach loopback, private, link-local, CGNAT, unspecified or multicast addresses unless
+//! `providers.allow_private_addresses` lets it, checked after DNS resolution. A request refused
+//! by these rules, or that cannot be built from the payload, fails its task (fatal) and counts
+//! against no breaker.
+//!
 //! The inline [`Providers::chat`] and [`Providers::http`] calls also use the fleet's result
 //! cache under the `llm.chat` and `http` kinds' policies (`policies.cache`), with single-flight.
 
 mod chat;
 mod embed;
+mod guard;
 mod http;
 #[cfg(test)]
 mod tests;
@@ -41,7 +51,11 @@ pub use embed::{BatchRule, EMBED_BATCH_RETRIES};
 /// sizes (the worker binary makes one for the process).
 #[derive(Clone)]
 pub struct Providers {
+    /// For provider targets: a provider's own host resolves to any address.
     client: reqwest::Client,
+    /// For `url` targets: every name resolved under the address rules, no proxy.
+    url_client: reqwest::Client,
+    guard: Arc<guard::Guard>,
     config: Arc<ProvidersConfig>,
     batches: embed::BatchSizes,
 }
@@ -57,6 +71,9 @@ struct Target {
     limit: Option<String>,
     /// Base URL (or the full URL for a plain `url` request).
     url: String,
+    /// The provider's configured URL, to whose scheme, host and port alone its API key is sent;
+    /// `None` for a `url` target (no key, the `url` client).
+    origin: Option<reqwest::Url>,
     /// Model, for `llm.chat` and `llm.embed`.
     model: Option<String>,
 }
@@ -75,16 +92,24 @@ impl Providers {
         // The process's TLS crypto provider, unless one is installed already (the worker binary
         // installs it; a program of your own need not).
         let _ = rustls::crypto::ring::default_provider().install_default();
-        let client = reqwest::Client::builder()
-            .pool_max_idle_per_host(config.pool_max_idle_per_host)
-            .pool_idle_timeout(Duration::from_secs(90))
-            .tcp_keepalive(Duration::from_secs(30))
-            .connect_timeout(Duration::from_secs(10))
-            .timeout(config.request_timeout)
-            .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
-            .build()?;
+        let guard = Arc::new(guard::Guard::new(config));
+        let builder = || {
+            reqwest::Client::builder()
+                .pool_max_idle_per_host(config.pool_max_idle_per_host)
+                .pool_idle_timeout(Duration::from_secs(90))
+                .tcp_keepalive(Duration::from_secs(30))
+                .connect_timeout(Duration::from_secs(10))
+                .timeout(config.request_timeout)
+                .user_agent(concat!("taskfleet-worker/", env!("CARGO_PKG_VERSION")))
+        };
+        let client = builder().dns_resolver(guard.resolver(true)).redirect(guard.redirect_policy(true)).build()?;
+        // No proxy: through one, the name would be resolved where the address rules cannot see.
+        let url_client =
+            builder().dns_resolver(guard.resolver(false)).redirect(guard.redirect_policy(false)).no_proxy().build()?;
         Ok(Providers {
             client,
+            url_client,
+            guard,
             config: Arc::new(config.clone()),
             batches: embed::BatchSizes::new(BatchRule::of(config)),
         })
@@ -127,6 +152,9 @@ impl Providers {
             breaker: name.to_string(),
             limit: self.config.limits.get(name).cloned(),
             url: url.trim_end_matches('/').to_string(),
+            origin: Some(reqwest::Url::parse(url).map_err(|e| {
+                TaskError::fatal(format!("provider {name:?}: url {url:?}: {e}")).with_code("unknown_provider")
+            })?),
             model: None,
         })
     }
@@ -251,13 +279,25 @@ impl Providers {
                     Ok(_) => {}
                 }
             }
-            let mut rb = build(&t).timeout(ctx.remaining().min(self.config.request_timeout));
-            if let Some(var) = self.config.api_key_envs.get(&t.provider)
-                && let Ok(key) = std::env::var(var)
+            let (client, request) = build(&t).timeout(ctx.remaining().min(self.config.request_timeout)).build_split();
+            let mut request = match request {
+                Ok(r) => r,
+                Err(e) => {
+                    // The payload's fault, not the provider's.
+                    give_back(ctx, &t.breaker, grant).await;
+                    return Err(TaskError::fatal(format!("cannot build the request: {e}")).with_code("invalid_payload"));
+                }
+            };
+            self.authorize(&t, &mut request);
+            let result = self.send(&client, request).await;
+            if let Err((refused, _)) = &result
+                && let Some(refused) = refused
             {
-                rb = rb.bearer_auth(key);
+                // Refused by the address or redirect rules: the payload's fault, not the provider's.
+                give_back(ctx, &t.breaker, grant).await;
+                return Err(refused.clone().into_task_error());
             }
-            let result = self.send(rb).await;
+            let result = result.map_err(|(_, e)| e);
             if let Ok(answer) = &result
                 && answer.status == 429
             {
@@ -304,10 +344,41 @@ impl Providers {
         Err(TaskError::deferred(DeferReason::BreakerOpen, "every provider's circuit breaker is open", wait))
     }
 
-    async fn send(&self, rb: reqwest::RequestBuilder) -> Result<Answer, TaskError> {
-        let mut resp = rb.send().await.map_err(|e| {
+    /// Adds the provider's API key to `request` when it goes to the provider's own configured
+    /// scheme, host and port; never for a `url` target.
+    fn authorize(&self, t: &Target, request: &mut reqwest::Request) {
+        let Some(origin) = &t.origin else { return };
+        let Some(var) = self.config.api_key_envs.get(&t.provider) else { return };
+        if !guard::same_origin(request.url(), origin) {
+            tracing::warn!(provider = %t.provider, "request not to the provider's host: no API key");
+            return;
+        }
+        if let Ok(key) = std::env::var(var)
+            && let Ok(mut value) = reqwest::header::HeaderValue::from_str(&format!("Bearer {key}"))
+        {
+            value.set_sensitive(true);
+            request.headers_mut().insert(reqwest::header::AUTHORIZATION, value);
+        }
+    }
+
+    /// The client a target's requests go through.
+    fn client_for(&self, t: &Target) -> &reqwest::Client {
+        if t.origin.is_some() { &self.client } else { &self.url_client }
+    }
+
+    /// Sends `request`; a failure the address or redirect rules caused comes with its refusal.
+    async fn send(
+        &self,
+        client: &reqwest::Client,
+        request: reqwest::Request,
+    ) -> Result<Answer, (Option<guard::Refused>, TaskError)> {
+        let mut resp = client.execute(request).await.map_err(|e| {
+            if let Some(refused) = guard::Refused::behind(&e) {
+                let err = refused.clone().into_task_error();
+                return (Some(refused), err);
+            }
             let code = if e.is_timeout() { "http_timeout" } else { "http_connect" };
-            TaskError::retryable(format!("request failed: {e}")).with_code(code)
+            (None, TaskError::retryable(format!("request failed: {e}")).with_code(code))
         })?;
         let status = resp.status().as_u16();
         // Whole seconds (the HTTP-date form is rare from APIs and is ignored).
@@ -321,14 +392,17 @@ impl Providers {
         while let Some(chunk) = resp
             .chunk()
             .await
-            .map_err(|e| TaskError::retryable(format!("reading the response: {e}")).with_code("http_read"))?
+            .map_err(|e| (None, TaskError::retryable(format!("reading the response: {e}")).with_code("http_read")))?
         {
             if body.len() + chunk.len() > self.config.max_response_bytes {
-                return Err(TaskError::fatal(format!(
-                    "response larger than providers.max_response_bytes ({})",
-                    self.config.max_response_bytes
-                ))
-                .with_code("response_too_large"));
+                return Err((
+                    None,
+                    TaskError::fatal(format!(
+                        "response larger than providers.max_response_bytes ({})",
+                        self.config.max_response_bytes
+                    ))
+                    .with_code("response_too_large"),
+                ));
             }
             body.extend_from_slice(&chunk);
         }

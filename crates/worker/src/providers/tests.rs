@@ -271,3 +271,136 @@ async fn a_chain_overflows_to_its_fallbacks_within_their_limits() {
         assert!(stats.count(200) > 0, "{} got no calls: {by_provider:?}", stats.provider);
     }
 }
+
+/// The provider's API key in these tests: `PATH`, the one variable surely set.
+const KEY_VAR: &str = "PATH";
+
+fn bearer() -> Option<String> {
+    Some(format!("Bearer {}", std::env::var(KEY_VAR).unwrap()))
+}
+
+async fn call_http(providers: &Providers, ctx: &TaskContext, request: Value) -> Result<Value, TaskError> {
+    providers.http_handler().call(ctx.clone(), request).await
+}
+
+#[tokio::test]
+async fn url_targets_follow_the_allow_list_and_the_address_rules() {
+    let a = mock("localhost", Behaviour::default()).await;
+    let b = mock("other", Behaviour::default()).await;
+    let port_b = b.addr().port();
+    let mut config = ProvidersConfig::default();
+    // A provider named like the host of a `url` target, with a key.
+    config.urls.insert("localhost".into(), a.url());
+    config.api_key_envs.insert("localhost".into(), KEY_VAR.into());
+    let ctx = TaskContext::for_test("http");
+    let search = |url: String| json!({ "url": url, "path": "/v1/search", "query": { "q": "x" } });
+
+    let none = Providers::new(&config).unwrap();
+    let e = call_http(&none, &ctx, search(format!("http://127.0.0.1:{port_b}"))).await.unwrap_err();
+    assert_eq!((e.code.as_str(), e.disposition), ("url_not_allowed", Disposition::Fatal), "{e:?}");
+    assert!(e.message.contains("providers.url_hosts is empty"), "{e:?}");
+
+    config.url_hosts = vec!["localhost".into(), "127.0.0.1".into(), "169.254.169.254".into(), "10.1.2.3".into()];
+    let strict = Providers::new(&config).unwrap();
+    for url in [format!("http://127.0.0.1:{port_b}"), "http://169.254.169.254".into(), "http://10.1.2.3".into()] {
+        let e = call_http(&strict, &ctx, search(url.clone())).await.unwrap_err();
+        assert_eq!((e.code.as_str(), e.disposition), ("address_not_allowed", Disposition::Fatal), "{url}");
+        assert!(e.message.contains("is refused"), "{e:?}");
+    }
+    let e = call_http(&strict, &ctx, search(format!("http://localhost:{port_b}"))).await.unwrap_err();
+    assert_eq!((e.code.as_str(), e.disposition), ("address_not_allowed", Disposition::Fatal), "{e:?}");
+    assert!(e.message.contains("localhost resolves only to refused addresses"), "{e:?}");
+    let e = call_http(&strict, &ctx, search("http://not-listed.example".into())).await.unwrap_err();
+    assert_eq!(e.code, "url_not_allowed");
+    assert!(b.stats().requests.is_empty(), "nothing reached the mock: {:?}", b.stats().requests);
+
+    // Loopback allowed: `localhost` is called, without the key of the provider named `localhost`.
+    config.allow_private_addresses = vec!["127.0.0.1/32".into()];
+    let open = Providers::new(&config).unwrap();
+    let out = call_http(&open, &ctx, search(format!("http://localhost:{port_b}"))).await.unwrap();
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(b.stats().authorizations(), vec![None]);
+    // The provider itself gets its key.
+    let out = call_http(&open, &ctx, json!({ "provider": "localhost", "path": "/v1/search", "query": { "q": "x" } }))
+        .await
+        .unwrap();
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(a.stats().authorizations(), vec![bearer()]);
+}
+
+#[tokio::test]
+async fn redirects_off_the_providers_host_follow_the_url_rules_and_lose_the_key() {
+    let a = mock("a", Behaviour::default()).await;
+    let b = mock("b", Behaviour::default()).await;
+    let mut config = ProvidersConfig::default();
+    config.urls.insert("a".into(), a.url());
+    config.api_key_envs.insert("a".into(), KEY_VAR.into());
+    config.url_hosts = vec!["localhost".into(), "169.254.169.254".into()];
+    let ctx = TaskContext::for_test("http");
+    let via = |to: &str| json!({ "provider": "a", "path": "/redirect", "query": { "to": to } });
+    let target_b = format!("http://localhost:{}/v1/search?q=x", b.addr().port());
+
+    let strict = Providers::new(&config).unwrap();
+    for (to, code) in [
+        ("http://169.254.169.254/latest/meta-data/", "address_not_allowed"),
+        (target_b.as_str(), "address_not_allowed"),
+        ("http://evil.example/x", "redirect_not_allowed"),
+    ] {
+        let e = call_http(&strict, &ctx, via(to)).await.unwrap_err();
+        assert_eq!((e.code.as_str(), e.disposition), (code, Disposition::Fatal), "{to}: {e:?}");
+    }
+    // Redirects on the provider's own host are followed, five at most.
+    let mut to = format!("{}/v1/search?q=x", a.url());
+    // The call's own `/redirect` and four more: five redirects.
+    for _ in 0..4 {
+        to = format!("{}/redirect?to={}", a.url(), encode_component(&to));
+    }
+    assert_eq!(call_http(&strict, &ctx, via(&to)).await.unwrap()["status"], 200);
+    let e = call_http(&strict, &ctx, via(&format!("{}/redirect?to={}", a.url(), encode_component(&to)))).await;
+    assert_eq!(e.unwrap_err().code, "too_many_redirects");
+
+    config.allow_private_addresses = vec!["127.0.0.0/8".into()];
+    let open = Providers::new(&config).unwrap();
+    a.reset_stats();
+    let out = call_http(&open, &ctx, via(&target_b)).await.unwrap();
+    assert_eq!(out["status"], 200, "{out}");
+    assert_eq!(a.stats().authorizations(), vec![bearer()]);
+    assert_eq!(b.stats().authorizations(), vec![None], "the key is dropped on a redirect to another host");
+}
+
+/// Requests that cannot be built from the payload fail their task and never reach the provider
+/// or count at its breaker (one failure opens it here).
+#[tokio::test]
+async fn malformed_requests_never_reach_the_provider_or_its_breaker() {
+    let api = mock("p", Behaviour::default()).await;
+    let mut config = ProvidersConfig::default();
+    config.urls.insert("p".into(), format!("{}/v1", api.url()));
+    config.api_key_envs.insert("p".into(), KEY_VAR.into());
+    let policies = PoliciesConfig { breaker_failures: 1, ..PoliciesConfig::default() };
+    let ctx = shared_context(&policies).await;
+    let providers = Providers::new(&config).unwrap();
+    let bad = [
+        (json!({ "provider": "p", "method": "GE T" }), "invalid_payload"),
+        (json!({ "provider": "p", "headers": { "bad name": "x" } }), "invalid_payload"),
+        (json!({ "provider": "p", "headers": { "x-a": "a\nb" } }), "invalid_payload"),
+        (json!({ "provider": "p", "headers": { "host": "evil.com" } }), "invalid_payload"),
+        (json!({ "provider": "p", "path": ".evil.com/x" }), "invalid_path"),
+        (json!({ "provider": "p", "path": "@evil.com/" }), "invalid_path"),
+        (json!({ "provider": "p", "path": "/../../x" }), "invalid_path"),
+        (json!({ "provider": "p", "path": "//evil.com/x" }), "invalid_path"),
+        (json!({ "provider": "p", "path": "/a\\b" }), "invalid_path"),
+        (json!({ "url": "http://p/v1/search" }), "url_not_allowed"),
+    ];
+    for (request, code) in bad.iter().cycle().take(20) {
+        let e = call_http(&providers, &ctx, request.clone()).await.unwrap_err();
+        assert_eq!((e.code.as_str(), e.disposition), (*code, Disposition::Fatal), "{request}: {e:?}");
+    }
+    assert!(api.stats().requests.is_empty(), "{:?}", api.stats().requests);
+    let out = call_http(&providers, &ctx, json!({ "provider": "p", "path": "/search", "query": { "q": "x" } }))
+        .await
+        .unwrap();
+    assert_eq!(out["status"], 200);
+    let seen = api.stats().requests;
+    assert_eq!(seen.len(), 1);
+    assert_eq!((seen[0].path.as_str(), seen[0].authorization.clone()), ("/v1/search", bearer()));
+}
