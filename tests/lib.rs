@@ -18,6 +18,9 @@ pub struct Fleet {
     pub coordinator_http: String,
     /// Workers started so far.
     pub workers: Vec<FleetProcess>,
+    /// Address of the HTTP endpoints of each worker started, in start order (a test that
+    /// removes a process from `workers` leaves this list as it is).
+    pub worker_http: Vec<String>,
     /// The aggregator, once started.
     pub aggregator: Option<FleetProcess>,
     /// Address of the aggregator's HTTP endpoints.
@@ -33,6 +36,7 @@ impl Fleet {
             coordinator: None,
             coordinator_http: format!("127.0.0.1:{}", free_port()),
             workers: Vec::new(),
+            worker_http: Vec::new(),
             aggregator: None,
             aggregator_http: format!("127.0.0.1:{}", free_port()),
             extra: Vec::new(),
@@ -92,6 +96,7 @@ impl Fleet {
         let mut p = FleetProcess::spawn("taskfleet-worker", &[], &env);
         p.wait_http_ok(&addr, "/readyz", Duration::from_secs(60));
         self.workers.push(p);
+        self.worker_http.push(addr);
     }
 
     /// Subject names of this fleet.

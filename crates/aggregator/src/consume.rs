@@ -6,14 +6,22 @@ use crate::{Ctx, lock};
 use async_nats::jetstream::{AckKind, Message};
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::Ordering;
+use std::time::Duration;
 use taskfleet_proto::{EventBatch, MAX_MESSAGE_BYTES, TaskEvent, now_ms};
 
 /// Name of the aggregator's durable consumer on the event stream.
 const CONSUMER: &str = "aggregator";
 
+/// Longest silence of the consumer before `/healthz` fails: idle it ticks every
+/// [`taskfleet_bus::IDLE_TICK`] (5 s), and counting a batch takes only memory; 60 s leaves room
+/// for a slow re-open of the consumer.
+const MAX_SILENCE: Duration = Duration::from_secs(60);
+
 /// Consumes events until `stop` resolves.
 pub(crate) async fn run(ctx: &Arc<Ctx>, stop: impl Future<Output = ()>) {
     let topology = &ctx.topology;
+    let beat = ctx.liveness.register("event consumer", MAX_SILENCE);
     taskfleet_bus::consume_batches(
         "aggregator events",
         256,
@@ -21,7 +29,12 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, stop: impl Future<Output = ()>) {
         // decoded batch in memory; a pull must fit the largest message the server takes.
         (8 << 20).max(2 * ctx.client.server_info().max_payload),
         stop,
-        || topology.events_consumer(CONSUMER, topology.subjects.events_all(), 8192),
+        || beat.tick(),
+        || async {
+            let opened = topology.events_consumer(CONSUMER, topology.subjects.events_all(), 8192).await;
+            ctx.consumer_bound.store(opened.is_ok(), Ordering::Relaxed);
+            opened
+        },
         |msgs| count_batch(ctx.clone(), msgs),
     )
     .await;

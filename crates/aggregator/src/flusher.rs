@@ -34,7 +34,10 @@ pub(crate) async fn restored_stats(cfg: &AggregatorConfig, store: &Store) -> Sta
 /// acknowledged well before JetStream redelivers them), and once more at shutdown.
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) {
     let every = ctx.config.aggregator.flush_interval.min(ctx.config.nats.ack_wait / 3);
+    // Five intervals plus a minute for a slow flush (Postgres' 10 s acquire timeout per try).
+    let beat = ctx.liveness.register("flusher", every * 5 + std::time::Duration::from_secs(60));
     loop {
+        beat.tick();
         let stopping = tokio::select! {
             _ = tokio::time::sleep(every) => false,
             _ = shutdown.cancelled() => true,

@@ -43,6 +43,10 @@ pub(crate) struct Ctx {
     pub alerts: Mutex<Alerts>,
     /// The figures per run name.
     pub runs: Mutex<Runs>,
+    /// True while the event consumer's latest open succeeded (for `/readyz`).
+    pub consumer_bound: AtomicBool,
+    /// The loops `/healthz` watches.
+    pub liveness: taskfleet_service::Liveness,
 }
 
 /// Locks a mutex of [`Ctx`], recovering it if a panicking holder poisoned it.
@@ -74,6 +78,8 @@ async fn main() -> anyhow::Result<()> {
         snapshot: Mutex::new(Arc::new(b"{}".to_vec())),
         alerts: Mutex::new(alerts),
         runs: Mutex::new(Runs::new(cfg.window.as_millis() as u64, taskfleet_proto::now_ms())),
+        consumer_bound: AtomicBool::new(false),
+        liveness: service.liveness.clone(),
     });
 
     let ready = Arc::new(AtomicBool::new(true));
@@ -81,8 +87,17 @@ async fn main() -> anyhow::Result<()> {
         .serve_http(
             &cfg.http_addr,
             {
-                let r = ready.clone();
-                move || r.load(Ordering::Relaxed)
+                let (r, ctx) = (ready.clone(), ctx.clone());
+                move || {
+                    let nats = ctx.client.connection_state() == async_nats::connection::State::Connected;
+                    let bound = ctx.consumer_bound.load(Ordering::Relaxed);
+                    match (r.load(Ordering::Relaxed), nats, bound) {
+                        (false, _, _) => Err("shutting down".into()),
+                        (true, false, _) => Err("nats disconnected".into()),
+                        (true, true, false) => Err("event consumer not bound".into()),
+                        (true, true, true) => Ok(()),
+                    }
+                }
             },
             api::http_routes(ctx.clone()),
         )

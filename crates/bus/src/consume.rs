@@ -5,6 +5,9 @@ use futures::StreamExt;
 use std::future::Future;
 use std::time::Duration;
 
+/// How often an idle [`consume_batches`] calls its `tick`.
+pub const IDLE_TICK: Duration = Duration::from_secs(5);
+
 /// Hands messages back to JetStream for redelivery after `delay` (a negative acknowledgement
 /// each): what a consumer does with a batch it cannot process now, e.g. while Postgres is down.
 /// A lost nak only means the redelivery waits for `ack_wait` instead.
@@ -24,11 +27,15 @@ pub async fn hand_back(msgs: &[Message], delay: Duration) {
 /// twice that (the next pull is requested when half of the current one is consumed).
 /// `max_bytes` must exceed the largest message (e.g. twice the server's `max_payload`): the
 /// server never delivers a message larger than a pull's limit.
+///
+/// `tick` is called on every turn of the loop, and at least every [`IDLE_TICK`] while the
+/// consumer is idle or being re-opened: the caller's liveness beat.
 pub async fn consume_batches<O, OF, H, HF>(
     name: &str,
     max: usize,
     max_bytes: usize,
     stop: impl Future<Output = ()>,
+    tick: impl Fn(),
     open: O,
     mut handle: H,
 ) where
@@ -40,6 +47,7 @@ pub async fn consume_batches<O, OF, H, HF>(
     tokio::pin!(stop);
     let mut delay = Duration::from_millis(100);
     loop {
+        tick();
         let stream = match open().await {
             Ok(consumer) => consumer
                 .stream()
@@ -66,9 +74,11 @@ pub async fn consume_batches<O, OF, H, HF>(
         };
         delay = Duration::from_millis(100);
         loop {
+            tick();
             let chunk = tokio::select! {
                 _ = &mut stop => return,
                 c = chunks.next() => c,
+                _ = tokio::time::sleep(IDLE_TICK) => continue,
             };
             let Some(chunk) = chunk else {
                 tracing::warn!(consumer = name, "pull stream ended, re-opening it");

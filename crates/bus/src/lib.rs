@@ -18,7 +18,7 @@ mod publish;
 mod submit;
 mod topology;
 
-pub use consume::{consume_batches, hand_back};
+pub use consume::{IDLE_TICK, consume_batches, hand_back};
 pub use error::{BusError, BusErrorKind};
 pub use publish::{Outgoing, publish_all};
 pub use submit::{

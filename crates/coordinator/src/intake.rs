@@ -47,11 +47,13 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
     let pull_bytes = cfg.submit_batch_max_bytes.max(2 * ctx.client.server_info().max_payload);
     // One permit per post-commit stage in flight.
     let stages = Arc::new(Semaphore::new(depth));
+    let beat = ctx.liveness.register("intake", crate::CONSUMER_MAX_SILENCE);
     taskfleet_bus::consume_batches(
         "submissions",
         batch,
         pull_bytes,
         shutdown.cancelled(),
+        || beat.tick(),
         // Room for the stages in flight, the batch being inserted and the next pull.
         || ctx.topology.submit_consumer((batch * (depth + 2)) as i64),
         |msgs| process(&ctx, &stages, msgs),

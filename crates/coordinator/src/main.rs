@@ -34,6 +34,19 @@ pub(crate) struct Ctx {
     /// Woken when the recorder stores a retry or deferral, so the promoter can dispatch it
     /// when due.
     pub retries_recorded: tokio::sync::Notify,
+    /// The loops `/healthz` watches.
+    pub liveness: taskfleet_service::Liveness,
+}
+
+/// Longest silence of a loop that consumes a stream (intake, recorder) before `/healthz` fails:
+/// an idle one ticks every [`taskfleet_bus::IDLE_TICK`] (5 s), and one batch waits at most about
+/// 10 s per Postgres connection it acquires plus its statements; 120 s is many times either.
+pub(crate) const CONSUMER_MAX_SILENCE: Duration = Duration::from_secs(120);
+
+/// Longest silence of a periodic loop (promoter, rescuer) sleeping `interval` between rounds:
+/// five rounds plus a minute for a slow round (Postgres acquire timeouts, leader checks).
+pub(crate) fn periodic_max_silence(interval: Duration) -> Duration {
+    interval * 5 + Duration::from_secs(60)
 }
 
 #[tokio::main]
@@ -56,6 +69,7 @@ async fn main() -> anyhow::Result<()> {
         store,
         cancel_bucket,
         retries_recorded: tokio::sync::Notify::new(),
+        liveness: service.liveness.clone(),
     });
 
     let ready = Arc::new(AtomicBool::new(false));
@@ -63,8 +77,8 @@ async fn main() -> anyhow::Result<()> {
         .serve_http(
             &config.coordinator.http_addr,
             {
-                let r = ready.clone();
-                move || r.load(Ordering::Relaxed)
+                let (db, client) = (ready.clone(), ctx.client.clone());
+                move || readiness_now(&client, &db)
             },
             api::http_routes(ctx.clone()),
         )
@@ -121,18 +135,31 @@ fn warn_if_dispatches_may_not_fit(config: &taskfleet_config::Config, max_payload
     }
 }
 
-/// Ready while Postgres answers and NATS is connected.
+/// What `/readyz` answers: NATS connected (asked of the client on each request: an atomic
+/// read) and Postgres reachable (the cached result of [`readiness`]' latest probe).
+fn readiness_now(client: &async_nats::Client, db: &AtomicBool) -> Result<(), String> {
+    let nats = client.connection_state() == async_nats::connection::State::Connected;
+    let db = db.load(Ordering::Relaxed);
+    match (nats, db) {
+        (true, true) => Ok(()),
+        (false, true) => Err("nats disconnected".into()),
+        (true, false) => Err("postgres unreachable".into()),
+        (false, false) => Err("nats disconnected, postgres unreachable".into()),
+    }
+}
+
+/// Probes Postgres (`SELECT 1`) every 2 s into `db`, so `/readyz` never waits on it; false
+/// from shutdown on.
 async fn readiness(
     ctx: Arc<Ctx>,
-    ready: Arc<AtomicBool>,
+    db: Arc<AtomicBool>,
     shutdown: tokio_util::sync::CancellationToken,
 ) -> anyhow::Result<()> {
     loop {
-        let db = ctx.store.ping().await.is_ok();
-        let nats = ctx.client.connection_state() == async_nats::connection::State::Connected;
-        ready.store(db && nats, Ordering::Relaxed);
+        let reachable = tokio::time::timeout(Duration::from_secs(2), ctx.store.ping()).await.is_ok_and(|r| r.is_ok());
+        db.store(reachable, Ordering::Relaxed);
         tokio::select! {
-            _ = shutdown.cancelled() => { ready.store(false, Ordering::Relaxed); return Ok(()) }
+            _ = shutdown.cancelled() => { db.store(false, Ordering::Relaxed); return Ok(()) }
             _ = tokio::time::sleep(Duration::from_secs(2)) => {}
         }
     }

@@ -20,7 +20,9 @@ const CLAIM_LIMIT: i64 = 1_000;
 
 pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<()> {
     let longest = ctx.config.coordinator.promote_interval;
+    let beat = ctx.liveness.register("promoter", crate::periodic_max_silence(longest));
     loop {
+        beat.tick();
         let sleep = match promote_due(&ctx).await {
             // A full claim: more may be due.
             Ok(n) if n as i64 >= CLAIM_LIMIT => Duration::ZERO,

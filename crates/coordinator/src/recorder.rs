@@ -41,6 +41,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
                 MESSAGES_PER_PULL,
                 BYTES_PER_PULL.max(2 * ctx.client.server_info().max_payload),
                 shutdown.cancelled(),
+                // Not watched on their own: a puller blocks while the recorder (watched) is busy.
+                || {},
                 || ctx.topology.events_consumer(&name, filter.clone(), (MESSAGES_PER_PULL * 8) as i64),
                 |chunk| {
                     let tx = tx.clone();
@@ -57,7 +59,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
     let limit = ctx.config.coordinator.event_batch_size;
     // Messages taken from the pullers and not recorded yet, per lane, most urgent first.
     let mut waiting: [std::collections::VecDeque<Message>; 4] = Default::default();
+    let beat = ctx.liveness.register("recorder", crate::CONSUMER_MAX_SILENCE);
     loop {
+        beat.tick();
         if waiting.iter().all(|w| w.is_empty()) {
             let (lane, chunk) = tokio::select! {
                 biased;
@@ -67,6 +71,8 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
                 Some(c) = high.recv() => (1, c),
                 Some(c) = normal.recv() => (2, c),
                 Some(c) = low.recv() => (3, c),
+                // Idle: still alive.
+                _ = tokio::time::sleep(taskfleet_bus::IDLE_TICK) => continue,
             };
             waiting[lane].extend(chunk);
         }

@@ -40,7 +40,9 @@ pub(crate) async fn run(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::R
     let interval = ctx.config.coordinator.rescue_interval;
     let mut leader = crate::leader::Leadership::new("rescuer");
     let mut marks = Watermarks::default();
+    let beat = ctx.liveness.register("rescuer", crate::periodic_max_silence(interval));
     loop {
+        beat.tick();
         tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
             _ = tokio::time::sleep(interval) => {}

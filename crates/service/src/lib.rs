@@ -10,6 +10,9 @@ use taskfleet_config::Config;
 use taskfleet_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
+mod liveness;
+pub use liveness::{Beat, Liveness};
+
 /// A started binary: its configuration and the handles that must live as long as it runs.
 pub struct Service {
     /// Validated configuration.
@@ -18,6 +21,8 @@ pub struct Service {
     pub metrics: PrometheusHandle,
     /// Cancelled on SIGTERM or Ctrl-C.
     pub shutdown: CancellationToken,
+    /// The loops `/healthz` watches: register each long-running loop here.
+    pub liveness: Liveness,
     telemetry: Option<Telemetry>,
 }
 
@@ -44,30 +49,28 @@ impl Service {
             tracing::info!("shutdown requested");
             token.cancel();
         });
-        Ok(Service { config, metrics, shutdown, telemetry: Some(telemetry) })
+        Ok(Service { config, metrics, shutdown, liveness: Liveness::default(), telemetry: Some(telemetry) })
     }
 
-    /// Serves `extra` routes plus `/healthz` (always 200 while the process runs), `/readyz`
-    /// (200 when `ready()` is true, else 503) and `/metrics` on `addr`, until shutdown.
+    /// Serves `extra` routes plus `/healthz`, `/readyz` and `/metrics` on `addr`, until shutdown.
+    ///
+    /// `/healthz` (liveness) answers 200 `ok` while every loop registered in [`Self::liveness`]
+    /// ticks within its maximum, else 503 naming the silent loops: a restart may help.
+    /// `/readyz` (readiness) answers 200 `ready` when `ready()` is `Ok`, else 503 with its
+    /// message naming the missing dependency: send no traffic, but do not restart. `ready`
+    /// runs on every request, so it must be cheap (atomics, cached probes).
     pub async fn serve_http(
         &self,
         addr: &str,
-        ready: impl Fn() -> bool + Send + Sync + 'static,
+        ready: impl Fn() -> Result<(), String> + Send + Sync + 'static,
         extra: Router,
     ) -> anyhow::Result<tokio::task::JoinHandle<()>> {
         let ready = Arc::new(ready);
         let metrics = self.metrics.clone();
+        let liveness = self.liveness.clone();
         let app = extra
-            .route("/healthz", get(|| async { "ok" }))
-            .route(
-                "/readyz",
-                get(move || {
-                    let ready = ready.clone();
-                    async move {
-                        if ready() { (StatusCode::OK, "ready") } else { (StatusCode::SERVICE_UNAVAILABLE, "not ready") }
-                    }
-                }),
-            )
+            .route("/healthz", get(move || std::future::ready(probe_response(liveness.check(), "ok", "not alive"))))
+            .route("/readyz", get(move || std::future::ready(probe_response(ready(), "ready", "not ready"))))
             .route("/metrics", get(move || std::future::ready(metrics.render())));
         let listener =
             tokio::net::TcpListener::bind(addr).await.map_err(|e| anyhow::anyhow!("cannot listen on {addr}: {e}"))?;
@@ -97,6 +100,14 @@ impl Service {
         if let Some(t) = self.telemetry.take() {
             t.shutdown();
         }
+    }
+}
+
+/// 200 with `ok_body`, or 503 with `"<prefix>: <what is missing>"`.
+fn probe_response(state: Result<(), String>, ok_body: &'static str, prefix: &str) -> (StatusCode, String) {
+    match state {
+        Ok(()) => (StatusCode::OK, ok_body.to_string()),
+        Err(missing) => (StatusCode::SERVICE_UNAVAILABLE, format!("{prefix}: {missing}")),
     }
 }
 

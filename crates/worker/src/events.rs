@@ -55,20 +55,28 @@ impl EventSender {
 /// each at most `max_bytes` long (below the server's `max_payload`), and after the JetStream
 /// acknowledgement performs each event's [`AfterPublish`]. Publishing never waits for earlier
 /// batches' acknowledgements, so several batches are in flight at once.
+/// How often an idle (or waiting) publisher ticks its liveness beat.
+const IDLE_TICK: Duration = Duration::from_secs(5);
+
 pub(crate) fn spawn_publisher(
     js: jetstream::Context,
     subjects: Subjects,
     batch_size: usize,
     linger: Duration,
     max_bytes: usize,
+    beat: taskfleet_service::Beat,
 ) -> (EventSender, tokio::task::JoinHandle<()>) {
     let (tx, mut rx) = mpsc::unbounded_channel::<Outbound>();
     let handle = tokio::spawn(async move {
         let in_flight = Arc::new(Semaphore::new(MAX_IN_FLIGHT));
         let mut buf: Vec<Outbound> = Vec::with_capacity(batch_size);
         loop {
-            if rx.recv_many(&mut buf, batch_size).await == 0 {
-                break;
+            beat.tick();
+            // Idle: wake every 5 s to tick.
+            match tokio::time::timeout(IDLE_TICK, rx.recv_many(&mut buf, batch_size)).await {
+                Ok(0) => break,
+                Ok(_) => {}
+                Err(_) => continue,
             }
             // A lone event with nothing else in flight goes out at once (low load: latency
             // matters). When several were waiting, or earlier batches are still in flight, more
@@ -90,8 +98,13 @@ pub(crate) fn spawn_publisher(
             }
             for ((queue, priority), encoded) in by_lane {
                 for batch in cut_by_bytes(encoded, max_bytes) {
-                    let Ok(permit) = in_flight.clone().acquire_owned().await else {
-                        return;
+                    // Waiting for batches in flight (NATS slow or reconnecting) is not a wedge.
+                    let permit = loop {
+                        match tokio::time::timeout(IDLE_TICK, in_flight.clone().acquire_owned()).await {
+                            Ok(Ok(p)) => break p,
+                            Ok(Err(_)) => return,
+                            Err(_) => beat.tick(),
+                        }
                     };
                     let js = js.clone();
                     let subject = subjects.events(&queue, priority);

@@ -22,10 +22,12 @@ pub(crate) async fn run(
     running: Running,
     every: Duration,
     stop: CancellationToken,
+    beat: taskfleet_service::Beat,
 ) {
     let mut tick = tokio::time::interval(every);
     tick.tick().await;
     loop {
+        beat.tick();
         tokio::select! {
             _ = tick.tick() => {}
             _ = stop.cancelled() => {}

@@ -10,6 +10,23 @@ use taskfleet_service::Service;
 use taskfleet_worker::providers::Providers;
 use taskfleet_worker::{Worker, builtin};
 
+/// `/readyz`: NATS connected and every dispatch consumer bound and pulled (`stats.ready`, set
+/// by [`Worker::run`] once its pullers start and cleared when it drains).
+fn readiness(
+    client: async_nats::Client,
+    stats: std::sync::Arc<taskfleet_worker::WorkerStats>,
+) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+    move || {
+        if client.connection_state() != async_nats::connection::State::Connected {
+            Err("nats disconnected".into())
+        } else if !stats.ready.load(Ordering::Relaxed) {
+            Err("dispatch consumers not bound".into())
+        } else {
+            Ok(())
+        }
+    }
+}
+
 #[tokio::main]
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-worker")?;
@@ -33,12 +50,12 @@ async fn main() -> anyhow::Result<()> {
         .handler("llm.chat", providers.llm_chat_handler())
         .handler("llm.embed", providers.llm_embed_handler())
         .providers(providers.clone())
+        .liveness(service.liveness.clone())
         .build();
     let stats = worker.stats();
     let gauges = tokio::spawn(taskfleet_worker::stats::run(stats.clone()));
-    let http = service
-        .serve_http(&config.worker.http_addr, move || stats.ready.load(Ordering::Relaxed), axum::Router::new())
-        .await?;
+    let http =
+        service.serve_http(&config.worker.http_addr, readiness(client.clone(), stats), axum::Router::new()).await?;
     let result = worker.run(client, service.shutdown.clone()).await;
     service.shutdown.cancel();
     gauges.abort();

@@ -12,6 +12,14 @@ use taskfleet_proto::Priority;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 
+/// How often a puller ticks its liveness beat at the least: each pull request expires after
+/// 5 s, and waits for a free prefetch place or for the next message tick this often too.
+const TICK: Duration = Duration::from_secs(5);
+
+/// Longest silence of a puller before `/healthz` fails: many times [`TICK`], so only a loop
+/// stuck in one await (not an idle queue, a busy worker or a NATS outage) trips it.
+pub(crate) const MAX_SILENCE: Duration = Duration::from_secs(60);
+
 /// Pulls one consumer into its lane, keeping at most `prefetch` of its tasks buffered.
 pub(crate) async fn run(
     consumer: PullConsumer,
@@ -20,15 +28,18 @@ pub(crate) async fn run(
     lanes: Arc<Lanes>,
     stop: CancellationToken,
     stats: Arc<WorkerStats>,
+    beat: taskfleet_service::Beat,
 ) {
     let budget = Arc::new(Semaphore::new(prefetch));
     let name = consumer.cached_info().name.clone();
     let mut backoff = Duration::from_millis(100);
     while !stop.is_cancelled() {
+        beat.tick();
         // Wait for at least one free place, then ask for as many as are free.
         let first = tokio::select! {
             _ = stop.cancelled() => return,
             p = budget.clone().acquire_owned() => match p { Ok(p) => p, Err(_) => return },
+            _ = tokio::time::sleep(TICK) => continue,
         };
         let mut permits = vec![first];
         while let Ok(p) = budget.clone().try_acquire_owned() {
@@ -52,9 +63,11 @@ pub(crate) async fn run(
         };
         backoff = Duration::from_millis(100);
         loop {
+            beat.tick();
             let next = tokio::select! {
                 _ = stop.cancelled() => return,
                 n = batch.next() => n,
+                _ = tokio::time::sleep(TICK) => continue,
             };
             match next {
                 Some(Ok(msg)) => {

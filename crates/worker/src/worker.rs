@@ -20,6 +20,7 @@ use std::time::Duration;
 use taskfleet_bus::Topology;
 use taskfleet_config::{CacheSpec, Config};
 use taskfleet_proto::Priority;
+use taskfleet_service::Liveness;
 use tokio::sync::{Semaphore, mpsc};
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -31,6 +32,7 @@ pub struct WorkerBuilder {
     retry_by_kind: HashMap<String, RetryPolicy>,
     cache_by_kind: HashMap<String, CacheSpec>,
     providers: Option<Providers>,
+    liveness: Liveness,
 }
 
 impl WorkerBuilder {
@@ -63,6 +65,14 @@ impl WorkerBuilder {
         self
     }
 
+    /// The registry the worker's loops (pullers, heartbeat, event publisher) tick, e.g. the
+    /// [`taskfleet_service::Service::liveness`] its `/healthz` watches. Without it they tick
+    /// a registry of their own that nobody reads.
+    pub fn liveness(mut self, liveness: Liveness) -> Self {
+        self.liveness = liveness;
+        self
+    }
+
     /// Finishes the worker.
     pub fn build(self) -> Worker {
         let id = if self.config.worker.id.is_empty() { default_id() } else { self.config.worker.id.clone() };
@@ -77,6 +87,7 @@ impl WorkerBuilder {
             retry_by_kind: self.retry_by_kind,
             cache_by_kind: self.cache_by_kind,
             providers: self.providers,
+            liveness: self.liveness,
         }
     }
 }
@@ -98,6 +109,7 @@ pub struct Worker {
     retry_by_kind: HashMap<String, RetryPolicy>,
     cache_by_kind: HashMap<String, CacheSpec>,
     providers: Option<Providers>,
+    liveness: Liveness,
 }
 
 /// The loops a running worker starts besides its pullers.
@@ -118,6 +130,7 @@ impl Worker {
             retry_by_kind: HashMap::new(),
             cache_by_kind: HashMap::new(),
             providers: None,
+            liveness: Liveness::default(),
         }
     }
 
@@ -187,7 +200,8 @@ impl Worker {
         }
         let pullers = consumers.into_iter().map(|(p, consumer)| {
             let (lanes, stop, stats) = (lanes.clone(), pulling.clone(), self.identity.stats.clone());
-            tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats))
+            let beat = self.liveness.register(format!("pull {}", consumer.cached_info().name), pull::MAX_SILENCE);
+            tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats, beat))
         });
         Ok(pullers.collect())
     }
@@ -207,8 +221,17 @@ impl Worker {
         // Event batches stay below the largest message the server takes (its headers aside).
         let max_payload = client.server_info().max_payload.max(64 * 1024);
         let (js, subjects) = (topology.js.clone(), topology.subjects.clone());
-        let (events, publisher) =
-            spawn_publisher(js, subjects, cfg.worker.event_batch_size, cfg.worker.event_linger, max_payload - 4 * 1024);
+        // The publisher ticks at least every 5 s (idle, or waiting for batches in flight);
+        // a minute plus the linger covers any one turn.
+        let beat = self.liveness.register("event publisher", cfg.worker.event_linger + Duration::from_secs(60));
+        let (events, publisher) = spawn_publisher(
+            js,
+            subjects,
+            cfg.worker.event_batch_size,
+            cfg.worker.event_linger,
+            max_payload - 4 * 1024,
+            beat,
+        );
         let running = Running::default();
         let (progress_tx, progress_rx) = mpsc::unbounded_channel();
         let presence = Presence {
@@ -221,6 +244,9 @@ impl Worker {
             every: cfg.worker.status_interval.max(Duration::from_millis(100)),
         };
         let every = heartbeat::interval(cfg.nats.ack_wait);
+        // Six intervals plus a minute: publishing the in-progress acks may wait on a slow or
+        // reconnecting NATS connection for a while before the loop is wedged for good.
+        let heartbeat_beat = self.liveness.register("heartbeat", every * 6 + Duration::from_secs(60));
         let bucket = topology.cancel_bucket().await?;
         let loops = Loops {
             heartbeat: tokio::spawn(heartbeat::run(
@@ -229,6 +255,7 @@ impl Worker {
                 running.clone(),
                 every,
                 pulling.clone(),
+                heartbeat_beat,
             )),
             cancellations: tokio::spawn(cancellations::run(
                 bucket,
