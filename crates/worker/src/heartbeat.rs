@@ -32,10 +32,15 @@ pub(crate) async fn run(
             _ = tick.tick() => {}
             _ = stop.cancelled() => {}
         }
-        let mut replies = lanes.reply_subjects();
-        replies.extend(running.reply_subjects());
-        for reply in replies {
-            let _ = client.publish(reply, "+WPI".into()).await;
+        // While NATS is unreachable an in-progress ack cannot arrive anyway, and publishing
+        // could wait on the client's full buffer: skip the round, so the loop keeps beating
+        // (a long outage must not make the worker look wedged and get it restarted).
+        if client.connection_state() == async_nats::connection::State::Connected {
+            let mut replies = lanes.reply_subjects();
+            replies.extend(running.reply_subjects());
+            for reply in replies {
+                let _ = client.publish(reply, "+WPI".into()).await;
+            }
         }
         if stop.is_cancelled() {
             tokio::time::sleep(every).await;
