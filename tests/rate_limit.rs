@@ -57,9 +57,11 @@ async fn rate_limit_holds_across_eight_workers() {
     );
     // A call reaches the API a few milliseconds after its booked slot (the worker wakes, the
     // debug build makes the request); on two shared cores that shifts up to ~2.5% of a 2 s
-    // window's calls across its edge (measured: 0.98–2.44% on a quiet machine), while the tokens
-    // themselves are exact (the overall rate below, and 0.18% in `bench/policies.sh`).
-    assert!(overshoot < 3.0, "overshoot {overshoot:.2}%: {worst} calls in a 2 s window, {allowed} allowed");
+    // window's calls across its edge (measured: 0.98–2.44% on a quiet machine, once 4.39% in a
+    // whole `make test` run), while the tokens themselves are exact (the overall rate below, and
+    // 0.18% in `bench/policies.sh`). A limiter that let calls through would overshoot by tens
+    // of percent.
+    assert!(overshoot < 5.0, "overshoot {overshoot:.2}%: {worst} calls in a 2 s window, {allowed} allowed");
     assert!(overall <= 200.0 * 1.01, "overall rate {overall:.1}/s");
     // The limit was the bottleneck, not the fleet: the run took about n / rate.
     assert!(span_s > 5.0, "{span_s}");
