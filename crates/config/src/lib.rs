@@ -14,6 +14,7 @@
 //! values ([`RateLimitSpec`], [`CacheSpec`], …); an error names the variable or file key that
 //! set the value.
 
+mod connections;
 mod loader;
 mod policies;
 mod redact;
@@ -22,6 +23,7 @@ mod reference;
 mod sections;
 mod specs;
 
+pub use connections::*;
 pub use loader::{ConfigError, Origin};
 pub use policies::*;
 pub use redact::{REDACTED, redact_url, redact_urls};

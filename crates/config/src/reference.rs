@@ -8,7 +8,8 @@ use crate::Config;
 use serde_json::Value;
 use std::path::PathBuf;
 
-const SOURCES: [&str; 3] = [include_str!("lib.rs"), include_str!("sections.rs"), include_str!("policies.rs")];
+const SOURCES: [&str; 4] =
+    [include_str!("lib.rs"), include_str!("connections.rs"), include_str!("sections.rs"), include_str!("policies.rs")];
 const TABLE_START: &str = "<!-- config-table:start -->\n";
 const TABLE_END: &str = "<!-- config-table:end -->";
 
