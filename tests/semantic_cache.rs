@@ -62,16 +62,7 @@ async fn paraphrases_hit_on_either_worker_and_unrelated_texts_miss() {
     }
     assert!(cosine(original, unrelated) < 0.3);
 
-    let mut fleet = Fleet::new("semantic");
-    fleet
-        .set("TASKFLEET_PROVIDERS_URLS", &format!("mock={}/v1", api.url()))
-        .set("TASKFLEET_PROVIDERS_MODELS", "emb=mock")
-        .set("TASKFLEET_PROVIDERS_PRICES", "emb=0.02/0")
-        .set("TASKFLEET_POLICIES_SEMANTIC_CACHE", "echo=1h by text threshold 0.8 model emb")
-        .set("TASKFLEET_POLICIES_BREAKER_FAILURES", "100");
-    fleet.start_coordinator();
-    fleet.start_worker(&[]);
-    fleet.start_worker(&[]);
+    let fleet = semantic_fleet("semantic", &api, &[]);
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
 
@@ -151,18 +142,11 @@ async fn paraphrases_hit_on_either_worker_and_unrelated_texts_miss() {
 async fn a_lookup_slower_than_ack_wait_is_not_redelivered() {
     let api = MockApi::start(MockConfig { name: "emb".into(), ..MockConfig::default() }).await.unwrap();
     api.control(&Control { latency_ms: Some(3_500), ..Control::default() }).unwrap();
-    let mut fleet = Fleet::new("semantic_slow");
-    fleet
-        .set("TASKFLEET_NATS_ACK_WAIT", "2s")
-        .set("TASKFLEET_PROVIDERS_URLS", &format!("mock={}/v1", api.url()))
-        .set("TASKFLEET_PROVIDERS_MODELS", "emb=mock")
-        .set("TASKFLEET_PROVIDERS_PRICES", "emb=0.02/0")
-        .set("TASKFLEET_POLICIES_SEMANTIC_CACHE", "echo=1h by text threshold 0.8 model emb")
-        .set("TASKFLEET_POLICIES_SEMANTIC_LOOKUP_TIMEOUT", "10s")
-        .set("TASKFLEET_POLICIES_BREAKER_FAILURES", "100");
-    fleet.start_coordinator();
-    fleet.start_worker(&[]);
-    fleet.start_worker(&[]);
+    let fleet = semantic_fleet(
+        "semantic_slow",
+        &api,
+        &[("TASKFLEET_NATS_ACK_WAIT", "2s"), ("TASKFLEET_POLICIES_SEMANTIC_LOOKUP_TIMEOUT", "10s")],
+    );
     let client = fleet.nats().await;
     let pool = fleet.env.pg_pool().await;
 
@@ -181,4 +165,23 @@ async fn a_lookup_slower_than_ack_wait_is_not_redelivered() {
     assert_eq!((text.as_str(), result.as_str()), ("A slow provider's question", "A slow provider's question"));
     // The lookup's embedding is the attempt's cost.
     assert!(usage["cost_usd"].as_f64().is_some_and(|c| c > 0.0), "{usage}");
+}
+
+/// A coordinator and two workers whose `echo` kind has a semantic policy served by `api`'s
+/// embeddings (model `emb`), with `more` settings.
+fn semantic_fleet(name: &str, api: &taskfleet_mock_api::RunningMock, more: &[(&str, &str)]) -> Fleet {
+    let mut fleet = Fleet::new(name);
+    fleet
+        .set("TASKFLEET_PROVIDERS_URLS", &format!("mock={}/v1", api.url()))
+        .set("TASKFLEET_PROVIDERS_MODELS", "emb=mock")
+        .set("TASKFLEET_PROVIDERS_PRICES", "emb=0.02/0")
+        .set("TASKFLEET_POLICIES_SEMANTIC_CACHE", "echo=1h by text threshold 0.8 model emb")
+        .set("TASKFLEET_POLICIES_BREAKER_FAILURES", "100");
+    for (k, v) in more {
+        fleet.set(k, v);
+    }
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    fleet.start_worker(&[]);
+    fleet
 }
