@@ -13,6 +13,7 @@
 //! - `TASKFLEET_TEST_PG_BIN`: directory of `initdb`/`pg_ctl` for [`PgCluster`] (default: the
 //!   newest `/usr/lib/postgresql/<version>/bin`).
 
+pub mod cluster;
 mod nats;
 mod postgres;
 mod process;
