@@ -4,12 +4,13 @@
 //! Ctrl-C into a cancellation token.
 
 use axum::{Router, http::StatusCode, routing::get};
-use metrics_exporter_prometheus::{PrometheusBuilder, PrometheusHandle};
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder, PrometheusHandle};
 use std::sync::Arc;
 use taskfleet_config::Config;
 use taskfleet_telemetry::Telemetry;
 use tokio_util::sync::CancellationToken;
 
+pub mod catalogue;
 mod liveness;
 pub use liveness::{Beat, Liveness};
 
@@ -39,9 +40,10 @@ impl Service {
             redis = %config.redis.redacted_url(),
             "{name} starting"
         );
-        let metrics = PrometheusBuilder::new()
-            .install_recorder()
+        let metrics = prometheus_builder()
+            .and_then(PrometheusBuilder::install_recorder)
             .map_err(|e| anyhow::anyhow!("cannot install metrics recorder: {e}"))?;
+        catalogue::describe_all();
         let shutdown = CancellationToken::new();
         let token = shutdown.clone();
         tokio::spawn(async move {
@@ -103,6 +105,15 @@ impl Service {
     }
 }
 
+/// The exporter's settings: every histogram with [`catalogue::LATENCY_BUCKETS`] (the semantic
+/// cache's lookups with [`catalogue::LOOKUP_BUCKETS`]), so none is rendered as a summary.
+fn prometheus_builder() -> Result<PrometheusBuilder, metrics_exporter_prometheus::BuildError> {
+    PrometheusBuilder::new().set_buckets(catalogue::LATENCY_BUCKETS)?.set_buckets_for_metric(
+        Matcher::Full("taskfleet_semantic_cache_lookup_seconds".into()),
+        catalogue::LOOKUP_BUCKETS,
+    )
+}
+
 /// 200 with `ok_body`, or 503 with `"<prefix>: <what is missing>"`.
 fn probe_response(state: Result<(), String>, ok_body: &'static str, prefix: &str) -> (StatusCode, String) {
     match state {
@@ -131,5 +142,43 @@ pub async fn wait_for_signal() {
     #[cfg(not(unix))]
     {
         let _ = tokio::signal::ctrl_c().await;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// What `/metrics` renders for a few recorded values, with the binaries' exporter settings.
+    fn rendered() -> String {
+        let recorder = prometheus_builder().expect("valid buckets").build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            catalogue::describe_all();
+            metrics::histogram!("taskfleet_task_end_to_end_seconds", "queue" => "default").record(0.3);
+            metrics::histogram!("taskfleet_task_end_to_end_seconds", "queue" => "default").record(42.0);
+            metrics::histogram!("taskfleet_semantic_cache_lookup_seconds").record(0.002);
+            metrics::counter!("taskfleet_coordinator_dispatched_total").increment(3);
+        });
+        handle.render()
+    }
+
+    #[test]
+    fn latencies_render_as_histograms_with_help() {
+        let text = rendered();
+        assert!(text.contains("# TYPE taskfleet_task_end_to_end_seconds histogram\n"), "{text}");
+        assert!(text.contains("# HELP taskfleet_task_end_to_end_seconds Time from submission"), "{text}");
+        assert!(!text.contains("quantile="), "no summaries: {text}");
+        // 0.3 s is in the 0.5 s bucket, 42 s only from the 60 s bucket on.
+        assert!(text.contains("taskfleet_task_end_to_end_seconds_bucket{queue=\"default\",le=\"0.5\"} 1\n"), "{text}");
+        assert!(text.contains("taskfleet_task_end_to_end_seconds_bucket{queue=\"default\",le=\"60\"} 2\n"), "{text}");
+        assert!(text.contains("taskfleet_task_end_to_end_seconds_bucket{queue=\"default\",le=\"+Inf\"} 2\n"), "{text}");
+        assert!(text.contains("taskfleet_task_end_to_end_seconds_count{queue=\"default\"} 2\n"), "{text}");
+        // The lookup histogram has its own, finer buckets.
+        assert!(text.contains("taskfleet_semantic_cache_lookup_seconds_bucket{le=\"0.0025\"} 1\n"), "{text}");
+        assert!(
+            text.contains("# HELP taskfleet_coordinator_dispatched_total Dispatch messages published.\n"),
+            "{text}"
+        );
     }
 }
