@@ -16,6 +16,7 @@ fn run_example(name: &str) {
     let out = Command::new(bin)
         .args([name, "--quick"])
         .envs(fleet.env.fleet_env())
+        .envs(taskfleet_test_support::role_credentials("taskfleet-examples", &fleet.env.fleet_env()))
         .env("TASKFLEET_AGGREGATOR_URL", format!("http://{}", fleet.aggregator_http))
         .output()
         .expect("run taskfleet-examples");

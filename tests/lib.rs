@@ -4,8 +4,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 use taskfleet_bus::send_submission;
-use taskfleet_proto::{Subjects, TaskEnvelope};
-use taskfleet_test_support::{FleetProcess, TestEnv, free_port};
+use taskfleet_proto::{Role, Subjects, TaskEnvelope};
+use taskfleet_test_support::{FleetProcess, TestEnv, free_port, role_password};
 
 /// Coordinator and workers started against one private environment. Processes are killed
 /// and the environment removed when it drops.
@@ -53,6 +53,13 @@ impl Fleet {
     /// server, e.g. a private [`taskfleet_test_support::PgCluster`] that the test may stop.
     pub fn use_database(&mut self, url: &str) -> &mut Self {
         self.env.database_url = url.to_string();
+        self
+    }
+
+    /// Points every process started afterwards (and [`Fleet::nats`]) at other NATS servers,
+    /// e.g. a [`taskfleet_test_support::cluster::NatsCluster`]: one URL or a comma-separated list.
+    pub fn use_nats(&mut self, url: &str) -> &mut Self {
+        self.env.nats.url = url.to_string();
         self
     }
 
@@ -104,9 +111,14 @@ impl Fleet {
         Subjects::new(&self.env.subject_prefix, &self.env.stream_prefix)
     }
 
-    /// A NATS client for the fleet's server.
+    /// A NATS client for the fleet's server (any of them, when the URL is a list).
     pub async fn nats(&self) -> async_nats::Client {
-        async_nats::connect(self.env.nats.url.as_str()).await.expect("connect to test NATS")
+        let servers: Vec<&str> = self.env.nats.url.split(',').map(str::trim).collect();
+        let options = match self.env.nats.has_authorization() {
+            true => async_nats::ConnectOptions::with_user_and_password("admin".into(), role_password(Role::Admin)),
+            false => async_nats::ConnectOptions::new(),
+        };
+        options.connect(servers).await.expect("connect to test NATS")
     }
 
     /// Publishes envelopes to their queues' submit subjects and waits for every JetStream ack.
@@ -212,7 +224,9 @@ impl Fleet {
     /// Runs the `taskfleet` CLI against this fleet.
     pub fn cli(&self, args: &[&str]) -> std::process::Output {
         let bin = taskfleet_test_support::target_dir().join("taskfleet");
-        std::process::Command::new(bin).args(args).envs(self.env_with(&[])).output().expect("run taskfleet CLI")
+        let env = self.env_with(&[]);
+        let login = taskfleet_test_support::role_credentials("taskfleet", &env);
+        std::process::Command::new(bin).args(args).envs(env).envs(login).output().expect("run taskfleet CLI")
     }
 }
 

@@ -10,9 +10,6 @@ use std::sync::atomic::Ordering;
 use std::time::Duration;
 use taskfleet_proto::{EventBatch, MAX_MESSAGE_BYTES, TaskEvent, now_ms};
 
-/// Name of the aggregator's durable consumer on the event stream.
-const CONSUMER: &str = "aggregator";
-
 /// Longest silence of the consumer before `/healthz` fails: idle it ticks every
 /// [`taskfleet_bus::IDLE_TICK`] (5 s), and counting a batch takes only memory; 60 s leaves room
 /// for a slow re-open of the consumer.
@@ -31,7 +28,7 @@ pub(crate) async fn run(ctx: &Arc<Ctx>, stop: impl Future<Output = ()>) {
         stop,
         || beat.tick(),
         || async {
-            let opened = topology.events_consumer(CONSUMER, topology.subjects.events_all(), 8192).await;
+            let opened = topology.bind_aggregator_consumer().await;
             ctx.consumer_bound.store(opened.is_ok(), Ordering::Relaxed);
             opened
         },

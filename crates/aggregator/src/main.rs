@@ -65,7 +65,6 @@ async fn main() -> anyhow::Result<()> {
     let Some(store) = service.until_shutdown(Store::connect(&config.database)).await else { return Ok(()) };
     let store = store?;
     let topology = Topology::new(client.clone(), &config.nats);
-    topology.ensure_streams().await?;
     let stats = flusher::restored_stats(&cfg, &store).await;
     let alerts = Alerts::new(config.aggregator.enabled_alert_rules(), cfg.alert_min_samples);
     let ctx = Arc::new(Ctx {

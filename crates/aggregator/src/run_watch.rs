@@ -39,8 +39,7 @@ const CONCURRENT_READS: usize = 8;
 /// Subscribes to every run's end and starts the poll of running runs; both stop at shutdown.
 pub(crate) async fn start(ctx: Arc<Ctx>, shutdown: CancellationToken) -> anyhow::Result<tokio::task::JoinHandle<()>> {
     // `<prefix>.runs.<id>.ended` with the id as a wildcard, whatever the prefix.
-    let nil = uuid::Uuid::nil();
-    let subject = ctx.topology.subjects.run_ended(&nil).replace(&nil.to_string(), "*");
+    let subject = ctx.topology.subjects.run_ended_all();
     let sub = ctx.client.subscribe(subject).await?;
     let ends = {
         let ctx = ctx.clone();

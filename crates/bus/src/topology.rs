@@ -9,7 +9,7 @@ use async_nats::jetstream::{
 };
 use std::time::Duration;
 use taskfleet_config::{NatsConfig, StorageKind, redact_url};
-use taskfleet_proto::{Priority, Subjects};
+use taskfleet_proto::{AGGREGATOR_CONSUMER, Priority, Subjects};
 
 /// The seed servers of `cfg.url` (comma-separated), parsed. Errors show the entry with its
 /// credentials redacted.
@@ -30,7 +30,8 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
     let deadline = tokio::time::Instant::now() + patience;
     let mut delay = Duration::from_millis(100);
     let client = loop {
-        let attempt = async_nats::ConnectOptions::new()
+        let attempt = connect_options(cfg)
+            .await?
             .name(name)
             .connection_timeout(Duration::from_secs(5))
             // Keep retrying reconnects forever once connected: a restarted nats-server must
@@ -77,6 +78,48 @@ pub async fn connect(cfg: &NatsConfig, name: &str, patience: Duration) -> Result
         );
     }
     Ok(client)
+}
+
+/// The credentials, TLS settings and inbox prefix of `cfg` as client options (what
+/// [`connect`] starts from; for a program that sets the rest itself).
+pub async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOptions, BusError> {
+    let fail = |what: &str, e: &dyn std::fmt::Display| BusError::new(BusErrorKind::Connect, what, e.to_string());
+    let mut opts = if !cfg.creds_file.is_empty() {
+        async_nats::ConnectOptions::with_credentials_file(&cfg.creds_file)
+            .await
+            .map_err(|e| fail(&format!("creds file {}", cfg.creds_file), &e))?
+    } else if !cfg.nkey_file.is_empty() {
+        let seed =
+            std::fs::read_to_string(&cfg.nkey_file).map_err(|e| fail(&format!("nkey file {}", cfg.nkey_file), &e))?;
+        async_nats::ConnectOptions::with_nkey(seed.trim().to_string())
+    } else if !cfg.user.is_empty() {
+        let password = cfg.effective_password().map_err(|e| fail("nats.password", &e))?.unwrap_or_default();
+        async_nats::ConnectOptions::with_user_and_password(cfg.user.clone(), password)
+    } else if let Some((user, password)) = url_credentials(cfg)? {
+        // The client ignores credentials in server URLs; the documented `user:password@` and
+        // `token@` forms work through these options.
+        match password {
+            Some(password) => async_nats::ConnectOptions::with_user_and_password(user, password),
+            None => async_nats::ConnectOptions::with_token(user),
+        }
+    } else {
+        async_nats::ConnectOptions::new()
+    };
+    if !cfg.tls_ca_file.is_empty() {
+        opts = opts.add_root_certificates(cfg.tls_ca_file.clone().into()).require_tls(true);
+    }
+    if !cfg.tls_cert_file.is_empty() {
+        opts = opts.add_client_certificate(cfg.tls_cert_file.clone().into(), cfg.tls_key_file.clone().into());
+    }
+    Ok(opts.custom_inbox_prefix(cfg.effective_inbox_prefix()))
+}
+
+/// The first `user:password@` (or `token@`) found in the seed servers of `cfg.url`.
+fn url_credentials(cfg: &NatsConfig) -> Result<Option<(String, Option<String>)>, BusError> {
+    Ok(server_addrs(cfg)?.iter().find_map(|a| {
+        let user = a.username()?.to_string();
+        Some((user, a.password().map(str::to_string)))
+    }))
 }
 
 fn parse_version(v: &str) -> (u32, u32, u32) {
@@ -190,6 +233,43 @@ impl Topology {
             .create_or_update_key_value(config)
             .await
             .map_err(|e| BusError::new(BusErrorKind::Topology, format!("bucket {}", self.subjects.cancel_bucket()), e))
+    }
+
+    /// The stream behind the cancellation bucket, for reading it without creating anything
+    /// (what a worker may do; see [`taskfleet_proto::Permissions`]).
+    pub async fn cancel_stream(&self) -> Result<jetstream::stream::Stream<()>, BusError> {
+        let name = format!("KV_{}", self.subjects.cancel_bucket());
+        self.js
+            .get_stream_no_info(&name)
+            .await
+            .map_err(|e| BusError::new(BusErrorKind::Topology, format!("stream {name}"), e))
+    }
+
+    /// Binds to the existing dispatch consumer of `queue` at `priority` (made by the
+    /// coordinator on `queue.open`), without creating or changing it.
+    pub async fn bind_dispatch_consumer(
+        &self,
+        queue: &str,
+        priority: Priority,
+    ) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.bind(&self.subjects.dispatch_stream(), &self.subjects.dispatch_consumer(queue, priority)).await
+    }
+
+    /// Binds to the aggregator's existing event consumer (made by the coordinator at start).
+    pub async fn bind_aggregator_consumer(&self) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.bind(&self.subjects.events_stream(), AGGREGATOR_CONSUMER).await
+    }
+
+    /// Creates (or updates) the aggregator's event consumer: every event, unlimited deliveries.
+    pub async fn aggregator_consumer(&self) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        self.events_consumer(AGGREGATOR_CONSUMER, self.subjects.events_all(), 8192).await
+    }
+
+    async fn bind(&self, stream: &str, name: &str) -> Result<jetstream::consumer::PullConsumer, BusError> {
+        let what = || format!("consumer {name} on {stream}");
+        let stream =
+            self.js.get_stream_no_info(stream).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))?;
+        stream.get_consumer(name).await.map_err(|e| BusError::new(BusErrorKind::Topology, what(), e))
     }
 
     /// What a consumer has done so far: see [`ConsumerProgress`].

@@ -26,7 +26,8 @@ pub struct Fleet {
 impl Fleet {
     /// Connects to the fleet's NATS server.
     pub async fn connect(config: &taskfleet_config::Config) -> anyhow::Result<Fleet> {
-        let client = async_nats::ConnectOptions::new()
+        let client = taskfleet_bus::connect_options(&config.nats)
+            .await?
             .name("taskfleet-cli")
             .connection_timeout(Duration::from_secs(5))
             .connect(taskfleet_bus::server_addrs(&config.nats)?)

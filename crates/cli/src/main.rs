@@ -15,8 +15,8 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::time::Duration;
 use taskfleet_proto::{
-    CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest, TaskIdRequest, VERB_TASK_CANCEL,
-    VERB_TASK_COUNTS, VERB_TASK_LIST, VERB_TASK_REPLAY,
+    CancelReply, CountsRequest, ListRequest, PasswordSource, ReplayReply, ReplayRequest, Subjects, TaskIdRequest,
+    VERB_TASK_CANCEL, VERB_TASK_COUNTS, VERB_TASK_LIST, VERB_TASK_REPLAY, authorization_block,
 };
 
 #[derive(Parser)]
@@ -91,6 +91,11 @@ enum Command {
         #[command(subcommand)]
         command: BenchCommand,
     },
+    /// Create the database schema if needed, apply every pending migration (whatever
+    /// `database.migrate_on_start` says) and exit: the separate migration step for fleets whose
+    /// services run with migrations off and a role without DDL rights. Talks to Postgres only
+    /// (`TASKFLEET_DATABASE_URL`, `TASKFLEET_DATABASE_SCHEMA`), with a role that may change the schema.
+    Migrate,
     /// Task counts by state.
     Counts {
         /// Only this queue.
@@ -99,6 +104,15 @@ enum Command {
     },
     /// Live fleet figures from the aggregator, refreshed every second until Ctrl-C.
     Top(top::TopArgs),
+    /// Print the nats-server `authorization` block that gives each role of this fleet
+    /// (coordinator, worker, aggregator, client, admin) its permissions, for the configured
+    /// subject and stream prefixes. Passwords are references to the nats-server's environment
+    /// variables `<PREFIX><ROLE>` (e.g. `NATS_PASSWORD_WORKER`).
+    NatsPermissions {
+        /// Prefix of the environment variables holding the passwords.
+        #[arg(long, default_value = "NATS_PASSWORD_")]
+        password_env_prefix: String,
+    },
     /// Runs: DAGs of named tasks submitted as one unit.
     Run {
         #[command(subcommand)]
@@ -185,8 +199,16 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
     if std::env::var_os("TASKFLEET_LOG").is_none() {
         config.telemetry.log = "warn".into();
     }
+    if let Command::Migrate = command {
+        return migrate(&config.database).await;
+    }
     // A bulk submit makes a span per task faster than the exporter ships them: a deeper queue.
     *telemetry = Some(taskfleet_telemetry::init_with_queue("taskfleet", &config.telemetry, 1 << 16)?);
+    if let Command::NatsPermissions { password_env_prefix } = &command {
+        let subjects = Subjects::new(&config.nats.subject_prefix, &config.nats.stream_prefix);
+        print!("{}", authorization_block(&subjects, &PasswordSource::Env(password_env_prefix.clone())));
+        return Ok(0);
+    }
     let fleet = client::Fleet::connect(&config).await.context("connecting to NATS")?;
     match command {
         Command::Submit(args) => submit::run(&fleet, args).await,
@@ -282,12 +304,14 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
         Command::Bench { command: BenchCommand::Latency(args) } => bench::latency(&fleet, args).await,
         Command::Bench { command: BenchCommand::Events(args) } => bench::events(&fleet, args).await,
         Command::Bench { command: BenchCommand::Workflows(args) } => workflow_bench::workflows(&fleet, args).await,
+        Command::Migrate => Ok(0),
         Command::Counts { queue } => {
             let counts: BTreeMap<String, i64> = fleet.api(VERB_TASK_COUNTS, &CountsRequest { queue }).await?;
             println!("{}", serde_json::to_string_pretty(&counts)?);
             Ok(0)
         }
         Command::Top(args) => top::run(args).await,
+        Command::NatsPermissions { .. } => Ok(0),
         Command::Run { command } => match command {
             RunCommand::Submit(args) => run::submit(&fleet, args).await,
             RunCommand::Show(args) => run::show(&fleet, args).await,
@@ -297,4 +321,20 @@ async fn run(cli: Cli, telemetry: &mut Option<taskfleet_telemetry::Telemetry>) -
             RunCommand::Resume(args) => run::resume(&fleet, args).await,
         },
     }
+}
+
+/// `taskfleet migrate`: applies the pending migrations and says what it did.
+async fn migrate(database: &taskfleet_config::DatabaseConfig) -> anyhow::Result<i32> {
+    let (store, applied) = taskfleet_store::Store::migrate(database)
+        .await
+        .with_context(|| format!("migrating schema {:?} at {}", database.schema, database.redacted_url()))?;
+    if applied.is_empty() {
+        println!("schema {}: up to date", store.schema());
+    } else {
+        println!("schema {}: applied {} migration(s):", store.schema(), applied.len());
+        for migration in &applied {
+            println!("  {migration}");
+        }
+    }
+    Ok(0)
 }

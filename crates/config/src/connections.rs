@@ -65,6 +65,27 @@ pub struct NatsConfig {
     /// work queues (submissions, dispatch) refuse new messages; the event and dead-letter
     /// streams drop their oldest. An alert fires at 80%.
     pub stream_max_bytes: u64,
+    /// User name to connect as: the fleet's NATS roles are `coordinator`, `worker`,
+    /// `aggregator`, `client` and `admin` (`taskfleet nats-permissions` prints what each may
+    /// do). Empty: no user (or the one in `url`).
+    pub user: String,
+    /// Password of `user`. Prefer `password_file` (or the environment, from a Secret).
+    pub password: String,
+    /// File whose content (trailing newline trimmed) is the password of `user`; read at start.
+    pub password_file: String,
+    /// A NATS `.creds` file (JWT and nkey seed), instead of user and password.
+    pub creds_file: String,
+    /// A file holding an nkey seed (`SU…`), instead of user and password.
+    pub nkey_file: String,
+    /// PEM file of the CA that signed the servers' certificates; setting it requires TLS.
+    pub tls_ca_file: String,
+    /// PEM certificate presented to the servers (mutual TLS), with `tls_key_file`.
+    pub tls_cert_file: String,
+    /// PEM private key of `tls_cert_file`.
+    pub tls_key_file: String,
+    /// Prefix of this process's reply inboxes. Empty: `_INBOX_<user>` when `user` is set (so
+    /// each role's permissions can keep its replies to itself), else `_INBOX`.
+    pub inbox_prefix: String,
 }
 
 impl Default for NatsConfig {
@@ -83,6 +104,15 @@ impl Default for NatsConfig {
             dead_max_age: Duration::from_secs(14 * 24 * 3600),
             cancel_max_age: Duration::from_secs(7 * 24 * 3600),
             stream_max_bytes: 1 << 30,
+            user: String::new(),
+            password: String::new(),
+            password_file: String::new(),
+            creds_file: String::new(),
+            nkey_file: String::new(),
+            tls_ca_file: String::new(),
+            tls_cert_file: String::new(),
+            tls_key_file: String::new(),
+            inbox_prefix: String::new(),
         }
     }
 }
@@ -92,6 +122,33 @@ impl NatsConfig {
     /// (validation guarantees none is empty).
     pub fn servers(&self) -> Vec<&str> {
         self.url.split(',').map(str::trim).collect()
+    }
+
+    /// The prefix of this process's inboxes (see [`NatsConfig::inbox_prefix`]).
+    pub fn effective_inbox_prefix(&self) -> String {
+        match (self.inbox_prefix.is_empty(), self.user.is_empty()) {
+            (false, _) => self.inbox_prefix.clone(),
+            (true, false) => format!("_INBOX_{}", self.user),
+            (true, true) => "_INBOX".into(),
+        }
+    }
+
+    /// The password of [`NatsConfig::user`]: `password`, else the content of `password_file`
+    /// (trailing whitespace trimmed), else none.
+    pub fn effective_password(&self) -> Result<Option<String>, ConfigError> {
+        if !self.password.is_empty() {
+            return Ok(Some(self.password.clone()));
+        }
+        if self.password_file.is_empty() {
+            return Ok(None);
+        }
+        match std::fs::read_to_string(&self.password_file) {
+            Ok(pw) => Ok(Some(pw.trim_end().to_string())),
+            Err(e) => Err(ConfigError::Invalid {
+                field: "nats.password_file",
+                message: format!("cannot read {:?}: {e}", self.password_file),
+            }),
+        }
     }
 
     /// [`NatsConfig::url`] fit for a log line: the servers with credentials redacted.
@@ -135,6 +192,39 @@ impl NatsConfig {
         }
         if !(1..=5).contains(&self.replicas) {
             return invalid("nats.replicas", format!("{} is outside 1..=5", self.replicas));
+        }
+        self.validate_credentials()
+    }
+
+    fn validate_credentials(&self) -> Result<(), ConfigError> {
+        let ways = [!self.user.is_empty(), !self.creds_file.is_empty(), !self.nkey_file.is_empty()];
+        if ways.iter().filter(|w| **w).count() > 1 {
+            return invalid("nats.user", "set one of user (with a password), creds_file and nkey_file".into());
+        }
+        if self.user.is_empty() && (!self.password.is_empty() || !self.password_file.is_empty()) {
+            return invalid("nats.password", "a password needs nats.user".into());
+        }
+        if !self.user.is_empty() && self.effective_password()?.is_none() {
+            return invalid("nats.user", format!("user {:?} needs nats.password or nats.password_file", self.user));
+        }
+        if self.tls_cert_file.is_empty() != self.tls_key_file.is_empty() {
+            return invalid("nats.tls_cert_file", "tls_cert_file and tls_key_file go together".into());
+        }
+        let files = [
+            ("nats.creds_file", &self.creds_file),
+            ("nats.nkey_file", &self.nkey_file),
+            ("nats.tls_ca_file", &self.tls_ca_file),
+            ("nats.tls_cert_file", &self.tls_cert_file),
+            ("nats.tls_key_file", &self.tls_key_file),
+        ];
+        for (field, path) in files {
+            if !path.is_empty() && std::fs::metadata(path).is_err() {
+                return invalid(field, format!("{path:?} is not a readable file"));
+            }
+        }
+        let p = &self.inbox_prefix;
+        if !p.is_empty() && (p.contains(['*', '>', '.', ' ']) || p.starts_with('$')) {
+            return invalid("nats.inbox_prefix", format!("{p:?} must be one subject token, not starting with '$'"));
         }
         Ok(())
     }
@@ -208,6 +298,15 @@ impl std::fmt::Debug for NatsConfig {
             .field("dead_max_age", &self.dead_max_age)
             .field("cancel_max_age", &self.cancel_max_age)
             .field("stream_max_bytes", &self.stream_max_bytes)
+            .field("user", &self.user)
+            .field("password", &if self.password.is_empty() { "" } else { "***" })
+            .field("password_file", &self.password_file)
+            .field("creds_file", &self.creds_file)
+            .field("nkey_file", &self.nkey_file)
+            .field("tls_ca_file", &self.tls_ca_file)
+            .field("tls_cert_file", &self.tls_cert_file)
+            .field("tls_key_file", &self.tls_key_file)
+            .field("inbox_prefix", &self.inbox_prefix)
             .finish()
     }
 }
@@ -216,12 +315,20 @@ impl std::fmt::Debug for NatsConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct DatabaseConfig {
-    /// Connection URL.
+    /// Connection URL. TLS: `?sslmode=verify-full&sslrootcert=/path/ca.crt` (the server's
+    /// certificate must chain to that CA and name the URL's host; `require` encrypts without
+    /// checking, `prefer` is the default); a client certificate with `sslcert=` and `sslkey=`.
     pub url: String,
-    /// Schema that holds taskfleet's tables (created if missing).
+    /// Schema that holds taskfleet's tables (created if missing when migrations run).
     pub schema: String,
     /// Connections in the pool.
     pub max_connections: u32,
+    /// Whether the coordinator and the aggregator create the schema and apply pending
+    /// migrations at start. Off: migrations are a separate step (`taskfleet migrate`, run by a
+    /// role that may change the schema), and the services only check that the schema is at the
+    /// latest migration, refusing to start when it is behind, so their own role needs no DDL
+    /// rights (SELECT, INSERT, UPDATE, DELETE on the tables, USAGE on the schema and sequences).
+    pub migrate_on_start: bool,
 }
 
 impl Default for DatabaseConfig {
@@ -230,6 +337,7 @@ impl Default for DatabaseConfig {
             url: "postgres://postgres@127.0.0.1:5432/test".into(),
             schema: "taskfleet".into(),
             max_connections: 8,
+            migrate_on_start: true,
         }
     }
 }
@@ -241,6 +349,7 @@ impl std::fmt::Debug for DatabaseConfig {
             .field("url", &self.redacted_url())
             .field("schema", &self.schema)
             .field("max_connections", &self.max_connections)
+            .field("migrate_on_start", &self.migrate_on_start)
             .finish()
     }
 }
@@ -270,8 +379,12 @@ impl DatabaseConfig {
 #[derive(Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields, default)]
 pub struct RedisConfig {
-    /// Connection URL.
+    /// Connection URL: `redis://[user:password@]host:6379[/db]`, or `rediss://…` for TLS (the
+    /// server's certificate is checked against the system's roots, or `ca_file`).
     pub url: String,
+    /// PEM file of the CA certificates trusted for a `rediss://` server, instead of the system's
+    /// roots (a private CA, e.g. cert-manager's `ca.crt`). Empty: the system's roots. Read at start.
+    pub ca_file: String,
     /// Prefix of every key taskfleet writes.
     pub key_prefix: String,
     /// Longest wait for one Redis command; past it the worker treats Redis as down for that call
@@ -284,6 +397,7 @@ impl Default for RedisConfig {
     fn default() -> Self {
         RedisConfig {
             url: "redis://127.0.0.1:6379".into(),
+            ca_file: String::new(),
             key_prefix: "taskfleet:".into(),
             op_timeout: Duration::from_millis(250),
         }
@@ -295,6 +409,7 @@ impl std::fmt::Debug for RedisConfig {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("RedisConfig")
             .field("url", &self.redacted_url())
+            .field("ca_file", &self.ca_file)
             .field("key_prefix", &self.key_prefix)
             .field("op_timeout", &self.op_timeout)
             .finish()
@@ -305,6 +420,27 @@ impl RedisConfig {
     /// [`RedisConfig::url`] fit for a log line: its password redacted.
     pub fn redacted_url(&self) -> String {
         redact_url(&self.url)
+    }
+
+    /// Whether [`RedisConfig::url`] asks for TLS (`rediss://`).
+    pub fn is_tls(&self) -> bool {
+        self.url.get(..9).is_some_and(|scheme| scheme.eq_ignore_ascii_case("rediss://"))
+    }
+
+    pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        if self.ca_file.is_empty() {
+            return Ok(());
+        }
+        if !self.is_tls() {
+            return invalid(
+                "redis.ca_file",
+                format!("is set, but redis.url {:?} is not rediss://", self.redacted_url()),
+            );
+        }
+        if let Err(e) = std::fs::metadata(&self.ca_file) {
+            return invalid("redis.ca_file", format!("cannot read {:?}: {e}", self.ca_file));
+        }
+        Ok(())
     }
 }
 
@@ -354,6 +490,26 @@ mod tests {
             assert!(e.contains(why), "{url:?}: {e}");
             assert!(!e.contains("hunter2"), "{url:?}: {e}");
         }
+    }
+
+    #[test]
+    fn redis_ca_file_needs_a_rediss_url_and_a_readable_file() {
+        let ca = tempfile_path("redis-ca.pem");
+        std::fs::write(&ca, "-----BEGIN CERTIFICATE-----\n").expect("write CA file");
+        let tls = RedisConfig { url: "rediss://cache:6380".into(), ca_file: ca.clone(), ..RedisConfig::default() };
+        assert!(tls.is_tls() && tls.validate().is_ok());
+        let plain = RedisConfig { url: "redis://cache:6379".into(), ..tls.clone() };
+        let e = plain.validate().expect_err("a CA file without TLS").to_string();
+        assert!(e.contains("redis.ca_file") && e.contains("not rediss://"), "{e}");
+        let missing = RedisConfig { ca_file: format!("{ca}.missing"), ..tls };
+        assert!(missing.validate().expect_err("a missing file").to_string().contains("cannot read"));
+        assert!(RedisConfig::default().validate().is_ok() && !RedisConfig::default().is_tls());
+        let _ = std::fs::remove_file(ca);
+    }
+
+    /// A path in the temporary directory unique to this process.
+    fn tempfile_path(name: &str) -> String {
+        std::env::temp_dir().join(format!("taskfleet-config-{}-{name}", std::process::id())).display().to_string()
     }
 
     #[test]

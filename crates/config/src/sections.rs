@@ -90,7 +90,7 @@ impl Default for CoordinatorConfig {
             http_addr: "0.0.0.0:8080".into(),
             kinds: Vec::new(),
             queues: Vec::new(),
-            reply_prefix: "_INBOX.".into(),
+            reply_prefix: "_INBOX".into(),
             max_body_bytes: 512 * 1024,
             submit_batch_size: 1000,
             submit_batch_max_bytes: 16 << 20,
@@ -282,6 +282,10 @@ pub struct WorkerConfig {
     /// How often the worker reports its in-flight count, CPU and memory to the aggregator.
     #[serde(with = "humantime_serde")]
     pub status_interval: Duration,
+    /// Registers the test handlers `sleep` (waits `ms`) and `fanout` (submits children without
+    /// a join) in `taskfleet-worker`. Off in production: without it such tasks fail with
+    /// `unknown_kind`. The dev fleet (`make dev`) and the end-to-end tests turn it on.
+    pub test_handlers: bool,
 }
 
 impl Default for WorkerConfig {
@@ -301,6 +305,7 @@ impl Default for WorkerConfig {
             retry_factor: 2.0,
             retry_max: Duration::from_secs(300),
             status_interval: Duration::from_secs(5),
+            test_handlers: false,
         }
     }
 }

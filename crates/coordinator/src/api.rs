@@ -31,10 +31,11 @@ use serde_json::Value;
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use taskfleet_proto::{
-    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
-    RunIdRequest, RunnableReply, RunnableRequest, TaskId, TaskIdRequest, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_LIST,
-    VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CANCEL, VERB_TASK_CHECKPOINT, VERB_TASK_COUNTS, VERB_TASK_GET,
-    VERB_TASK_LIST, VERB_TASK_PARENTS, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
+    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, Priority, QueueOpenReply,
+    QueueOpenRequest, ReplayReply, ReplayRequest, RunIdRequest, RunnableReply, RunnableRequest, TaskId, TaskIdRequest,
+    VERB_QUEUE_OPEN, VERB_RUN_CANCEL, VERB_RUN_GET, VERB_RUN_LIST, VERB_RUN_RESUME, VERB_RUN_SUBMIT, VERB_TASK_CANCEL,
+    VERB_TASK_CHECKPOINT, VERB_TASK_COUNTS, VERB_TASK_GET, VERB_TASK_LIST, VERB_TASK_PARENTS, VERB_TASK_REPLAY,
+    VERB_TASK_RUNNABLE, validate_queue,
 };
 use tokio_util::sync::CancellationToken;
 
@@ -75,6 +76,7 @@ async fn answer(ctx: &Ctx, verb: &str, body: &[u8]) -> Answer {
         VERB_TASK_CANCEL => cancel(ctx, request::<TaskIdRequest>(verb, body)?.id).await,
         VERB_TASK_REPLAY => replay(ctx, request(verb, body)?).await,
         VERB_TASK_RUNNABLE => runnable(ctx, request(verb, body)?).await,
+        VERB_QUEUE_OPEN => open_queues(ctx, request(verb, body)?).await,
         VERB_TASK_PARENTS => runs::parents(ctx, request(verb, body)?).await,
         VERB_TASK_CHECKPOINT => runs::checkpoint(ctx, request(verb, body)?).await,
         VERB_RUN_SUBMIT => runs::submit(ctx, body).await,
@@ -109,6 +111,30 @@ async fn runnable(ctx: &Ctx, r: RunnableRequest) -> Answer {
     }
     let (answers, checkpoints) = ctx.store.runnable(&r.tasks).await.map_err(unavailable)?;
     reply(RunnableReply { answers, checkpoints })
+}
+
+/// Most queues one `queue.open` may name.
+const MAX_OPEN_QUEUES: usize = 64;
+
+/// Creates (or updates) the dispatch consumers of the queues a worker is about to pull: only
+/// the coordinator creates consumers, so a worker's NATS user needs no right to.
+async fn open_queues(ctx: &Ctx, r: QueueOpenRequest) -> Answer {
+    if r.queues.len() > MAX_OPEN_QUEUES {
+        return Err(bad_request(format!("at most {MAX_OPEN_QUEUES} queues per request")));
+    }
+    let allowed = &ctx.config.coordinator.queues;
+    let mut consumers = Vec::new();
+    for queue in &r.queues {
+        validate_queue("queue", queue).map_err(|e| bad_request(e.to_string()))?;
+        if !allowed.is_empty() && !allowed.contains(queue) {
+            return Err(bad_request(format!("queue {queue:?} is not among coordinator.queues")));
+        }
+        for p in Priority::ALL {
+            let consumer = ctx.topology.dispatch_consumer(queue, p).await.map_err(unavailable)?;
+            consumers.push(consumer.cached_info().name.clone());
+        }
+    }
+    reply(QueueOpenReply { consumers })
 }
 
 /// Cancels a task: final state `cancelled` in Postgres (with its pending dependents), then its

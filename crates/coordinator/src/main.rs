@@ -62,6 +62,8 @@ async fn main() -> anyhow::Result<()> {
     let topology = Topology::new(client.clone(), &config.nats);
     topology.ensure_streams().await?;
     let cancel_bucket = topology.cancel_bucket().await?;
+    // The aggregator may only bind to its consumer, so the coordinator makes it.
+    topology.aggregator_consumer().await?;
     let ctx = Arc::new(Ctx {
         config: config.clone(),
         client,

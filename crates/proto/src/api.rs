@@ -17,6 +17,25 @@ pub const VERB_TASK_CANCEL: &str = "task.cancel";
 pub const VERB_TASK_REPLAY: &str = "task.replay";
 /// Verb workers ask before running a message: [`RunnableRequest`] → [`RunnableReply`].
 pub const VERB_TASK_RUNNABLE: &str = "task.runnable";
+/// Verb a worker asks at start: [`QueueOpenRequest`] → [`QueueOpenReply`]. Only the
+/// coordinator creates consumers, so a worker asks it for those of its queues and then binds
+/// to them by name.
+pub const VERB_QUEUE_OPEN: &str = "queue.open";
+
+/// Request of `queue.open`: the queues whose dispatch consumers the worker is about to pull.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOpenRequest {
+    /// Queue names.
+    pub queues: Vec<String>,
+}
+
+/// Reply of `queue.open`: the names of the consumers that now exist, for every queue and
+/// priority.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct QueueOpenReply {
+    /// Consumer names on the dispatch stream.
+    pub consumers: Vec<String>,
+}
 
 /// Request naming one task (`task.get`, `task.cancel`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

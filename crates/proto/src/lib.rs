@@ -15,6 +15,7 @@ mod error;
 mod event;
 mod fleet;
 mod payload;
+mod permissions;
 mod priority;
 mod run_api;
 mod stats;
@@ -22,9 +23,10 @@ mod subjects;
 mod workflow;
 
 pub use api::{
-    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, ReplayReply, ReplayRequest,
-    Runnable, RunnableQuery, RunnableReply, RunnableRequest, TaskIdRequest, VERB_TASK_CANCEL, VERB_TASK_COUNTS,
-    VERB_TASK_GET, VERB_TASK_LIST, VERB_TASK_REPLAY, VERB_TASK_RUNNABLE,
+    ApiError, ApiErrorBody, ApiErrorKind, CancelReply, CountsRequest, ListRequest, QueueOpenReply, QueueOpenRequest,
+    ReplayReply, ReplayRequest, Runnable, RunnableQuery, RunnableReply, RunnableRequest, TaskIdRequest,
+    VERB_QUEUE_OPEN, VERB_TASK_CANCEL, VERB_TASK_COUNTS, VERB_TASK_GET, VERB_TASK_LIST, VERB_TASK_REPLAY,
+    VERB_TASK_RUNNABLE,
 };
 pub use codec::{
     CONTENT_TYPE_JSON, CONTENT_TYPE_MSGPACK, Encoding, MAX_MESSAGE_BYTES, decode, decode_envelope, encode, encode_json,
@@ -40,6 +42,7 @@ pub use event::{
 };
 pub use fleet::{Alert, AlertState, WorkerStatus};
 pub use payload::{MAX_PAYLOAD_DEPTH, check_json};
+pub use permissions::{AGGREGATOR_CONSUMER, PasswordSource, Permissions, Role, authorization_block};
 pub use priority::Priority;
 pub use run_api::{
     CheckpointReply, CheckpointRequest, ParentsReply, ParentsRequest, RunChange, RunEndedNotice, RunGetRequest,

@@ -93,6 +93,10 @@ impl Subjects {
     pub fn run_ended(&self, run: &uuid::Uuid) -> String {
         format!("{}.runs.{run}.ended", self.prefix)
     }
+    /// Every run-ended notice subject.
+    pub fn run_ended_all(&self) -> String {
+        format!("{}.runs.*.ended", self.prefix)
+    }
     /// Every committed-notification subject.
     pub fn committed_all(&self) -> String {
         format!("{}.committed.>", self.prefix)

@@ -18,9 +18,9 @@ mod nats;
 mod postgres;
 mod process;
 
-pub use nats::{NatsServer, nats_server_binary};
+pub use nats::{NatsServer, nats_server_binary, role_password, test_authorization};
 pub use postgres::{PG_DATABASE, PgCluster, postgres_bin_dir};
-pub use process::{FleetProcess, free_port, http_get, target_dir};
+pub use process::{FleetProcess, free_port, http_get, role_credentials, target_dir};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
@@ -67,10 +67,11 @@ impl TestEnv {
     /// Sets up a fresh environment named after the test.
     pub fn new(test: &str) -> TestEnv {
         let name = unique_name(test);
+        let (subject_prefix, stream_prefix) = (format!("tf_{name}"), format!("TF_{}", name.to_uppercase()));
         TestEnv {
-            nats: NatsServer::start_or_attach(),
-            subject_prefix: format!("tf_{name}"),
-            stream_prefix: format!("TF_{}", name.to_uppercase()),
+            nats: NatsServer::start_or_attach_for(&taskfleet_proto::Subjects::new(&subject_prefix, &stream_prefix)),
+            subject_prefix,
+            stream_prefix,
             database_url: database_url(),
             schema: format!("t_{name}"),
             redis_url: redis_url(),
@@ -90,6 +91,8 @@ impl TestEnv {
             ("TASKFLEET_REDIS_URL", self.redis_url.clone()),
             ("TASKFLEET_REDIS_KEY_PREFIX", self.redis_prefix.clone()),
             ("TASKFLEET_LOG", "info".into()),
+            ("TASKFLEET_WORKER_TEST_HANDLERS", "true".into()),
+            (process::ROLES_MARKER, if self.nats.has_authorization() { "1" } else { "0" }.into()),
         ]
         .into_iter()
         .map(|(k, v)| (k.to_string(), v))

@@ -5,6 +5,7 @@ use std::net::{TcpListener, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
+use taskfleet_proto::Role;
 
 /// A TCP port that was free a moment ago.
 pub fn free_port() -> u16 {
@@ -28,6 +29,36 @@ pub struct FleetProcess {
     _dir: tempfile::TempDir,
 }
 
+/// Set to `1` in a [`crate::TestEnv::fleet_env`] whose NATS server checks users: then
+/// [`FleetProcess::spawn`] logs each binary in as its role.
+pub(crate) const ROLES_MARKER: &str = "TASKFLEET_TEST_NATS_ROLES";
+
+/// The NATS role each binary runs as in tests (the CLI and the examples act as operators).
+fn role_of(bin: &str) -> Option<Role> {
+    match bin {
+        "taskfleet-coordinator" => Some(Role::Coordinator),
+        "taskfleet-worker" => Some(Role::Worker),
+        "taskfleet-aggregator" => Some(Role::Aggregator),
+        "taskfleet" | "taskfleet-examples" => Some(Role::Admin),
+        _ => None,
+    }
+}
+
+/// `TASKFLEET_NATS_USER`/`_PASSWORD` of `bin`'s role, when `env` marks a server with
+/// authorization and names no user itself: what [`FleetProcess::spawn`] adds, for a test that
+/// runs a binary another way.
+pub fn role_credentials(bin: &str, env: &[(String, String)]) -> Vec<(String, String)> {
+    let marked = env.iter().any(|(k, v)| k == ROLES_MARKER && v == "1");
+    let named = env.iter().any(|(k, _)| k == "TASKFLEET_NATS_USER" || k == "TASKFLEET_NATS_CREDS_FILE");
+    match role_of(bin) {
+        Some(role) if marked && !named => vec![
+            ("TASKFLEET_NATS_USER".into(), role.as_str().into()),
+            ("TASKFLEET_NATS_PASSWORD".into(), crate::role_password(role)),
+        ],
+        _ => Vec::new(),
+    }
+}
+
 impl FleetProcess {
     /// Starts `target/debug/<bin>` with `args` and the extra environment `env`.
     pub fn spawn(bin: &str, args: &[&str], env: &[(String, String)]) -> FleetProcess {
@@ -39,6 +70,7 @@ impl FleetProcess {
         let child = Command::new(&path)
             .args(args)
             .envs(env.iter().map(|(k, v)| (k.as_str(), v.as_str())))
+            .envs(role_credentials(bin, env))
             .stdout(file.try_clone().expect("log file"))
             .stderr(file)
             .stdin(Stdio::null())

@@ -1,9 +1,9 @@
-//! Cancellations: the ids in the cancellation bucket, followed by a watch loop. A queued task
+//! Cancellations: the ids in the cancellation bucket, followed by a reading loop. A queued task
 //! whose id is there is skipped when it arrives; a running one has its attempt cancelled. An
 //! id deleted from the bucket (a resumed run's task) may run again.
 
 use crate::running::Running;
-use futures::StreamExt;
+use futures::{FutureExt, StreamExt};
 use std::collections::HashSet;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -32,47 +32,99 @@ impl Cancellations {
     }
 }
 
-/// Follows the cancellation bucket (restarting the watch when it fails) until `stop`.
+/// How often the bucket is read even without an announcement: announcements sent while the
+/// connection was down are lost, the entries are not.
+const RESYNC: Duration = Duration::from_secs(5);
+
+/// Follows the cancellation bucket until `stop`: reads every entry after the last one read, in
+/// stream order, whenever a change is announced on the bucket's subjects (a plain subscription
+/// to `$KV.<bucket>.>`) and at least every [`RESYNC`]. Entries are read one message at a time
+/// (`STREAM.MSG.GET`), so the worker never creates a consumer (see
+/// [`taskfleet_proto::Permissions`]).
 pub(crate) async fn run(
-    bucket: async_nats::jetstream::kv::Store,
+    client: async_nats::Client,
+    stream: async_nats::jetstream::stream::Stream<()>,
+    bucket: String,
     cancellations: Arc<Cancellations>,
     running: Running,
     stop: CancellationToken,
 ) {
-    use async_nats::jetstream::kv::Operation;
+    let filter = format!("$KV.{bucket}.>");
+    let reader =
+        Reader { stream, key_prefix: format!("$KV.{bucket}."), filter: filter.clone(), cancellations, running };
+    let mut next = 1u64;
+    let mut wake: Option<async_nats::Subscriber> = None;
     while !stop.is_cancelled() {
-        let mut watch = match bucket.watch_with_history(">").await {
-            Ok(w) => w,
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot watch cancellations, retrying");
-                tokio::time::sleep(Duration::from_secs(1)).await;
-                continue;
-            }
-        };
-        loop {
-            let entry = tokio::select! {
-                _ = stop.cancelled() => return,
-                e = watch.next() => e,
-            };
-            let entry = match entry {
-                Some(Ok(e)) => e,
-                Some(Err(e)) => {
-                    tracing::warn!(error = %e, "cancellation watch failed, restarting it");
-                    break;
-                }
-                None => break,
-            };
-            let Ok(id) = entry.key.parse::<uuid::Uuid>() else { continue };
-            if entry.operation != Operation::Put {
-                // Withdrawn: the task runs again (its run was resumed).
-                cancellations.remove(&id);
-                continue;
-            }
-            cancellations.insert(id);
-            if running.cancel_task(id) > 0 {
-                tracing::info!(task_id = %id, "cancelling a running task");
+        if wake.is_none() {
+            match client.subscribe(filter.clone()).await {
+                Ok(sub) => wake = Some(sub),
+                Err(e) => tracing::warn!(error = %e, "cannot subscribe to cancellations; reading them every 5 s"),
             }
         }
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        next = reader.catch_up(next).await;
+        let announced = async {
+            match wake.as_mut() {
+                Some(sub) => {
+                    let ended = sub.next().await.is_none();
+                    // A burst of announcements needs one read.
+                    while let Some(Some(_)) = sub.next().now_or_never() {}
+                    ended
+                }
+                None => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = stop.cancelled() => return,
+            ended = announced => if ended { wake = None },
+            _ = tokio::time::sleep(RESYNC) => {}
+        }
+    }
+}
+
+/// Reads the bucket's entries by stream sequence and applies them.
+struct Reader {
+    stream: async_nats::jetstream::stream::Stream<()>,
+    key_prefix: String,
+    filter: String,
+    cancellations: Arc<Cancellations>,
+    running: Running,
+}
+
+impl Reader {
+    /// Applies every entry from stream sequence `next` on; returns the sequence to read next.
+    async fn catch_up(&self, mut next: u64) -> u64 {
+        use async_nats::jetstream::stream::RawMessageErrorKind;
+        loop {
+            let read =
+                self.stream.raw_message_builder().sequence(next).next_by_subject(self.filter.clone()).send().await;
+            match read {
+                Ok(msg) => {
+                    self.apply(&msg);
+                    next = msg.sequence + 1;
+                }
+                Err(e) if e.kind() == RawMessageErrorKind::NoMessageFound => return next,
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot read cancellations, retrying");
+                    return next;
+                }
+            }
+        }
+    }
+
+    fn apply(&self, msg: &async_nats::jetstream::message::StreamMessage) {
+        let Some(Ok(id)) = msg.subject.strip_prefix(self.key_prefix.as_str()).map(str::parse::<uuid::Uuid>) else {
+            return;
+        };
+        let withdrawn =
+            msg.headers.get("KV-Operation").is_some_and(|op| op.as_str() == "DEL" || op.as_str() == "PURGE");
+        if withdrawn {
+            // The task runs again (its run was resumed).
+            self.cancellations.remove(&id);
+            return;
+        }
+        self.cancellations.insert(id);
+        if self.running.cancel_task(id) > 0 {
+            tracing::info!(task_id = %id, "cancelling a running task");
+        }
     }
 }

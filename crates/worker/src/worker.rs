@@ -12,7 +12,7 @@ use crate::providers::Providers;
 use crate::running::Running;
 use crate::workflow::Coordinator;
 use crate::{Handler, RetryPolicy, WorkerError, WorkerStats, cancellations, heartbeat, progress, pull};
-use async_nats::jetstream::AckKind;
+use async_nats::jetstream::{AckKind, consumer::PullConsumer};
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
@@ -156,7 +156,9 @@ impl Worker {
         let id = &self.identity;
         let cfg = &id.config;
         let topology = Topology::new(client.clone(), &cfg.nats);
-        topology.ensure_streams().await?;
+        let Some(consumers) = self.bind_consumers(&client, &topology, &shutdown).await? else { return Ok(()) };
+        let ack_wait =
+            consumers.iter().map(|(_, c)| c.cached_info().config.ack_wait).min().unwrap_or(cfg.nats.ack_wait);
         let providers = match &self.providers {
             Some(p) => p.clone(),
             None => Providers::new(&cfg.providers)?,
@@ -165,8 +167,8 @@ impl Worker {
             Arc::new(Policies::connect_with(cfg, &self.cache_by_kind, self.retry_by_kind.clone(), &providers)?);
         let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
         let pulling = CancellationToken::new();
-        let pullers = self.start_pullers(&topology, &lanes, &pulling).await?;
-        let (rt, loops) = self.start_loops(&client, &topology, policies, lanes, &pulling, &shutdown).await?;
+        let pullers = self.start_pullers(consumers, &lanes, &pulling);
+        let (rt, loops) = self.start_loops(&client, &topology, ack_wait, policies, lanes, &pulling, &shutdown).await?;
         id.stats.ready.store(true, Ordering::Relaxed);
         tracing::info!(worker = %id.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
                        max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
@@ -183,27 +185,58 @@ impl Worker {
         Ok(())
     }
 
-    /// One pull loop per queue and priority, until `pulling` is cancelled.
-    async fn start_pullers(
+    /// Asks the coordinator to open this worker's queues, then binds to their dispatch consumers
+    /// (a worker never creates one); retries until both work. `None`: shut down meanwhile.
+    async fn bind_consumers(
         &self,
+        client: &async_nats::Client,
         topology: &Topology,
-        lanes: &Arc<Lanes>,
-        pulling: &CancellationToken,
-    ) -> Result<Vec<JoinHandle<()>>, WorkerError> {
-        let cfg = &self.identity.config.worker;
-        // Every consumer first: a failure then leaves no puller filling lanes nobody serves.
+        shutdown: &CancellationToken,
+    ) -> Result<Option<Vec<(Priority, PullConsumer)>>, WorkerError> {
+        let queues = &self.identity.config.worker.queues;
+        let coordinator = Coordinator { client: client.clone(), subjects: topology.subjects.clone() };
+        let mut delay = Duration::from_millis(200);
+        loop {
+            let why = match coordinator.open_queues(queues).await {
+                Ok(_) => match Self::bind_all(topology, queues).await {
+                    Ok(consumers) => return Ok(Some(consumers)),
+                    Err(e) => e.to_string(),
+                },
+                Err(e) => e,
+            };
+            tracing::warn!(queues = ?queues, error = %why, "waiting for the coordinator to open this worker's queues");
+            tokio::select! {
+                _ = shutdown.cancelled() => return Ok(None),
+                _ = tokio::time::sleep(delay) => {}
+            }
+            delay = (delay * 2).min(Duration::from_secs(5));
+        }
+    }
+
+    async fn bind_all(topology: &Topology, queues: &[String]) -> Result<Vec<(Priority, PullConsumer)>, WorkerError> {
         let mut consumers = Vec::new();
-        for queue in &cfg.queues {
+        for queue in queues {
             for p in Priority::ALL {
-                consumers.push((p, topology.dispatch_consumer(queue, p).await?));
+                consumers.push((p, topology.bind_dispatch_consumer(queue, p).await?));
             }
         }
+        Ok(consumers)
+    }
+
+    /// One pull loop per bound consumer, until `pulling` is cancelled.
+    fn start_pullers(
+        &self,
+        consumers: Vec<(Priority, PullConsumer)>,
+        lanes: &Arc<Lanes>,
+        pulling: &CancellationToken,
+    ) -> Vec<JoinHandle<()>> {
+        let cfg = &self.identity.config.worker;
         let pullers = consumers.into_iter().map(|(p, consumer)| {
             let (lanes, stop, stats) = (lanes.clone(), pulling.clone(), self.identity.stats.clone());
             let beat = self.liveness.register(format!("pull {}", consumer.cached_info().name), pull::MAX_SILENCE);
             tokio::spawn(pull::run(consumer, p, cfg.effective_prefetch(), lanes, stop, stats, beat))
         });
-        Ok(pullers.collect())
+        pullers.collect()
     }
 
     /// Starts the event publisher and the background loops, and assembles what attempts share.
@@ -211,6 +244,7 @@ impl Worker {
         &self,
         client: &async_nats::Client,
         topology: &Topology,
+        ack_wait: Duration,
         policies: Arc<Policies>,
         lanes: Arc<Lanes>,
         pulling: &CancellationToken,
@@ -243,11 +277,11 @@ impl Worker {
             stats: id.stats.clone(),
             every: cfg.worker.status_interval.max(Duration::from_millis(100)),
         };
-        let every = heartbeat::interval(cfg.nats.ack_wait);
+        let every = heartbeat::interval(ack_wait);
         // Six intervals plus a minute: publishing the in-progress acks may wait on a slow or
         // reconnecting NATS connection for a while before the loop is wedged for good.
         let heartbeat_beat = self.liveness.register("heartbeat", every * 6 + Duration::from_secs(60));
-        let bucket = topology.cancel_bucket().await?;
+        let bucket = topology.cancel_stream().await?;
         let loops = Loops {
             heartbeat: tokio::spawn(heartbeat::run(
                 client.clone(),
@@ -258,7 +292,9 @@ impl Worker {
                 heartbeat_beat,
             )),
             cancellations: tokio::spawn(cancellations::run(
+                client.clone(),
                 bucket,
+                topology.subjects.cancel_bucket(),
                 id.cancellations.clone(),
                 running.clone(),
                 pulling.clone(),

@@ -7,8 +7,8 @@ use serde::Serialize;
 use serde::de::DeserializeOwned;
 use std::time::Duration;
 use taskfleet_proto::{
-    ApiErrorBody, CheckpointReply, CheckpointRequest, ParentOutcome, ParentsReply, ParentsRequest, Spawn, Subjects,
-    TaskId, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
+    ApiErrorBody, CheckpointReply, CheckpointRequest, ParentOutcome, ParentsReply, ParentsRequest, QueueOpenReply,
+    QueueOpenRequest, Spawn, Subjects, TaskId, VERB_QUEUE_OPEN, VERB_TASK_CHECKPOINT, VERB_TASK_PARENTS,
 };
 
 /// How long a request to the coordinator waits for its answer.
@@ -44,6 +44,12 @@ impl Coordinator {
             Some(err) => format!("{verb}: {}", err.message),
             None => format!("{verb}: unreadable reply: {e}"),
         })
+    }
+
+    /// Asks the coordinator to create the dispatch consumers of `queues`; their names.
+    pub async fn open_queues(&self, queues: &[String]) -> Result<Vec<String>, String> {
+        let request = QueueOpenRequest { queues: queues.to_vec() };
+        Ok(self.ask::<_, QueueOpenReply>(VERB_QUEUE_OPEN, &request).await?.consumers)
     }
 
     /// Every parent's outcome of `task`, page by page, and the previous loop iteration's.
