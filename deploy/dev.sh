@@ -48,8 +48,10 @@ export TASKFLEET_PROVIDERS_PRICES=demo-model=0.15/0.60 TASKFLEET_PROVIDERS_LIMIT
 export TASKFLEET_POLICIES_RATE_LIMITS="demo-llm=50/s burst 10" TASKFLEET_POLICIES_CACHE="llm.chat=1h by model+messages"
 spawn mock-api taskfleet-mock-api TASKFLEET_MOCK_ADDR=127.0.0.1:8089 TASKFLEET_MOCK_NAME=demo-llm TASKFLEET_MOCK_LATENCY_MS=30
 spawn coordinator taskfleet-coordinator TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:8080
-spawn worker-1 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8081 TASKFLEET_WORKER_ID=worker-1
-spawn worker-2 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8082 TASKFLEET_WORKER_ID=worker-2
+# The demo below submits `sleep` tasks and deploy/demo-run.yaml spawns them: a test handler,
+# registered only with worker.test_handlers on.
+spawn worker-1 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8081 TASKFLEET_WORKER_ID=worker-1 TASKFLEET_WORKER_TEST_HANDLERS=true
+spawn worker-2 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8082 TASKFLEET_WORKER_ID=worker-2 TASKFLEET_WORKER_TEST_HANDLERS=true
 spawn aggregator taskfleet-aggregator TASKFLEET_AGGREGATOR_HTTP_ADDR=127.0.0.1:9090
 
 wait_ready() { # name addr

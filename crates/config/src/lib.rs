@@ -79,6 +79,7 @@ impl Config {
     pub fn validate(&self) -> Result<(), ConfigError> {
         self.nats.validate()?;
         self.database.validate()?;
+        self.redis.validate()?;
         self.coordinator.validate()?;
         self.workflows.validate()?;
         self.worker.validate(&self.nats)?;

@@ -450,6 +450,7 @@ mod tests {
             url: prefix.url.clone(),
             key_prefix: prefix.prefix.clone(),
             op_timeout: Duration::from_millis(500),
+            ..RedisConfig::default()
         };
         let a = SharedState::connect_and_wait(&redis, Duration::from_secs(5)).await.unwrap();
         let breakers = Breakers::new(a, settings());
@@ -469,6 +470,7 @@ mod tests {
             url: "redis://127.0.0.1:1".into(),
             key_prefix: "tf:none:".into(),
             op_timeout: Duration::from_millis(100),
+            ..RedisConfig::default()
         };
         let breakers = Breakers::new(SharedState::connect(&redis).unwrap(), settings());
         scenario(&breakers).await;

@@ -432,6 +432,7 @@ mod tests {
             url: prefix.url.clone(),
             key_prefix: prefix.prefix.clone(),
             op_timeout: Duration::from_millis(500),
+            ..RedisConfig::default()
         }
     }
 

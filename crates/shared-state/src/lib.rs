@@ -45,6 +45,9 @@ pub enum SharedStateError {
     /// `redis.url` is not a Redis URL.
     #[error("invalid redis url: {0}")]
     Url(#[source] redis::RedisError),
+    /// `redis.ca_file` cannot be read.
+    #[error("cannot read redis.ca_file {0:?}: {1}")]
+    CaFile(String, #[source] std::io::Error),
     /// A rate limit that `policies.rate_limits` does not define.
     #[error("no rate limit named {0:?} in policies.rate_limits")]
     UnknownLimit(String),
@@ -68,7 +71,7 @@ impl SharedStateError {
             SharedStateError::NotConnected | SharedStateError::Timeout(_) | SharedStateError::Redis(_) => {
                 SharedStateErrorKind::Unavailable
             }
-            SharedStateError::Url(_) => SharedStateErrorKind::Config,
+            SharedStateError::Url(_) | SharedStateError::CaFile(..) => SharedStateErrorKind::Config,
             SharedStateError::UnknownLimit(_) => SharedStateErrorKind::UnknownLimit,
         }
     }
@@ -102,7 +105,15 @@ impl SharedState {
         let info =
             redis::IntoConnectionInfo::into_connection_info(config.url.as_str()).map_err(SharedStateError::Url)?;
         let tcp = redis::io::tcp::TcpSettings::default().set_nodelay(true);
-        let client = redis::Client::open(info.set_tcp_settings(tcp)).map_err(SharedStateError::Url)?;
+        let info = info.set_tcp_settings(tcp);
+        let client = if config.ca_file.is_empty() {
+            redis::Client::open(info)
+        } else {
+            let root_cert =
+                std::fs::read(&config.ca_file).map_err(|e| SharedStateError::CaFile(config.ca_file.clone(), e))?;
+            redis::Client::build_with_tls(info, redis::TlsCertificates { client_tls: None, root_cert: Some(root_cert) })
+        }
+        .map_err(SharedStateError::Url)?;
         let state = SharedState {
             inner: Arc::new(Inner {
                 conn: Mutex::new(None),
@@ -264,6 +275,7 @@ mod tests {
             url: "http://127.0.0.1:1".into(),
             key_prefix: "tf:".into(),
             op_timeout: Duration::from_millis(50),
+            ..RedisConfig::default()
         };
         assert_eq!(SharedState::connect(&cfg).map(|_| ()).unwrap_err().kind(), SharedStateErrorKind::Config);
         // Nothing listens on port 1.

@@ -147,7 +147,12 @@ mod tests {
     use taskfleet_config::{PoliciesConfig, RedisConfig};
 
     fn config(prefix: &str, url: &str) -> RedisConfig {
-        RedisConfig { url: url.into(), key_prefix: prefix.into(), op_timeout: Duration::from_millis(200) }
+        RedisConfig {
+            url: url.into(),
+            key_prefix: prefix.into(),
+            op_timeout: Duration::from_millis(200),
+            ..RedisConfig::default()
+        }
     }
 
     fn policies(spec: &str) -> PoliciesConfig {

@@ -17,6 +17,9 @@ pub enum StoreErrorKind {
     Query,
     /// Migrations could not be applied.
     Migrate,
+    /// Migrations are off (`database.migrate_on_start = false`) and the schema is not at the
+    /// latest migration: run `taskfleet migrate` first.
+    SchemaBehind,
 }
 
 impl fmt::Display for StoreErrorKind {
@@ -25,6 +28,7 @@ impl fmt::Display for StoreErrorKind {
             StoreErrorKind::Config => "invalid database url",
             StoreErrorKind::Unavailable | StoreErrorKind::Data | StoreErrorKind::Query => "database error",
             StoreErrorKind::Migrate => "migration failed",
+            StoreErrorKind::SchemaBehind => "database schema not migrated",
         })
     }
 }
@@ -45,6 +49,8 @@ enum Source {
     Database(sqlx::Error),
     #[error(transparent)]
     Migrate(sqlx::migrate::MigrateError),
+    #[error("{0}")]
+    Schema(String),
 }
 
 /// SQLSTATE classes of errors caused by the data written, not by the database's availability:
@@ -94,6 +100,11 @@ impl StoreError {
     /// An unusable setting, e.g. a database URL that does not parse.
     pub(crate) fn config(e: sqlx::Error) -> Self {
         StoreError { kind: StoreErrorKind::Config, source: Source::Database(e) }
+    }
+
+    /// The schema is behind the migrations this build carries (`why` says how).
+    pub(crate) fn schema_behind(why: String) -> Self {
+        StoreError { kind: StoreErrorKind::SchemaBehind, source: Source::Schema(why) }
     }
 
     /// What the failure means for the caller.

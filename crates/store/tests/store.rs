@@ -14,8 +14,12 @@ struct Schema {
 
 impl Schema {
     async fn new(test: &str) -> Schema {
-        let cfg =
-            DatabaseConfig { url: database_url(), schema: format!("t_{}", unique_name(test)), max_connections: 4 };
+        let cfg = DatabaseConfig {
+            url: database_url(),
+            schema: format!("t_{}", unique_name(test)),
+            max_connections: 4,
+            ..DatabaseConfig::default()
+        };
         Schema { store: Store::connect(&cfg).await.expect("connect store") }
     }
 }
@@ -307,8 +311,12 @@ async fn errors_tell_unavailable_from_refused_data() {
     let e =
         sqlx::query("SELECT * FROM no_such_table").execute(s.store.pool()).await.map_err(StoreError::from).unwrap_err();
     assert!(!e.is_data_error() && !e.is_unavailable(), "{e}");
-    let down =
-        DatabaseConfig { url: "postgres://postgres@127.0.0.1:1/test".into(), schema: "x".into(), max_connections: 1 };
+    let down = DatabaseConfig {
+        url: "postgres://postgres@127.0.0.1:1/test".into(),
+        schema: "x".into(),
+        max_connections: 1,
+        ..DatabaseConfig::default()
+    };
     let e = Store::connect(&down).await.unwrap_err();
     assert!(e.is_unavailable() && !e.is_data_error(), "{e}");
 }

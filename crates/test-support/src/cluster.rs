@@ -149,7 +149,11 @@ impl NatsCluster {
                 return Ok(());
             }
             if Instant::now() > deadline {
-                return Err(format!("{running} of {} nodes running; not healthy: {}", self.nodes.len(), unhealthy.join("; ")));
+                return Err(format!(
+                    "{running} of {} nodes running; not healthy: {}",
+                    self.nodes.len(),
+                    unhealthy.join("; ")
+                ));
             }
             std::thread::sleep(Duration::from_millis(100));
         }

@@ -37,10 +37,13 @@ async fn main() -> anyhow::Result<()> {
     // One TLS crypto provider for every client in the process (outside APIs, NATS, Postgres).
     let _ = rustls::crypto::ring::default_provider().install_default();
     let providers = Providers::new(&config.providers)?;
-    let worker = Worker::builder(config.clone())
+    let mut builder = Worker::builder(config.clone());
+    if config.worker.test_handlers {
+        tracing::info!("worker.test_handlers is on: registering the test kinds sleep and fanout");
+        builder = builder.handler("sleep", builtin::sleep).handler("fanout", builtin::fanout);
+    }
+    let worker = builder
         .handler("echo", builtin::echo)
-        .handler("sleep", builtin::sleep)
-        .handler("fanout", builtin::fanout)
         .handler("spawn", builtin::spawn)
         .handler("collect", builtin::collect)
         .handler("counter", builtin::counter)

@@ -11,7 +11,12 @@ fn unit(dim: usize, i: usize) -> Vec<f32> {
 }
 
 fn redis(prefix: &taskfleet_test_support::RedisPrefix, key_prefix: &str) -> RedisConfig {
-    RedisConfig { url: prefix.url.clone(), key_prefix: key_prefix.into(), op_timeout: Duration::from_millis(500) }
+    RedisConfig {
+        url: prefix.url.clone(),
+        key_prefix: key_prefix.into(),
+        op_timeout: Duration::from_millis(500),
+        ..RedisConfig::default()
+    }
 }
 
 #[tokio::test]
