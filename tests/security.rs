@@ -2,13 +2,16 @@
 //! outside APIs: `url` targets need `providers.url_hosts`; loopback, private and link-local
 //! addresses (cloud metadata) are refused for them after DNS resolution and on redirects; a
 //! `path` cannot change the host; an API key goes only to its own provider's host; and requests
-//! that cannot be built fail their task without counting at any breaker.
+//! that cannot be built fail their task without counting at any breaker. And each NATS role
+//! (client, worker, aggregator) is refused what its permissions do not grant.
 
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
+use taskfleet_bus::send_submission;
 use taskfleet_e2e::Fleet;
 use taskfleet_mock_api::{Behaviour, MockApi, MockConfig, RunningMock};
-use taskfleet_proto::{RetryBackoff, TaskEnvelope};
+use taskfleet_proto::{AGGREGATOR_CONSUMER, Priority, RetryBackoff, Role, TaskEnvelope};
+use taskfleet_test_support::role_password;
 
 const OPENAI_KEY: &str = "sk-openai-e2e-secret";
 const LOCALHOST_KEY: &str = "sk-localhost-e2e-secret";
@@ -34,6 +37,11 @@ async fn outcome(pool: &sqlx::PgPool, task: &TaskEnvelope) -> (String, i32, Opti
         .fetch_one(pool)
         .await
         .unwrap()
+}
+
+/// The task's state, once the coordinator has recorded it.
+async fn state(pool: &sqlx::PgPool, task: &TaskEnvelope) -> Option<String> {
+    sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1").bind(task.id).fetch_optional(pool).await.unwrap()
 }
 
 /// Submits `tasks` and checks that each ends `failed` at its first attempt with its code, and a
@@ -234,4 +242,178 @@ async fn api_keys_go_only_to_their_providers_host() {
     assert_eq!(auth(&outside), vec![None, None], "no key reached the outside host");
     assert_eq!(auth(&openai), vec![Some(format!("Bearer {OPENAI_KEY}")); 2]);
     assert_eq!(auth(&named_localhost), vec![Some(format!("Bearer {LOCALHOST_KEY}"))]);
+}
+
+/// A connection as one role of the fleet, with every error the server reported to it.
+struct Login {
+    role: Role,
+    client: async_nats::Client,
+    errors: tokio::sync::mpsc::UnboundedReceiver<String>,
+}
+
+impl Login {
+    async fn new(fleet: &Fleet, role: Role) -> Login {
+        let (tx, errors) = tokio::sync::mpsc::unbounded_channel();
+        let client = async_nats::ConnectOptions::with_user_and_password(role.as_str().into(), role_password(role))
+            .custom_inbox_prefix(role.inbox_prefix())
+            .event_callback(move |event| {
+                let tx = tx.clone();
+                async move {
+                    if let async_nats::Event::ServerError(e) = event {
+                        let _ = tx.send(e.to_string());
+                    }
+                }
+            })
+            .connect(fleet.env.nats.url.as_str())
+            .await
+            .unwrap_or_else(|e| panic!("log in as {}: {e}", role.as_str()));
+        Login { role, client, errors }
+    }
+
+    /// Publishes `body` to `subject` and expects the server to refuse it.
+    async fn publish_refused(&mut self, subject: &str, body: Vec<u8>) {
+        self.client.publish(subject.to_string(), body.into()).await.expect("publish");
+        self.client.flush().await.expect("flush");
+        self.refused("Publish", subject).await;
+    }
+
+    /// Sends a request to `subject` and expects the server to refuse it (so it gets no answer).
+    async fn request_refused(&mut self, subject: &str, body: Vec<u8>) {
+        let asking = self.client.request(subject.to_string(), body.into());
+        let answer = tokio::time::timeout(Duration::from_secs(2), asking).await;
+        assert!(!matches!(answer, Ok(Ok(_))), "{} got an answer on {subject}", self.role.as_str());
+        self.refused("Publish", subject).await;
+    }
+
+    /// Subscribes to `subject` and expects the server to refuse the subscription.
+    async fn subscribe_refused(&mut self, subject: &str) {
+        let _sub = self.client.subscribe(subject.to_string()).await.expect("subscribe");
+        self.client.flush().await.expect("flush");
+        self.refused("Subscription", subject).await;
+    }
+
+    /// Waits for the server's `Permissions Violation for <what> to "<subject>"`.
+    async fn refused(&mut self, what: &str, subject: &str) {
+        let wanted = format!("Permissions Violation for {what} to \"{subject}\"");
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+        loop {
+            match tokio::time::timeout_at(deadline, self.errors.recv()).await {
+                Ok(Some(e)) if e.contains(&wanted) => {
+                    println!("{}: {what} to {subject} refused: {e}", self.role.as_str());
+                    return;
+                }
+                Ok(Some(_)) => continue,
+                _ => panic!("{} was not refused: no {wanted:?} within 5 s", self.role.as_str()),
+            }
+        }
+    }
+
+    /// A JetStream API request this role may make: answered, without an error.
+    async fn js_api_ok(&mut self, subject: &str) {
+        let answer = tokio::time::timeout(Duration::from_secs(5), self.client.request(subject.to_string(), "".into()))
+            .await
+            .unwrap_or_else(|_| panic!("{} got no answer on {subject}", self.role.as_str()))
+            .expect("request");
+        let reply: Value = serde_json::from_slice(&answer.payload).expect("JSON reply");
+        assert!(reply.get("error").is_none(), "{} on {subject}: {reply}", self.role.as_str());
+        assert!(self.errors.try_recv().is_err(), "{} was refused on {subject}", self.role.as_str());
+    }
+}
+
+/// Each role, logged in with its own credentials, is refused everything outside its
+/// permissions, and nothing it tried had an effect: a running task is not cancelled, no stream,
+/// consumer or cancellation entry is made. What each role may do still works (the client's
+/// submission, the worker's and the aggregator's consumer lookups, the admin's cancel), and no
+/// process logged a password.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn each_nats_role_is_refused_outside_its_permissions() {
+    let mut fleet = Fleet::new("roles");
+    assert!(fleet.env.nats.has_authorization(), "the test server runs with authorization");
+    fleet.start_coordinator();
+    fleet.start_worker(&[]);
+    fleet.start_aggregator();
+    let s = fleet.subjects();
+    let pool = fleet.env.pg_pool().await;
+    let (dispatch, events) = (s.dispatch_stream(), s.events_stream());
+    let consumer = s.dispatch_consumer("default", Priority::Normal);
+
+    // The client may submit: a task that runs for a minute unless cancelled.
+    let mut client = Login::new(&fleet, Role::Client).await;
+    let task = TaskEnvelope::new("sleep", json!({ "ms": 60_000 }));
+    let js = async_nats::jetstream::new(client.client.clone());
+    send_submission(&js, &s, &task, async_nats::HeaderMap::new())
+        .await
+        .expect("client submits")
+        .stored()
+        .await
+        .expect("the client's submission is stored");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&pool, &task).await.as_deref() != Some("running") {
+        assert!(Instant::now() < deadline, "the task never ran\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let cancel = serde_json::to_vec(&json!({ "id": task.id })).expect("encode");
+    let succeeded = serde_json::to_vec(&json!({ "task_id": task.id, "kind": "succeeded" })).expect("encode");
+
+    // The client: no events, no dispatches, no API beyond run.submit, no JetStream API, and it
+    // cannot read the event stream.
+    client.publish_refused(&s.events("default", Priority::Normal), succeeded.clone()).await;
+    client
+        .publish_refused(&s.dispatch("default", Priority::Critical), serde_json::to_vec(&task).expect("encode"))
+        .await;
+    client.request_refused(&s.api("task.cancel"), cancel.clone()).await;
+    client.request_refused(&s.api("task.get"), cancel.clone()).await;
+    client.request_refused("$JS.API.STREAM.CREATE.EVIL_CLIENT", b"{}".to_vec()).await;
+    client.subscribe_refused(&s.events_all()).await;
+
+    // The worker: no streams, no consumers (creating one would read outside its subscriptions),
+    // no cancel or replay, no writes to the cancellation bucket, no purges.
+    let mut worker = Login::new(&fleet, Role::Worker).await;
+    worker.js_api_ok(&format!("$JS.API.CONSUMER.INFO.{dispatch}.{consumer}")).await;
+    let stream = json!({ "name": "EVIL_WORKER", "subjects": ["evil.>"] }).to_string().into_bytes();
+    worker.request_refused("$JS.API.STREAM.CREATE.EVIL_WORKER", stream).await;
+    let evil_consumer = json!({ "stream_name": dispatch, "config": { "name": "evil", "ack_policy": "none" } });
+    worker
+        .request_refused(&format!("$JS.API.CONSUMER.CREATE.{dispatch}.evil"), evil_consumer.to_string().into_bytes())
+        .await;
+    worker.request_refused(&format!("$JS.API.STREAM.PURGE.{dispatch}"), b"{}".to_vec()).await;
+    worker.request_refused(&s.api("task.cancel"), cancel.clone()).await;
+    worker.request_refused(&s.api("task.replay"), cancel.clone()).await;
+    worker.publish_refused(&format!("$KV.{}.{}", s.cancel_bucket(), task.id), b"cancel".to_vec()).await;
+    worker.subscribe_refused(&s.submit_all()).await;
+
+    // The aggregator: only its own consumer of the event stream.
+    let mut aggregator = Login::new(&fleet, Role::Aggregator).await;
+    aggregator.js_api_ok(&format!("$JS.API.CONSUMER.INFO.{events}.{AGGREGATOR_CONSUMER}")).await;
+    aggregator.request_refused(&format!("$JS.API.CONSUMER.MSG.NEXT.{dispatch}.{consumer}"), b"1".to_vec()).await;
+    aggregator.publish_refused(&s.events("default", Priority::Normal), succeeded).await;
+    aggregator.request_refused(&s.api("task.cancel"), cancel.clone()).await;
+    aggregator.subscribe_refused(&s.dispatch_all()).await;
+
+    // None of it had an effect.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(outcome(&pool, &task).await.0, "running", "{}", fleet.logs());
+    let admin = fleet.nats().await;
+    let admin_js = async_nats::jetstream::new(admin.clone());
+    for name in ["EVIL_CLIENT", "EVIL_WORKER"] {
+        assert!(admin_js.get_stream(name).await.is_err(), "stream {name} exists");
+    }
+    let dispatch_stream = admin_js.get_stream(&dispatch).await.expect("dispatch stream");
+    assert!(dispatch_stream.consumer_info("evil").await.is_err(), "the worker made a consumer");
+    let bucket = admin_js.get_key_value(s.cancel_bucket()).await.expect("cancellation bucket");
+    assert!(bucket.get(task.id.to_string()).await.expect("read bucket").is_none(), "the worker wrote the bucket");
+
+    // The admin may cancel: the task ends cancelled.
+    let reply = fleet.api(&admin, "task.cancel", &json!({ "id": task.id })).await;
+    assert!(reply.get("error").is_none(), "admin cancel: {reply}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&pool, &task).await.as_deref() != Some("cancelled") {
+        assert!(Instant::now() < deadline, "the admin's cancel did not end the task\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let logs = fleet.logs();
+    for role in Role::ALL {
+        assert!(!logs.contains(&role_password(role)), "a process logged the {} password", role.as_str());
+    }
 }
