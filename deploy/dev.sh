@@ -1,8 +1,12 @@
 #!/usr/bin/env bash
 # Brings a local fleet up and runs a demo workload: services (deploy/dev-services.sh), the
-# debug build (the one `make test` uses, so it is compiled once for both), one coordinator, two workers, the aggregator and a mock LLM API, then a demo
-# workload (echo and sleep tasks, then LLM calls through the shared cache and a rate limit).
-# The fleet keeps running afterwards; `make stop` (deploy/dev.sh stop) stops it.
+# debug build (the one `make test` uses, so it is compiled once for both), a nats-server of its
+# own with authorization on (each role its user and permissions, passwords made once per
+# checkout in .dev/nats-passwords), one coordinator, two workers, the aggregator and a mock LLM
+# API, then a demo workload (echo and sleep tasks, then LLM calls through the shared cache and a
+# rate limit). The fleet keeps running afterwards; `make stop` (deploy/dev.sh stop) stops it.
+#
+# Environment: TASKFLEET_DEV_NATS_PORT [4322], the port of the dev fleet's nats-server.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start_ns=$(date +%s%N)
@@ -24,10 +28,9 @@ if [[ "${1:-}" == "stop" ]]; then
     exit 0
 fi
 
-deploy/dev-services.sh
+deploy/dev-services.sh --no-nats
 # shellcheck disable=SC1091
-source .dev/env
-export TASKFLEET_NATS_URL
+source .dev/nats-bin
 
 command -v cargo >/dev/null || { log "cargo is missing: install Rust (https://rustup.rs)"; exit 1; }
 log "building (debug profile, shared with make test)"
@@ -35,10 +38,60 @@ cargo build --locked --workspace --bins
 BIN=target/debug
 
 stop_fleet
-mkdir -p .dev/pids .dev/logs
-spawn() { # name binary [VAR=value ...]
-    local name=$1 bin=$2; shift 2
-    env "$@" "$BIN/$bin" >".dev/logs/$name.log" 2>&1 &
+mkdir -p .dev/pids .dev/logs .dev/nats
+
+# NATS with authorization: one user per role, the permissions `taskfleet nats-permissions`
+# prints, the passwords in the nats-server's environment (as a Kubernetes Secret gives them).
+ROLES=(coordinator worker aggregator client admin)
+if [[ ! -s .dev/nats-passwords ]]; then
+    (umask 077; for role in "${ROLES[@]}"; do
+        echo "NATS_PASSWORD_${role^^}=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')"
+    done > .dev/nats-passwords)
+fi
+# shellcheck disable=SC1091
+source .dev/nats-passwords
+NATS_PORT=${TASKFLEET_DEV_NATS_PORT:-4322}
+$BIN/taskfleet nats-permissions --password-env-prefix NATS_PASSWORD_ > .dev/nats/authorization.conf
+cat > .dev/nats/nats.conf <<CONF
+listen: "127.0.0.1:$NATS_PORT"
+http: "127.0.0.1:$((NATS_PORT + 1))"
+jetstream { store_dir: "$PWD/.dev/nats/store" }
+include "authorization.conf"
+CONF
+if [[ -e .dev/nats.pid ]] && kill -0 "$(cat .dev/nats.pid)" 2>/dev/null \
+    && [[ "$(cat .dev/nats.conf-path 2>/dev/null)" == "$PWD/.dev/nats/nats.conf" ]]; then
+    kill -HUP "$(cat .dev/nats.pid)" && log "nats-server reloaded its configuration"
+else
+    [[ -e .dev/nats.pid ]] && { kill "$(cat .dev/nats.pid)" 2>/dev/null || true; rm -f .dev/nats.pid; sleep 0.5; }
+    if (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null; then
+        log "port $NATS_PORT is taken by another process: set TASKFLEET_DEV_NATS_PORT"; exit 1
+    fi
+    # shellcheck disable=SC2046
+    nohup env $(cat .dev/nats-passwords) "$TASKFLEET_NATS_SERVER_BIN" -c "$PWD/.dev/nats/nats.conf" \
+        >.dev/logs/nats-server.log 2>&1 &
+    echo $! > .dev/nats.pid
+    echo "$PWD/.dev/nats/nats.conf" > .dev/nats.conf-path
+    for _ in $(seq 50); do (exec 3<>"/dev/tcp/127.0.0.1/$NATS_PORT") 2>/dev/null && break; sleep 0.1; done
+    log "nats-server with authorization on 127.0.0.1:$NATS_PORT (monitoring :$((NATS_PORT + 1)))"
+fi
+export TASKFLEET_NATS_URL=nats://127.0.0.1:$NATS_PORT
+# The CLI and the examples log in as admin.
+cat > .dev/env <<ENV
+export TASKFLEET_NATS_URL=$TASKFLEET_NATS_URL
+export TASKFLEET_NATS_USER=admin
+export TASKFLEET_NATS_PASSWORD=$NATS_PASSWORD_ADMIN
+ENV
+chmod 600 .dev/env
+# shellcheck disable=SC1091
+source .dev/env
+
+spawn() { # name binary role|- [VAR=value ...]: logs in to NATS as its role
+    local name=$1 bin=$2 role=$3 login=(); shift 3
+    if [[ "$role" != - ]]; then
+        local password_var="NATS_PASSWORD_${role^^}"
+        login=(TASKFLEET_NATS_USER="$role" TASKFLEET_NATS_PASSWORD="${!password_var}")
+    fi
+    env -u TASKFLEET_NATS_USER -u TASKFLEET_NATS_PASSWORD "${login[@]}" "$@" "$BIN/$bin" >".dev/logs/$name.log" 2>&1 &
     echo $! > ".dev/pids/$name.pid"
 }
 # The demo's LLM provider: the mock API (taskfleet-mock-api), 30 ms per call; its results are
@@ -46,13 +99,13 @@ spawn() { # name binary [VAR=value ...]
 export TASKFLEET_PROVIDERS_URLS=demo-llm=http://127.0.0.1:8089/v1 TASKFLEET_PROVIDERS_MODELS=demo-model=demo-llm
 export TASKFLEET_PROVIDERS_PRICES=demo-model=0.15/0.60 TASKFLEET_PROVIDERS_LIMITS=demo-llm=demo-llm
 export TASKFLEET_POLICIES_RATE_LIMITS="demo-llm=50/s burst 10" TASKFLEET_POLICIES_CACHE="llm.chat=1h by model+messages"
-spawn mock-api taskfleet-mock-api TASKFLEET_MOCK_ADDR=127.0.0.1:8089 TASKFLEET_MOCK_NAME=demo-llm TASKFLEET_MOCK_LATENCY_MS=30
-spawn coordinator taskfleet-coordinator TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:8080
+spawn mock-api taskfleet-mock-api - TASKFLEET_MOCK_ADDR=127.0.0.1:8089 TASKFLEET_MOCK_NAME=demo-llm TASKFLEET_MOCK_LATENCY_MS=30
+spawn coordinator taskfleet-coordinator coordinator TASKFLEET_COORDINATOR_HTTP_ADDR=127.0.0.1:8080
 # The demo below submits `sleep` tasks and deploy/demo-run.yaml spawns them: a test handler,
 # registered only with worker.test_handlers on.
-spawn worker-1 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8081 TASKFLEET_WORKER_ID=worker-1 TASKFLEET_WORKER_TEST_HANDLERS=true
-spawn worker-2 taskfleet-worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8082 TASKFLEET_WORKER_ID=worker-2 TASKFLEET_WORKER_TEST_HANDLERS=true
-spawn aggregator taskfleet-aggregator TASKFLEET_AGGREGATOR_HTTP_ADDR=127.0.0.1:9090
+spawn worker-1 taskfleet-worker worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8081 TASKFLEET_WORKER_ID=worker-1 TASKFLEET_WORKER_TEST_HANDLERS=true
+spawn worker-2 taskfleet-worker worker TASKFLEET_WORKER_HTTP_ADDR=127.0.0.1:8082 TASKFLEET_WORKER_ID=worker-2 TASKFLEET_WORKER_TEST_HANDLERS=true
+spawn aggregator taskfleet-aggregator aggregator TASKFLEET_AGGREGATOR_HTTP_ADDR=127.0.0.1:9090
 
 wait_ready() { # name addr
     for _ in $(seq 300); do
