@@ -40,6 +40,15 @@ impl Default for TelemetryConfig {
 pub struct CoordinatorConfig {
     /// Address of the HTTP API (`/healthz`, `/readyz`, `/metrics`, `/v1/tasks`).
     pub http_addr: String,
+    /// Bearer token the HTTP API's task routes (`/v1/...`: payloads, results, counts) require,
+    /// sent as `Authorization: Bearer <token>`; at least 16 printable characters, no spaces.
+    /// Prefer `api_token_file` (or the environment, from a Secret). With neither set, those
+    /// routes answer only to loopback peers (403 to anyone else). `/healthz`, `/readyz` and
+    /// `/metrics` never need it.
+    pub api_token: Secret,
+    /// File whose content (surrounding whitespace trimmed) is `api_token`; read at start. Set
+    /// this or `api_token`, not both.
+    pub api_token_file: String,
     /// Task kinds accepted at intake; empty accepts any kind (workers then reject kinds they do
     /// not know).
     pub kinds: Vec<String>,
@@ -88,6 +97,8 @@ impl Default for CoordinatorConfig {
     fn default() -> Self {
         CoordinatorConfig {
             http_addr: "0.0.0.0:8080".into(),
+            api_token: Secret::default(),
+            api_token_file: String::new(),
             kinds: Vec::new(),
             queues: Vec::new(),
             reply_prefix: "_INBOX".into(),
@@ -105,8 +116,99 @@ impl Default for CoordinatorConfig {
     }
 }
 
+/// Fewest characters of `coordinator.api_token`.
+pub const MIN_API_TOKEN_LEN: usize = 16;
+
+/// A secret string (a token): serialized and compared as itself, but `Debug` shows `***`, so a
+/// logged configuration never carries it.
+#[derive(Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct Secret(String);
+
+impl Secret {
+    /// The secret itself, for the one place that must use it (never a log line).
+    pub fn expose(&self) -> &str {
+        &self.0
+    }
+
+    /// True when no secret is set.
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl From<String> for Secret {
+    fn from(s: String) -> Secret {
+        Secret(s)
+    }
+}
+
+impl From<&str> for Secret {
+    fn from(s: &str) -> Secret {
+        Secret(s.to_string())
+    }
+}
+
+impl std::fmt::Debug for Secret {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let shown = if self.0.is_empty() { "" } else { crate::REDACTED };
+        std::fmt::Debug::fmt(shown, f)
+    }
+}
+
+/// Why `token` cannot be `field`'s API token (without quoting it), or `Ok`.
+fn check_api_token(field: &'static str, token: &str) -> Result<(), ConfigError> {
+    if token.chars().count() < MIN_API_TOKEN_LEN {
+        return invalid(
+            field,
+            format!("the token has {} characters; it needs at least {MIN_API_TOKEN_LEN}", token.chars().count()),
+        );
+    }
+    if !token.chars().all(|c| c.is_ascii_graphic()) {
+        return invalid(
+            field,
+            "the token must be printable ASCII without spaces (it travels in an HTTP header)".into(),
+        );
+    }
+    Ok(())
+}
+
 impl CoordinatorConfig {
+    /// The HTTP API's token: `api_token`, else the content of `api_token_file` (surrounding
+    /// whitespace trimmed; the file is read now), else none: the task routes then answer only
+    /// to loopback peers. A file that cannot be read, or a token that is too short, is an error.
+    pub fn effective_api_token(&self) -> Result<Option<Secret>, ConfigError> {
+        if !self.api_token.is_empty() && !self.api_token_file.is_empty() {
+            return Err(ConfigError::Invalid {
+                field: "coordinator.api_token",
+                message: "set api_token or api_token_file, not both".into(),
+            });
+        }
+        if !self.api_token.is_empty() {
+            check_api_token("coordinator.api_token", self.api_token.expose())?;
+            return Ok(Some(self.api_token.clone()));
+        }
+        if self.api_token_file.is_empty() {
+            return Ok(None);
+        }
+        let token = std::fs::read_to_string(&self.api_token_file).map_err(|e| ConfigError::Invalid {
+            field: "coordinator.api_token_file",
+            message: format!("cannot read {:?}: {e}", self.api_token_file),
+        })?;
+        let token = token.trim();
+        check_api_token("coordinator.api_token_file", token)?;
+        Ok(Some(Secret::from(token)))
+    }
+
     pub(crate) fn validate(&self) -> Result<(), ConfigError> {
+        // The file is read by `effective_api_token`, where the coordinator starts: other
+        // binaries loading the same configuration need not see it.
+        if !self.api_token.is_empty() && !self.api_token_file.is_empty() {
+            return invalid("coordinator.api_token", "set api_token or api_token_file, not both".into());
+        }
+        if !self.api_token.is_empty() {
+            check_api_token("coordinator.api_token", self.api_token.expose())?;
+        }
         for kind in &self.kinds {
             validate_name("kinds", kind, true)
                 .map_err(|e| ConfigError::Invalid { field: "coordinator.kinds", message: e.to_string() })?;
@@ -422,4 +524,54 @@ impl AggregatorConfig {
 
 pub(crate) fn invalid(field: &'static str, message: String) -> Result<(), ConfigError> {
     Err(ConfigError::Invalid { field, message })
+}
+
+#[cfg(test)]
+mod tests {
+    use crate::{Config, CoordinatorConfig};
+
+    fn load(pairs: &[(&str, &str)]) -> Result<Config, crate::ConfigError> {
+        Config::load_from(None, pairs.iter().map(|(k, v)| (k.to_string(), v.to_string())))
+    }
+
+    const TOKEN: &str = "s3cr3t-api-token-0123456789";
+
+    #[test]
+    fn api_token_from_the_environment_is_checked_and_never_shown() {
+        let c = load(&[("TASKFLEET_COORDINATOR_API_TOKEN", TOKEN)]).unwrap();
+        assert_eq!(c.coordinator.effective_api_token().unwrap().map(|t| t.expose().to_string()), Some(TOKEN.into()));
+        let shown = format!("{c:?} {c:#?}");
+        assert!(!shown.contains(TOKEN) && shown.contains(r#"api_token: "***""#), "{shown}");
+        assert!(format!("{:?}", CoordinatorConfig::default()).contains(r#"api_token: """#));
+        assert_eq!(CoordinatorConfig::default().effective_api_token().unwrap(), None);
+
+        for bad in ["short-token", "a token with spaces in it", "tab\tseparated-token-xyz"] {
+            let e = load(&[("TASKFLEET_COORDINATOR_API_TOKEN", bad)]).expect_err(bad).to_string();
+            assert!(e.contains("coordinator.api_token"), "{bad:?}: {e}");
+            assert!(!e.contains(bad), "the error quotes the token: {e}");
+        }
+        let e = load(&[("TASKFLEET_COORDINATOR_API_TOKEN", TOKEN), ("TASKFLEET_COORDINATOR_API_TOKEN_FILE", "/x")])
+            .expect_err("both set")
+            .to_string();
+        assert!(e.contains("not both"), "{e}");
+    }
+
+    #[test]
+    fn api_token_file_is_read_trimmed_and_checked() {
+        let path = std::env::temp_dir().join(format!("taskfleet-config-{}-api-token", std::process::id()));
+        std::fs::write(&path, format!("  {TOKEN}\n")).unwrap();
+        let file = path.display().to_string();
+        let c = load(&[("TASKFLEET_COORDINATOR_API_TOKEN_FILE", &file)]).unwrap();
+        assert_eq!(c.coordinator.effective_api_token().unwrap().map(|t| t.expose().to_string()), Some(TOKEN.into()));
+
+        std::fs::write(&path, "tooshort\n").unwrap();
+        let e = c.coordinator.effective_api_token().expect_err("short").to_string();
+        assert!(
+            e.contains("coordinator.api_token_file") && e.contains("at least 16") && !e.contains("tooshort"),
+            "{e}"
+        );
+        let missing = CoordinatorConfig { api_token_file: format!("{file}.missing"), ..c.coordinator };
+        assert!(missing.effective_api_token().expect_err("missing").to_string().contains("cannot read"));
+        let _ = std::fs::remove_file(path);
+    }
 }

@@ -215,6 +215,7 @@ fn to_response(answer: Answer) -> Response {
 }
 
 /// HTTP routes: `GET /v1/tasks/{id}`, `GET /v1/tasks?state=&queue=&limit=`, `GET /v1/counts?queue=`.
+/// `main` serves them behind [`crate::http_auth::protect`]: a bearer token, or loopback peers only.
 pub(crate) fn http_routes(ctx: Arc<Ctx>) -> Router {
     Router::new()
         .route(

@@ -8,6 +8,7 @@ static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 mod api;
 mod dispatch;
+mod http_auth;
 mod intake;
 mod leader;
 mod promoter;
@@ -53,6 +54,9 @@ pub(crate) fn periodic_max_silence(interval: Duration) -> Duration {
 async fn main() -> anyhow::Result<()> {
     let service = Service::start("taskfleet-coordinator")?;
     let config = service.config.clone();
+    // The token file is read, and the token checked, before anything else starts.
+    let access = Arc::new(http_auth::Access::from_config(&config.coordinator).map_err(|e| anyhow::anyhow!("{e}"))?);
+    log_api_access(&access, &config.coordinator.http_addr);
     let Some(store) = service.until_shutdown(Store::connect(&config.database)).await else { return Ok(()) };
     let store = store?.with_limits(runs::limits(&config));
     let connecting = taskfleet_bus::connect(&config.nats, "taskfleet-coordinator", Duration::from_secs(60));
@@ -82,7 +86,7 @@ async fn main() -> anyhow::Result<()> {
                 let (db, client) = (ready.clone(), ctx.client.clone());
                 move || readiness_now(&client, &db)
             },
-            api::http_routes(ctx.clone()),
+            http_auth::protect(api::http_routes(ctx.clone()), access),
         )
         .await?;
     let shutdown = service.shutdown.clone();
@@ -117,6 +121,23 @@ async fn main() -> anyhow::Result<()> {
     match failure {
         Some(e) => Err(e),
         None => Ok(()),
+    }
+}
+
+/// Logs which mode the HTTP task API is in (never the token), warning when it listens beyond
+/// loopback without a token: remote callers then get 403.
+fn log_api_access(access: &http_auth::Access, http_addr: &str) {
+    let mode = access.describe();
+    let loopback_bind = http_addr.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback())
+        || http_addr.starts_with("localhost:");
+    match access {
+        http_auth::Access::LoopbackOnly if !loopback_bind => tracing::warn!(
+            http_addr,
+            mode,
+            "HTTP task API (/v1/...) answers only to loopback peers: set coordinator.api_token (or \
+             api_token_file) to serve it to other hosts; /healthz, /readyz and /metrics stay open"
+        ),
+        _ => tracing::info!(http_addr, mode, "HTTP task API (/v1/...) access; /healthz, /readyz and /metrics are open"),
     }
 }
 

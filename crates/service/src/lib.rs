@@ -55,6 +55,8 @@ impl Service {
     }
 
     /// Serves `extra` routes plus `/healthz`, `/readyz` and `/metrics` on `addr`, until shutdown.
+    /// Handlers can read the peer's address as `axum::extract::ConnectInfo<SocketAddr>`; a layer
+    /// on `extra` (the coordinator's API guard) does not cover the three routes added here.
     ///
     /// `/healthz` (liveness) answers 200 `ok` while every loop registered in [`Self::liveness`]
     /// ticks within its maximum, else 503 naming the silent loops: a restart may help.
@@ -79,6 +81,9 @@ impl Service {
         tracing::info!(addr = %listener.local_addr()?, "HTTP endpoints listening");
         let shutdown = self.shutdown.clone();
         Ok(tokio::spawn(async move {
+            // The peer's address reaches handlers as `ConnectInfo<SocketAddr>` (the coordinator's
+            // API serves only loopback peers when it has no token).
+            let app = app.into_make_service_with_connect_info::<std::net::SocketAddr>();
             let served =
                 axum::serve(listener, app).with_graceful_shutdown(async move { shutdown.cancelled().await }).await;
             if let Err(e) = served {
@@ -161,6 +166,46 @@ mod tests {
             metrics::counter!("taskfleet_coordinator_dispatched_total").increment(3);
         });
         handle.render()
+    }
+
+    /// Every metric of the catalogue recorded once, rendered as `/metrics` renders it, passes
+    /// `promtool check metrics` (also for the metrics an end-to-end run does not produce;
+    /// tests/metrics_exposition.rs lints the live endpoints and fails without promtool). Skipped
+    /// when `.dev/bin/promtool` (installed by `make services`) is missing.
+    #[test]
+    fn every_catalogue_metric_passes_promtool() {
+        let promtool = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.dev/bin/promtool");
+        if !promtool.is_file() {
+            eprintln!("skipped: {} is missing (`make services` installs it)", promtool.display());
+            return;
+        }
+        let recorder = prometheus_builder().expect("valid buckets").build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            catalogue::describe_all();
+            for m in catalogue::METRICS {
+                match m.kind {
+                    catalogue::MetricKind::Counter => metrics::counter!(m.name, "kind" => "echo").increment(1),
+                    catalogue::MetricKind::Gauge => metrics::gauge!(m.name, "kind" => "echo").set(0.5),
+                    catalogue::MetricKind::Histogram => metrics::histogram!(m.name, "kind" => "echo").record(0.2),
+                }
+            }
+        });
+        let text = handle.render();
+        for m in catalogue::METRICS {
+            assert!(text.contains(&format!("# HELP {} ", m.name)), "{} is not rendered with HELP", m.name);
+        }
+        let mut child = std::process::Command::new(&promtool)
+            .args(["check", "metrics"])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run promtool");
+        std::io::Write::write_all(&mut child.stdin.take().expect("stdin"), text.as_bytes()).expect("write");
+        let out = child.wait_with_output().expect("promtool's output");
+        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+        assert!(out.status.success() && said.trim().is_empty(), "promtool check metrics:\n{said}");
     }
 
     #[test]

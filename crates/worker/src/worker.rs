@@ -168,7 +168,7 @@ impl Worker {
         let lanes = Arc::new(Lanes::new(cfg.worker.priority_weights.as_array()));
         let pulling = CancellationToken::new();
         let pullers = self.start_pullers(consumers, &lanes, &pulling);
-        let (rt, loops) = self.start_loops(&client, &topology, ack_wait, policies, lanes, &pulling, &shutdown).await?;
+        let (rt, loops) = self.start_loops(&topology, ack_wait, policies, lanes, &pulling, &shutdown).await?;
         id.stats.ready.store(true, Ordering::Relaxed);
         tracing::info!(worker = %id.id, queues = ?cfg.worker.queues, kinds = ?self.kinds(),
                        max_concurrent_tasks = cfg.worker.max_concurrent_tasks, "worker running");
@@ -242,7 +242,6 @@ impl Worker {
     /// Starts the event publisher and the background loops, and assembles what attempts share.
     async fn start_loops(
         &self,
-        client: &async_nats::Client,
         topology: &Topology,
         ack_wait: Duration,
         policies: Arc<Policies>,
@@ -250,7 +249,7 @@ impl Worker {
         pulling: &CancellationToken,
         shutdown: &CancellationToken,
     ) -> Result<(Runtime, Loops), WorkerError> {
-        let id = &self.identity;
+        let (id, client) = (&self.identity, &topology.js.client());
         let cfg = &id.config;
         // Event batches stay below the largest message the server takes (its headers aside).
         let max_payload = client.server_info().max_payload.max(64 * 1024);
