@@ -5,6 +5,7 @@
 //! that cannot be built fail their task without counting at any breaker. And each NATS role
 //! (client, worker, aggregator) is refused what its permissions do not grant.
 
+use futures::StreamExt;
 use serde_json::{Value, json};
 use std::time::{Duration, Instant};
 use taskfleet_bus::send_submission;
@@ -415,5 +416,70 @@ async fn each_nats_role_is_refused_outside_its_permissions() {
     let logs = fleet.logs();
     for role in Role::ALL {
         assert!(!logs.contains(&role_password(role)), "a process logged the {} password", role.as_str());
+    }
+}
+
+/// The known gap of `MSG.NEXT`: a worker may name any reply subject for the message it pulls,
+/// and the server delivers the dispatch there, as itself. Pointed at the API's `task.cancel`,
+/// the delivery arrives on the API's subscription, but keeps its dispatch subject and has
+/// JetStream's ack subject as its reply: the API takes it for no request and does not answer it
+/// (an answer would acknowledge it), so the task is not cancelled and its delivery comes back
+/// after the consumer's ack wait, to a real worker.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dispatch_redirected_to_the_api_is_not_taken_as_a_request() {
+    let mut fleet = Fleet::new("redirect");
+    // The consumers' ack wait, and a rescuer that would re-dispatch the task only much later.
+    fleet.set("TASKFLEET_NATS_ACK_WAIT", "3s").set("TASKFLEET_COORDINATOR_RESCUE_IDLE", "120s");
+    fleet.start_coordinator();
+    let s = fleet.subjects();
+    let pool = fleet.env.pg_pool().await;
+    let mut worker = Login::new(&fleet, Role::Worker).await;
+    let opened = fleet.api(&worker.client, "queue.open", &json!({ "queues": ["default"] })).await;
+    assert!(opened.get("error").is_none(), "queue.open: {opened}");
+    let task = TaskEnvelope::new("echo", json!({ "redirected": true }));
+    fleet.submit_all(&fleet.nats().await, std::slice::from_ref(&task)).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while state(&pool, &task).await.as_deref() != Some("queued") {
+        assert!(Instant::now() < deadline, "the task was never queued\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    let admin = fleet.nats().await;
+    let mut seen = admin.subscribe(s.api("task.cancel")).await.expect("subscribe");
+    admin.flush().await.expect("flush");
+    let next = format!(
+        "$JS.API.CONSUMER.MSG.NEXT.{}.{}",
+        s.dispatch_stream(),
+        s.dispatch_consumer("default", Priority::Normal)
+    );
+    worker
+        .client
+        .publish_with_reply(
+            next,
+            s.api("task.cancel"),
+            json!({ "batch": 1, "expires": 1_000_000_000 }).to_string().into(),
+        )
+        .await
+        .expect("publish MSG.NEXT");
+    worker.client.flush().await.expect("flush");
+    let redirected = tokio::time::timeout(Duration::from_secs(5), seen.next())
+        .await
+        .expect("the dispatch was delivered to the API subject")
+        .expect("subscription open");
+    println!(
+        "redirected: {} bytes on {} with reply {:?}",
+        redirected.payload.len(),
+        redirected.subject,
+        redirected.reply
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(worker.errors.try_recv().is_err(), "MSG.NEXT is within the worker's permissions");
+    assert_eq!(state(&pool, &task).await.as_deref(), Some("queued"), "{}", fleet.logs());
+
+    fleet.start_worker(&[]);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while state(&pool, &task).await.as_deref() != Some("succeeded") {
+        assert!(Instant::now() < deadline, "the task never ran\n{}", fleet.logs());
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

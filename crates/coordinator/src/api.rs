@@ -189,8 +189,15 @@ pub(crate) async fn serve_nats(ctx: Arc<Ctx>, shutdown: CancellationToken) -> an
         let Some(reply) = msg.reply.clone() else {
             continue;
         };
+        // Not a request: a stream's message that a user with `MSG.NEXT` rights had delivered
+        // here (it keeps its own subject, and its reply is JetStream's ack subject, so an
+        // answer would acknowledge it). Left alone, it is redelivered after its ack wait.
+        let Some(verb) = msg.subject.strip_prefix(prefix.as_str()).map(str::to_string) else { continue };
+        if reply.starts_with("$JS.") {
+            tracing::debug!(subject = %msg.subject, "ignoring a JetStream delivery on the API subject");
+            continue;
+        }
         let ctx = ctx.clone();
-        let verb = msg.subject.strip_prefix(prefix.as_str()).unwrap_or("").to_string();
         tokio::spawn(async move {
             let body = match answer(&ctx, &verb, &msg.payload).await {
                 Ok(value) => serde_json::to_vec(&value),
