@@ -3,13 +3,17 @@
 #
 #   bash deploy/k8s-validate.sh                 the whole check: runs tests/k8s_manifests.rs
 #   bash deploy/k8s-validate.sh render OUT_DIR  renders k8s/base and every k8s/overlays/* with
-#                                               `kubectl kustomize` into OUT_DIR/<name>.yaml
+#                                               `kubectl kustomize` into OUT_DIR/<name>.yaml, and
+#                                               the optional add-on k8s/monitoring into
+#                                               OUT_DIR/addons/monitoring.yaml
 #   bash deploy/k8s-validate.sh schema FILE...  validates built-in objects against the
 #                                               Kubernetes OpenAPI schemas (kubernetes-validate)
 #
 # The fleet's invariants (resources, probes, security context, worker drain vs. grace period,
-# image tags, references between objects, NATS cluster routes, HPA/KEDA exclusivity, ...) are
-# checked in Rust, in tests/k8s_manifests.rs, which calls the two subcommands. This script only
+# image tags, references between objects, NATS cluster routes, HPA/KEDA exclusivity, NATS users
+# and their Secret, NetworkPolicies, KEDA triggers, prod TLS, ...) are checked in Rust, in
+# tests/k8s_manifests.rs, which calls the two subcommands (and `nats-server -t` on every rendered
+# nats.conf when a nats-server binary is at hand). This script only
 # provides the outside tools: it installs kubectl (apt-get) and kubernetes-validate (pip) when
 # they are missing.
 #
@@ -48,20 +52,33 @@ ensure_kubernetes_validate() {
         || die "could not 'pip install kubernetes-validate'"
 }
 
+# Renders the kustomization $1 into $2 (a .yaml file); returns 1 (after printing why) on failure.
+render_one() {
+    local target="$1" file="$2" name
+    name="$(basename "$target")"
+    if ! kubectl kustomize "$target" >"$file" 2>"$file.err"; then
+        printf 'k8s-validate: FAIL: %s: kubectl kustomize failed:\n' "$name" >&2
+        sed 's/^/    /' "$file.err" >&2
+        rm -f "$file" "$file.err"
+        return 1
+    fi
+    rm -f "$file.err"
+}
+
 render() {
     local out="$1" failures=0 target name
     ensure_kubectl
-    mkdir -p "$out"
+    mkdir -p "$out/addons"
     for target in "$ROOT/k8s/base" "$ROOT"/k8s/overlays/*/; do
         [ -f "$target/kustomization.yaml" ] || continue
         name="$(basename "$target")"
-        if ! kubectl kustomize "$target" >"$out/$name.yaml" 2>"$out/$name.err"; then
-            printf 'k8s-validate: FAIL: %s: kubectl kustomize failed:\n' "$name" >&2
-            sed 's/^/    /' "$out/$name.err" >&2
-            rm -f "$out/$name.yaml"
-            failures=$((failures + 1))
-        fi
-        rm -f "$out/$name.err"
+        render_one "$target" "$out/$name.yaml" || failures=$((failures + 1))
+    done
+    # Add-ons are applied on top of an overlay (they need CRDs an overlay does not).
+    for target in "$ROOT/k8s/monitoring"; do
+        [ -f "$target/kustomization.yaml" ] || continue
+        name="$(basename "$target")"
+        render_one "$target" "$out/addons/$name.yaml" || failures=$((failures + 1))
     done
     [ "$failures" -eq 0 ] || die "$failures kustomization(s) failed to render"
 }

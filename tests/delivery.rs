@@ -165,7 +165,8 @@ async fn cancel_queued_and_running_tasks() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idempotency_key_creates_one_task() {
     let mut fleet = Fleet::new("idempotency");
-    fleet.set("TASKFLEET_NATS_DEDUP_WINDOW", "1s");
+    // Long enough for a second CLI process to start and log in on a loaded machine.
+    fleet.set("TASKFLEET_NATS_DEDUP_WINDOW", "4s");
     fleet.start_coordinator();
     fleet.start_worker(&[]);
     let first = fleet.cli(&["submit", "--kind", "echo", "--key", "invoice-7", "--confirm"]);
@@ -174,7 +175,7 @@ async fn idempotency_key_creates_one_task() {
     let id = first_out.lines().next().unwrap().trim().to_string();
     let resend = fleet.cli(&["submit", "--kind", "echo", "--key", "invoice-7"]);
     assert!(String::from_utf8_lossy(&resend.stderr).contains("duplicate"), "dropped by JetStream within the window");
-    tokio::time::sleep(Duration::from_millis(1_500)).await;
+    tokio::time::sleep(Duration::from_millis(4_500)).await;
     let late = fleet.cli(&["submit", "--kind", "echo", "--key", "invoice-7", "--confirm"]);
     let late_out = stdout(&late);
     assert!(late_out.contains(r#""duplicate":true"#) && late_out.contains(&id), "existing id returned: {late_out}");
