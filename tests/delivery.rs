@@ -174,7 +174,8 @@ async fn idempotency_key_creates_one_task() {
     assert!(first.status.success(), "{first_out}");
     let id = first_out.lines().next().unwrap().trim().to_string();
     let resend = fleet.cli(&["submit", "--kind", "echo", "--key", "invoice-7"]);
-    assert!(String::from_utf8_lossy(&resend.stderr).contains("duplicate"), "dropped by JetStream within the window");
+    let resend_err = String::from_utf8_lossy(&resend.stderr);
+    assert!(resend_err.contains("duplicate"), "dropped by JetStream within the window: {resend_err}");
     tokio::time::sleep(Duration::from_millis(4_500)).await;
     let late = fleet.cli(&["submit", "--kind", "echo", "--key", "invoice-7", "--confirm"]);
     let late_out = stdout(&late);

@@ -97,6 +97,7 @@ impl Permissions {
                     // Confirmed-submit replies go to the submitters' inboxes.
                     "_INBOX.>".into(),
                     format!("{}.>", Role::Client.inbox_prefix()),
+                    format!("{}.>", Role::Admin.inbox_prefix()),
                 ],
                 subscribe: vec![format!("{p}.>"), inbox],
                 allow_responses: true,
