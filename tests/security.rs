@@ -457,12 +457,13 @@ async fn a_dispatch_redirected_to_the_api_is_not_taken_as_a_request() {
         .publish_with_reply(
             next,
             s.api("task.cancel"),
-            json!({ "batch": 1, "expires": 1_000_000_000 }).to_string().into(),
+            // Waits up to 10 s for the dispatch, which may still be on its way.
+            json!({ "batch": 1, "expires": 10_000_000_000u64 }).to_string().into(),
         )
         .await
         .expect("publish MSG.NEXT");
     worker.client.flush().await.expect("flush");
-    let redirected = tokio::time::timeout(Duration::from_secs(5), seen.next())
+    let redirected = tokio::time::timeout(Duration::from_secs(15), seen.next())
         .await
         .expect("the dispatch was delivered to the API subject")
         .expect("subscription open");

@@ -114,11 +114,13 @@ pub async fn connect_options(cfg: &NatsConfig) -> Result<async_nats::ConnectOpti
     Ok(opts.custom_inbox_prefix(cfg.effective_inbox_prefix()))
 }
 
-/// The first `user:password@` (or `token@`) found in the seed servers of `cfg.url`.
+/// The first `user:password@` (or `token@`) found in the seed servers of `cfg.url`,
+/// percent-decoded (a `,` or `@` in a password is written `%2C`, `%40`).
 fn url_credentials(cfg: &NatsConfig) -> Result<Option<(String, Option<String>)>, BusError> {
+    let decode = |s: &str| percent_encoding::percent_decode_str(s).decode_utf8_lossy().into_owned();
     Ok(server_addrs(cfg)?.iter().find_map(|a| {
-        let user = a.username()?.to_string();
-        Some((user, a.password().map(str::to_string)))
+        let user = decode(a.username()?);
+        Some((user, a.password().map(decode)))
     }))
 }
 
@@ -386,8 +388,15 @@ impl Topology {
 
 #[cfg(test)]
 mod tests {
-    use super::{parse_version, server_addrs};
+    use super::{parse_version, server_addrs, url_credentials};
     use taskfleet_config::NatsConfig;
+
+    #[test]
+    fn url_credentials_are_percent_decoded() {
+        let cfg =
+            NatsConfig { url: "nats://h1:4222,nats://w%40rker:p%2Cw%3Ad@h2:4222".into(), ..NatsConfig::default() };
+        assert_eq!(url_credentials(&cfg).unwrap(), Some(("w@rker".into(), Some("p,w:d".into()))));
+    }
 
     #[test]
     fn every_seed_server_is_parsed_and_errors_are_redacted() {

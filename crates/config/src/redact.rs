@@ -25,7 +25,10 @@ pub fn redact_url(url: &str) -> String {
         None => ("", url),
     };
     let token_scheme = ["", "nats", "tls", "ws", "wss"].iter().any(|s| s.eq_ignore_ascii_case(scheme));
-    let end = rest.find(['/', '?', '#']).unwrap_or(rest.len());
+    // The user part ends at the last `@`: a password may hold `/`, `?` or `#` unescaped, and
+    // redacting too much of an odd URL is better than logging part of a secret.
+    let host_from = rest.rfind('@').unwrap_or(0);
+    let end = rest[host_from..].find(['/', '?', '#']).map_or(rest.len(), |i| host_from + i);
     let (authority, tail) = rest.split_at(end);
     let mut out = String::with_capacity(url.len());
     if url.len() != rest.len() {
@@ -95,6 +98,8 @@ mod tests {
             ("postgres://db/fleet?user=app&password=hunter2#x", "postgres://db/fleet?user=app&password=***#x"),
             ("redis://:hunter2@cache:6379/0", "redis://:***@cache:6379/0"),
             ("rediss://default:hunter2@cache:6380", "rediss://default:***@cache:6380"),
+            ("postgres://app:ab/c?d#e@db:5432/fleet", "postgres://app:***@db:5432/fleet"),
+            ("nats://tok/en@host:4222", "nats://***@host:4222"),
         ];
         for (url, want) in cases {
             assert_eq!(redact_url(url), want, "{url}");

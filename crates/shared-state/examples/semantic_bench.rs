@@ -105,7 +105,12 @@ fn main() {
 /// sync) and its lookups after (incremental syncs with nothing new, then the scan).
 async fn redis_part(url: &str, vectors: &[Vec<f32>], probes: &[(usize, Vec<f32>)]) {
     let prefix = format!("taskfleet-bench:{}:", std::process::id());
-    let cfg = RedisConfig { url: url.into(), key_prefix: prefix.clone(), op_timeout: Duration::from_secs(30), ..RedisConfig::default() };
+    let cfg = RedisConfig {
+        url: url.into(),
+        key_prefix: prefix.clone(),
+        op_timeout: Duration::from_secs(30),
+        ..RedisConfig::default()
+    };
     let connect = async || SharedState::connect_and_wait(&cfg, Duration::from_secs(5)).await;
     let (writer, reader) = match (connect().await, connect().await) {
         (Ok(w), Ok(r)) if w.is_up() => (w.semantic(1 << 20), r.semantic(1 << 20).with_sync_interval(Duration::ZERO)),
