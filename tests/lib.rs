@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 use taskfleet_bus::send_submission;
 use taskfleet_proto::{Role, Subjects, TaskEnvelope};
 use taskfleet_test_support::{FleetProcess, TestEnv, free_port, role_password};
+pub use taskfleet_test_support::{HttpAnswer, http_request};
 
 /// Coordinator and workers started against one private environment. Processes are killed
 /// and the environment removed when it drops.
@@ -72,10 +73,7 @@ impl Fleet {
 
     /// Starts the coordinator and waits until it is ready.
     pub fn start_coordinator(&mut self) {
-        let env = self.env_with(&[("TASKFLEET_COORDINATOR_HTTP_ADDR", self.coordinator_http.as_str())]);
-        let mut p = FleetProcess::spawn("taskfleet-coordinator", &[], &env);
-        p.wait_http_ok(&self.coordinator_http, "/readyz", Duration::from_secs(60));
-        self.coordinator = Some(p);
+        self.start_coordinator_on("127.0.0.1", &[]);
     }
 
     /// Starts the coordinator listening on `host` (e.g. `0.0.0.0`) at the port of
@@ -252,65 +250,4 @@ pub fn search(query: &str) -> TaskEnvelope {
     t.max_attempts = 5;
     t.retry = Some(taskfleet_proto::RetryBackoff { base_ms: 20, factor: 2.0, max_ms: 100 });
     t
-}
-
-/// An HTTP answer: status, headers (names lower-cased) and body.
-#[derive(Debug, Clone)]
-pub struct HttpAnswer {
-    /// Status code.
-    pub status: u16,
-    /// Headers, names in lower case.
-    pub headers: Vec<(String, String)>,
-    /// Body (a chunked one decoded).
-    pub body: String,
-}
-
-impl HttpAnswer {
-    /// The first header named `name` (lower case).
-    pub fn header(&self, name: &str) -> Option<&str> {
-        self.headers.iter().find(|(k, _)| k == name).map(|(_, v)| v.as_str())
-    }
-}
-
-/// A bare HTTP/1.1 request with extra headers and an empty body.
-pub fn http_request(addr: &str, method: &str, path: &str, headers: &[(&str, &str)]) -> std::io::Result<HttpAnswer> {
-    use std::io::{Read, Write};
-    let mut stream = std::net::TcpStream::connect(addr)?;
-    stream.set_read_timeout(Some(Duration::from_secs(10)))?;
-    let mut head = format!("{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Length: 0\r\n");
-    for (k, v) in headers {
-        head.push_str(&format!("{k}: {v}\r\n"));
-    }
-    head.push_str("\r\n");
-    stream.write_all(head.as_bytes())?;
-    let mut raw = Vec::new();
-    stream.read_to_end(&mut raw)?;
-    let split = raw.windows(4).position(|w| w == b"\r\n\r\n").map_or(raw.len(), |p| p + 4);
-    let (head, body) = raw.split_at(split);
-    let head = String::from_utf8_lossy(head);
-    let mut lines = head.lines();
-    let status = lines.next().and_then(|l| l.split_whitespace().nth(1)).and_then(|s| s.parse().ok()).unwrap_or(0);
-    let headers: Vec<(String, String)> = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
-        .collect();
-    let chunked = headers.iter().any(|(k, v)| k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked"));
-    let body = String::from_utf8_lossy(&if chunked { dechunk(body) } else { body.to_vec() }).into_owned();
-    Ok(HttpAnswer { status, headers, body })
-}
-
-/// The content of a chunked body.
-fn dechunk(mut rest: &[u8]) -> Vec<u8> {
-    let mut out = Vec::new();
-    while let Some(eol) = rest.windows(2).position(|w| w == b"\r\n") {
-        let line = String::from_utf8_lossy(&rest[..eol]);
-        let size = usize::from_str_radix(line.split(';').next().unwrap_or("").trim(), 16).unwrap_or(0);
-        let after = &rest[eol + 2..];
-        if size == 0 || after.len() < size {
-            break;
-        }
-        out.extend_from_slice(&after[..size]);
-        rest = after[size..].strip_prefix(b"\r\n").unwrap_or(&after[size..]);
-    }
-    out
 }

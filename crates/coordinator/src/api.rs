@@ -190,13 +190,9 @@ pub(crate) async fn serve_nats(ctx: Arc<Ctx>, shutdown: CancellationToken) -> an
             continue;
         };
         // Not a request: a stream's message that a user with `MSG.NEXT` rights had delivered
-        // here (it keeps its own subject, and its reply is JetStream's ack subject, so an
-        // answer would acknowledge it). Left alone, it is redelivered after its ack wait.
+        // here keeps its own subject (and its reply is JetStream's ack subject, so an answer
+        // would acknowledge it). Left alone, it is redelivered after its ack wait.
         let Some(verb) = msg.subject.strip_prefix(prefix.as_str()).map(str::to_string) else { continue };
-        if reply.starts_with("$JS.") {
-            tracing::debug!(subject = %msg.subject, "ignoring a JetStream delivery on the API subject");
-            continue;
-        }
         let ctx = ctx.clone();
         tokio::spawn(async move {
             let body = match answer(&ctx, &verb, &msg.payload).await {
@@ -246,5 +242,6 @@ pub(crate) fn http_routes(ctx: Arc<Ctx>) -> Router {
                 to_response(counts(&ctx, r).await)
             }),
         )
+        .fallback(|| async { to_response(Err(ApiError::new(ApiErrorKind::NotFound, "no such route"))) })
         .with_state(ctx)
 }

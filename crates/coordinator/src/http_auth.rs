@@ -135,14 +135,9 @@ impl IntoResponse for Denial {
     }
 }
 
-/// `routes` behind the guard, its fallback (a JSON 404) included.
+/// `routes` behind the guard (their fallback included).
 pub(crate) fn protect(routes: Router, access: Arc<Access>) -> Router {
-    routes.fallback(not_found).layer(axum::middleware::from_fn_with_state(access, guard))
-}
-
-async fn not_found() -> Response {
-    let body = serde_json::json!({ "error": { "kind": "not_found", "message": "no such route" } });
-    (StatusCode::NOT_FOUND, axum::Json(body)).into_response()
+    routes.layer(axum::middleware::from_fn_with_state(access, guard))
 }
 
 async fn guard(State(access): State<Arc<Access>>, request: Request, next: Next) -> Response {

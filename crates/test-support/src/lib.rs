@@ -20,7 +20,7 @@ mod process;
 
 pub use nats::{NatsServer, nats_server_binary, role_password, test_authorization};
 pub use postgres::{PG_DATABASE, PgCluster, postgres_bin_dir};
-pub use process::{FleetProcess, free_port, http_get, role_credentials, target_dir};
+pub use process::{FleetProcess, HttpAnswer, free_port, http_get, http_request, role_credentials, target_dir};
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
